@@ -1,0 +1,194 @@
+"""load_model: stream a causal LM from safetensors into 4-bit layers, one tensor at a time.
+
+The skeleton is built on the meta device (buffers such as rotary tables stay real), the target
+nn.Linear modules are swapped for Linear4bit placeholders, and each checkpoint tensor is read,
+moved to the target device and quantized there before the next is read: peak host memory stays
+near the quantized model plus one dense tensor.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Optional
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from qlora.config import QuantConfig
+from qlora.models.checkpoint import ShardReader, resolve_checkpoint
+from qlora.nn import Linear4bit
+from qlora.quant import QuantState
+
+logger = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    quantization_config=None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> PreTrainedModel:
+    """Load a causal LM with its linear layers in 4 bits.
+
+    name_or_path: a local checkpoint directory or a Hub repo id.
+    quantization_config: qlora.QuantConfig or transformers.BitsAndBytesConfig (default NF4 + DQ,
+        bf16 compute). A checkpoint that is already bitsandbytes-quantized loads its packed tensors
+        as they are; then only the compute dtype of the given config is used.
+    device: where the model goes (default cuda if available, else cpu).
+    dtype: dtype of the layers that stay dense (default: the compute dtype).
+    """
+    directory = resolve_checkpoint(name_or_path, revision)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    saved = getattr(config, "quantization_config", None)
+    prequantized = saved is not None
+    if prequantized:
+        qconfig = QuantConfig.from_any(saved.to_dict() if hasattr(saved, "to_dict") else saved)
+        if quantization_config is not None:
+            qconfig.compute_dtype = QuantConfig.from_any(quantization_config).compute_dtype
+    else:
+        qconfig = QuantConfig.from_any(quantization_config)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or qconfig.compute_dtype
+
+    model = _build_skeleton(config, dtype, trust_remote_code)
+    targets = replace_linear_layers(model, qconfig)
+    with ShardReader(directory) as reader:
+        _load_tensors(model, reader, targets, device, prequantized, progress)
+    model.config.quantization_config = qconfig.to_bnb_dict()
+    model.config.name_or_path = str(name_or_path)
+    model.eval()
+    return model
+
+
+def _build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the skeleton is plain; quantization is ours to do
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _never_quantized(model: PreTrainedModel) -> set[str]:
+    """The output head, and any linear tied to another weight, stay dense."""
+    head = model.get_output_embeddings()
+    names = {name for name, module in model.named_modules() if module is head}
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    if getattr(model.config, "tie_word_embeddings", False):
+        pairs = tied.items() if isinstance(tied, dict) else ((key, "") for key in tied)
+        names.update(key.rsplit(".", 1)[0] for pair in pairs for key in pair if key)
+    return names
+
+
+def replace_linear_layers(model: nn.Module, qconfig: QuantConfig) -> list[str]:
+    """Swap every target nn.Linear for a Linear4bit placeholder; returns the swapped names."""
+    skip = _never_quantized(model) if isinstance(model, PreTrainedModel) else set()
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name in skip:
+            continue
+        if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in qconfig.skip_modules):
+            continue
+        layer = Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=module.weight.device, **qconfig.layer_options())
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+        swapped.append(name)
+    return swapped
+
+
+def _checkpoint_key(reader: ShardReader, key: str, prefix: str) -> Optional[str]:
+    """The key as the checkpoint spells it; checkpoints saved from the bare base model lack the
+    model's base prefix ("model."), and some carry it where the model does not."""
+    if key in reader:
+        return key
+    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in reader:
+        return key[len(prefix) + 1:]
+    if prefix and prefix + "." + key in reader:
+        return prefix + "." + key
+    return None
+
+
+def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequantized: bool, progress: bool):
+    prefix = getattr(model, "base_model_prefix", "")
+    target_set = set(targets)
+    used: set[str] = set()
+    missing: list[str] = []
+    entries = [(n, m) for n, m in model.named_modules() if n in target_set]
+    dense = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)
+             if n.rsplit(".", 1)[0] not in target_set or n.endswith(".bias")]
+    bar = tqdm(total=len(entries) + len(dense), desc="loading (4-bit)", unit="tensor", disable=not progress)
+
+    for name, layer in entries:
+        key = _checkpoint_key(reader, f"{name}.weight", prefix)
+        if key is None:
+            missing.append(f"{name}.weight")
+            bar.update()
+            continue
+        used.add(key)
+        if prequantized:
+            pieces = {k[len(key) + 1:]: reader.get(k) for k in reader.with_prefix(key + ".")}
+            used.update(f"{key}.{k}" for k in pieces)
+            if not pieces:
+                raise ValueError(
+                    f"{key}: the checkpoint says it is bitsandbytes-quantized but has no quant_state for this "
+                    "weight; the file is damaged, or the layer should be in llm_int8_skip_modules"
+                )
+            state = QuantState.from_dict(pieces, device=device, where=key)
+            layer.set_quantized(reader.get(key).to(device), state)
+        else:
+            weight = reader.get(key)
+            _check_shape(key, weight, (layer.out_features, layer.in_features))
+            layer.set_weight(weight.to(device))
+            del weight
+        bar.update()
+
+    for name, param in dense:
+        key = _checkpoint_key(reader, name, prefix)
+        if key is None:
+            if param.is_meta:
+                missing.append(name)
+            bar.update()
+            continue
+        used.add(key)
+        tensor = reader.get(key)
+        _check_shape(key, tensor, tuple(param.shape))
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[attr] = nn.Parameter(tensor.to(device, param.dtype), requires_grad=param.requires_grad)
+        bar.update()
+    bar.close()
+
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise ValueError(
+            f"the checkpoint has no tensor for {', '.join(still_meta[:8])}"
+            f"{' and %d more' % (len(still_meta) - 8) if len(still_meta) > 8 else ''}; "
+            "it is incomplete or belongs to another architecture"
+        )
+    for name, buffer in model.named_buffers():
+        if buffer.device != device:
+            module_name, _, attr = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[attr] = buffer.to(device)
+    unexpected = [k for k in reader.keys() if k not in used]
+    if unexpected:
+        logger.warning("ignored %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[:5])
+
+
+def _check_shape(key: str, tensor: torch.Tensor, expected: tuple) -> None:
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(
+            f"{key}: checkpoint tensor has shape {list(tensor.shape)}, the model built from config.json expects "
+            f"{list(expected)}; the config and the weights do not match"
+        )
