@@ -4,13 +4,10 @@ import torch
 
 import qlora
 from qlora.nn import Linear4bit
+from helpers import rel_err
 
 # Relative error of the layer vs fp64 math on the same dequantized weight: compute-dtype rounding.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def make_layer(in_features=320, out_features=96, bias=True, **options):

@@ -8,8 +8,8 @@ import torch
 
 import qlora
 from qlora.quant import dynamic_map, get_4bit_code
-from tests.conftest import bnb_functional, requires_bnb
-from tests.golden.make_format_vectors import golden_input
+from helpers import bnb_functional, requires_bnb
+from golden.make_format_vectors import golden_input
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "format_vectors.json").read_text())
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -107,20 +107,42 @@ def replace_linear_layers(model: nn.Module, qconfig: QuantConfig) -> list[str]:
     return swapped
 
 
-def _checkpoint_key(reader: ShardReader, key: str, prefix: str) -> Optional[str]:
-    """The key as the checkpoint spells it; checkpoints saved from the bare base model lack the
-    model's base prefix ("model."), and some carry it where the model does not."""
-    if key in reader:
-        return key
-    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in reader:
-        return key[len(prefix) + 1:]
-    if prefix and prefix + "." + key in reader:
-        return prefix + "." + key
-    return None
+def _checkpoint_names(model: PreTrainedModel, reader: ShardReader) -> dict[str, str]:
+    """Model tensor name -> checkpoint key.
+
+    Checkpoints may spell names the way older transformers did (GPT-NeoX's "embed_out" is now
+    "lm_head") or without the base-model prefix; transformers' own conversion mapping and
+    prefix rule translate them. Keys that need a tensor conversion (fused MoE experts, ...) are
+    not supported: the loader reports them as missing and unexpected.
+    """
+    try:  # transformers >= 5
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:
+        get_model_conversion_mapping = None
+    expected = {name: True for name, _ in model.named_parameters(remove_duplicate=False)}
+    expected.update({name: True for name, _ in model.named_buffers()})
+    renamings, converters = [], []
+    if get_model_conversion_mapping is not None:
+        transforms = get_model_conversion_mapping(model)
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", "") or None
+    names = {}
+    for key in reader.keys():
+        if get_model_conversion_mapping is not None:
+            name, converter = rename_source_key(key, renamings, converters, prefix, expected)
+            if converter is None:
+                names.setdefault(name, key)
+        elif prefix and key not in expected and f"{prefix}.{key}" in expected:
+            names.setdefault(f"{prefix}.{key}", key)
+        else:
+            names.setdefault(key, key)
+    return names
 
 
 def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequantized: bool, progress: bool):
-    prefix = getattr(model, "base_model_prefix", "")
+    names = _checkpoint_names(model, reader)
     target_set = set(targets)
     used: set[str] = set()
     missing: list[str] = []
@@ -130,7 +152,7 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
     bar = tqdm(total=len(entries) + len(dense), desc="loading (4-bit)", unit="tensor", disable=not progress)
 
     for name, layer in entries:
-        key = _checkpoint_key(reader, f"{name}.weight", prefix)
+        key = names.get(f"{name}.weight")
         if key is None:
             missing.append(f"{name}.weight")
             bar.update()
@@ -154,7 +176,7 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
         bar.update()
 
     for name, param in dense:
-        key = _checkpoint_key(reader, name, prefix)
+        key = names.get(name)
         if key is None:
             if param.is_meta:
                 missing.append(name)

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import torch
-import bitsandbytes.functional as bnb_f
 
 CASES = [  # (name, numel, blocksize, quant_type, double_quant, dtype)
     ("nf4_dq_bs64_fp32", 300, 64, "nf4", True, torch.float32),
@@ -24,6 +23,8 @@ def golden_input(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def main():
+    import bitsandbytes.functional as bnb_f
+
     vectors = {}
     for name, numel, blocksize, quant_type, double_quant, dtype in CASES:
         w = golden_input(numel, dtype)
