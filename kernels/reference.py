@@ -65,7 +65,8 @@ def dequantize_4bit(
     """Packed 4-bit codes -> a dense tensor of `shape` in `dtype` (products in fp32, one cast)."""
     n = math.prod(shape)
     scales = decode_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
-    values = _byte_table(code.float())[as_bytes(packed).int()].view(-1)[:n]
+    # index_select gathers ~2x faster on CPU than advanced indexing with the same int32 index.
+    values = _byte_table(code.float()).index_select(0, as_bytes(packed).int()).view(-1)[:n]
     out = torch.empty(n, dtype=dtype, device=values.device)
     full = n - n % blocksize
     torch.mul(values[:full].view(-1, blocksize), scales[: full // blocksize, None], out=out[:full].view(-1, blocksize))

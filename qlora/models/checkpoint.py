@@ -4,11 +4,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from safetensors import safe_open
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -54,29 +54,84 @@ def shard_files(directory: Path) -> list[Path]:
     return files
 
 
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class _Shard:
+    """One safetensors file read with plain reads, not mmap.
+
+    A memory map would keep every page it touched resident, so loading a 2 GB checkpoint would
+    peak at 2 GB of RSS however early each dense tensor is dropped. Reading each tensor into its
+    own buffer (and telling the kernel the pages are no longer needed) keeps the peak at the
+    quantized model plus one tensor.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb")
+        try:
+            (header_size,) = struct.unpack("<Q", self.file.read(8))
+            header = json.loads(self.file.read(header_size))
+        except (struct.error, ValueError) as err:
+            self.file.close()
+            raise ValueError(f"{path} is not a valid safetensors file ({err}); re-download or re-save it") from err
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_size
+        self.entries = header
+
+    def read(self, key: str) -> torch.Tensor:
+        entry = self.entries[key]
+        begin, end = entry["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{self.path}: tensor {key!r} has dtype {entry['dtype']}, which qlora cannot read")
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        self.file.seek(self.data_start + begin)
+        if self.file.readinto(buffer.numpy()) != end - begin:
+            raise ValueError(f"{self.path}: tensor {key!r} is truncated; the file is incomplete")
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.file.fileno(), self.data_start + begin, end - begin, os.POSIX_FADV_DONTNEED)
+        return buffer.view(dtype).reshape(entry["shape"])
+
+    def close(self):
+        self.file.close()
+
+
 class ShardReader(contextlib.AbstractContextManager):
     """Random access to every tensor of a sharded checkpoint; each read copies just that tensor."""
 
     def __init__(self, directory: Path):
-        self._stack = contextlib.ExitStack()
-        self._file_of: dict[str, object] = {}
-        for path in shard_files(directory):
-            handle = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            for key in handle.keys():
-                self._file_of[key] = handle
+        self._shards: list[_Shard] = []
+        self._shard_of: dict[str, _Shard] = {}
+        try:
+            for path in shard_files(directory):
+                shard = _Shard(path)
+                self._shards.append(shard)
+                self._shard_of.update(dict.fromkeys(shard.entries, shard))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        for shard in self._shards:
+            shard.close()
 
     def __exit__(self, *exc):
-        self._stack.close()
+        self.close()
         return False
 
     def keys(self) -> list[str]:
-        return list(self._file_of)
+        return list(self._shard_of)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._file_of
+        return key in self._shard_of
 
     def get(self, key: str) -> torch.Tensor:
-        return self._file_of[key].get_tensor(key)
+        return self._shard_of[key].read(key)
 
     def with_prefix(self, prefix: str) -> Iterator[str]:
-        return (k for k in self._file_of if k.startswith(prefix))
+        return (k for k in self._shard_of if k.startswith(prefix))

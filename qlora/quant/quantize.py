@@ -61,8 +61,22 @@ def _blockwise_absmax_and_scaled(flat: torch.Tensor, blocksize: int) -> tuple[to
     return absmax, scaled.clamp_(-1, 1)
 
 
+# Elements quantized per step: a multiple of every blocksize (and even), so chunks hold whole blocks
+# and whole bytes. It bounds the fp32/int32 temporaries to ~12 MB whatever the weight's size, which
+# keeps peak host memory flat while a model streams in.
+_CHUNK = 1 << 20
+
+
 def _quantize_4bit_codes(w: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = w.reshape(-1).float()
+    flat = w.reshape(-1)
+    if flat.numel() <= _CHUNK:
+        return _quantize_4bit_chunk(flat, blocksize, quant_type)
+    pieces = [_quantize_4bit_chunk(flat[i:i + _CHUNK], blocksize, quant_type) for i in range(0, flat.numel(), _CHUNK)]
+    return torch.cat([p for p, _ in pieces]), torch.cat([a for _, a in pieces])
+
+
+def _quantize_4bit_chunk(flat: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = flat.float()
     absmax, scaled = _blockwise_absmax_and_scaled(flat, blocksize)
     if scaled.numel() % 2:
         # The pad is a scaled 0.0, so its nibble is the code of zero (7 for NF4), not 0.
