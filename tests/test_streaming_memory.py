@@ -1,0 +1,28 @@
+"""Peak host memory of a streaming load stays near the quantized model plus one dense tensor."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "streaming_load.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("streaming_load", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_peak_rss_of_streaming_load(tmp_path, monkeypatch):
+    bench = load_bench()
+    # ~120M parameters (240 MB of bf16), large enough that holding the checkpoint would show.
+    monkeypatch.setattr(bench, "SHAPE", dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=8,
+                                             num_key_value_heads=4, vocab_size=8000, tie_word_embeddings=False))
+    bench.write_random_checkpoint(tmp_path / "ckpt", layers=8, shard_bytes=64 << 20)
+    result = bench.measure("qlora", tmp_path / "ckpt")
+    over_baseline = result["peak_rss"] - result["baseline_rss"]
+    checkpoint_bytes = sum(f.stat().st_size for f in (tmp_path / "ckpt").glob("*.safetensors"))
+    assert over_baseline < result["footprint"] + 2 * result["largest_tensor"] + (48 << 20), result
+    assert over_baseline < 0.6 * checkpoint_bytes, (over_baseline, checkpoint_bytes)
