@@ -231,3 +231,21 @@ def test_we_load_what_transformers_saves(tmp_path, ids):
     theirs.save_pretrained(tmp_path / "bnb")
     ours = qlora.load_model(tmp_path / "bnb", FP32, device="cpu", progress=False)
     assert rel_err(logits(ours, ids), logits(bnb_dequantized_dense(theirs, "qwen2"), ids)) < 1e-5
+
+
+def test_save_copies_the_source_tokenizer(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = save_tiny("llama", tmp_path / "src")
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level)
+    tokenizer.save_pretrained(path)
+    model = qlora.load_model(path, device="cpu", progress=False)
+    out = qlora.save_model(model, tmp_path / "out")
+    assert (out / "tokenizer.json").is_file()
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out)("t5 t7")["input_ids"] == [5, 7]

@@ -67,6 +67,7 @@ def load_model(
         _load_tensors(model, reader, targets, device, prequantized, progress)
     model.config.quantization_config = qconfig.to_bnb_dict()
     model.config.name_or_path = str(name_or_path)
+    model.qlora_checkpoint_dir = str(directory)  # save_model copies the tokenizer files from here
     model.eval()
     return model
 

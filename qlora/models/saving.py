@@ -138,7 +138,7 @@ def _write_tokenizer(model, tokenizer, directory: Path) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
         return
-    source = Path(str(getattr(model.config, "name_or_path", "") or ""))
+    source = Path(getattr(model, "qlora_checkpoint_dir", None) or getattr(model.config, "name_or_path", "") or "")
     if source.is_dir():
         for name in _TOKENIZER_FILES:
             if (source / name).is_file():
