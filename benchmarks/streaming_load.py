@@ -69,7 +69,13 @@ def peak_rss() -> int:
 def _child(loader: str, directory: str) -> None:
     """Runs in a fresh process: load, then print a JSON line of measurements."""
     import qlora  # noqa: F401  (imports counted in the baseline)
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    # Build the meta skeleton once before the baseline, so that the model code transformers
+    # imports lazily is not counted as loading memory (for either loader).
+    with init_empty_weights():
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
     baseline = peak_rss()
     start = time.perf_counter()
     if loader == "qlora":
