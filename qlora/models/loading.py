@@ -38,6 +38,7 @@ def load_model(
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    attn_implementation: Optional[str] = None,
 ) -> PreTrainedModel:
     """Load a causal LM with its linear layers in 4 bits.
 
@@ -47,6 +48,7 @@ def load_model(
         as they are; then only the compute dtype of the given config is used.
     device: where the model goes (default cuda if available, else cpu).
     dtype: dtype of the layers that stay dense (default: the compute dtype).
+    attn_implementation: transformers' attention backend ("sdpa", "eager", ...); default: its choice.
     """
     directory = resolve_checkpoint(name_or_path, revision)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
@@ -61,7 +63,7 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or qconfig.compute_dtype
 
-    model = _build_skeleton(config, dtype, trust_remote_code)
+    model = _build_skeleton(config, dtype, trust_remote_code, attn_implementation)
     targets = replace_linear_layers(model, qconfig)
     with ShardReader(directory) as reader:
         _load_tensors(model, reader, targets, device, prequantized, progress)
@@ -72,12 +74,13 @@ def load_model(
     return model
 
 
-def _build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+def _build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool, attn_implementation=None) -> PreTrainedModel:
     config = copy.deepcopy(config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the skeleton is plain; quantization is ours to do
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **options)
 
 
 def _never_quantized(model: PreTrainedModel) -> set[str]:

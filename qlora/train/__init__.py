@@ -1,0 +1,1 @@
+"""Training: the recipe schema, the trainer loop, checkpoints, evaluation and tracking."""

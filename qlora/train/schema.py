@@ -1,0 +1,167 @@
+"""The structured schema of a run's config: every field, its type, default and meaning.
+
+Hydra validates the composed recipe against these dataclasses (unknown keys and wrongly typed
+values fail at composition, naming the key); `validate()` adds the range checks Hydra cannot
+express. Optimizer, scheduler and data format are `_target_` nodes: any importable class works.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+
+@dataclass
+class ModelConfig:
+    # Local checkpoint directory, Hub repo id, or "embedded" (the small model shipped in qlora.embedded).
+    name_or_path: str = "embedded"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # dtype of the layers that stay dense (embeddings, norms, head); null = the compute dtype.
+    dtype: Optional[str] = None
+    # transformers attention implementation ("sdpa", "eager", "flash_attention_2"); null = default.
+    attn_implementation: Optional[str] = None
+
+
+@dataclass
+class QuantizationConfig:
+    quant_type: str = "nf4"  # "nf4" or "fp4"
+    double_quant: bool = True  # also quantize the absmax constants (4.127 bits/param for NF4)
+    compute_dtype: str = "bfloat16"  # dtype the 4-bit layers compute in
+    blocksize: int = 64  # elements per absmax block, a power of two in [32, 4096]
+    quant_storage: str = "uint8"  # dtype the packed bytes are stored as (bf16/fp16/fp32 for FSDP)
+    skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])  # kept dense
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    # "all-linear", or a list of module names such as [q_proj, v_proj].
+    target_modules: Any = "all-linear"
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    use_dora: bool = False  # weight-decomposed LoRA
+    bias: str = "none"  # "none", "all" or "lora_only"
+    init_lora_weights: Any = True  # True, False, "gaussian", "pissa", ... as peft.LoraConfig takes
+
+
+@dataclass
+class DataConfig:
+    # A local .json/.jsonl/.csv/.parquet file or folder, a Hub dataset name, or "embedded".
+    source: str = "embedded"
+    split: str = "train"
+    eval_source: Optional[str] = None  # held-out file/name; null = split eval_fraction off the train set
+    eval_fraction: float = 0.05
+    # How a record becomes (prompt, completion): a _target_ node, e.g. qlora.data.InstructionFormat.
+    format: Any = field(default_factory=lambda: {"_target_": "qlora.data.InstructionFormat"})
+    max_seq_len: int = 512
+    truncation: bool = True  # false: an example longer than max_seq_len is an error
+    completion_only_loss: bool = True  # no loss on prompt tokens
+    packing: bool = False  # several examples per sequence; attention never crosses them
+    seed: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    run_name: str = "default"  # runs go to outputs/<run_name>/<timestamp>/
+    max_steps: int = 100  # optimizer steps
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (autocast through accelerate)
+    gradient_checkpointing: bool = False  # non-reentrant
+    eval_every: int = 50  # steps; 0 = only at the end
+    eval_batches: int = 0  # eval batches per evaluation; 0 = the whole eval set
+    eval_samples: int = 3  # generated samples written to the log at each evaluation
+    exact_match_examples: int = 0  # held-out prompts scored by exact match before and after; 0 = off
+    max_new_tokens: int = 48
+    save_every: int = 50  # steps; 0 = only at the end
+    keep_last: int = 2  # checkpoints kept
+    # false, true (newest complete checkpoint of an earlier run with this run_name) or a checkpoint path.
+    resume: Any = False
+    seed: int = 0
+    device: Optional[str] = None  # null = cuda if available, else cpu
+    log_every: int = 1
+    num_workers: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "jsonl"  # "jsonl" (always written) or "wandb" (jsonl plus wandb)
+    project: str = "qlora"
+    entity: Optional[str] = None
+    # wandb mode: "auto" = online with an API key (WANDB_API_KEY or a login), else offline.
+    mode: str = "auto"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    quantization: QuantizationConfig = MISSING
+    lora: LoraConfig = MISSING
+    data: DataConfig = MISSING
+    optimizer: Any = MISSING  # _target_ + _partial_: built with the trainable parameters
+    scheduler: Any = MISSING  # _target_ + _partial_: built with the optimizer and the step count
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+
+
+def register() -> None:
+    """Make the schema known to Hydra (config.yaml lists `run_schema` first in its defaults)."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+
+
+class ConfigError(ValueError):
+    """A recipe value that is out of range; the message names the key and the fix."""
+
+
+_CHOICES = {
+    "quantization.quant_type": ("nf4", "fp4"),
+    "quantization.compute_dtype": ("bfloat16", "float16", "float32"),
+    "quantization.quant_storage": ("uint8", "bfloat16", "float16", "float32"),
+    "lora.bias": ("none", "all", "lora_only"),
+    "trainer.mixed_precision": ("no", "bf16", "fp16"),
+    "logger.backend": ("jsonl", "wandb"),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
+}
+_POSITIVE = ("lora.r", "data.max_seq_len", "trainer.max_steps", "trainer.micro_batch_size",
+             "trainer.gradient_accumulation_steps", "trainer.keep_last", "trainer.max_new_tokens",
+             "trainer.log_every")
+_NON_NEGATIVE = ("lora.dropout", "trainer.max_grad_norm", "trainer.eval_every", "trainer.save_every",
+                 "trainer.eval_batches", "trainer.eval_samples", "trainer.exact_match_examples")
+
+
+def _get(cfg: DictConfig, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and choice checks; raises ConfigError naming the key, the value and the fix."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}; set {key}=<one of them>")
+    for key in _POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
+    if cfg.quantization.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise ConfigError(f"quantization.blocksize must be a power of two in [32, 4096], got {cfg.quantization.blocksize}")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    for key in ("optimizer", "scheduler", "data.format"):
+        node = _get(cfg, key)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"{key} must be a node with a _target_ (an importable class or function), got {node!r}")

@@ -1,0 +1,168 @@
+"""The training loop: accelerate for devices and precision, token-normalized gradient
+accumulation, clipping, evaluation, atomic checkpoints and exact resume."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from qlora.train import checkpoint as ckpt
+from qlora.train.evaluation import evaluate_loss, exact_match, generate, token_loss_sum
+
+log = logging.getLogger("qlora.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the message names the step and the checkpoint that is kept."""
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch, starting `skip` samples in: resuming replays the same order."""
+
+    def __init__(self, size: int, seed: int, epoch: int, skip: int = 0):
+        self.size, self.seed, self.epoch, self.skip = size, seed, epoch, skip
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter(order[self.skip:].tolist())
+
+    def __len__(self):
+        return self.size - self.skip
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir: Path, accelerator, model, tokenizer, train_data, eval_data, collator,
+                 optimizer, scheduler, metrics):
+        self.cfg, self.t = cfg, cfg.trainer
+        self.run_dir, self.accelerator = run_dir, accelerator
+        self.model, self.tokenizer = model, tokenizer
+        self.train_data, self.eval_data, self.collator = train_data, eval_data, collator
+        self.optimizer, self.scheduler, self.metrics = optimizer, scheduler, metrics
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "history": []}
+
+    # ---- data ---------------------------------------------------------------------------------
+    def _loader(self, dataset, sampler=None):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.t.micro_batch_size, sampler=sampler,
+                                             collate_fn=self.collator, num_workers=self.t.num_workers)
+        return self.accelerator.prepare_data_loader(loader, device_placement=True)
+
+    def _micro_batches(self):
+        """Endless micro-batches in seeded epoch order; self.state tracks the position to resume at."""
+        while True:
+            epoch, batch = self.state["epoch"], self.state["batch"]
+            sampler = EpochSampler(len(self.train_data), self.cfg.data.seed, epoch, batch * self.t.micro_batch_size)
+            for item in self._loader(self.train_data, sampler):
+                self.state["batch"] += 1
+                yield item
+            self.state["epoch"], self.state["batch"] = epoch + 1, 0
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, step: int) -> dict:
+        results = {}
+        if self.eval_data is not None and len(self.eval_data):
+            results = evaluate_loss(self.model, self._loader(self.eval_data), self.t.eval_batches, self.accelerator.autocast)
+            samples = [self.eval_data[i] for i in range(min(self.t.eval_samples, len(self.eval_data)))]
+            if samples:
+                outputs = generate(self.model, self.tokenizer, [s["prompt"] for s in samples], self.t.max_new_tokens)
+                rows = [{"prompt": s["prompt"], "generated": o} for s, o in zip(samples, outputs)]
+                self.metrics.log_text("samples", rows, step)
+                for row in rows:
+                    log.info("sample at step %d:\n%s[generated] %s", step, row["prompt"], row["generated"])
+            self.metrics.log(results, step)
+            log.info("step %d: eval loss %.4f, perplexity %.2f", step, results["eval_loss"], results["eval_ppl"])
+        return results
+
+    def exact_match_score(self, step: int, label: str) -> float | None:
+        if not self.t.exact_match_examples or self.eval_data is None:
+            return None
+        count = min(self.t.exact_match_examples, len(self.eval_data))
+        score, rows = exact_match(self.model, self.tokenizer, [self.eval_data[i] for i in range(count)],
+                                  self.t.max_new_tokens)
+        self.metrics.log({f"exact_match_{label}": score}, step)
+        log.info("exact match %s training: %.1f%% of %d held-out prompts", label, 100 * score, count)
+        return score
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save(self, step: int) -> Path:
+        path = ckpt.save_checkpoint(self.run_dir, step, self.accelerator.unwrap_model(self.model), self.optimizer,
+                                    self.scheduler, self.state, self.t.keep_last)
+        log.info("checkpoint saved: %s", path)
+        return path
+
+    def resume_from(self, path: Path) -> None:
+        self.state = ckpt.load_checkpoint(path, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler)
+        log.info("resumed from %s at step %d", path, self.state["step"])
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def train(self) -> dict:
+        t, acc = self.t, self.accelerator
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        batches = self._micro_batches()
+        bar = tqdm(total=t.max_steps, initial=self.state["step"], desc="training", unit="step", dynamic_ncols=True)
+        started, tokens_at_start = time.perf_counter(), self.state["tokens"]
+        self.model.train()
+        while self.state["step"] < t.max_steps:
+            step = self.state["step"] + 1
+            micro = [next(batches) for _ in range(t.gradient_accumulation_steps)]
+            supervised = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            loss_total = 0.0
+            for i, batch in enumerate(micro):
+                # The step's loss is the sum over all its supervised tokens / their count, so
+                # every token weighs the same whatever micro-batch it fell in.
+                sync = acc.no_sync(self.model) if i < len(micro) - 1 else nullcontext()
+                with sync, acc.autocast():
+                    loss_sum, _ = token_loss_sum(self.model, batch)
+                acc.backward(loss_sum / max(supervised, 1))
+                loss_total += loss_sum.item()
+            loss = loss_total / max(supervised, 1)
+            if not math.isfinite(loss):
+                kept = ckpt.complete_checkpoints(ckpt.checkpoint_dir(self.run_dir))
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step}; the update was not applied. Last good checkpoint: "
+                    f"{kept[-1] if kept else 'none yet'}. Lower optimizer.lr, set trainer.max_grad_norm, "
+                    "or check the data around this step"
+                )
+            grad_norm = acc.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 else None
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state["step"] = step
+            self.state["tokens"] += sum(int(b["attention_mask"].sum()) if b["attention_mask"].dim() == 2
+                                        else int(b["input_ids"].numel()) for b in micro)
+            elapsed = time.perf_counter() - started
+            record = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "supervised_tokens": supervised,
+                      "tokens_per_s": (self.state["tokens"] - tokens_at_start) / max(elapsed, 1e-9),
+                      "peak_memory_gb": peak_memory_bytes(acc.device) / 2**30}
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            self.state["history"].append({"step": step, "loss": loss})
+            if step % t.log_every == 0 or step == t.max_steps:
+                self.metrics.log(record, step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            mem=f"{record['peak_memory_gb']:.2f}G")
+            if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
+                self.state["last_eval"] = self.evaluate(step)
+            if t.save_every and step % t.save_every == 0 and step != t.max_steps:
+                self.save(step)
+        bar.close()
+        self.state["train_seconds"] = self.state.get("train_seconds", 0.0) + time.perf_counter() - started
+        return self.state
+
