@@ -1,0 +1,6 @@
+"""The one exception type of the data pipeline."""
+
+
+class DataError(ValueError):
+    """A record or a data source the pipeline cannot use. The message names the record index (or the
+    source), the problem and the fix, so that a bad line in a large file can be found and repaired."""
