@@ -59,8 +59,11 @@ class Trainer:
 
     # ---- data ---------------------------------------------------------------------------------
     def _loader(self, dataset, sampler=None):
+        # A private generator: creating a DataLoader iterator draws a seed from it, and drawing
+        # from the global RNG instead would shift the dropout masks of a resumed run.
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.t.micro_batch_size, sampler=sampler,
-                                             collate_fn=self.collator, num_workers=self.t.num_workers)
+                                             collate_fn=self.collator, num_workers=self.t.num_workers,
+                                             generator=torch.Generator().manual_seed(self.cfg.data.seed))
         return self.accelerator.prepare_data_loader(loader, device_placement=True)
 
     def _micro_batches(self):

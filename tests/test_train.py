@@ -1,0 +1,117 @@
+"""The trainer end to end on a tiny model: artifacts, resume after a hard kill, wandb offline, NaN."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from qlora.train.schema import register
+from tiny_run import overrides, save_tiny_model_with_tokenizer, write_copy_task
+
+ROOT = Path(__file__).resolve().parents[1]
+register()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    base = tmp_path_factory.mktemp("assets")
+    return save_tiny_model_with_tokenizer(base / "model"), write_copy_task(base / "task.jsonl")
+
+
+def compose_run(assets, run_dir, **extra):
+    with initialize_config_dir(config_dir=str(ROOT / "recipes"), version_base="1.3"):
+        return compose(config_name="config", overrides=[o for o in overrides(*assets, run_dir, **extra)
+                                                        if not o.startswith("hydra.")])
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+def train_process(assets, run_dir, **extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides(*assets, run_dir, **extra)],
+                            cwd=str(run_dir.parent), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_run_writes_every_artifact(assets, tmp_path):
+    from qlora.train.run import run
+
+    summary = run(compose_run(assets, tmp_path / "run"), run_dir=tmp_path / "run")
+    run_dir = tmp_path / "run"
+    assert summary["steps"] == 6 and summary["tokens"] > 0 and summary["final_eval_loss"] > 0
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss_curve.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step-000004", "step-000006"]  # keep_last=2 of 2, 4, 6
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]
+    assert any("samples" in m for m in read_metrics(run_dir))
+
+
+def test_resume_after_hard_kill_matches_uninterrupted(assets, tmp_path):
+    straight = tmp_path / "straight" / "run"
+    straight.parent.mkdir()
+    done = train_process(assets, straight, **{"trainer.max_steps": 8})
+    out, _ = done.communicate(timeout=300)
+    assert done.returncode == 0, out[-3000:]
+
+    killed = tmp_path / "resumed" / "first"
+    killed.parent.mkdir()
+    proc = train_process(assets, killed, **{"trainer.max_steps": 8})
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-000004" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = tmp_path / "resumed" / "second"
+    proc = train_process(assets, resumed, **{"trainer.max_steps": 8, "trainer.resume": "true"})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    expected, got = losses(straight), losses(resumed)
+    assert min(got) >= 5 and sorted(got) == list(range(min(got), 9))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+def test_wandb_offline_writes_run_files(assets, tmp_path, monkeypatch):
+    from qlora.train.run import run
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    run_dir = tmp_path / "run"
+    run(compose_run(assets, run_dir, logger="wandb", **{"trainer.max_steps": 2}), run_dir=run_dir)
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1, list((run_dir / "wandb").iterdir())
+    records = list(offline[0].glob("run-*.wandb"))
+    assert len(records) == 1, list(offline[0].iterdir())
+    # The run file (what `wandb sync` uploads) holds the resolved config and the metrics.
+    content = records[0].read_bytes()
+    for key in (b"micro_batch_size", b"name_or_path", b"eval_loss", b"tokens_per_s"):
+        assert key in content, key
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(assets, tmp_path):
+    from qlora.train.run import run
+    from qlora.train.trainer import NonFiniteLossError
+
+    run_dir = tmp_path / "run"
+    cfg = compose_run(assets, run_dir, **{"optimizer.lr": 1.0e30, "trainer.max_grad_norm": 0, "trainer.max_steps": 40})
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step \d+"):
+        run(cfg, run_dir=run_dir)
+    for checkpoint in (run_dir / "checkpoints").glob("step-*"):
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        assert all(torch.isfinite(torch.tensor(h["loss"])) for h in state["history"])
