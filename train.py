@@ -27,9 +27,16 @@ register()
 
 @hydra.main(version_base="1.3", config_path="recipes", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from qlora.data import DataError
     from qlora.train.run import run
+    from qlora.train.schema import ConfigError
+    from qlora.train.trainer import NonFiniteLossError
 
-    run(cfg)
+    try:
+        run(cfg)
+    except (ConfigError, DataError, NonFiniteLossError, FileNotFoundError, NotImplementedError) as err:
+        # Errors a user can fix from the message alone: no traceback to dig through.
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,6 @@ def build(cfg: DictConfig, run_dir: Path):
                         use_rslora=lora.use_rslora, use_dora=lora.use_dora, bias=lora.bias,
                         init_lora_weights=lora.init_lora_weights, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
     log.info(describe_trainable(model))
-    print(describe_trainable(model))
 
     source, eval_source = _data_sources(cfg)
     d = cfg.data
@@ -130,7 +129,6 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
         write_summary(run_dir, summary)
         plot_loss_curve(run_dir, state["history"], evals)
         metrics.summary(summary)
-        print(format_summary(summary))
         log.info(format_summary(summary))
         failed = False
         return summary
