@@ -103,11 +103,8 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
             trainer.resume_from(resume)
         if "exact_match_before" not in trainer.state:
             trainer.state["exact_match_before"] = trainer.exact_match_score(trainer.state["step"], "before")
-        evals = trainer.state.setdefault("evals", [])
         state = trainer.train()
         final_eval = trainer.evaluate(state["step"])
-        if final_eval:
-            evals.append({"step": state["step"], **final_eval})
         after = trainer.exact_match_score(state["step"], "after")
         trainer.save(state["step"])
         accelerator.unwrap_model(model).save_pretrained(run_dir / "adapter")
@@ -127,7 +124,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
         }
         summary = {k: v for k, v in summary.items() if v is not None}
         write_summary(run_dir, summary)
-        plot_loss_curve(run_dir, state["history"], evals)
+        plot_loss_curve(run_dir, state["history"], state.get("evals", []))
         metrics.summary(summary)
         log.info(format_summary(summary))
         failed = False

@@ -89,6 +89,7 @@ class Trainer:
                 for row in rows:
                     log.info("sample at step %d:\n%s[generated] %s", step, row["prompt"], row["generated"])
             self.metrics.log(results, step)
+            self.state.setdefault("evals", []).append({"step": step, **results})
             log.info("step %d: eval loss %.4f, perplexity %.2f", step, results["eval_loss"], results["eval_ppl"])
         return results
 
@@ -162,7 +163,7 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                             mem=f"{record['peak_memory_gb']:.2f}G")
             if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
-                self.state["last_eval"] = self.evaluate(step)
+                self.evaluate(step)
             if t.save_every and step % t.save_every == 0 and step != t.max_steps:
                 self.save(step)
         bar.close()
