@@ -1,9 +1,13 @@
 """4-bit kernels (installed as qlora.kernels). Imports nothing from the rest of qlora.
 
 `reference` holds the pure-PyTorch twins (the CPU path and the test oracle); `linear_4bit` is the
-frozen-weight 4-bit linear with autograd.
+frozen-weight 4-bit linear with autograd; `ops` registers the custom ops qlora::dequantize_4bit and
+qlora::matmul_4bit and holds the dispatch rule. The Triton modules (dequantize, matmul, gemv) are
+imported on first use, so the CPU path never imports triton, and a process that sets
+TRITON_INTERPRET=1 before that first use gets interpreted kernels.
 """
-from qlora.kernels import reference
+from qlora.kernels import ops, reference
+from qlora.kernels.backend import get_backend, set_backend
 from qlora.kernels.linear import Linear4bitFunction, linear_4bit
 
-__all__ = ["Linear4bitFunction", "linear_4bit", "reference"]
+__all__ = ["Linear4bitFunction", "get_backend", "linear_4bit", "ops", "reference", "set_backend"]

@@ -1,0 +1,60 @@
+"""Which implementation runs: the Triton kernels or the pure-PyTorch reference.
+
+`QLORA_BACKEND=auto|torch|triton` (read at every call, so a test can change it) or `set_backend()`:
+- auto: Triton for CUDA tensors, the reference everywhere else;
+- torch: the reference everywhere (the bit-exact oracle, and the fallback if a kernel misbehaves);
+- triton: the Triton kernels everywhere; on CPU that needs `TRITON_INTERPRET=1` set before
+  triton is first imported (the interpreter is chosen when a kernel is decorated), which is how the
+  CPU tests run the kernel code.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+# The default is the reference until the kernels have been compiled, checked and timed on a GPU:
+# so far they are verified under the Triton interpreter only. Opt in with QLORA_BACKEND=auto.
+DEFAULT_BACKEND = "torch"
+_override: Optional[str] = None
+
+
+def set_backend(backend: Optional[str]) -> None:
+    """Force a backend for this process; None goes back to the QLORA_BACKEND environment variable."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    global _override
+    _override = backend
+
+
+def get_backend() -> str:
+    backend = _override if _override is not None else os.environ.get("QLORA_BACKEND", DEFAULT_BACKEND).strip().lower() or DEFAULT_BACKEND
+    if backend not in BACKENDS:
+        raise ValueError(f"QLORA_BACKEND must be one of auto, torch, triton, got {backend!r}")
+    return backend
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def use_triton(device: torch.device) -> bool:
+    """True when the Triton kernels should run for tensors on `device`; raises if forced but impossible."""
+    backend = get_backend()
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("QLORA_BACKEND=triton but triton is not installed; pip install triton or use QLORA_BACKEND=torch")
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu" and interpreter_enabled():
+        return True
+    raise RuntimeError(
+        f"QLORA_BACKEND=triton cannot run on {device.type} tensors: the kernels need CUDA, or on CPU the "
+        "Triton interpreter (set TRITON_INTERPRET=1 before importing triton); or use QLORA_BACKEND=torch"
+    )

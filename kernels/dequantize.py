@@ -1,0 +1,130 @@
+"""Triton: packed NF4/FP4 (+ double-quantized scales) -> a dense tensor, in one launch.
+
+The twin is `reference.dequantize_4bit`; with fp32 output the two agree bit for bit, because both
+compute code[nibble] * scale in fp32 (one rounding) and cast once, and the nested scale
+nested_code[q] * nested_absmax[j] + offset as a multiply then an add (two roundings). A GPU
+compiler would contract that into one FMA (one rounding) and break bit-exactness in ~1e-3 of the
+blocks, so the dequantize kernel is launched with enable_fp_fusion=False; it costs nothing
+measurable (one multiply-add per 64 elements).
+
+The helpers `decode_4bit` / `load_scale` are shared with the matmul and GEMV kernels, which
+decode W at arbitrary element indices (any K, including odd K where a byte straddles two rows).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from qlora.kernels.checks import check_compute_dtype, check_triton_size, check_weight
+
+
+@triton.jit
+def load_scale(absmax_ptr, block, mask, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+               NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """fp32 scale of quantization block `block`; with double quant decoded from its 8-bit code."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested_value = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
+        nested_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        # The offset comes through a pointer, never .item(): no host sync, CUDA-graph safe.
+        offset = tl.load(offset_ptr)
+        scale = nested_value * nested_scale + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
+    return scale
+
+
+@triton.jit
+def decode_4bit(packed_ptr, index, mask, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """fp32 values of W at flat element indices `index` (masked elements decode to 0)."""
+    byte = tl.load(packed_ptr + (index >> 1), mask=mask, other=0).to(tl.int32)
+    # Element 2i is the HIGH nibble of byte i (bitsandbytes' packing order).
+    nibble = (byte >> ((1 - (index & 1)) * 4)) & 15
+    value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
+    scale = load_scale(absmax_ptr, index // BLOCKSIZE, mask, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                       NESTED_BLOCKSIZE, DOUBLE_QUANT)
+    return value * scale
+
+
+@triton.jit
+def _dequantize_4bit_kernel(
+    packed_ptr, out_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, numel,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    ELEMENTS: tl.constexpr,
+):
+    # ELEMENTS is a multiple of BLOCKSIZE (both powers of two, ELEMENTS >= BLOCKSIZE), so a program
+    # holds whole quantization blocks: one scale load per block instead of one per element.
+    BYTES: tl.constexpr = ELEMENTS // 2
+    BLOCKS: tl.constexpr = ELEMENTS // BLOCKSIZE
+    pid = tl.program_id(0)
+    first_byte = pid * BYTES
+    byte_offsets = first_byte + tl.arange(0, BYTES)
+    packed_bytes = (numel + 1) // 2
+    byte = tl.load(packed_ptr + byte_offsets, mask=byte_offsets < packed_bytes, other=0).to(tl.int32)
+    high = tl.load(code_ptr + (byte >> 4))
+    low = tl.load(code_ptr + (byte & 15))
+    values = tl.reshape(tl.interleave(high, low), (BLOCKS, BLOCKSIZE))  # high nibble first
+    block = pid * BLOCKS + tl.arange(0, BLOCKS)
+    num_blocks = (numel + BLOCKSIZE - 1) // BLOCKSIZE
+    scale = load_scale(absmax_ptr, block, block < num_blocks, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                       NESTED_BLOCKSIZE, DOUBLE_QUANT)
+    out = values * scale[:, None]
+    element = pid * ELEMENTS + tl.reshape(tl.arange(0, ELEMENTS), (BLOCKS, BLOCKSIZE))
+    tl.store(out_ptr + element, out.to(out_ptr.dtype.element_ty), mask=element < numel)
+
+
+def weight_pointers(packed, absmax, nested_absmax, nested_code, offset):
+    """Kernel arguments: packed as uint8 bytes, absmax as the kernel reads it, dummies for absent DQ tensors."""
+    # A float storage dtype is only reinterpreted as bytes; converting would canonicalise NaN patterns.
+    packed = packed.contiguous().view(torch.uint8).reshape(-1) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    double_quant = nested_absmax is not None
+    if not double_quant and absmax.dtype != torch.float32:
+        absmax = absmax.float()  # exact: fp16/bf16 values are fp32 values; the interpreter cannot load bf16
+    if not double_quant:
+        return packed, absmax.contiguous(), absmax, absmax, absmax, False  # DQ pointers never read
+    return packed, absmax.contiguous(), nested_absmax.contiguous(), nested_code.contiguous(), offset.reshape(1), True
+
+
+def dequantize_elements(blocksize: int) -> int:
+    # 1024 elements (512 bytes in, 2-4 KB out) per program: 16K programs for a 4096x4096 weight, enough
+    # to fill 132 SMs several times over. To be tuned on H100.
+    return max(1024, blocksize)
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    nested_absmax: Optional[torch.Tensor] = None,
+    nested_code: Optional[torch.Tensor] = None,
+    offset: Optional[torch.Tensor] = None,
+    nested_blocksize: int = 256,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Triton twin of reference.dequantize_4bit; `out` (contiguous, `shape`, `dtype`) may be preallocated."""
+    check_weight(packed, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize)
+    check_compute_dtype(dtype, "dequantize_4bit's output dtype")
+    check_triton_size(shape)
+    numel = math.prod(shape)
+    if out is None:
+        out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+    elif tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous() or out.device != packed.device:
+        raise ValueError(f"out must be a contiguous {list(shape)} {dtype} tensor on {packed.device}, "
+                         f"got {list(out.shape)} {out.dtype} on {out.device}")
+    packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(
+        packed, absmax, nested_absmax, nested_code, offset)
+    elements = dequantize_elements(blocksize)
+    _dequantize_4bit_kernel[(triton.cdiv(numel, elements),)](
+        packed, out, absmax, code.contiguous(), nested_absmax, nested_code, offset, numel,
+        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant, ELEMENTS=elements,
+        enable_fp_fusion=False,
+    )
+    return out

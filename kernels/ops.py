@@ -1,0 +1,130 @@
+"""The 4-bit ops as torch.library custom ops (qlora::dequantize_4bit, qlora::matmul_4bit), and the
+dispatch rule that picks an implementation.
+
+Custom ops are opaque to torch.compile: with their register_fake shape functions a model calling
+them traces with fullgraph=True, and the backend choice (env read, device test, M buckets) runs
+inside the op at run time rather than in the traced graph.
+
+Dispatch rule for the matmul on the Triton backend, by M = rows of the 2-D input:
+- M <= GEMV_MAX_M: split-K GEMV (gemv.py). Decode: W is read once for all rows, fp32 partials.
+- M <= FUSED_MAX_M: the fused kernel (matmul.py), dequantizing W tiles inside the K loop. The
+  product is still bound by reading W: a 4096x4096 layer at M = 256 does 8.6 GFLOP (~11 us at
+  790 TFLOP/s) against 8.65 MB of NF4 (~3 us) plus, unfused, 33.6 MB of bf16 written and read back
+  (~11 us at 3 TB/s); fusing removes that round trip.
+- M > FUSED_MAX_M: dequantize W to the compute dtype with the Triton kernel (one launch, ~14 us for
+  4096x4096) and call cuBLAS. At M = 4096 the GEMM is ~173 us, so the unfused dequant costs ~8%,
+  while a Triton tl.dot loop with in-loop dequant typically trails cuBLAS by more than that at
+  large M. The dense W is a temporary of this call: it is freed before backward, which dequantizes
+  again from the packed bytes.
+Both thresholds are starting points from that arithmetic, NOT measurements: to be tuned on H100
+with benchmarks/kernels_gpu.py, which times all three paths per M and records where they cross.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from qlora.kernels import reference
+from qlora.kernels.backend import use_triton
+from qlora.kernels.checks import check_compute_dtype, check_matmul_input, check_weight
+
+GEMV_MAX_M = 16  # to be tuned on H100
+FUSED_MAX_M = 1024  # to be tuned on H100
+PATHS = ("auto", "gemv", "fused", "dequant_matmul")
+
+
+def choose_path(m: int) -> str:
+    """The Triton implementation the dispatch rule picks for a 2-D input of m rows."""
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    if m <= FUSED_MAX_M:
+        return "fused"
+    return "dequant_matmul"
+
+
+# ---- qlora::dequantize_4bit -------------------------------------------------------------------
+@torch.library.custom_op("qlora::dequantize_4bit", mutates_args=())
+def dequantize_4bit_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    blocksize: int,
+    nested_blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    check_weight(packed, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize)
+    check_compute_dtype(dtype, "dequantize_4bit's output dtype")
+    if use_triton(packed.device):
+        from qlora.kernels.dequantize import dequantize_4bit as dequantize_triton
+
+        return dequantize_triton(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset,
+                                 nested_blocksize)
+    return reference.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code,
+                                     offset, nested_blocksize)
+
+
+@dequantize_4bit_op.register_fake
+def _(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+# ---- qlora::matmul_4bit -------------------------------------------------------------------------
+@torch.library.custom_op("qlora::matmul_4bit", mutates_args=())
+def matmul_4bit_op(
+    a: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    blocksize: int,
+    nested_blocksize: int,
+    shape: Sequence[int],
+    transpose_weight: bool,
+    path: str,
+) -> torch.Tensor:
+    """a [M, in] @ W^T (+ bias) if transpose_weight, else a [M, out] @ W; in a's dtype."""
+    check_weight(packed, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize)
+    check_matmul_input(a, packed, shape, transpose_weight, bias)
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    weight_args = (absmax, code, blocksize, shape)
+    nested_args = dict(nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
+                       nested_blocksize=nested_blocksize)
+    if not use_triton(a.device):
+        if path not in ("auto", "dequant_matmul"):
+            raise ValueError(f"path={path!r} is a Triton kernel, but the backend here is the PyTorch reference; "
+                             "set QLORA_BACKEND=triton (on CPU also TRITON_INTERPRET=1) or use path='auto'")
+        weight = reference.dequantize_4bit(packed, *weight_args, a.dtype, **nested_args)
+        if transpose_weight:
+            return reference.linear_4bit(a, weight, bias)
+        return reference.linear_4bit_grad_input(a, weight)
+    path = choose_path(a.shape[0]) if path == "auto" else path
+    if path == "gemv":
+        from qlora.kernels.gemv import gemv_4bit
+
+        return gemv_4bit(a, packed, *weight_args, transpose_weight, bias, **nested_args)
+    if path == "fused":
+        from qlora.kernels.matmul import matmul_4bit_fused
+
+        return matmul_4bit_fused(a, packed, *weight_args, transpose_weight, bias, **nested_args)
+    from qlora.kernels.dequantize import dequantize_4bit as dequantize_triton
+
+    weight = dequantize_triton(packed, *weight_args, a.dtype, **nested_args)
+    if transpose_weight:
+        return reference.linear_4bit(a, weight, bias)
+    return reference.linear_4bit_grad_input(a, weight)
+
+
+@matmul_4bit_op.register_fake
+def _(a, packed, absmax, code, nested_absmax, nested_code, offset, bias, blocksize, nested_blocksize, shape,
+      transpose_weight, path):
+    cols = shape[0] if transpose_weight else shape[1]
+    return a.new_empty((a.shape[0], cols))

@@ -1,0 +1,331 @@
+"""The Triton kernels against the pure-PyTorch reference, the backend switch, the custom ops.
+
+Three kinds of test live here:
+- `test_interp_*`: the Triton kernels on CPU through the Triton interpreter. The interpreter is
+  chosen when a kernel is decorated, from TRITON_INTERPRET at that moment, so these run in a child
+  pytest with TRITON_INTERPRET=1 (`test_triton_kernels_in_interpreter` starts it); the rest of the
+  suite never sees interpreter mode. `TRITON_INTERPRET=1 pytest tests/test_kernels.py -k interp_`
+  runs them directly. fp16/fp32 only: the interpreter cannot do bf16 arithmetic. Small shapes:
+  the interpreter runs a 96x320 matmul in ~0.2 s.
+- CPU tests of the dispatch, the errors and torch.compile over the custom ops (torch backend).
+- `test_gpu_*`: real sizes in bf16/fp16 on CUDA, skipped without it.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qlora
+from qlora.kernels import linear_4bit, ops, reference, set_backend
+from qlora.kernels.backend import use_triton
+from helpers import rel_err
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child (test_triton_kernels_in_interpreter)")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Relative error vs fp64 math on the same dequantized weight (rounded to the compute dtype): fp32
+# products differ from fp64 by ~1e-7, fp16 outputs by one rounding (~2e-4 measured).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+@pytest.fixture
+def triton_backend():
+    set_backend("triton")
+    yield
+    set_backend(None)
+
+
+def quantized(shape, quant_type="nf4", blocksize=64, double_quant=True, storage=torch.uint8, device="cpu"):
+    w = torch.randn(shape, device=device) * 0.05
+    packed, state = qlora.quantize_4bit(w, quant_type, blocksize, double_quant, quant_storage=storage)
+    return packed, state.kernel_args()
+
+
+def dense(packed, args, dtype):
+    """The fp64 weight the kernels compute with: dequantized exactly, rounded to the compute dtype."""
+    return reference.dequantize_4bit(packed, **{**args, "dtype": torch.float32}).to(dtype).double()
+
+
+def nan_like(shape, dtype, device="cpu"):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+# ---- the interpreter child ----------------------------------------------------------------------
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run itself")
+def test_triton_kernels_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("QLORA_BACKEND", None)
+    # cwd = tests/: `python -m pytest` puts cwd on sys.path, and the repository root's kernels/
+    # folder must not shadow Hugging Face's `kernels` package.
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_"],
+        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
+
+
+# ---- dequantize ---------------------------------------------------------------------------------
+DEQUANT_CASES = [
+    # (shape, quant_type, blocksize, double_quant, storage): odd numel, a partial last block, more
+    # than 256 blocks (two nested blocks), every storage dtype.
+    ((37, 95), "nf4", 64, True, torch.uint8),
+    ((96, 320), "fp4", 128, False, torch.float16),
+    ((50, 300), "nf4", 128, False, torch.bfloat16),
+    ((64, 330), "fp4", 64, True, torch.float32),
+]
+
+
+@interpreter_only
+@pytest.mark.parametrize("shape, quant_type, blocksize, double_quant, storage", DEQUANT_CASES)
+def test_interp_dequantize_bit_exact(shape, quant_type, blocksize, double_quant, storage):
+    from qlora.kernels.dequantize import dequantize_4bit
+
+    packed, args = quantized(shape, quant_type, blocksize, double_quant, storage)
+    for dtype in (torch.float32, torch.float16):
+        out = dequantize_4bit(packed, **args, dtype=dtype, out=nan_like(shape, dtype))
+        assert torch.equal(out, reference.dequantize_4bit(packed, **args, dtype=dtype)), dtype
+
+
+@interpreter_only
+def test_interp_dequantize_float_storage_with_nan_bit_patterns():
+    # Every byte value, fp16 storage: some 16-bit words are NaNs, which float arithmetic would
+    # canonicalise. Reinterpreted as bytes they must decode exactly like the uint8 packing.
+    from qlora.kernels.dequantize import dequantize_4bit
+
+    shape = (40, 64)
+    packed, args = quantized(shape, "nf4", 64, True)
+    packed_bytes = torch.randint(0, 256, packed.shape, dtype=torch.uint8)
+    packed_bytes[:256, 0] = torch.arange(256, dtype=torch.uint8)
+    as_fp16 = packed_bytes.reshape(-1).view(torch.float16)
+    assert as_fp16.isnan().any()
+    out = dequantize_4bit(as_fp16, **args, dtype=torch.float32, out=nan_like(shape, torch.float32))
+    assert torch.equal(out, reference.dequantize_4bit(packed_bytes, **args, dtype=torch.float32))
+
+
+# ---- matmul: fused, GEMV and dequantize-then-matmul, forward and backward -----------------------
+MATMUL_CASES = [
+    # (M, out, in, quant_type, blocksize, double_quant): M=37 is not a multiple of any tile; in=321
+    # makes the numel odd, so bytes straddle rows and blocks straddle rows.
+    (37, 96, 320, "nf4", 64, True),
+    (5, 37, 321, "fp4", 128, False),
+]
+
+
+@interpreter_only
+@pytest.mark.parametrize("m, out_features, in_features, quant_type, blocksize, double_quant", MATMUL_CASES)
+@pytest.mark.parametrize("kernel", ("fused", "gemv"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+def test_interp_kernel_forward_and_grad_input(kernel, dtype, m, out_features, in_features, quant_type, blocksize, double_quant):
+    from qlora.kernels.gemv import gemv_4bit, gemv_workspace_shape
+    from qlora.kernels.matmul import matmul_4bit_fused
+
+    packed, args = quantized((out_features, in_features), quant_type, blocksize, double_quant)
+    w = dense(packed, args, dtype)
+    x = torch.randn(in_features, m, dtype=dtype).T  # non-contiguous rows
+    grad_y = torch.randn(m, out_features, dtype=dtype)
+    bias = torch.randn(out_features, dtype=dtype)
+    products = [(x, True, bias, x.double() @ w.T + bias.double()), (grad_y, False, None, grad_y.double() @ w)]
+    for a, transpose_weight, b, expected in products:
+        out = nan_like(tuple(expected.shape), dtype)
+        if kernel == "fused":
+            matmul_4bit_fused(a, packed, **args, transpose_weight=transpose_weight, bias=b, out=out)
+        else:
+            workspace = nan_like(gemv_workspace_shape(m, args["shape"], transpose_weight, a.device), torch.float32)
+            assert workspace.shape[0] > 1  # split-K really splits here
+            gemv_4bit(a, packed, **args, transpose_weight=transpose_weight, bias=b, out=out, workspace=workspace)
+        assert not out.isnan().any()
+        assert rel_err(out, expected) < TOLERANCE[dtype], (transpose_weight, rel_err(out, expected))
+
+
+@interpreter_only
+@pytest.mark.parametrize("path, m", [("auto", 1), ("auto", 37), ("dequant_matmul", 37), ("gemv", 3)])
+def test_interp_linear_4bit_autograd(triton_backend, path, m):
+    # Through the custom op and the autograd Function; 3-D input, bias, fp16.
+    dtype = torch.float16
+    packed, args = quantized((96, 320), "nf4", 64, True)
+    w = dense(packed, args, dtype)
+    x = torch.randn(1, m, 320, dtype=dtype, requires_grad=True)
+    bias = torch.randn(96, dtype=dtype, requires_grad=True)
+    y = linear_4bit(x, packed, bias=bias, path=path, **args)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert y.shape == (1, m, 96) and y.dtype == dtype
+    assert rel_err(y, x.double() @ w.T + bias.double()) < TOLERANCE[dtype]
+    assert rel_err(x.grad, grad_y.double() @ w) < TOLERANCE[dtype]
+    assert torch.allclose(bias.grad.double(), grad_y.double().sum((0, 1)), rtol=1e-2)
+
+
+@interpreter_only
+def test_interp_layer_triton_matches_torch_backend(triton_backend):
+    # The 4-bit layer itself, fp32, storage bf16 and no double quant: Triton vs reference backend.
+    linear = torch.nn.Linear(320, 96)
+    layer = qlora.Linear4bit.from_linear(linear, compute_dtype=torch.float32, double_quant=False,
+                                         quant_storage=torch.bfloat16, blocksize=128)
+    x = torch.randn(320, 2 * 37).T[::2].unsqueeze(0)  # non-contiguous, 37 rows
+    outputs = {}
+    for backend in ("triton", "torch"):
+        set_backend(backend)
+        xb = x.detach().clone().requires_grad_(True)
+        y = layer(xb)
+        y.backward(torch.ones_like(y))
+        outputs[backend] = (y, xb.grad)
+    assert rel_err(outputs["triton"][0], outputs["torch"][0]) < 1e-6
+    assert rel_err(outputs["triton"][1], outputs["torch"][1]) < 1e-6
+
+
+@interpreter_only
+def test_interp_dequantize_op_dispatches_to_triton(triton_backend, monkeypatch):
+    from qlora.kernels import dequantize
+
+    calls = []
+    original = dequantize.dequantize_4bit
+    monkeypatch.setattr(dequantize, "dequantize_4bit", lambda *a, **k: calls.append(1) or original(*a, **k))
+    packed, args = quantized((37, 95), "nf4", 64, True)
+    out = ops.dequantize_4bit_op(packed, args["absmax"], args["code"], args["nested_absmax"], args["nested_code"],
+                                 args["offset"], 64, 256, [37, 95], torch.float32)
+    assert calls and torch.equal(out, reference.dequantize_4bit(packed, **args, dtype=torch.float32))
+
+
+# ---- CPU: dispatch, errors, torch.compile ---------------------------------------------------------
+def test_dispatch_rule_buckets():
+    assert ops.choose_path(1) == ops.choose_path(ops.GEMV_MAX_M) == "gemv"
+    assert ops.choose_path(ops.GEMV_MAX_M + 1) == ops.choose_path(ops.FUSED_MAX_M) == "fused"
+    assert ops.choose_path(ops.FUSED_MAX_M + 1) == ops.choose_path(16384) == "dequant_matmul"
+
+
+def test_backend_switch(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("QLORA_BACKEND", raising=False)
+    assert not use_triton(cpu) and not use_triton(torch.device("cuda"))  # default: the reference
+    monkeypatch.setenv("QLORA_BACKEND", "auto")
+    assert not use_triton(cpu)  # auto: reference on CPU
+    monkeypatch.setenv("QLORA_BACKEND", "torch")
+    assert not use_triton(torch.device("cuda"))
+    monkeypatch.setenv("QLORA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="QLORA_BACKEND must be one of auto, torch, triton, got 'cuda'"):
+        use_triton(cpu)
+    monkeypatch.setenv("QLORA_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="cannot run on cpu tensors.*TRITON_INTERPRET=1"):
+        use_triton(cpu)
+    set_backend("torch")
+    try:
+        assert not use_triton(cpu)  # the setter wins over the environment
+    finally:
+        set_backend(None)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        set_backend("gpu")
+
+
+def test_input_errors(monkeypatch):
+    monkeypatch.setenv("QLORA_BACKEND", "torch")
+    packed, args = quantized((32, 64))
+    x = torch.randn(3, 64)
+    with pytest.raises(TypeError, match="input must be float32, float16 or bfloat16, got torch.int64"):
+        linear_4bit(torch.ones(3, 64, dtype=torch.long), packed, **args)
+    with pytest.raises(ValueError, match="input has 63 features"):
+        linear_4bit(torch.randn(3, 63), packed, **args)
+    with pytest.raises(ValueError, match=r"packed weight has 1024 bytes, shape \[32, 65\] needs 1040"):
+        linear_4bit(torch.randn(3, 65), packed, **{**args, "shape": (32, 65)})
+    with pytest.raises(ValueError, match="blocksize must be a power of two in \\[32, 4096\\], got 48"):
+        linear_4bit(x, packed, **{**args, "blocksize": 48})
+    with pytest.raises(TypeError, match="with double quantization absmax holds uint8 codes, got torch.float32"):
+        linear_4bit(x, packed, **{**args, "absmax": args["absmax"].float()})
+    with pytest.raises(ValueError, match="nested_absmax, nested_code and offset together"):
+        linear_4bit(x, packed, **{**args, "offset": None})
+    with pytest.raises(TypeError, match="storage must be one of uint8.*got torch.int32"):
+        linear_4bit(x, packed.reshape(-1).view(torch.int32), **args)
+    with pytest.raises(ValueError, match=r"bias has shape \[31\]"):
+        linear_4bit(x, packed, bias=torch.randn(31), **args)
+    with pytest.raises(ValueError, match="path='fused' is a Triton kernel, but the backend here is the PyTorch reference"):
+        linear_4bit(x, packed, path="fused", **args)
+    with pytest.raises(ValueError, match="path must be one of"):
+        linear_4bit(x, packed, path="cublas", **args)
+
+
+def test_custom_ops_pass_opcheck():
+    packed, args = quantized((37, 95), "nf4", 64, True)
+    weight = [args[k] for k in ("absmax", "code", "nested_absmax", "nested_code", "offset")]
+    torch.library.opcheck(ops.dequantize_4bit_op, (packed, *weight, 64, 256, [37, 95], torch.float16))
+    x = torch.randn(5, 95)
+    torch.library.opcheck(ops.matmul_4bit_op, (x, packed, *weight, torch.randn(37), 64, 256, [37, 95], True, "auto"))
+    torch.library.opcheck(ops.matmul_4bit_op, (torch.randn(5, 37), packed, *weight, None, 64, 256, [37, 95], False, "auto"))
+
+
+def test_compile_fullgraph_forward_and_backward(monkeypatch):
+    monkeypatch.setenv("QLORA_BACKEND", "torch")
+    torch._dynamo.reset()
+    layer = qlora.Linear4bit.from_linear(torch.nn.Linear(64, 48), compute_dtype=torch.float32)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    y = compiled(x)
+    y.backward(torch.ones_like(y))
+    x_eager = x.detach().clone().requires_grad_(True)
+    y_eager = layer(x_eager)
+    y_eager.backward(torch.ones_like(y_eager))
+    assert torch.allclose(y, y_eager, atol=1e-6) and torch.allclose(x.grad, x_eager.grad, atol=1e-6)
+
+
+# ---- GPU: real sizes, bf16/fp16 -------------------------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", False)])
+def test_gpu_dequantize_bit_exact(dtype, quant_type, double_quant):
+    from qlora.kernels.dequantize import dequantize_4bit
+
+    shape = (4097, 4095)  # odd numel
+    packed, args = quantized(shape, quant_type, 64, double_quant, device="cuda")
+    out = dequantize_4bit(packed, **args, dtype=dtype, out=nan_like(shape, dtype, "cuda"))
+    assert torch.equal(out, reference.dequantize_4bit(packed, **args, dtype=dtype))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("path, m", [("gemv", 1), ("gemv", 16), ("fused", 64), ("fused", 1000), ("dequant_matmul", 2048)])
+def test_gpu_linear_4bit_paths(dtype, path, m):
+    set_backend("triton")
+    try:
+        packed, args = quantized((4096, 4104), "nf4", 64, True, device="cuda")
+        w = dense(packed, args, dtype).float()
+        x = torch.randn(m, 4104, dtype=dtype, device="cuda", requires_grad=True)
+        y = linear_4bit(x, packed, path=path, **args)
+        grad_y = torch.randn_like(y)
+        y.backward(grad_y)
+        assert rel_err(y, x.float() @ w.T) < TOLERANCE[dtype]
+        assert rel_err(x.grad, grad_y.float() @ w) < TOLERANCE[dtype]
+    finally:
+        set_backend(None)
+
+
+@requires_cuda
+def test_gpu_gemv_cuda_graph_replay():
+    from qlora.kernels.gemv import gemv_4bit, gemv_workspace_shape
+
+    packed, args = quantized((4096, 4096), "nf4", 64, True, device="cuda")
+    x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
+    workspace = torch.empty(gemv_workspace_shape(1, (4096, 4096), True, x.device), device="cuda")
+    gemv_4bit(x, packed, **args, out=out, workspace=workspace)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gemv_4bit(x, packed, **args, out=out, workspace=workspace)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    w = dense(packed, args, torch.bfloat16).float()
+    assert rel_err(out, x.float() @ w.T) < TOLERANCE[torch.bfloat16]
+
+
+@requires_cuda
+def test_gpu_compile_inductor_no_graph_break():
+    torch._dynamo.reset()
+    layer = qlora.Linear4bit.from_linear(torch.nn.Linear(4096, 4096, device="cuda"), compute_dtype=torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(8, 512, 4096, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    y = compiled(x)
+    y.backward(torch.ones_like(y))
+    assert rel_err(y, layer(x)) < 1e-3
