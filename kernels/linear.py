@@ -4,9 +4,9 @@ Only the packed weight and its scales are saved for backward, never a dequantize
 dequantized again in backward, which costs one extra pass over ~0.5 byte/param but keeps the
 activation memory of a QLoRA step free of dense weights.
 
-Both products go through the custom op qlora::matmul_4bit (ops.py), which picks the Triton kernels
-for CUDA tensors and the pure-PyTorch reference on CPU (QLORA_BACKEND overrides), and within Triton
-the GEMV, fused or dequantize-then-cuBLAS path by the number of rows (ops.choose_path).
+Both products go through the custom op qlora::matmul_4bit (ops.py), which runs the pure-PyTorch
+reference or the Triton kernels as QLORA_BACKEND says (backend.py), and within Triton the GEMV,
+fused or dequantize-then-cuBLAS path by the number of rows (ops.choose_path).
 """
 from __future__ import annotations
 
