@@ -23,12 +23,12 @@ def plot_loss_curve(run_dir: Path, history: list[dict], evals: list[dict]) -> Pa
     """loss_curve.png: training loss per step, and the eval loss where it was measured."""
     if not history:
         return None
-    import matplotlib
+    # A bare Figure, not pyplot: pyplot would need a backend switch, which changes the caller's
+    # global state (a notebook's inline plots stop showing).
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", linewidth=1)
     if evals:
         ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss")
@@ -39,5 +39,4 @@ def plot_loss_curve(run_dir: Path, history: list[dict], evals: list[dict]) -> Pa
     fig.tight_layout()
     path = run_dir / "loss_curve.png"
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
