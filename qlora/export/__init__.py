@@ -1,0 +1,170 @@
+"""Export a trained adapter merged into its base: plain HF safetensors, NF4 (bitsandbytes layout) or GGUF.
+
+    from qlora.export import export_merged
+    export_merged("outputs/run/2025-01-01_00-00-00", "merged/")                  # bf16 HF checkpoint
+    export_merged(run, "merged-nf4/", format="nf4")                              # 4-bit again, error reported
+    export_merged(run, "merged-orig/", base="original", original="path/16bit")  # into W instead
+
+Everything is written into a temporary sibling directory and renamed into place at the end, so
+a failed export leaves nothing behind and never half-replaces an existing one.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from qlora.config import QuantConfig
+from qlora.export.merge import BASES, AdapterMismatchError, merge_to_hf_dir, parse_dtype_option, read_merge_record
+from qlora.export.source import AdapterSource, find_adapter_dir, resolve_source
+from qlora.models.saving import _move_into_place
+
+FORMATS = ("hf", "nf4", "gguf")
+GGUF_TYPES = ("f16", "bf16", "q8_0")
+
+__all__ = ["AdapterMismatchError", "AdapterSource", "FORMATS", "GGUF_TYPES", "export_merged", "find_adapter_dir",
+           "merge_to_hf_dir", "read_merge_record", "resolve_source"]
+
+
+def export_merged(
+    run_or_adapter_dir: str | Path,
+    out_dir: str | Path,
+    base: str = "dequantized",
+    original: Optional[str | Path] = None,
+    format: str = "hf",  # noqa: A002 (the CLI's key name)
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+    progress: bool = True,
+    gguf_type: str = "f16",
+) -> Path:
+    """Merge the adapter of a run (or an adapter directory) into its base and write it to `out_dir`.
+
+    base: "dequantized" (default) merges into dequant(NF4(W)), the weights training saw;
+        "original" into the 16-bit W (needs `original=<16-bit checkpoint>` if the base is pre-quantized).
+    format: "hf" (safetensors + config without quantization_config), "nf4" (the merged weights
+        re-quantized, bitsandbytes layout; the logit error this adds is measured and recorded) or
+        "gguf" (through qlora.export.gguf.write_gguf, `gguf_type` f16 | bf16 | q8_0).
+    dtype: bfloat16 | float16 | float32 | auto (each tensor keeps the base checkpoint's dtype).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r} is not one of {list(FORMATS)}")
+    if base not in BASES:
+        raise ValueError(f"base={base!r} is not one of {list(BASES)}")
+    if format == "gguf" and gguf_type not in GGUF_TYPES:
+        raise ValueError(f"gguf_type={gguf_type!r} is not one of {list(GGUF_TYPES)}")
+    parse_dtype_option(dtype)
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"out={out_dir} exists and is not a directory; choose another path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"out={out_dir} is not empty; pass overwrite=True (overwrite=true) to replace it, "
+                              "or choose another directory")
+    source = resolve_source(run_or_adapter_dir)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if format == "hf":
+            record = merge_to_hf_dir(source, staging, base, _str(original), dtype, max_shard_size, progress)
+        else:
+            record = _export_via_dense(source, staging, out_dir, base, _str(original), format, dtype,
+                                       max_shard_size, progress, gguf_type)
+        (staging / "README.md").write_text(_readme(record, format, gguf_type))
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if progress:
+        print(f"merged {record['merged_modules']} adapted modules into the {record['base']} base -> {out_dir}")
+        if "nf4_added_logit_error" in record:
+            err = record["nf4_added_logit_error"]
+            print(f"nf4 re-quantization adds a logit error of max {err['max_abs']:.4g}, mean {err['mean_abs']:.4g} "
+                  f"(logit std {err['reference_logit_std']:.4g}, top-1 agreement {err['top1_agreement']:.1%})")
+    return out_dir
+
+
+def _str(path) -> Optional[str]:
+    return None if path is None else str(path)
+
+
+def _export_via_dense(source, staging, out_dir, base, original, format, dtype, max_shard_size, progress, gguf_type):
+    """Merge into a temporary dense checkpoint next to out_dir, then convert it."""
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.merged.", dir=out_dir.parent))
+    try:
+        # GGUF conversion rounds once, from fp32; NF4 quantizes the merged 16-bit model the report compares with.
+        dense_dtype = "float32" if format == "gguf" else dtype
+        record = merge_to_hf_dir(source, work, base, original, dense_dtype, max_shard_size, progress)
+        if format == "gguf":
+            try:
+                from qlora.export.gguf import write_gguf
+            except ImportError as err:
+                raise RuntimeError(f"format='gguf' needs qlora.export.gguf.write_gguf, which could not be imported "
+                                   f"({err}); export format='hf' and convert with llama.cpp's "
+                                   "convert_hf_to_gguf.py instead") from err
+            path = write_gguf(work, staging / f"model-{gguf_type}.gguf", gguf_type=gguf_type)
+            record.update(format="gguf", gguf_type=gguf_type, gguf_file=Path(path).name)
+            (staging / "qlora_merge.json").write_text(json.dumps(record, indent=2) + "\n")
+        else:
+            from qlora.export.nf4 import added_logit_error, write_nf4
+
+            q = record["quantization"]
+            qconfig = QuantConfig(quant_type=q["quant_type"], double_quant=q["double_quant"], blocksize=q["blocksize"],
+                                  skip_modules=q["skip_modules"], compute_dtype=source.qconfig.compute_dtype)
+            dense = parse_dtype_option(dtype) or source.dense_dtype or torch.bfloat16
+            write_nf4(work, staging, qconfig, dense, progress)
+            record.update(format="nf4", nf4_added_logit_error=added_logit_error(work, staging))
+            _update_config_record(staging, record)
+        return record
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _update_config_record(directory: Path, record: dict) -> None:
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config["qlora_merge"] = record
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _readme(record: dict, format: str, gguf_type: str) -> str:
+    q = record["quantization"]
+    quant = (f"{q['quant_type']}, double quant {q['double_quant']}, blocksize {q['blocksize']}, "
+             f"dense modules {q['skip_modules']} (from the {record['quantization_from']})")
+    if record["base"] == "dequantized":
+        how = ("The adapter was merged into **dequant(NF4(W))**, the base weights exactly as training saw them: "
+               + ("the packed 4-bit tensors of the pre-quantized base were decoded in fp32"
+                  if record["base_prequantized"] else
+                  "each original tensor was re-quantized with the run's settings (bit-exact with training) and "
+                  "decoded in fp32") + f". Quantization: {quant}. This model computes what the 4-bit model with "
+               "the adapter computed, up to the output dtype's rounding.")
+    else:
+        how = ("The adapter was merged into the **original 16-bit weights** W (from "
+               f"`{record['weights_from']}`), not into the 4-bit weights it was trained against: the result "
+               "differs from the trained 4-bit model + adapter by the base's quantization error.")
+    lora = record["lora"]
+    lines = [
+        "# Merged QLoRA model", "",
+        f"Written by `qlora export` (format `{format}`).", "",
+        f"- base model: `{record['base_model']}`", f"- adapter: `{record['adapter']}`",
+        f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, rsLoRA={lora['use_rslora']}, DoRA={lora['use_dora']}; "
+        f"{record['merged_modules']} modules merged in fp32 with PEFT's own merge (W' = W + delta)",
+        f"- output dtype: {record['dtype']}", "", how, "",
+    ]
+    if format == "nf4":
+        err = record["nf4_added_logit_error"]
+        lines += [
+            "The merged weights were then **re-quantized** to NF4 (bitsandbytes layout; loads in qlora.load_model "
+            "and in transformers + bitsandbytes). That adds a second rounding error; measured in fp32 against the "
+            f"merged 16-bit model on {err['sequences']} fixed sequences of {err['sequence_length']} tokens: "
+            f"max |logit diff| {err['max_abs']:.4g}, mean {err['mean_abs']:.4g} (reference logit std "
+            f"{err['reference_logit_std']:.4g}; top-1 token agreement {err['top1_agreement']:.1%}).", "",
+        ]
+    if format == "gguf":
+        lines += [f"Converted to GGUF ({gguf_type}) from an fp32 merge: `{record['gguf_file']}`.", ""]
+    lines += ["The full record is `qlora_merge` in " + ("qlora_merge.json." if format == "gguf" else "config.json."), ""]
+    return "\n".join(lines)

@@ -1,0 +1,259 @@
+"""Merge a LoRA adapter into a dense copy of its base, streaming one tensor at a time.
+
+The adapter was trained against dequant(NF4(W)), not W: merging into W (or re-quantizing the
+merged weight) computes a different function. `base="dequantized"` rebuilds exactly the weights
+training saw (quantization is deterministic, so re-quantizing W with the run's QuantConfig gives
+the same bytes; a pre-quantized base is dequantized from its packed tensors), and adds PEFT's own
+delta to them in fp32. `base="original"` merges into the 16-bit W instead.
+
+Memory: each base tensor is read on its own (ShardReader), merged, cast and handed to a
+ShardWriter that writes a shard as soon as it is full; nothing else of the model is held.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from peft.utils.other import get_pattern_key
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, GenerationConfig
+
+from qlora.config import QuantConfig
+from qlora.export.source import AdapterSource
+from qlora.export.writer import ShardWriter
+from qlora.models.checkpoint import ShardReader, resolve_checkpoint
+from qlora.models.loading import _build_skeleton, _checkpoint_names, replace_linear_layers
+from qlora.models.saving import _TOKENIZER_FILES, parse_size
+from qlora.quant import QuantState, dequantize_4bit, quantize_4bit
+
+BASES = ("dequantized", "original")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": None}
+_PEFT_PREFIX = "base_model.model."
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter was not trained on this base (module names or shapes differ)."""
+
+
+def parse_dtype_option(dtype: str | torch.dtype | None) -> Optional[torch.dtype]:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype or "auto").removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {list(DTYPES)} "
+                         "(auto keeps each tensor's dtype in the base checkpoint)")
+    return DTYPES[name]
+
+
+def read_adapter(adapter_dir: Path) -> tuple[LoraConfig, dict[str, dict[str, torch.Tensor]]]:
+    """The adapter's config and its tensors grouped by module: {module: {lora_A, lora_B, ...}}."""
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors; re-save the adapter with "
+                                "save_pretrained(safe_serialization=True)")
+    parts = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "B_bias", "lora_magnitude_vector": "magnitude",
+             "lora_magnitude_vector.weight": "magnitude"}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(weights)).items():
+        name = key.removeprefix(_PEFT_PREFIX)
+        for suffix, part in parts.items():
+            if name.endswith("." + suffix):
+                modules.setdefault(name[: -len(suffix) - 1], {})[part] = tensor
+                break
+        else:
+            raise NotImplementedError(
+                f"adapter tensor {key!r} is not a LoRA A/B/magnitude weight of a linear layer (modules_to_save, "
+                "trainable biases and embedding adapters are not merged by qlora); train without them to export"
+            )
+    for module, part in modules.items():
+        if "A" not in part or "B" not in part:
+            raise ValueError(f"{weights}: module {module} has lora_A or lora_B but not both; the file is damaged")
+    return config, modules
+
+
+def _peft_merged_weight(weight: torch.Tensor, bias: Optional[torch.Tensor], parts: dict, config: LoraConfig,
+                        module: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """W + delta (and b + delta_b) as PEFT's own LoRA layer merges them, in fp32.
+
+    A one-layer PEFT lora.Linear is built around the weight and its merge() is called, so the
+    scaling (alpha/r, alpha/sqrt(r) with rsLoRA, rank/alpha patterns) and DoRA's magnitude
+    rescaling are PEFT's code, not a copy of it.
+    """
+    r = parts["A"].shape[0]
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.clone(), requires_grad=False)
+    layer_config = copy.copy(config)
+    layer_config.lora_dropout = 0.0
+    layer_config.init_lora_weights = False  # overwritten below; skip PEFT's random init
+    layer = PeftLoraLinear(linear, "default", config=layer_config, r=r, lora_alpha=alpha)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(parts["A"].float())
+        layer.lora_B["default"].weight.copy_(parts["B"].float())
+        if "B_bias" in parts:
+            layer.lora_B["default"].bias.copy_(parts["B_bias"].float())
+        if "magnitude" in parts:
+            layer.lora_magnitude_vector["default"].weight.copy_(parts["magnitude"].float().reshape(-1))
+    layer.merge(adapter_names=["default"])
+    merged = layer.get_base_layer()
+    return merged.weight.detach(), None if bias is None else merged.bias.detach()
+
+
+def _check_adapter_matches(skeleton: nn.Module, modules: dict, base_name: str, adapter_dir: Path) -> None:
+    available = dict(skeleton.named_modules())
+    for module, parts in modules.items():
+        layer = available.get(module)
+        if layer is None or not hasattr(layer, "in_features"):
+            raise AdapterMismatchError(
+                f"the adapter in {adapter_dir} adapts {module!r}, which is not a linear layer of the base "
+                f"{base_name}; the adapter was trained on another model: pass the run's own base checkpoint")
+        expected_a, expected_b = (parts["A"].shape[0], layer.in_features), (layer.out_features, parts["A"].shape[0])
+        if tuple(parts["A"].shape) != expected_a or tuple(parts["B"].shape) != expected_b:
+            raise AdapterMismatchError(
+                f"adapter module {module!r} has lora_A {list(parts['A'].shape)} and lora_B {list(parts['B'].shape)}, "
+                f"but the base {base_name} has a [{layer.out_features}, {layer.in_features}] weight there; the adapter "
+                "was trained on another model: pass the run's own base checkpoint")
+
+
+def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequantized", original: Optional[str] = None,
+                    dtype: str = "bfloat16", max_shard_size: int | str = "5GB", progress: bool = True) -> dict:
+    """Write the merged model (weights, config, generation config, tokenizer) into `directory`.
+
+    Returns the record of what was merged into what (also stored in config.json as `qlora_merge`).
+    """
+    if base not in BASES:
+        raise ValueError(f"base={base!r} is not one of {list(BASES)}: 'dequantized' merges into dequant(NF4(W)) as "
+                         "training saw it, 'original' into the 16-bit weights")
+    out_dtype = parse_dtype_option(dtype)
+    base_dir = resolve_checkpoint(source.base, source.revision)
+    base_config = AutoConfig.from_pretrained(base_dir, trust_remote_code=source.trust_remote_code)
+    saved_q = getattr(base_config, "quantization_config", None)
+    prequantized = saved_q is not None
+    if base == "original":
+        if original is None and prequantized:
+            raise ValueError(f"base='original' needs the 16-bit weights, but the base {source.base} is pre-quantized "
+                             "(its config.json has a quantization_config); pass original=<path to the 16-bit "
+                             "checkpoint>, or use base='dequantized'")
+        weights_dir = resolve_checkpoint(original) if original is not None else base_dir
+        if getattr(AutoConfig.from_pretrained(weights_dir, trust_remote_code=source.trust_remote_code),
+                   "quantization_config", None) is not None:
+            raise ValueError(f"original={original!r} is itself a 4-bit checkpoint; pass the 16-bit one")
+    else:
+        if original is not None:
+            raise ValueError("original=<path> applies to base='original' only; drop it or set base='original'")
+        weights_dir = base_dir
+    qconfig = QuantConfig.from_any(saved_q.to_dict() if hasattr(saved_q, "to_dict") else saved_q) \
+        if prequantized else source.qconfig
+    dequantize_base = base == "dequantized"
+    read_packed = dequantize_base and prequantized
+
+    lora_config, modules = read_adapter(source.adapter_dir)
+    if lora_config.use_dora and lora_config.lora_bias:
+        raise NotImplementedError("DoRA adapters with lora_bias=True are not supported by the merge")
+    skeleton = _build_skeleton(base_config, torch.float32, source.trust_remote_code)
+    _check_adapter_matches(skeleton, modules, source.base, source.adapter_dir)
+    tied = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)} - {n for n, _ in skeleton.named_parameters()}
+    output_names = [n for n in skeleton.state_dict() if n not in tied]
+    # Which linears training held in 4 bits: the same rule load_model applies (head and skip_modules stay dense).
+    quantized = set(replace_linear_layers(skeleton, qconfig)) if dequantize_base else set()
+
+    record = {
+        "base": base, "base_model": str(source.base), "weights_from": str(weights_dir), "adapter": str(source.adapter_dir),
+        # How training quantized the base (used to rebuild it for base="dequantized", and by format="nf4").
+        "base_prequantized": prequantized, "quantization": _qconfig_record(qconfig),
+        "quantization_from": "base checkpoint" if prequantized else "run config.yaml" if source.qconfig_known
+                             else "defaults (no run config found)",
+        "lora": {"r": lora_config.r, "alpha": lora_config.lora_alpha, "use_rslora": lora_config.use_rslora,
+                 "use_dora": lora_config.use_dora},
+        "merged_modules": len(modules), "merge_dtype": "float32",
+        "dtype": "auto" if out_dtype is None else str(out_dtype).removeprefix("torch."),
+    }
+    writer = ShardWriter(directory, parse_size(max_shard_size))
+    with ShardReader(weights_dir) as reader:
+        names = _checkpoint_names(skeleton, reader)
+        bar = tqdm(total=len(output_names), desc="merging", unit="tensor", disable=not progress)
+        for name in output_names:
+            key = names.get(name)
+            if key is None:
+                if name in dict(skeleton.named_parameters()):
+                    raise ValueError(f"the base checkpoint {weights_dir} has no tensor for {name}; it is incomplete "
+                                     "or belongs to another architecture")
+                bar.update()
+                continue  # a persistent buffer the checkpoint does not carry: from_pretrained rebuilds it
+            # One function call per tensor: its locals (the dense read, the fp32 copy) die on return.
+            writer.add(name, _merged_tensor(name, key, reader, modules, quantized, qconfig, read_packed,
+                                            lora_config, out_dtype))
+            bar.update()
+        bar.close()
+    writer.close()
+    record["peak_shard_bytes"] = writer.peak_pending_bytes
+    _write_config(base_config, directory, out_dtype, record)
+    _copy_side_files(source, base_dir, directory, base_config)
+    return record
+
+
+def _merged_tensor(name, key, reader, modules, quantized, qconfig, read_packed, lora_config, out_dtype) -> torch.Tensor:
+    module, _, attr = name.rpartition(".")
+    if read_packed and f"{key}.absmax" in reader:
+        pieces = {k[len(key) + 1:]: reader.get(k) for k in reader.with_prefix(key + ".")}
+        state = QuantState.from_dict(pieces, where=key)
+        source_dtype = state.dtype
+        tensor = dequantize_4bit(reader.get(key), state, torch.float32)
+    else:
+        tensor = reader.get(key)
+        source_dtype = tensor.dtype
+        if module in quantized and attr == "weight":
+            # Bit-exact with what load_model built for training, then decoded in fp32.
+            packed, state = quantize_4bit(tensor, qconfig.quant_type, qconfig.blocksize, qconfig.double_quant)
+            tensor = dequantize_4bit(packed, state, torch.float32)
+    parts = modules.get(module)
+    if parts is not None and attr == "weight":
+        tensor, _ = _peft_merged_weight(tensor.float(), None, parts, lora_config, module)
+    elif parts is not None and attr == "bias" and "B_bias" in parts:
+        # lora_bias=True: PEFT's merge adds lora_B.bias * scaling to the base bias.
+        weight_shape = (parts["B"].shape[0], parts["A"].shape[1])
+        _, tensor = _peft_merged_weight(torch.zeros(weight_shape), tensor.float(), parts, lora_config, module)
+    return tensor.to(out_dtype or source_dtype)
+
+
+def _qconfig_record(qconfig: QuantConfig) -> dict:
+    return {"quant_type": qconfig.quant_type, "double_quant": qconfig.double_quant, "blocksize": qconfig.blocksize,
+            "skip_modules": list(qconfig.skip_modules)}
+
+
+def _write_config(base_config, directory: Path, out_dtype, record: dict) -> None:
+    config = copy.deepcopy(base_config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the merged model is plain dense weights
+    if out_dtype is not None:
+        config.dtype = out_dtype
+    config.qlora_merge = record
+    config.save_pretrained(directory)
+
+
+def _copy_side_files(source: AdapterSource, base_dir: Path, directory: Path, base_config) -> None:
+    """Tokenizer (the run's own copy in the adapter dir first: it may set a pad token) and generation config."""
+    tokenizer_dir = source.adapter_dir if (source.adapter_dir / "tokenizer_config.json").is_file() else base_dir
+    for name in _TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, directory / name)
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copy2(base_dir / "generation_config.json", directory / "generation_config.json")
+    else:
+        GenerationConfig.from_model_config(base_config).save_pretrained(directory)
+
+
+def read_merge_record(directory: Path) -> dict:
+    return json.loads((Path(directory) / "config.json").read_text()).get("qlora_merge", {})
