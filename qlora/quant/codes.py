@@ -1,4 +1,4 @@
-"""The code books of the bitsandbytes 4-bit format (DESIGN.md §2).
+"""The code books of the bitsandbytes 4-bit format.
 
 The values are part of the on-disk format: checkpoints store them as `quant_map` /
 `nested_quant_map`, and the tests pin them against bitsandbytes and golden bytes.

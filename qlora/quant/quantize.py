@@ -1,4 +1,4 @@
-"""Blockwise 4-bit quantization in the bitsandbytes format (DESIGN.md §2), pure PyTorch, vectorised.
+"""Blockwise 4-bit quantization in the bitsandbytes format, pure PyTorch, vectorised.
 
 `quantize_4bit` / `dequantize_4bit` keep bitsandbytes' functional names so migrating code reads
 the same. The arithmetic mirrors bitsandbytes' CPU backend operation by operation, because the
