@@ -114,7 +114,6 @@ def load_for_generation(path: str, device: str):
     """(model, tokenizer) from a merged dir, a 4-bit dir or a run/adapter dir."""
     import json
 
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import qlora

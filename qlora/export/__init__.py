@@ -21,7 +21,7 @@ import torch
 from qlora.config import QuantConfig
 from qlora.export.merge import BASES, AdapterMismatchError, merge_to_hf_dir, parse_dtype_option, read_merge_record
 from qlora.export.source import AdapterSource, find_adapter_dir, resolve_source
-from qlora.models.saving import _move_into_place
+from qlora.staging import staged_directory
 
 FORMATS = ("hf", "nf4", "gguf")
 GGUF_TYPES = ("f16", "bf16", "q8_0")
@@ -66,19 +66,13 @@ def export_merged(
                               "or choose another directory")
     source = resolve_source(run_or_adapter_dir)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         if format == "hf":
             record = merge_to_hf_dir(source, staging, base, _str(original), dtype, max_shard_size, progress)
         else:
             record = _export_via_dense(source, staging, out_dir, base, _str(original), format, dtype,
                                        max_shard_size, progress, gguf_type)
         (staging / "README.md").write_text(_readme(record, format, gguf_type))
-        _move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if progress:
         print(f"merged {record['merged_modules']} adapted modules into the {record['base']} base -> {out_dir}")
         if "nf4_added_logit_error" in record:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -19,6 +17,7 @@ from transformers import PreTrainedModel
 from qlora.config import QuantConfig
 from qlora.models.checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from qlora.nn import Linear4bit
+from qlora.staging import staged_directory
 
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
 
@@ -59,16 +58,10 @@ def save_model(
     if not quantized:
         raise ValueError("the model has no qlora 4-bit layers; load it with qlora.load_model first")
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with staged_directory(output_dir) as staging:
         _write_weights(model, staging, limit)
         _write_config(model, quantized[0], staging)
         _write_tokenizer(model, tokenizer, staging)
-        _move_into_place(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 
@@ -144,13 +137,3 @@ def _write_tokenizer(model, tokenizer, directory: Path) -> None:
             if (source / name).is_file():
                 shutil.copy2(source / name, directory / name)
 
-
-def _move_into_place(staging: Path, output_dir: Path) -> None:
-    if output_dir.exists():
-        # Swap: the old contents are removed only once the new ones are in place.
-        retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
-        os.replace(output_dir, retired / "contents")
-        os.replace(staging, output_dir)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, output_dir)
