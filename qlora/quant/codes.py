@@ -60,25 +60,31 @@ def quantize_bounds(quant_type: str, device: torch.device | str) -> tuple[torch.
 
 
 @functools.lru_cache(maxsize=None)
-def _dynamic_map_cpu() -> torch.Tensor:
-    # bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): for each
-    # decimal exponent e in -6..0, 2**(e+6) fp32 midpoints of linspace(0.1, 1), scaled by 10**e, both
-    # signs; plus 0 and 1.0. The arithmetic (fp32 linspace and scaling) is part of the format.
+def _dynamic_map_cpu(signed: bool = True) -> torch.Tensor:
+    # bitsandbytes' create_dynamic_map(signed, max_exponent_bits=7, total_bits=8): for each decimal
+    # exponent e in -6..0, fp32 midpoints of linspace(0.1, 1) scaled by 10**e (2**(e+6) of them per
+    # sign when signed, 2**(e+7) positive ones when not); plus 0 and 1.0. The arithmetic (fp32
+    # linspace and scaling) is part of the format.
     values: list[float] = []
     max_exponent_bits, non_sign_bits = 7, 7
     for i in range(max_exponent_bits):
-        items = 2 ** (i + non_sign_bits - max_exponent_bits) + 1
+        items = 2 ** (i + non_sign_bits - max_exponent_bits + (0 if signed else 1)) + 1
         boundaries = torch.linspace(0.1, 1, items, dtype=torch.float32)
         means = (boundaries[:-1] + boundaries[1:]) / 2.0
         scale = 10 ** (-(max_exponent_bits - 1) + i)
         values += (scale * means).tolist()
-        values += (-scale * means).tolist()
+        if signed:
+            values += (-scale * means).tolist()
     values += [0.0, 1.0]
     assert len(values) == 256
     values.sort()
     return torch.tensor(values, dtype=torch.float32)
 
 
-def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic code (256 sorted fp32 values), used for double quantization."""
-    return _dynamic_map_cpu().to(device)
+def dynamic_map(device: torch.device | str = "cpu", signed: bool = True) -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic code (256 sorted fp32 values).
+
+    The signed map double-quantizes the 4-bit absmax and holds the 8-bit optimizers' first moment;
+    the unsigned one (all 256 codes on [0, 1]) holds their second moment, which is never negative.
+    """
+    return _dynamic_map_cpu(signed).to(device)
