@@ -2,12 +2,14 @@
 
 `reference` holds the pure-PyTorch twins (the CPU path and the test oracle); `linear_4bit` is the
 frozen-weight 4-bit linear with autograd; `ops` registers the custom ops qlora::dequantize_4bit and
-qlora::matmul_4bit and holds the dispatch rule. The Triton modules (dequantize, matmul, gemv) are
-imported on first use, so the CPU path never imports triton, and a process that sets
-TRITON_INTERPRET=1 before that first use gets interpreted kernels.
+qlora::matmul_4bit and holds the dispatch rule; `adamw8bit_update_` is the fused 8-bit AdamW step
+(optim.py). The Triton modules (dequantize, matmul, gemv, adamw8bit) are imported on first use,
+so the CPU path never imports triton, and a process that sets TRITON_INTERPRET=1 before that
+first use gets interpreted kernels.
 """
 from qlora.kernels import ops, reference
 from qlora.kernels.backend import get_backend, set_backend
 from qlora.kernels.linear import Linear4bitFunction, linear_4bit
+from qlora.kernels.optim import adamw8bit_update_
 
-__all__ = ["Linear4bitFunction", "get_backend", "linear_4bit", "ops", "reference", "set_backend"]
+__all__ = ["Linear4bitFunction", "adamw8bit_update_", "get_backend", "linear_4bit", "ops", "reference", "set_backend"]

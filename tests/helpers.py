@@ -2,6 +2,10 @@
 the repository root, whose kernels/ folder would shadow Hugging Face's `kernels` package."""
 import importlib.util
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,3 +25,22 @@ def rel_err(a, b) -> float:
     """||a - b|| / ||b||, in fp64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
+
+
+def run_interpreter_child(test_file) -> None:
+    """Run the `test_interp_*` tests of `test_file` in a child pytest with TRITON_INTERPRET=1.
+
+    The interpreter is chosen when a kernel is decorated, from TRITON_INTERPRET at that moment, so
+    it needs a fresh process; the parent's suite never sees interpreter mode. Fails if any child
+    test fails or is skipped.
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("QLORA_BACKEND", None)
+    # cwd = tests/: `python -m pytest` puts cwd on sys.path, and the repository root's kernels/
+    # folder must not shadow Hugging Face's `kernels` package.
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), "-k", "interp_"],
+        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]

@@ -11,9 +11,6 @@ Three kinds of test live here:
 - `test_gpu_*`: real sizes in bf16/fp16 on CUDA, skipped without it.
 """
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ import torch
 import qlora
 from qlora.kernels import linear_4bit, ops, reference, set_backend
 from qlora.kernels.backend import use_triton
-from helpers import rel_err
+from helpers import rel_err, run_interpreter_child
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child (test_triton_kernels_in_interpreter)")
@@ -56,16 +53,7 @@ def nan_like(shape, dtype, device="cpu"):
 # ---- the interpreter child ----------------------------------------------------------------------
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run itself")
 def test_triton_kernels_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("QLORA_BACKEND", None)
-    # cwd = tests/: `python -m pytest` puts cwd on sys.path, and the repository root's kernels/
-    # folder must not shadow Hugging Face's `kernels` package.
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_"],
-        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and " skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
+    run_interpreter_child(__file__)
 
 
 # ---- dequantize ---------------------------------------------------------------------------------
