@@ -115,3 +115,29 @@ def test_nan_loss_stops_and_keeps_checkpoint(assets, tmp_path):
     for checkpoint in (run_dir / "checkpoints").glob("step-*"):
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         assert all(torch.isfinite(torch.tensor(h["loss"])) for h in state["history"])
+
+
+def test_memory_options_train_like_the_plain_loop(assets, tmp_path):
+    from qlora.train.run import run
+
+    common = {"trainer.gradient_checkpointing": "true", "trainer.max_steps": 4, "trainer.save_every": 0}
+    plain, options = tmp_path / "plain", tmp_path / "options"
+    run(compose_run(assets, plain, **common), run_dir=plain)
+    run(compose_run(assets, options, **common, **{"trainer.chunked_loss": "true", "trainer.loss_chunk_size": 8,
+                                                 "trainer.activation_offload": "true"}), run_dir=options)
+    expected, got = losses(plain), losses(options)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_8bit_optimizer_run_saves_8bit_states(assets, tmp_path):
+    from qlora.train.run import run
+
+    run_dir = tmp_path / "run"
+    # min_8bit_size=0: the tiny model's adapters (4 x 64) are far below the default 4096.
+    run(compose_run(assets, run_dir, optimizer="paged_adamw_8bit", **{"optimizer.min_8bit_size": 0,
+                                                                        "trainer.max_steps": 4}), run_dir=run_dir)
+    state = torch.load(run_dir / "checkpoints" / "step-000004" / "optimizer.pt", weights_only=False)["state"]
+    assert state and all(s["exp_avg"].dtype == torch.uint8 and "exp_avg_sq_absmax" in s for s in state.values())
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in losses(run_dir).values())

@@ -3,28 +3,16 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from typing import Optional
 
 import torch
 
-
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over supervised positions, and their count.
-
-    Computed here rather than by the model so that gradient accumulation can normalize by the
-    supervised tokens of the whole optimizer step, not per micro-batch mean.
-    """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
-    labels = batch["labels"][:, 1:]
-    shifted = logits[:, :-1].float()
-    loss = torch.nn.functional.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss, int((labels != -100).sum())
+from qlora.train.loss import token_loss_sum
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, max_batches: int = 0, autocast=nullcontext) -> dict:
+def evaluate_loss(model, loader, max_batches: int = 0, autocast=nullcontext, chunked: bool = False,
+                  chunk_size: Optional[int] = None) -> dict:
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -32,7 +20,7 @@ def evaluate_loss(model, loader, max_batches: int = 0, autocast=nullcontext) -> 
         if max_batches and i >= max_batches:
             break
         with autocast():
-            loss, count = token_loss_sum(model, batch)
+            loss, count = token_loss_sum(model, batch, chunked, chunk_size)
         total += loss.item()
         tokens += count
     model.train(was_training)

@@ -73,6 +73,12 @@ class TrainerConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (autocast through accelerate)
     gradient_checkpointing: bool = False  # non-reentrant
+    # Checkpointed decoder layers' inputs go to pinned host memory on a side stream and come back one
+    # layer ahead of their recompute (needs gradient_checkpointing; CUDA only: nothing to do on CPU).
+    activation_offload: bool = False
+    # LM head + loss a chunk of tokens at a time: the [tokens, vocab] logits are never materialized.
+    chunked_loss: bool = False
+    loss_chunk_size: Optional[int] = None  # tokens per chunk; null = PyTorch's heuristic
     eval_every: int = 50  # steps; 0 = only at the end
     eval_batches: int = 0  # eval batches per evaluation; 0 = the whole eval set
     eval_samples: int = 3  # generated samples written to the log at each evaluation
@@ -161,6 +167,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.trainer.activation_offload and not cfg.trainer.gradient_checkpointing:
+        raise ConfigError("trainer.activation_offload=true offloads the inputs of checkpointed layers and needs "
+                          "trainer.gradient_checkpointing=true; set it, or set trainer.activation_offload=false")
+    if cfg.trainer.loss_chunk_size is not None and cfg.trainer.loss_chunk_size <= 0:
+        raise ConfigError(f"trainer.loss_chunk_size must be > 0 or null, got {cfg.trainer.loss_chunk_size}")
     for key in ("optimizer", "scheduler", "data.format"):
         node = _get(cfg, key)
         if not isinstance(node, DictConfig) or "_target_" not in node:

@@ -12,7 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 from qlora.train import checkpoint as ckpt
-from qlora.train.evaluation import evaluate_loss, exact_match, generate, token_loss_sum
+from qlora.train.evaluation import evaluate_loss, exact_match, generate
+from qlora.train.loss import check_chunked_loss, token_loss_sum
+from qlora.train.offload import ActivationOffloader
 
 log = logging.getLogger("qlora.train")
 
@@ -56,6 +58,15 @@ class Trainer:
         self.train_data, self.eval_data, self.collator = train_data, eval_data, collator
         self.optimizer, self.scheduler, self.metrics = optimizer, scheduler, metrics
         self.state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "history": []}
+        if self.t.chunked_loss:
+            check_chunked_loss(model)
+        self.offloader = None
+        if self.t.activation_offload:
+            if accelerator.device.type == "cuda":
+                self.offloader = ActivationOffloader(model)
+            else:
+                log.info("trainer.activation_offload: the model is on %s, where activations already live in host "
+                         "memory; nothing to offload", accelerator.device.type)
 
     # ---- data ---------------------------------------------------------------------------------
     def _loader(self, dataset, sampler=None):
@@ -80,7 +91,8 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         results = {}
         if self.eval_data is not None and len(self.eval_data):
-            results = evaluate_loss(self.model, self._loader(self.eval_data), self.t.eval_batches, self.accelerator.autocast)
+            results = evaluate_loss(self.model, self._loader(self.eval_data), self.t.eval_batches, self.accelerator.autocast,
+                                    self.t.chunked_loss, self.t.loss_chunk_size)
             samples = [self.eval_data[i] for i in range(min(self.t.eval_samples, len(self.eval_data)))]
             if samples:
                 outputs = generate(self.model, self.tokenizer, [s["prompt"] for s in samples], self.t.max_new_tokens)
@@ -131,8 +143,8 @@ class Trainer:
                 # The step's loss is the sum over all its supervised tokens / their count, so
                 # every token weighs the same whatever micro-batch it fell in.
                 sync = acc.no_sync(self.model) if i < len(micro) - 1 else nullcontext()
-                with sync, acc.autocast():
-                    loss_sum, _ = token_loss_sum(self.model, batch)
+                with sync, acc.autocast(), self.offloader or nullcontext():
+                    loss_sum, _ = token_loss_sum(self.model, batch, t.chunked_loss, t.loss_chunk_size)
                 acc.backward(loss_sum / max(supervised, 1))
                 loss_total += loss_sum.item()
             loss = loss_total / max(supervised, 1)
