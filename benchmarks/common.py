@@ -1,9 +1,14 @@
 """Shared bits of the benchmark scripts: timing, environment description, results files."""
 from __future__ import annotations
 
+import gc
 import json
+import os
 import platform
+import resource
 import statistics
+import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -41,11 +46,30 @@ def device_name() -> str:
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
 
 
-def write_results(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_results(name: str, payload: dict, path: Path | None = None) -> Path:
+    """Write benchmarks/results/<name>.json, or `path` when given."""
+    path = Path(path) if path else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes (VmHWM). Not ru_maxrss: that survives exec, so a
+    child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart VmHWM from the current RSS (Linux >= 4.0), so that a peak covers one phase only."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
@@ -54,3 +78,68 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join("-" * widths[c] for c in columns))
     for row in rows:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def release_host_memory() -> None:
+    """Give freed heap memory back to the system (glibc keeps it otherwise), so that the next RSS
+    peak measures what comes next, not what earlier work left cached."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class ForkedProcess:
+    """fn(*args) in a forked copy of this process, with the parts of subprocess.Popen a runner uses
+    (stdout lines, wait, kill, returncode). For measuring in a fresh process without paying the
+    imports again; never for a process that has initialized CUDA."""
+
+    _open_pipes: set[int] = set()  # read ends a later child must not inherit (EOF would never come)
+    _lock = threading.Lock()
+
+    def __init__(self, fn, *args, stderr=None):
+        with ForkedProcess._lock:
+            read, write = os.pipe()
+            self.pid, self.returncode = os.fork(), None
+            if self.pid:
+                os.close(write)
+                ForkedProcess._open_pipes.add(read)
+        if self.pid == 0:
+            code = 1
+            try:
+                for fd in ForkedProcess._open_pipes | {read}:
+                    os.close(fd)
+                os.dup2(write, 1)
+                if stderr is not None:
+                    os.dup2(stderr.fileno(), 2)
+                sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+                reset_peak_rss()  # the peak starts from what the child inherits, not from the parent's past
+                fn(*args)
+                code = 0
+            except BaseException:  # noqa: BLE001 (reported through the exit status and stderr)
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.stdout = os.fdopen(read, "r")
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            with ForkedProcess._lock:
+                ForkedProcess._open_pipes.discard(self.stdout.fileno())
+                self.stdout.close()
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, 9)
+            except ProcessLookupError:
+                pass
