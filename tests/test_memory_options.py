@@ -58,20 +58,45 @@ def test_offloaded_layer_inputs_give_identical_losses_and_gradients(checkpoint):
     offloader = ActivationOffloader(model, min_bytes=0, force=True)
     offloaded_loss, _, offloaded_grads = loss_and_grads(model, inputs, offloader)
     # One host copy per decoder layer input: the embeddings' output and each layer's but the last.
-    assert len(offloader.offloaded) == model.config.num_hidden_layers
+    assert offloader.offloaded_count == model.config.num_hidden_layers
     assert torch.equal(offloaded_loss, loss)
     for name in grads:
         assert torch.equal(offloaded_grads[name], grads[name]), name
+
+
+def test_host_chunks_are_reused_only_once_no_graph_needs_them(checkpoint):
+    model = lora_model(checkpoint)
+    first, second = batch(), batch()
+    expected = [loss_and_grads(model, inputs) for inputs in (first, second)]
+    offloader = ActivationOffloader(model, min_bytes=0, force=True)
+    loss_and_grads(model, first, offloader)
+    chunks = list(offloader.host_chunks.chunks)
+    loss_and_grads(model, first, offloader)  # the first graph is gone: same chunks
+    assert [c.data_ptr() for c in offloader.host_chunks.chunks] == [c.data_ptr() for c in chunks]
+    # Two forwards before either backward: the second must not overwrite the first's copies.
+    results = []
+    for inputs in (first, second):
+        torch.manual_seed(1)
+        with offloader:
+            results.append(token_loss_sum(model, inputs)[0])
+    assert len(offloader.host_chunks.chunks) == 2 * len(chunks)
+    for (loss, _, grads), result in zip(expected, results):
+        result.backward()
+        assert torch.equal(result.detach(), loss)
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                assert torch.equal(param.grad, grads[name]), name
+        model.zero_grad(set_to_none=True)
 
 
 def test_small_tensors_and_cpu_tensors_stay_put(checkpoint):
     model = lora_model(checkpoint)
     big_threshold = ActivationOffloader(model, min_bytes=1 << 30, force=True)
     loss_and_grads(model, batch(), big_threshold)
-    assert big_threshold.offloaded == []
+    assert big_threshold.offloaded_count == 0
     not_forced = ActivationOffloader(model, min_bytes=0)
     loss_and_grads(model, batch(), not_forced)
-    assert not_forced.offloaded == []  # already in host memory
+    assert not_forced.offloaded_count == 0  # already in host memory
 
 
 def test_offload_needs_checkpointing_in_the_recipe():
@@ -131,8 +156,8 @@ def test_gpu_offload_and_chunked_loss_match_plain_checkpointing_with_less_memory
     loss, _, grads = loss_and_grads(model, inputs)
     offloader = ActivationOffloader(model, min_bytes=0)
     offloaded_loss, _, offloaded_grads = loss_and_grads(model, inputs, offloader, chunked=True)
-    assert len(offloader.offloaded) == model.config.num_hidden_layers
-    assert all(o.host.is_pinned() for o in offloader.offloaded)
+    assert offloader.offloaded_count == model.config.num_hidden_layers
+    assert all(chunk.is_pinned() for chunk in offloader.host_chunks.chunks)
     assert rel_err(offloaded_loss, loss) < 1e-6
     for name in grads:
         assert rel_err(offloaded_grads[name], grads[name]) < 1e-5, name

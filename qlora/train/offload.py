@@ -8,7 +8,8 @@ tokens). Inside `with ActivationOffloader(model):` those saves go through pack/u
 layer input to pinned host memory on a side stream during the forward, and copy it back on the
 same side stream during the backward, one layer ahead of the recompute that needs it, so the
 copies overlap compute. Tensors under `min_bytes`, and every tensor that is not a layer input,
-stay on the device. The values are copied bit for bit: losses and gradients are unchanged.
+stay on the device. The values are copied bit for bit: losses and gradients are unchanged. The
+host buffers are page-locked once, at their exact size, and reused by every later step.
 """
 from __future__ import annotations
 
@@ -34,15 +35,56 @@ def _first_tensor(output) -> Optional[torch.Tensor]:
     return getattr(output, "last_hidden_state", None)
 
 
+class HostChunks:
+    """Host buffers for the tensors one forward offloads, handed out in order and reused, chunk i
+    for the i-th tensor, by every later forward (whose shapes repeat).
+
+    A chunk is page-locked at its exact size with cudaHostRegister rather than taken from torch's
+    pinned allocator, which rounds every block up to a power of two: a 2.8 GB layer input (342k
+    tokens x 4096 x 2 bytes) would take 4 GB, and 32 of them more than a 128 GB host has.
+    """
+
+    def __init__(self, pin: bool):
+        self.pin, self.chunks, self.cursor = pin, [], 0
+
+    def start(self) -> None:
+        self.cursor = 0
+
+    def take(self, nbytes: int, stream: Optional[torch.cuda.Stream]) -> torch.Tensor:
+        index, self.cursor = self.cursor, self.cursor + 1
+        if index < len(self.chunks) and self.chunks[index].numel() >= nbytes:
+            return self.chunks[index][:nbytes]
+        if stream is not None and index < len(self.chunks):
+            stream.synchronize()  # the chunk being replaced may still be read by a queued copy
+        chunk = self._allocate(nbytes)
+        self.chunks[index:index + 1] = [chunk]
+        return chunk
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        chunk = torch.empty(nbytes, dtype=torch.uint8)
+        if not self.pin:
+            return chunk
+        try:
+            cudart = torch.cuda.cudart()
+            registered = int(cudart.cudaHostRegister(chunk.data_ptr(), nbytes, 0)) == 0
+        except (AttributeError, RuntimeError):
+            registered = False
+        if not registered:
+            # Registration can fail (locked-memory limits): torch's pinned allocator still works.
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        weakref.finalize(chunk, cudart.cudaHostUnregister, chunk.data_ptr())
+        return chunk
+
+
 class _Offloaded:
     """One tensor in host memory, and its way back to the device."""
 
-    def __init__(self, tensor: torch.Tensor, stream: Optional[torch.cuda.Stream]):
+    def __init__(self, tensor: torch.Tensor, host: torch.Tensor, stream: Optional[torch.cuda.Stream]):
         self.device, self.stream, self.on_device = tensor.device, stream, None
-        if stream is None:  # forced on CPU: a copy, to exercise the same bookkeeping
-            self.host = tensor.detach().clone()
+        self.host = host.view(tensor.dtype).view(tensor.shape)
+        if stream is None:  # forced on CPU: a plain copy, to exercise the same bookkeeping
+            self.host.copy_(tensor.detach())
             return
-        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         stream.wait_stream(torch.cuda.current_stream(self.device))  # the tensor is written on the compute stream
         with torch.cuda.stream(stream):
             self.host.copy_(tensor, non_blocking=True)
@@ -62,7 +104,7 @@ class _Offloaded:
 
     def fetch(self) -> torch.Tensor:
         if self.stream is None:
-            return self.host
+            return self.host.clone()  # the chunk is reused by the next forward
         self.prefetch()
         tensor, ready = self.on_device
         self.on_device = None  # a second unpack copies again rather than pinning device memory
@@ -88,10 +130,14 @@ class ActivationOffloader:
                              "whose inputs could be offloaded; set trainer.activation_offload=false")
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.min_bytes, self.force = min_bytes, force
-        self.offloaded: list[_Offloaded] = []
+        # Weak: the autograd graphs own the host copies; one still alive means its graph is too.
+        self._offloaded: list[weakref.ref] = []  # this forward's, in order
+        self._alive: weakref.WeakSet = weakref.WeakSet()  # every forward's
+        self.offloaded_count = self.offloaded_bytes = 0  # of the last forward
         self._inputs: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._by_id: dict[int, _Offloaded] = {}
         self._stream: Optional[torch.cuda.Stream] = None
+        self.host_chunks: Optional[HostChunks] = None
         self._hooks = None
         # A layer's input is the embeddings' output or the previous layer's output; the last
         # layer's output feeds the final norm right before the backward starts, so it stays.
@@ -121,10 +167,17 @@ class ActivationOffloader:
             return tensor
         if id(tensor) in self._by_id:  # saved twice in one forward: one host copy
             return self._by_id[id(tensor)]
-        if tensor.device.type == "cuda" and self._stream is None:
+        on_cuda = tensor.device.type == "cuda"
+        if on_cuda and self._stream is None:
             self._stream = torch.cuda.Stream(tensor.device)
-        offloaded = _Offloaded(tensor, self._stream if tensor.device.type == "cuda" else None)
-        self.offloaded.append(offloaded)
+        if self.host_chunks is None:
+            self.host_chunks = HostChunks(pin=on_cuda)
+        stream, nbytes = (self._stream if on_cuda else None), tensor.numel() * tensor.element_size()
+        offloaded = _Offloaded(tensor, self.host_chunks.take(nbytes, stream), stream)
+        self._offloaded.append(weakref.ref(offloaded))
+        self._alive.add(offloaded)
+        self.offloaded_count += 1
+        self.offloaded_bytes += nbytes
         self._by_id[id(tensor)] = offloaded
         return offloaded
 
@@ -132,13 +185,19 @@ class ActivationOffloader:
         if not isinstance(packed, _Offloaded):
             return packed
         # The backward visits layers last to first: start bringing back the layer before this one.
-        position = next((i for i in range(len(self.offloaded) - 1, -1, -1) if self.offloaded[i] is packed), None)
-        if position:
-            self.offloaded[position - 1].prefetch()
+        position = next((i for i in range(len(self._offloaded) - 1, -1, -1) if self._offloaded[i]() is packed), None)
+        previous = self._offloaded[position - 1]() if position else None
+        if previous is not None:
+            previous.prefetch()
         return packed.fetch()
 
     def __enter__(self) -> "ActivationOffloader":
-        self.offloaded, self._by_id = [], {}
+        # The host chunks are reused only once no graph of an earlier forward can still unpack them
+        # (after its backward, or once it is dropped); otherwise this forward takes new ones.
+        if self.host_chunks is not None and not len(self._alive):
+            self.host_chunks.start()
+        self._offloaded, self._by_id = [], {}
+        self.offloaded_count = self.offloaded_bytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self

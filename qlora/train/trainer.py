@@ -60,6 +60,11 @@ class Trainer:
         self.state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "history": []}
         if self.t.chunked_loss:
             check_chunked_loss(model)
+        inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+        if hasattr(inner, "state_bytes"):
+            where = (f"in host memory, paged through {inner.device_state_bytes() / 2**20:.1f} MiB of device buffers"
+                     if inner.paged and accelerator.device.type == "cuda" else f"on {accelerator.device.type}")
+            log.info("optimizer %s: %.1f MiB of states %s", type(inner).__name__, inner.state_bytes() / 2**20, where)
         self.offloader = None
         if self.t.activation_offload:
             if accelerator.device.type == "cuda":
@@ -133,6 +138,7 @@ class Trainer:
         batches = self._micro_batches()
         bar = tqdm(total=t.max_steps, initial=self.state["step"], desc="training", unit="step", dynamic_ncols=True)
         started, tokens_at_start = time.perf_counter(), self.state["tokens"]
+        first_step = self.state["step"] + 1
         self.model.train()
         while self.state["step"] < t.max_steps:
             step = self.state["step"] + 1
@@ -169,6 +175,9 @@ class Trainer:
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             self.state["history"].append({"step": step, "loss": loss})
+            if self.offloader is not None and step == first_step:
+                log.info("activation offload: %d layer inputs, %.2f GiB in host memory per micro-batch",
+                         self.offloader.offloaded_count, self.offloader.offloaded_bytes / 2**30)
             if step % t.log_every == 0 or step == t.max_steps:
                 self.metrics.log(record, step)
             bar.update(1)
