@@ -67,12 +67,13 @@ def dequantize_4bit(
     scales = decode_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     # index_select gathers ~2x faster on CPU than advanced indexing with the same int32 index.
     values = _byte_table(code.float()).index_select(0, as_bytes(packed).int()).view(-1)[:n]
-    out = torch.empty(n, dtype=dtype, device=values.device)
+    # Scaled in place in fp32, then cast once: a multiply writing a bf16 `out` directly computes
+    # the same roundings but runs ~7x slower on CPU (60 vs 8 ms for 16.8M weights).
     full = n - n % blocksize
-    torch.mul(values[:full].view(-1, blocksize), scales[: full // blocksize, None], out=out[:full].view(-1, blocksize))
+    values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
     if full < n:
-        torch.mul(values[full:], scales[-1], out=out[full:])
-    return out.view(*shape)
+        values[full:].mul_(scales[-1])
+    return values.to(dtype).view(*shape)
 
 
 def linear_4bit(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
