@@ -72,8 +72,13 @@ class HostChunks:
         if not registered:
             # Registration can fail (locked-memory limits): torch's pinned allocator still works.
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        weakref.finalize(chunk, cudart.cudaHostUnregister, chunk.data_ptr())
+        # The finalizer holds the storage, so the pages are unregistered before they are freed.
+        weakref.finalize(chunk, _unregister, cudart, chunk.untyped_storage())
         return chunk
+
+
+def _unregister(cudart, storage) -> None:
+    cudart.cudaHostUnregister(storage.data_ptr())
 
 
 class _Offloaded:
