@@ -56,7 +56,7 @@ def write_results(name: str, payload: dict, path: Path | None = None) -> Path:
 
 def peak_rss() -> int:
     """This process's peak resident set in bytes (VmHWM). Not ru_maxrss: that survives exec, so a
-    child would report its parent's peak."""
+    child would report its parent's peak (streaming_load.py's: the one of writing the checkpoint)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from common import device_name, print_table, versions, write_results  # noqa: E402
+from common import device_name, peak_rss, print_table, versions, write_results  # noqa: E402
 
 # TinyLlama-1.1B's shape: 1.10 B parameters, 2.2 GB in bf16.
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
@@ -55,15 +54,6 @@ def write_random_checkpoint(directory: Path, layers: int, shard_bytes: int = 1 <
         weight_map.update(dict.fromkeys(tensors, file))
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return total
-
-
-def peak_rss() -> int:
-    """This process's peak resident set (VmHWM). Not ru_maxrss: that survives exec, so a child
-    would report its parent's peak (here, the one of writing the checkpoint)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _child(loader: str, directory: str) -> None:
