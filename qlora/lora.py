@@ -283,6 +283,12 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: st
                                      is_trainable=is_trainable, config=config)
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under the DDP and PEFT wrappers (whose forward only delegates to it)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts.
 

@@ -34,7 +34,7 @@ class StateSpec:
         return -(-length // self.per_block)
 
     def nbytes(self, length: int) -> int:
-        return _aligned(self.numel(length) * torch.empty((), dtype=self.dtype).element_size())
+        return _aligned(self.numel(length) * self.dtype.itemsize)
 
 
 @dataclass
@@ -84,7 +84,7 @@ class StateLayout:
         if not param.is_contiguous():
             raise ValueError(f"paged optimizer states need contiguous parameters; got one of shape {tuple(param.shape)} "
                              f"with strides {param.stride()}: make it contiguous before building the optimizer")
-        per_element = sum(torch.empty((), dtype=s.dtype).element_size() / s.per_block for s in specs)
+        per_element = sum(s.dtype.itemsize / s.per_block for s in specs)
         total, start = param.numel(), 0
         self.segments[param] = []
         while start < total:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlora.lora import base_model
 from qlora.train.schema import ConfigError
 
 IGNORE_INDEX = -100
@@ -26,18 +27,12 @@ class ChunkedLossError(ConfigError):
     """The model cannot use the chunked loss; the message says why and what to set instead."""
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under the DDP / PEFT wrappers (whose forward only delegates to it)."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def check_chunked_loss(model: nn.Module) -> None:
     """Raise ChunkedLossError unless the chunked path computes the same loss as model(...).logits would."""
     if not hasattr(F, "linear_cross_entropy"):
         raise ChunkedLossError(f"trainer.chunked_loss=true needs torch.nn.functional.linear_cross_entropy, which torch "
                                f"{torch.__version__} lacks: upgrade torch, or set trainer.chunked_loss=false")
-    base = _unwrap(model)
+    base = base_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head) is not nn.Linear:
         raise ChunkedLossError(f"trainer.chunked_loss=true needs the output head to be a plain nn.Linear, got "
@@ -69,7 +64,7 @@ def token_loss_sum(model: nn.Module, batch: dict, chunked: bool = False,
         loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
         return loss, count
-    base = _unwrap(model)
+    base = base_model(model)
     hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
     head = base.get_output_embeddings()
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(head.weight.dtype)

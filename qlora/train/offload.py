@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from qlora.lora import base_model
+
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks transformers checkpoints (GradientCheckpointingLayer), in model order."""
@@ -133,7 +135,6 @@ class ActivationOffloader:
         if not layers:
             raise ValueError(f"{type(model).__name__} has no checkpointed decoder layers (GradientCheckpointingLayer) "
                              "whose inputs could be offloaded; set trainer.activation_offload=false")
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.min_bytes, self.force = min_bytes, force
         # Weak: the autograd graphs own the host copies; one still alive means its graph is too.
         self._offloaded: list[weakref.ref] = []  # this forward's, in order
@@ -146,7 +147,7 @@ class ActivationOffloader:
         self._hooks = None
         # A layer's input is the embeddings' output or the previous layer's output; the last
         # layer's output feeds the final norm right before the backward starts, so it stays.
-        producers = [base.get_input_embeddings(), *layers[:-1]]
+        producers = [base_model(model).get_input_embeddings(), *layers[:-1]]
         self._handles = [m.register_forward_hook(self._remember_output) for m in producers]
 
     def remove(self) -> None:
