@@ -5,7 +5,9 @@ frozen-weight 4-bit linear with autograd; `ops` registers the custom ops qlora::
 qlora::matmul_4bit and holds the dispatch rule; `adamw8bit_update_` is the fused 8-bit AdamW step
 (optim.py). The Triton modules (dequantize, matmul, gemv, adamw8bit) are imported on first use,
 so the CPU path never imports triton, and a process that sets TRITON_INTERPRET=1 before that
-first use gets interpreted kernels.
+first use gets interpreted kernels. Every launch goes through `launch.launch`, so
+`launch.compile_only(arch)` can compile the real launches for a GPU on a machine without one, and
+`machine_code` reads registers, spills and the instruction mix from the result.
 """
 from qlora.kernels import ops, reference
 from qlora.kernels.backend import get_backend, set_backend

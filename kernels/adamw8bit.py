@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qlora.kernels.launch import launch
 from qlora.kernels.optim import check_adamw8bit_args
 
 
@@ -139,7 +140,8 @@ def adamw8bit_update_triton(
     lerp_weight = 1 - beta1
     # torch.lerp's switch: |w| < 0.5 interpolates from the start, otherwise back from the end.
     lerp_from_end = not abs(float(torch.tensor(lerp_weight, dtype=torch.float32))) < 0.5
-    _adamw8bit_kernel[(triton.cdiv(numel, blocksize),)](
+    launch(
+        _adamw8bit_kernel, (triton.cdiv(numel, blocksize),),
         param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, signed_code, unsigned_code,
         code_midpoints(signed_code), code_midpoints(unsigned_code), numel,
         lerp_weight, beta2, 1 - beta2, 1 - lr * weight_decay, -lr / (1 - beta1 ** step),

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from qlora.kernels.checks import check_compute_dtype, check_triton_size, check_weight
+from qlora.kernels.launch import launch
 
 
 @triton.jit
@@ -122,7 +123,8 @@ def dequantize_4bit(
     packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(
         packed, absmax, nested_absmax, nested_code, offset)
     elements = dequantize_elements(blocksize)
-    _dequantize_4bit_kernel[(triton.cdiv(numel, elements),)](
+    launch(
+        _dequantize_4bit_kernel, (triton.cdiv(numel, elements),),
         packed, out, absmax, code.contiguous(), nested_absmax, nested_code, offset, numel,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant, ELEMENTS=elements,
         enable_fp_fusion=False,

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from qlora.kernels.checks import check_matmul_input, check_triton_size, check_weight
 from qlora.kernels.dequantize import decode_4bit, weight_pointers
+from qlora.kernels.launch import launch
 from qlora.kernels.matmul import weight_strides
 
 GEMV_BLOCK_N = 64
@@ -146,15 +147,18 @@ def gemv_4bit(
     packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(
         packed, absmax, nested_absmax, nested_code, offset)
     block_m, block_r = gemv_block_sizes(m)
-    _gemv_4bit_partial_kernel[(triton.cdiv(cols, GEMV_BLOCK_N), split_k)](
+    launch(
+        _gemv_4bit_partial_kernel, (triton.cdiv(cols, GEMV_BLOCK_N), split_k),
         a, workspace, packed, absmax, code.contiguous(), nested_absmax, nested_code, offset,
         m, cols, r, r_per_split, a.stride(0), a.stride(1), w_stride_r, w_stride_c,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant,
         BLOCK_M=block_m, BLOCK_N=GEMV_BLOCK_N, BLOCK_R=block_r,
+        enable_fp_fusion=True,  # explicit: Triton 3.10 flips the default; products are summed in fp32 anyway
     )
     reduce_block = 1024
-    _gemv_reduce_kernel[(triton.cdiv(m * cols, reduce_block),)](
+    launch(
+        _gemv_reduce_kernel, (triton.cdiv(m * cols, reduce_block),),
         workspace, out, bias if bias is not None else out, m, cols, split_k, out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, BLOCK=reduce_block,
+        HAS_BIAS=bias is not None, BLOCK=reduce_block, enable_fp_fusion=False,  # adds only
     )
     return out

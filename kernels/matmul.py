@@ -20,6 +20,7 @@ import triton.language as tl
 
 from qlora.kernels.checks import check_matmul_input, check_triton_size, check_weight
 from qlora.kernels.dequantize import decode_4bit, weight_pointers
+from qlora.kernels.launch import launch
 
 
 @triton.jit
@@ -81,11 +82,14 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def matmul_block_sizes(m: int) -> tuple[int, int, int]:
+def matmul_block_sizes(m: int, dtype: torch.dtype) -> tuple[int, int, int]:
     # tl.dot needs BLOCK_M >= 16; decode-sized M pads to 16 rows rather than wasting 64.
-    # Starting points for H100 (to be tuned there): 64x64x64 tiles keep a 4096x4096 product at 4096
-    # programs for M=4096 and fit bf16 + the fp32 decode temporaries in registers.
+    # 16-bit: 64x64x64 tiles keep a 4096x4096 product at 4096 programs for M=4096; on sm_90 they
+    # compile to 150 registers, no spills (tests/test_kernels_compiled.py). fp32 products run on
+    # the CUDA cores (FMA, unrolled per thread): 64x64x64 spills there, 32x32x32 fits in registers.
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    if dtype == torch.float32:
+        return min(block_m, 32), 32, 32
     return block_m, 64, 64
 
 
@@ -113,14 +117,16 @@ def matmul_4bit_fused(
     out = _output(out, (m, cols), a)
     packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(
         packed, absmax, nested_absmax, nested_code, offset)
-    block_m, block_n, block_r = matmul_block_sizes(m)
+    block_m, block_n, block_r = matmul_block_sizes(m, a.dtype)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(cols, block_n),)
-    _matmul_4bit_kernel[grid](
+    launch(
+        _matmul_4bit_kernel, grid,
         a, out, bias if bias is not None else out,
         packed, absmax, code.contiguous(), nested_absmax, nested_code, offset,
         m, cols, r, a.stride(0), a.stride(1), out.stride(0), out.stride(1), w_stride_r, w_stride_c,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=8, INPUT_PRECISION=input_precision(a.dtype),
+        enable_fp_fusion=True,  # explicit: Triton 3.10 flips the default; FMAs are what a GEMM wants
     )
     return out
 

@@ -11,7 +11,7 @@ Dispatch rule for the matmul on the Triton backend, by M = rows of the 2-D input
   product is still bound by reading W: a 4096x4096 layer at M = 256 does 8.6 GFLOP (~11 us at
   790 TFLOP/s) against 8.65 MB of NF4 (~3 us) plus, unfused, 33.6 MB of bf16 written and read back
   (~11 us at 3 TB/s); fusing removes that round trip.
-- M > FUSED_MAX_M: dequantize W to the compute dtype with the Triton kernel (one launch, ~14 us for
+- M > FUSED_MAX_M, or fp32 input above GEMV_MAX_M: dequantize W to the compute dtype with the Triton kernel (one launch, ~14 us for
   4096x4096) and call cuBLAS. At M = 4096 the GEMM is ~173 us, so the unfused dequant costs ~8%,
   while a Triton tl.dot loop with in-loop dequant typically trails cuBLAS by more than that at
   large M. The dense W is a temporary of this call: it is freed before backward, which dequantizes
@@ -34,11 +34,13 @@ FUSED_MAX_M = 1024  # to be tuned on H100
 PATHS = ("auto", "gemv", "fused", "dequant_matmul")
 
 
-def choose_path(m: int) -> str:
-    """The Triton implementation the dispatch rule picks for a 2-D input of m rows."""
+def choose_path(m: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The Triton implementation the dispatch rule picks for a 2-D input of m rows in `dtype`."""
     if m <= GEMV_MAX_M:
         return "gemv"
-    if m <= FUSED_MAX_M:
+    # fp32 products have no tensor cores to keep busy (unless TF32 is allowed), so the fused kernel's
+    # reason to exist is gone: cuBLAS SGEMM on the dequantized W is the better-tuned CUDA-core loop.
+    if m <= FUSED_MAX_M and dtype != torch.float32:
         return "fused"
     return "dequant_matmul"
 
@@ -106,7 +108,7 @@ def matmul_4bit_op(
         if transpose_weight:
             return reference.linear_4bit(a, weight, bias)
         return reference.linear_4bit_grad_input(a, weight)
-    path = choose_path(a.shape[0]) if path == "auto" else path
+    path = choose_path(a.shape[0], a.dtype) if path == "auto" else path
     if path == "gemv":
         from qlora.kernels.gemv import gemv_4bit
 

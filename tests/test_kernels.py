@@ -183,6 +183,8 @@ def test_dispatch_rule_buckets():
     assert ops.choose_path(1) == ops.choose_path(ops.GEMV_MAX_M) == "gemv"
     assert ops.choose_path(ops.GEMV_MAX_M + 1) == ops.choose_path(ops.FUSED_MAX_M) == "fused"
     assert ops.choose_path(ops.FUSED_MAX_M + 1) == ops.choose_path(16384) == "dequant_matmul"
+    assert ops.choose_path(ops.GEMV_MAX_M, torch.float32) == "gemv"
+    assert ops.choose_path(ops.GEMV_MAX_M + 1, torch.float32) == "dequant_matmul"
 
 
 def test_backend_switch(monkeypatch):

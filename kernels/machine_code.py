@@ -1,0 +1,78 @@
+"""What a kernel compiled by launch.compile_only() costs on the GPU, read from its cubin with the
+cuobjdump and nvdisasm that ship in the triton wheel: registers, spills, shared memory, and the
+SASS instruction mix (tensor-core MMAs, global loads).
+
+These are static facts, not timings; they catch on a CPU machine what would make a kernel slow
+or unlaunchable on the GPU: local-memory spills, shared memory past the per-block limit, register
+counts that leave too few warps per SM, a tl.dot that missed the tensor cores, or a decode that
+issues several load instructions per weight element.
+"""
+from __future__ import annotations
+
+import collections
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# Per-SM register file and per-block shared memory opt-in limit, by CUDA architecture.
+REGISTERS_PER_SM = 65536
+MAX_SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+MAX_THREADS_PER_SM = {80: 2048, 86: 1536, 89: 1536, 90: 2048}
+# SASS opcodes that read global memory: plain loads, async global->shared copies, and TMA.
+GLOBAL_LOADS = ("LDG", "LDGSTS", "UTMALDG")
+TENSOR_CORE_MMAS = ("HMMA", "HGMMA")
+_SASS_OPCODE = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)", re.MULTILINE)
+
+
+@dataclass
+class MachineCode:
+    arch: int
+    registers: int  # per thread
+    shared_bytes: int  # per block, static + the dynamic amount Triton launches with
+    local_bytes: int  # per thread; > 0 means spilled registers (or a stack array) in slow local memory
+    num_warps: int
+    opcodes: dict  # SASS opcode -> count in the kernel text (loop bodies once, unrolled code per copy)
+
+    @property
+    def blocks_per_sm(self) -> int:
+        """Resident blocks per SM allowed by registers, shared memory and threads (the tightest)."""
+        threads = 32 * self.num_warps
+        by_regs = REGISTERS_PER_SM // max(1, self.registers * threads)
+        by_threads = MAX_THREADS_PER_SM.get(self.arch, 2048) // threads
+        by_shared = (MAX_SHARED_PER_BLOCK.get(self.arch, 99 * 1024) + 1024) // self.shared_bytes if self.shared_bytes else by_threads
+        return min(by_regs, by_threads, by_shared)
+
+    def count(self, prefixes: tuple[str, ...]) -> int:
+        """Instructions whose opcode is one of `prefixes` (LDG matches LDG only, not LDGSTS)."""
+        return sum(n for op, n in self.opcodes.items() if op in prefixes)
+
+
+def machine_code(compiled_kernel, arch: int) -> MachineCode:
+    """Resource usage and SASS opcode counts of a triton CompiledKernel built for sm_<arch>."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled_kernel.asm["cubin"])
+        usage = _run(knobs.nvidia.cuobjdump.path, "-res-usage", str(cubin))
+        sass = _run(knobs.nvidia.nvdisasm.path, str(cubin))
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    if "REG" not in fields:
+        raise RuntimeError(f"cuobjdump printed no resource usage for {compiled_kernel.metadata.name}:\n{usage}")
+    return MachineCode(
+        arch=arch,
+        registers=int(fields["REG"]),
+        shared_bytes=int(fields.get("SHARED", 0)) + int(compiled_kernel.metadata.shared),
+        local_bytes=int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0)),
+        num_warps=int(compiled_kernel.metadata.num_warps),
+        opcodes=dict(collections.Counter(_SASS_OPCODE.findall(sass))),
+    )
+
+
+def _run(tool: str, *args: str) -> str:
+    result = subprocess.run([tool, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{Path(tool).name} {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout

@@ -1,0 +1,109 @@
+"""Every Triton kernel, launched by its real launcher, compiles for an A100 (sm_80) and an H100/H200
+(sm_90) without a GPU, and the machine code is launchable and on the fast path.
+
+The interpreter tests (test_kernels.py, test_optim_kernels.py) check what the kernels compute;
+these check what only a GPU compiler sees: bf16 lowering, tl.dot operand layouts, register
+spills into local memory, shared memory past the per-block limit, and a tl.dot that missed the
+tensor cores. Compilation uses the ptxas shipped in the triton wheel (qlora.kernels.launch).
+"""
+import pytest
+import torch
+
+import qlora
+from qlora.kernels import launch
+from qlora.kernels.machine_code import MAX_SHARED_PER_BLOCK, TENSOR_CORE_MMAS, machine_code
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(triton.knobs.runtime.interpret, reason="compiles for a GPU: not under TRITON_INTERPRET=1")
+
+ARCHS = (80, 90)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def quantized(shape, double_quant=True):
+    packed, state = qlora.quantize_4bit(torch.randn(shape) * 0.05, "nf4", 64, double_quant)
+    return packed, state.kernel_args()
+
+
+def compile_4bit_launches(arch, dtype, double_quant=True):
+    """Compile each launcher at the M values that select each of its block configurations."""
+    from qlora.kernels.dequantize import dequantize_4bit
+    from qlora.kernels.gemv import gemv_4bit
+    from qlora.kernels.matmul import matmul_4bit_fused
+
+    out_features, in_features = 96, 320
+    packed, args = quantized((out_features, in_features), double_quant)
+    bias = torch.randn(out_features, dtype=dtype)
+    with launch.compile_only(arch) as compiled:
+        dequantize_4bit(packed, **args, dtype=dtype)
+        for m in (16, 32, 37):  # BLOCK_M 16, 32, 64
+            matmul_4bit_fused(torch.randn(m, in_features, dtype=dtype), packed, **args, transpose_weight=True, bias=bias)
+        matmul_4bit_fused(torch.randn(37, out_features, dtype=dtype), packed, **args, transpose_weight=False)
+        for m in (1, 4, 64):  # BLOCK_M 1 (decode), 4, 64 (the smallest BLOCK_R)
+            gemv_4bit(torch.randn(m, in_features, dtype=dtype), packed, **args, transpose_weight=True, bias=bias)
+    return compiled
+
+
+def check_launchable(launched, arch):
+    code = machine_code(launched.kernel, arch)
+    where = f"{launched.name} {launched.constexprs} on sm_{arch}"
+    assert code.local_bytes == 0, f"{where} spills {code.local_bytes} bytes/thread to local memory ({code.registers} registers)"
+    assert code.shared_bytes <= MAX_SHARED_PER_BLOCK[arch], f"{where} needs {code.shared_bytes} bytes of shared memory"
+    assert code.blocks_per_sm >= 1, f"{where} does not fit on an SM: {code}"
+    return code
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_4bit_kernels_compile_without_spills(arch, dtype):
+    compiled = compile_4bit_launches(arch, dtype)
+    names = [launched.name for launched in compiled]
+    assert names.count("_dequantize_4bit_kernel") == 1
+    assert names.count("_matmul_4bit_kernel") == 4
+    assert names.count("_gemv_4bit_partial_kernel") == names.count("_gemv_reduce_kernel") == 3
+    for launched in compiled:
+        code = check_launchable(launched, arch)
+        if launched.name == "_matmul_4bit_kernel" and dtype != torch.float32:
+            # The fused kernel exists to keep the product on the tensor cores while it decodes W.
+            assert code.count(TENSOR_CORE_MMAS) > 0, f"{launched.constexprs}: no tensor-core MMA in {code.opcodes}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_4bit_kernels_compile_without_double_quant(arch):
+    for launched in compile_4bit_launches(arch, torch.bfloat16, double_quant=False):
+        check_launchable(launched, arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("grad_dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_adamw8bit_kernel_compiles_without_spills(arch, grad_dtype):
+    from qlora.kernels.adamw8bit import adamw8bit_update_triton
+    from qlora.quant.codes import dynamic_map
+
+    numel, blocksize = 4113, 256
+    blocks = -(-numel // blocksize)
+    param = torch.randn(numel)
+    with launch.compile_only(arch) as compiled:
+        adamw8bit_update_triton(param, torch.randn(numel, dtype=grad_dtype), torch.zeros(numel, dtype=torch.uint8),
+                          torch.ones(blocks), torch.zeros(numel, dtype=torch.uint8), torch.ones(blocks),
+                          dynamic_map("cpu", signed=True), dynamic_map("cpu", signed=False),
+                          step=3, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, blocksize=blocksize)
+    assert [launched.name for launched in compiled] == ["_adamw8bit_kernel"]
+    check_launchable(compiled[0], arch)
+
+
+def test_compile_only_runs_nothing_and_restores_the_driver():
+    from qlora.kernels.dequantize import dequantize_4bit
+
+    packed, args = quantized((8, 64))
+    out = torch.full((8, 64), 7.0)
+    with launch.compile_only(90) as compiled:
+        dequantize_4bit(packed, **args, dtype=torch.float32, out=out)
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with launch.compile_only(80):
+                pass
+    assert len(compiled) == 1 and torch.all(out == 7.0)  # compiled, never ran
+    assert compiled[0].kernel.asm["cubin"][:4] == b"\x7fELF"
+    if not torch.cuda.is_available():  # the driver was put back: a real launch finds no GPU, as before
+        with pytest.raises(RuntimeError):
+            triton.runtime.driver.active.get_current_target()
