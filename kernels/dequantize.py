@@ -53,6 +53,44 @@ def decode_4bit(packed_ptr, index, mask, absmax_ptr, code_ptr, nested_absmax_ptr
 
 
 @triton.jit
+def decode_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
+                    nested_code_ptr, offset_ptr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                    NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """fp32 W[rows, col0 : col0 + COLS] from whole bytes and whole quantization blocks.
+
+    Needs IN_FEATURES % BLOCKSIZE == 0, col0 % BLOCKSIZE == 0 and COLS % BLOCKSIZE == 0: every
+    row then starts on a byte and on a block, so a row's bytes are one contiguous run (vector loads,
+    each byte read once for its two nibbles) and the tile's scales are COLS / BLOCKSIZE per row
+    rather than one load chain per element as in decode_4bit. Elements past the edges decode to
+    finite values (scale 0, or the offset): callers mask them out of products and stores.
+    """
+    HALF: tl.constexpr = COLS // 2
+    BLOCKS: tl.constexpr = COLS // BLOCKSIZE
+    byte_cols = col0 // 2 + tl.arange(0, HALF)
+    byte_mask = row_mask[:, None] & (byte_cols < IN_FEATURES // 2)[None, :]
+    byte = tl.load(packed_ptr + rows[:, None] * (IN_FEATURES // 2) + byte_cols[None, :], mask=byte_mask,
+                   other=0).to(tl.int32)
+    values = tl.interleave(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15)))  # high nibble first
+    block_cols = col0 // BLOCKSIZE + tl.arange(0, BLOCKS)
+    blocks_per_row = IN_FEATURES // BLOCKSIZE
+    scale = load_scale(absmax_ptr, rows[:, None] * blocks_per_row + block_cols[None, :],
+                       row_mask[:, None] & (block_cols < blocks_per_row)[None, :], nested_absmax_ptr, nested_code_ptr,
+                       offset_ptr, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+    values = tl.reshape(values, (values.shape[0], BLOCKS, BLOCKSIZE)) * scale[:, :, None]
+    return tl.reshape(values, (values.shape[0], COLS))
+
+
+def whole_block_tiles(shape: Sequence[int], blocksize: int) -> bool:
+    """decode_row_tile applies: rows of W hold whole blocks, small enough to be one tile's columns."""
+    return shape[1] % blocksize == 0 and blocksize <= MAX_TILE_BLOCKSIZE
+
+
+# Tiles span at least one quantization block along W's rows; past 256 the tiles would not fit in
+# registers, and such weights take decode_4bit's per-element path instead.
+MAX_TILE_BLOCKSIZE = 256
+
+
+@triton.jit
 def _dequantize_4bit_kernel(
     packed_ptr, out_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, numel,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,

@@ -6,6 +6,14 @@ slab of W, decodes each tile once and multiplies it against all M rows (a broadc
 sum over R; tl.dot would pad M to 16). With only cols / BLOCK_N = 64 column tiles for N = 4096,
 the K dimension is split to give the 132 SMs of an H100 enough programs.
 
+At this size the decode, not DRAM, is what can limit it: 4096x4096 is 16.8M elements, and at one
+load instruction per element an H100 spends about as long issuing loads (~2.3 us) as reading the
+bytes. When rows of W hold whole quantization blocks (in_features % blocksize == 0, every Llama-
+family shape) tiles are decoded by decode_row_tile: contiguous bytes, both nibbles of a byte from
+one load, one scale per block. Compiled for sm_90 that is 42 global loads per 32 elements a
+thread decodes (1.3 per element) where the per-element decode_4bit took 165 (5.2); see
+benchmarks/kernels_static.py.
+
 The split partial sums go to an fp32 workspace [SPLIT_K, M, cols] and a second kernel adds them,
 the bias, and casts: deterministic (atomics would reorder the sum run to run) and fp32 throughout
 (bf16 atomics do not exist). For M=1, N=4096 and SPLIT_K=4 the workspace is 64 KB, <1% of W.
@@ -23,25 +31,26 @@ import triton
 import triton.language as tl
 
 from qlora.kernels.checks import check_matmul_input, check_triton_size, check_weight
-from qlora.kernels.dequantize import decode_4bit, weight_pointers
+from qlora.kernels.dequantize import decode_4bit, decode_row_tile, weight_pointers, whole_block_tiles
 from qlora.kernels.launch import launch
-from qlora.kernels.matmul import weight_strides
 
-GEMV_BLOCK_N = 64
+GEMV_BLOCK_M = 16  # rows per program
+from qlora.kernels.matmul import weight_strides
 
 
 @triton.jit
 def _gemv_4bit_partial_kernel(
     a_ptr, partial_ptr,
     packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-    M, COLS, R, R_PER_SPLIT,
+    M, COLS, R, R_PER_SPLIT, IN_FEATURES,
     stride_am, stride_ar, w_stride_r, w_stride_c,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < COLS
@@ -50,14 +59,26 @@ def _gemv_4bit_partial_kernel(
     for r0 in range(r_start, r_start + R_PER_SPLIT, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
-        w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
-                        nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
-        # W rounded to the input dtype first, as in the other paths; products and sums in fp32.
-        w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
+        # W is rounded to the input dtype first, as in the other paths; products and sums in fp32.
+        if WHOLE_BLOCKS and TRANSPOSED:  # forward: W[cols tile, r tile] decoded along its rows, summed over r
+            w = decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
+            acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+        else:
+            if WHOLE_BLOCKS:  # backward: W[r tile, cols tile] as stored
+                w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
+                                    nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
+                                    NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            else:  # any shape: element by element
+                index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
+                w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
+                                nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE,
+                                DOUBLE_QUANT)
+            w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
+            acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
     tl.store(partial_ptr + split * M * COLS + offs_m[:, None] * COLS + offs_n[None, :], acc,
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -77,12 +98,21 @@ def _gemv_reduce_kernel(partial_ptr, out_ptr, bias_ptr, M, COLS, SPLIT_K, stride
     tl.store(out_ptr + row * stride_om + col * stride_oc, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def gemv_block_sizes(m: int) -> tuple[int, int]:
-    # The broadcast product holds BLOCK_M * BLOCK_R * BLOCK_N fp32 values: keep it at <= 4096 (16 KB
-    # spread over a 4-warp program = 32 registers/thread). To be tuned on H100.
-    block_m = max(1, triton.next_power_of_2(m))
-    block_r = max(16, 4096 // (block_m * GEMV_BLOCK_N))
-    return block_m, block_r
+def gemv_block_sizes(m: int, shape: Sequence[int], blocksize: int, transpose_weight: bool) -> tuple[int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, BLOCK_R, whole-block row tiles) for an m-row product with this weight."""
+    whole_blocks = whole_block_tiles(shape, blocksize)
+    # Rows past 16 go to further programs (grid axis 2), each decoding the same W tiles again (from
+    # L2): a 64-row tile would make the broadcast product 4x larger and spill.
+    block_m = min(GEMV_BLOCK_M, triton.next_power_of_2(m))
+    # The broadcast product holds BLOCK_M * BLOCK_N * BLOCK_R fp32 values: aim at 4096 (16 KB over
+    # a 4-warp program = 32 registers/thread), shrinking the dimension that is free to shrink.
+    # Row tiles of whole blocks fix the tile along W's rows to >= blocksize: BLOCK_R in forward,
+    # BLOCK_N in backward.
+    if whole_blocks and transpose_weight:
+        block_r = max(64, blocksize)
+        return block_m, max(16, 4096 // (block_m * block_r)), block_r, True
+    block_n = max(64, blocksize) if whole_blocks else 64
+    return block_m, block_n, max(16, 4096 // (block_m * block_n)), whole_blocks
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -90,18 +120,19 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def gemv_split(m: int, cols: int, r: int, device: torch.device) -> tuple[int, int]:
+def gemv_split(m: int, cols: int, r: int, block_n: int, block_r: int, device: torch.device) -> tuple[int, int]:
     """(SPLIT_K, R per split): about two programs per SM, never a split smaller than one tile."""
-    _, block_r = gemv_block_sizes(m)
-    tiles_n = triton.cdiv(cols, GEMV_BLOCK_N)
+    tiles_n = triton.cdiv(cols, block_n)
     split_k = max(1, min(triton.cdiv(2 * _multiprocessors(device), tiles_n), triton.cdiv(r, block_r)))
     r_per_split = triton.cdiv(triton.cdiv(r, split_k), block_r) * block_r
     return triton.cdiv(r, r_per_split), r_per_split
 
 
-def gemv_workspace_shape(m: int, shape: Sequence[int], transpose_weight: bool, device: torch.device) -> tuple[int, int, int]:
+def gemv_workspace_shape(m: int, shape: Sequence[int], blocksize: int, transpose_weight: bool,
+                         device: torch.device) -> tuple[int, int, int]:
     r, cols, _, _ = weight_strides(shape, transpose_weight)
-    split_k, _ = gemv_split(m, cols, r, device)
+    _, block_n, block_r, _ = gemv_block_sizes(m, shape, blocksize, transpose_weight)
+    split_k, _ = gemv_split(m, cols, r, block_n, block_r, device)
     return split_k, m, cols
 
 
@@ -123,7 +154,7 @@ def gemv_4bit(
 ) -> torch.Tensor:
     """a [M, R] @ (W^T if transpose_weight else W) (+ bias) for small M; graph-safe with `out`/`workspace`.
 
-    `workspace` is fp32 of gemv_workspace_shape(M, shape, transpose_weight, device); its contents
+    `workspace` is fp32 of gemv_workspace_shape(M, shape, blocksize, transpose_weight, device); its contents
     need no initialisation (every element is written before it is read).
     """
     check_weight(packed, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize)
@@ -133,7 +164,8 @@ def gemv_4bit(
     if m > 64:
         raise ValueError(f"gemv_4bit is for decode batches of at most 64 rows, got {m}; use matmul_4bit_fused")
     r, cols, w_stride_r, w_stride_c = weight_strides(shape, transpose_weight)
-    split_k, r_per_split = gemv_split(m, cols, r, a.device)
+    block_m, block_n, block_r, whole_blocks = gemv_block_sizes(m, shape, blocksize, transpose_weight)
+    split_k, r_per_split = gemv_split(m, cols, r, block_n, block_r, a.device)
     if out is None:
         out = torch.empty((m, cols), dtype=a.dtype, device=a.device)
     elif tuple(out.shape) != (m, cols) or out.dtype != a.dtype or out.device != a.device:
@@ -146,13 +178,12 @@ def gemv_4bit(
                          f"(gemv_workspace_shape), got {list(workspace.shape)} {workspace.dtype} on {workspace.device}")
     packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(
         packed, absmax, nested_absmax, nested_code, offset)
-    block_m, block_r = gemv_block_sizes(m)
     launch(
-        _gemv_4bit_partial_kernel, (triton.cdiv(cols, GEMV_BLOCK_N), split_k),
+        _gemv_4bit_partial_kernel, (triton.cdiv(cols, block_n), split_k, triton.cdiv(m, block_m)),
         a, workspace, packed, absmax, code.contiguous(), nested_absmax, nested_code, offset,
-        m, cols, r, r_per_split, a.stride(0), a.stride(1), w_stride_r, w_stride_c,
+        m, cols, r, r_per_split, shape[1], a.stride(0), a.stride(1), w_stride_r, w_stride_c,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant,
-        BLOCK_M=block_m, BLOCK_N=GEMV_BLOCK_N, BLOCK_R=block_r,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, WHOLE_BLOCKS=whole_blocks, TRANSPOSED=transpose_weight,
         enable_fp_fusion=True,  # explicit: Triton 3.10 flips the default; products are summed in fp32 anyway
     )
     reduce_block = 1024

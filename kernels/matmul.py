@@ -8,6 +8,12 @@ exists dense in memory: the kernel reads ~0.53 byte/param (packed + scales) wher
 cuBLAS writes and re-reads 2 bytes/param of bf16 on top, which is what wins when M is small and
 the product is bound by reading W (M below a few hundred on an H100; see ops.FUSED_MAX_M).
 
+W tiles are decoded by decode_row_tile (whole bytes, one scale per block) when rows of W hold
+whole quantization blocks, else element by element. Compiled for sm_90 at 4096x4096, M=256, the
+row-tile decode takes 44 KB of shared memory (3 blocks per SM) where the per-element one took
+132 KB (1 per SM; 120 KB on sm_86/89, above their 99 KB limit: it could not launch on an RTX
+3090/4090, A10 or L4), and 85 global-load instructions per tile instead of 493.
+
 The twin is reference.linear_4bit / linear_4bit_grad_input on reference.dequantize_4bit.
 """
 from __future__ import annotations
@@ -19,7 +25,7 @@ import triton
 import triton.language as tl
 
 from qlora.kernels.checks import check_matmul_input, check_triton_size, check_weight
-from qlora.kernels.dequantize import decode_4bit, weight_pointers
+from qlora.kernels.dequantize import decode_4bit, decode_row_tile, weight_pointers, whole_block_tiles
 from qlora.kernels.launch import launch
 
 
@@ -27,11 +33,11 @@ from qlora.kernels.launch import launch
 def _matmul_4bit_kernel(
     a_ptr, out_ptr, bias_ptr,
     packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-    M, COLS, R,
+    M, COLS, R, IN_FEATURES,
     stride_am, stride_ar, stride_om, stride_oc, w_stride_r, w_stride_c,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     # Grouped program order: GROUP_M row tiles share each W column tile while it is in L2.
     pid = tl.program_id(0)
@@ -54,9 +60,18 @@ def _matmul_4bit_kernel(
         mask_r = offs_r < R
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
-        w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
-                        nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+        if WHOLE_BLOCKS and TRANSPOSED:  # B = W^T: decode W[cols tile, r tile] along its rows, transpose
+            w = tl.trans(decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
+                                         nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
+                                         NESTED_BLOCKSIZE, DOUBLE_QUANT))
+        elif WHOLE_BLOCKS:  # B = W: the tile is W[r tile, cols tile] as stored
+            w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
+                                nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE,
+                                DOUBLE_QUANT)
+        else:  # any shape: element by element
+            index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
+            w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
+                            nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
         # W rounded to the input dtype once, as the dequantize-then-matmul path does; fp32 accumulate.
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
@@ -82,15 +97,17 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def matmul_block_sizes(m: int, dtype: torch.dtype) -> tuple[int, int, int]:
+def matmul_block_sizes(m: int, dtype: torch.dtype, min_r: int = 0, min_n: int = 0) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_R), BLOCK_R >= min_r and BLOCK_N >= min_n (powers of two, so a
+    multiple: decode_row_tile needs its tile along W's rows to hold whole quantization blocks)."""
     # tl.dot needs BLOCK_M >= 16; decode-sized M pads to 16 rows rather than wasting 64.
-    # 16-bit: 64x64x64 tiles keep a 4096x4096 product at 4096 programs for M=4096; on sm_90 they
-    # compile to 150 registers, no spills (tests/test_kernels_compiled.py). fp32 products run on
-    # the CUDA cores (FMA, unrolled per thread): 64x64x64 spills there, 32x32x32 fits in registers.
+    # 16-bit: 64x64x64 tiles keep a 4096x4096 product at 4096 programs for M=4096 and compile
+    # without spills (tests/test_kernels_compiled.py). fp32 products run on the CUDA cores (FMA,
+    # unrolled per thread): 64x64x64 spills there, and so does 32x32x64 once a tile must hold a
+    # 64-element quantization block; 16x32x32 (widened to 64 either way) fits in registers.
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    if dtype == torch.float32:
-        return min(block_m, 32), 32, 32
-    return block_m, 64, 64
+    block_m, block_n, block_r = (16, 32, 32) if dtype == torch.float32 else (block_m, 64, 64)
+    return block_m, max(block_n, min_n), max(block_r, min_r)
 
 
 def matmul_4bit_fused(
@@ -117,15 +134,19 @@ def matmul_4bit_fused(
     out = _output(out, (m, cols), a)
     packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(
         packed, absmax, nested_absmax, nested_code, offset)
-    block_m, block_n, block_r = matmul_block_sizes(m, a.dtype)
+    whole_blocks = whole_block_tiles(shape, blocksize)
+    # W's rows run along R in forward (B = W^T) and along the output columns in backward (B = W).
+    min_r, min_n = (blocksize, 0) if transpose_weight else (0, blocksize)
+    block_m, block_n, block_r = matmul_block_sizes(m, a.dtype, *((min_r, min_n) if whole_blocks else (0, 0)))
     grid = (triton.cdiv(m, block_m) * triton.cdiv(cols, block_n),)
     launch(
         _matmul_4bit_kernel, grid,
         a, out, bias if bias is not None else out,
         packed, absmax, code.contiguous(), nested_absmax, nested_code, offset,
-        m, cols, r, a.stride(0), a.stride(1), out.stride(0), out.stride(1), w_stride_r, w_stride_c,
+        m, cols, r, shape[1], a.stride(0), a.stride(1), out.stride(0), out.stride(1), w_stride_r, w_stride_c,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=8, INPUT_PRECISION=input_precision(a.dtype),
+        WHOLE_BLOCKS=whole_blocks, TRANSPOSED=transpose_weight,
         enable_fp_fusion=True,  # explicit: Triton 3.10 flips the default; FMAs are what a GEMM wants
     )
     return out

@@ -97,9 +97,13 @@ def test_interp_dequantize_float_storage_with_nan_bit_patterns():
 # ---- matmul: fused, GEMV and dequantize-then-matmul, forward and backward -----------------------
 MATMUL_CASES = [
     # (M, out, in, quant_type, blocksize, double_quant): M=37 is not a multiple of any tile; in=321
-    # makes the numel odd, so bytes straddle rows and blocks straddle rows.
+    # makes the numel odd, so bytes straddle rows and blocks straddle rows (per-element decode).
+    # The others decode whole row tiles (in % blocksize == 0): in=96 ends mid-tile, blocksize 128
+    # widens the tile, 50 rows end mid-tile.
     (37, 96, 320, "nf4", 64, True),
     (5, 37, 321, "fp4", 128, False),
+    (19, 50, 96, "nf4", 32, False),
+    (3, 64, 384, "fp4", 128, True),
 ]
 
 
@@ -122,7 +126,8 @@ def test_interp_kernel_forward_and_grad_input(kernel, dtype, m, out_features, in
         if kernel == "fused":
             matmul_4bit_fused(a, packed, **args, transpose_weight=transpose_weight, bias=b, out=out)
         else:
-            workspace = nan_like(gemv_workspace_shape(m, args["shape"], transpose_weight, a.device), torch.float32)
+            workspace = nan_like(gemv_workspace_shape(m, args["shape"], args["blocksize"], transpose_weight, a.device),
+                                 torch.float32)
             assert workspace.shape[0] > 1  # split-K really splits here
             gemv_4bit(a, packed, **args, transpose_weight=transpose_weight, bias=b, out=out, workspace=workspace)
         assert not out.isnan().any()
@@ -298,7 +303,7 @@ def test_gpu_gemv_cuda_graph_replay():
     packed, args = quantized((4096, 4096), "nf4", 64, True, device="cuda")
     x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
     out = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
-    workspace = torch.empty(gemv_workspace_shape(1, (4096, 4096), True, x.device), device="cuda")
+    workspace = torch.empty(gemv_workspace_shape(1, (4096, 4096), 64, True, x.device), device="cuda")
     gemv_4bit(x, packed, **args, out=out, workspace=workspace)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

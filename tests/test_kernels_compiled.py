@@ -39,7 +39,7 @@ def compile_4bit_launches(arch, dtype, double_quant=True):
         for m in (16, 32, 37):  # BLOCK_M 16, 32, 64
             matmul_4bit_fused(torch.randn(m, in_features, dtype=dtype), packed, **args, transpose_weight=True, bias=bias)
         matmul_4bit_fused(torch.randn(37, out_features, dtype=dtype), packed, **args, transpose_weight=False)
-        for m in (1, 4, 64):  # BLOCK_M 1 (decode), 4, 64 (the smallest BLOCK_R)
+        for m in (1, 4, 37):  # BLOCK_M 1 (decode), 4, and 16 (rows spread over three programs)
             gemv_4bit(torch.randn(m, in_features, dtype=dtype), packed, **args, transpose_weight=True, bias=bias)
     return compiled
 
