@@ -553,7 +553,7 @@ def main(argv=None):
         print(f"{goal['verdict'].upper():>13}  {goal['goal']}: {goal['gap']}{scope}")
     payload = dict(
         benchmark="memory", device=device, device_type=args.device, versions=versions("peft", "accelerate"),
-        qlora_backend=os.environ.get("QLORA_BACKEND", "torch (default)"), size=args.size, shape=SIZES[args.size],
+        qlora_backend=os.environ.get("QLORA_BACKEND", "auto (default)"), size=args.size, shape=SIZES[args.size],
         lora=LORA, lr=LR, batch_size=1, configs={n: dataclasses.asdict(c) for n, c in CONFIGS.items()},
         settings=dict(seqs=args.seqs, steps=args.steps, warmup=args.warmup, search=args.search, caps=dict(caps),
                       max_seconds=args.max_seconds, granularity=args.granularity, max_search_seq=args.max_search_seq,

@@ -1,7 +1,9 @@
 """Which implementation runs: the Triton kernels or the pure-PyTorch reference.
 
 `QLORA_BACKEND=auto|torch|triton` (read at every call, so a test can change it) or `set_backend()`:
-- auto: Triton for CUDA tensors, the reference everywhere else;
+- auto (the default): Triton for CUDA tensors on GPUs of compute capability 8.0 or newer (A100,
+  RTX 30xx/40xx, A10, L4, H100, H200: the architectures the kernels are compiled and checked for),
+  the reference everywhere else (CPU, older GPUs, no triton installed);
 - torch: the reference everywhere (the bit-exact oracle, and the fallback if a kernel misbehaves);
 - triton: the Triton kernels everywhere; on CPU that needs `TRITON_INTERPRET=1` set before
   triton is first imported (the interpreter is chosen when a kernel is decorated), which is how the
@@ -16,9 +18,10 @@ from typing import Optional
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
-# The default is the reference until the kernels have been compiled, checked and timed on a GPU:
-# so far they are verified under the Triton interpreter only. Opt in with QLORA_BACKEND=auto.
-DEFAULT_BACKEND = "torch"
+DEFAULT_BACKEND = "auto"
+# Below 8.0 (T4, V100) Triton has no bf16 and the fused kernel compiles to spilling code without
+# tensor cores (sm_75, checked with launch.compile_only).
+MIN_AUTO_CAPABILITY = (8, 0)
 _override: Optional[str] = None
 
 
@@ -47,7 +50,8 @@ def use_triton(device: torch.device) -> bool:
     if backend == "torch":
         return False
     if backend == "auto":
-        return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        return (device.type == "cuda" and importlib.util.find_spec("triton") is not None
+                and compute_capability(device) >= MIN_AUTO_CAPABILITY)
     if importlib.util.find_spec("triton") is None:
         raise RuntimeError("QLORA_BACKEND=triton but triton is not installed; pip install triton or use QLORA_BACKEND=torch")
     if device.type == "cuda":
@@ -58,3 +62,8 @@ def use_triton(device: torch.device) -> bool:
         f"QLORA_BACKEND=triton cannot run on {device.type} tensors: the kernels need CUDA, or on CPU the "
         "Triton interpreter (set TRITON_INTERPRET=1 before importing triton); or use QLORA_BACKEND=torch"
     )
+
+
+def compute_capability(device: torch.device) -> tuple[int, int]:
+    # torch caches device properties: a lookup, not a device sync.
+    return torch.cuda.get_device_capability(device)

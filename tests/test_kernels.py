@@ -17,6 +17,7 @@ import torch
 
 import qlora
 from qlora.kernels import linear_4bit, ops, reference, set_backend
+from qlora.kernels import backend
 from qlora.kernels.backend import use_triton
 from helpers import rel_err, run_interpreter_child
 
@@ -195,9 +196,12 @@ def test_dispatch_rule_buckets():
 def test_backend_switch(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("QLORA_BACKEND", raising=False)
-    assert not use_triton(cpu) and not use_triton(torch.device("cuda"))  # default: the reference
-    monkeypatch.setenv("QLORA_BACKEND", "auto")
-    assert not use_triton(cpu)  # auto: reference on CPU
+    assert backend.get_backend() == "auto"
+    assert not use_triton(cpu)  # auto: the reference on CPU
+    monkeypatch.setattr(backend, "compute_capability", lambda device: (9, 0))
+    assert use_triton(torch.device("cuda"))  # auto: Triton on an H100
+    monkeypatch.setattr(backend, "compute_capability", lambda device: (7, 5))
+    assert not use_triton(torch.device("cuda"))  # auto: the reference on a T4
     monkeypatch.setenv("QLORA_BACKEND", "torch")
     assert not use_triton(torch.device("cuda"))
     monkeypatch.setenv("QLORA_BACKEND", "cuda")

@@ -1,5 +1,6 @@
-"""Every Triton kernel, launched by its real launcher, compiles for an A100 (sm_80) and an H100/H200
-(sm_90) without a GPU, and the machine code is launchable and on the fast path.
+"""Every Triton kernel, launched by its real launcher, compiles for an A100 (sm_80), an L4 or RTX
+4090 (sm_89) and an H100/H200 (sm_90) without a GPU, and the machine code is launchable there and
+on the fast path.
 
 The interpreter tests (test_kernels.py, test_optim_kernels.py) check what the kernels compute;
 these check what only a GPU compiler sees: bf16 lowering, tl.dot operand layouts, register
@@ -16,7 +17,7 @@ from qlora.kernels.machine_code import MAX_SHARED_PER_BLOCK, TENSOR_CORE_MMAS, m
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(triton.knobs.runtime.interpret, reason="compiles for a GPU: not under TRITON_INTERPRET=1")
 
-ARCHS = (80, 90)
+ARCHS = (80, 89, 90)  # A100; L4, RTX 4090 (99 KB shared memory per block); H100/H200
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
