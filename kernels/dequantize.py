@@ -8,7 +8,8 @@ blocks, so the dequantize kernel is launched with enable_fp_fusion=False; it cos
 measurable (one multiply-add per 64 elements).
 
 The helpers `decode_4bit` / `load_scale` are shared with the matmul and GEMV kernels, which
-decode W at arbitrary element indices (any K, including odd K where a byte straddles two rows).
+decode W at arbitrary element indices (any K, including odd K where a byte straddles two rows);
+`decode_row_tile` is their fast path when rows of W hold whole quantization blocks.
 """
 from __future__ import annotations
 
@@ -80,14 +81,14 @@ def decode_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, c
     return tl.reshape(values, (values.shape[0], COLS))
 
 
-def whole_block_tiles(shape: Sequence[int], blocksize: int) -> bool:
-    """decode_row_tile applies: rows of W hold whole blocks, small enough to be one tile's columns."""
-    return shape[1] % blocksize == 0 and blocksize <= MAX_TILE_BLOCKSIZE
-
-
 # Tiles span at least one quantization block along W's rows; past 256 the tiles would not fit in
 # registers, and such weights take decode_4bit's per-element path instead.
 MAX_TILE_BLOCKSIZE = 256
+
+
+def whole_block_tiles(shape: Sequence[int], blocksize: int) -> bool:
+    """decode_row_tile applies: rows of W hold whole blocks, small enough to be one tile's columns."""
+    return shape[1] % blocksize == 0 and blocksize <= MAX_TILE_BLOCKSIZE
 
 
 @triton.jit

@@ -33,9 +33,9 @@ import triton.language as tl
 from qlora.kernels.checks import check_matmul_input, check_triton_size, check_weight
 from qlora.kernels.dequantize import decode_4bit, decode_row_tile, weight_pointers, whole_block_tiles
 from qlora.kernels.launch import launch
+from qlora.kernels.matmul import weight_strides
 
 GEMV_BLOCK_M = 16  # rows per program
-from qlora.kernels.matmul import weight_strides
 
 
 @triton.jit

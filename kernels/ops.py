@@ -11,8 +11,8 @@ Dispatch rule for the matmul on the Triton backend, by M = rows of the 2-D input
   product is still bound by reading W: a 4096x4096 layer at M = 256 does 8.6 GFLOP (~11 us at
   790 TFLOP/s) against 8.65 MB of NF4 (~3 us) plus, unfused, 33.6 MB of bf16 written and read back
   (~11 us at 3 TB/s); fusing removes that round trip.
-- M > FUSED_MAX_M, or fp32 input above GEMV_MAX_M: dequantize W to the compute dtype with the Triton kernel (one launch, ~14 us for
-  4096x4096) and call cuBLAS. At M = 4096 the GEMM is ~173 us, so the unfused dequant costs ~8%,
+- M > FUSED_MAX_M, or fp32 input above GEMV_MAX_M: dequantize W to the compute dtype with the
+  Triton kernel (one launch, ~14 us for 4096x4096) and call cuBLAS. At M = 4096 the GEMM is ~173 us, so the unfused dequant costs ~8%,
   while a Triton tl.dot loop with in-loop dequant typically trails cuBLAS by more than that at
   large M. The dense W is a temporary of this call: it is freed before backward, which dequantizes
   again from the packed bytes.
