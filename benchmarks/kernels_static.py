@@ -90,14 +90,15 @@ def main() -> None:
             code = machine_code(launched.kernel, arch)
             threads = 32 * code.num_warps
             loads = code.count(GLOBAL_LOADS)
+            elements = tile_elements(launched)
             rows.append({
                 "arch": f"sm_{arch}", "kernel": label, "name": launched.name,
                 "constexprs": {k: v for k, v in launched.constexprs.items() if k.isupper()},
                 "registers": code.registers, "local_bytes": code.local_bytes, "shared_bytes": code.shared_bytes,
                 "shared_limit": MAX_SHARED_PER_BLOCK.get(arch), "num_warps": code.num_warps,
                 "blocks_per_sm": code.blocks_per_sm, "tensor_core_mmas": code.count(TENSOR_CORE_MMAS),
-                "global_loads": loads, "tile_elements": tile_elements(launched),
-                "loads_per_element": round(loads / (tile_elements(launched) / threads), 3),
+                "global_loads": loads, "tile_elements": elements,
+                "loads_per_element": round(loads / (elements / threads), 3),
                 "compile_s": round(time.perf_counter() - start, 2),
             })
             print(f"compiled {label} for sm_{arch}", file=sys.stderr)

@@ -41,12 +41,14 @@ class MachineCode:
         threads = 32 * self.num_warps
         by_regs = REGISTERS_PER_SM // max(1, self.registers * threads)
         by_threads = MAX_THREADS_PER_SM.get(self.arch, 2048) // threads
+        # An SM holds 1 KB more shared memory than one block may take (228 KB vs 227 KB on sm_90);
+        # shared_bytes already counts the 1 KB every block reserves.
         by_shared = (MAX_SHARED_PER_BLOCK.get(self.arch, 99 * 1024) + 1024) // self.shared_bytes if self.shared_bytes else by_threads
         return min(by_regs, by_threads, by_shared)
 
-    def count(self, prefixes: tuple[str, ...]) -> int:
-        """Instructions whose opcode is one of `prefixes` (LDG matches LDG only, not LDGSTS)."""
-        return sum(n for op, n in self.opcodes.items() if op in prefixes)
+    def count(self, opcodes: tuple[str, ...]) -> int:
+        """Instructions whose opcode is exactly one of `opcodes` (LDG counts LDG, not LDGSTS)."""
+        return sum(n for op, n in self.opcodes.items() if op in opcodes)
 
 
 def machine_code(compiled_kernel, arch: int) -> MachineCode:
