@@ -91,15 +91,15 @@ def measure_ceilings(timer: Timer) -> dict:
 
 
 def bench_dequantize(timer, ceilings, bnb_f, shapes) -> list[dict]:
-    from qlora.kernels.dequantize import dequantize_4bit
+    from qlora.kernels.dequantize import dequantize_4bit_triton
 
     rows = []
     for n, k in shapes:
         w, packed, state = quantized_weight(n, k)
-        args = state.kernel_args()
+        weight = state.packed_view(packed)
         out = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
         moved = weight_bytes(packed, state) + out.numel() * 2
-        ours = timer(lambda i: dequantize_4bit(packed, **args, dtype=torch.bfloat16, out=out))
+        ours = timer(lambda i: dequantize_4bit_triton(weight, torch.bfloat16, out=out))
         copy = timer(lambda i: out.copy_(w))  # moves 4 bytes/param: the 2-byte write is the shared part
         row = {"shape": f"{n}x{k}", "bytes_MB": round(moved / 1e6, 1), "ours_us": round(1e3 * ours, 1),
                "ours_GBps": round(moved / ours / 1e6), "of_copy_ceiling": round(moved / ours / 1e6 / ceilings["copy_GBps"], 2),
@@ -120,7 +120,7 @@ def bench_linear(timer, ceilings, bnb, m_values, shapes, backward: bool) -> list
     rows = []
     for n, k in shapes:
         w, packed, state = quantized_weight(n, k)
-        args = state.kernel_args()
+        weight = state.packed_view(packed)
         bnb_layer = None
         if bnb is not None:
             bnb_layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
@@ -145,7 +145,7 @@ def bench_linear(timer, ceilings, bnb, m_values, shapes, backward: bool) -> list
             for path in paths:
                 if path == "gemv" and m > 64:
                     continue
-                times[path] = timer(step(lambda x, path=path: linear_4bit(x, packed, path=path, **args)))
+                times[path] = timer(step(lambda x, path=path: linear_4bit(x, weight, path=path)))
             times["bf16_F.linear"] = timer(step(lambda x: F.linear(x, w)))
             if bnb_layer is not None:
                 if backward or m > 1:

@@ -37,21 +37,20 @@ CASES = (
 def compile_case(arch: int, launcher: str, m: int, transpose_weight: bool, weight, dtype=torch.bfloat16):
     from qlora.kernels import launch
     from qlora.kernels.adamw8bit import adamw8bit_update_triton
-    from qlora.kernels.dequantize import dequantize_4bit
+    from qlora.kernels.dequantize import dequantize_4bit_triton
     from qlora.kernels.gemv import gemv_4bit
     from qlora.kernels.matmul import matmul_4bit_fused
     from qlora.quant.codes import dynamic_map
 
-    packed, args = weight
     features = SHAPE[1] if transpose_weight else SHAPE[0]
     a = torch.randn(m, features, dtype=dtype) if m else None
     with launch.compile_only(arch) as compiled:
         if launcher == "dequantize":
-            dequantize_4bit(packed, **args, dtype=dtype)
+            dequantize_4bit_triton(weight, dtype)
         elif launcher == "gemv":
-            gemv_4bit(a, packed, **args, transpose_weight=transpose_weight)
+            gemv_4bit(a, weight, transpose_weight=transpose_weight)
         elif launcher == "fused":
-            matmul_4bit_fused(a, packed, **args, transpose_weight=transpose_weight)
+            matmul_4bit_fused(a, weight, transpose_weight=transpose_weight)
         else:
             n, blocks = 2**20, 2**20 // 256
             adamw8bit_update_triton(torch.randn(n), torch.randn(n, dtype=dtype), torch.zeros(n, dtype=torch.uint8),
@@ -81,7 +80,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     packed, state = qlora.quantize_4bit(torch.randn(SHAPE) * 0.02, "nf4", 64, True)
-    weight = (packed, state.kernel_args())
+    weight = state.packed_view(packed)
     rows = []
     for arch in (int(a) for a in args.archs.split(",")):
         for label, launcher, m, transpose_weight in CASES:

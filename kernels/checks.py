@@ -10,27 +10,18 @@ from typing import Optional, Sequence
 
 import torch
 
-COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
-ABSMAX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from qlora.kernels.formats import FLOAT_DTYPES, STORAGE_DTYPES, check_blocksize
+from qlora.kernels.packed import Packed4bit
+
+ABSMAX_DTYPES = FLOAT_DTYPES
 # Kernel index arithmetic is int32: element (r, c) of W sits at r * in + c.
 MAX_TRITON_NUMEL = 2**31 - 1
 
 
-def check_weight(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    blocksize: int,
-    shape: Sequence[int],
-    nested_absmax: Optional[torch.Tensor],
-    nested_code: Optional[torch.Tensor],
-    offset: Optional[torch.Tensor],
-    nested_blocksize: int,
-) -> None:
+def check_weight(weight: Packed4bit) -> None:
     """The packed weight and its quant state agree with each other and live on one device."""
-    if not isinstance(blocksize, int) or not 32 <= blocksize <= 4096 or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize!r}")
+    packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape = weight
+    check_blocksize(blocksize)
     if len(shape) != 2 or any(int(s) <= 0 for s in shape):
         raise ValueError(f"the 4-bit weight must have a 2-D [out_features, in_features] shape, got {list(shape)}")
     numel = math.prod(shape)
@@ -69,13 +60,13 @@ def check_weight(
 
 
 def check_compute_dtype(dtype: torch.dtype, what: str) -> None:
-    if dtype not in COMPUTE_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what} must be float32, float16 or bfloat16, got {dtype}; cast it with .to(torch.bfloat16)")
 
 
-def check_matmul_input(a: torch.Tensor, packed: torch.Tensor, shape: Sequence[int], transpose_weight: bool,
-                       bias: Optional[torch.Tensor]) -> None:
+def check_matmul_input(a: torch.Tensor, weight: Packed4bit, transpose_weight: bool, bias: Optional[torch.Tensor]) -> None:
     """a [M, in] for Y = a W^T (transpose_weight) or a [M, out] for dX = a W."""
+    packed, shape = weight.packed, weight.shape
     check_compute_dtype(a.dtype, "the input")
     if a.dim() != 2:
         raise ValueError(f"the 4-bit matmul takes a 2-D input, got shape {list(a.shape)}; reshape(-1, features) it")

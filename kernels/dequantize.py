@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from qlora.kernels.checks import check_compute_dtype, check_triton_size, check_weight
+from qlora.kernels.packed import Packed4bit
 from qlora.kernels.launch import launch
 
 
@@ -118,16 +119,17 @@ def _dequantize_4bit_kernel(
     tl.store(out_ptr + element, out.to(out_ptr.dtype.element_ty), mask=element < numel)
 
 
-def weight_pointers(packed, absmax, nested_absmax, nested_code, offset):
+def weight_pointers(weight: Packed4bit):
     """Kernel arguments: packed as uint8 bytes, absmax as the kernel reads it, dummies for absent DQ tensors."""
+    packed, absmax = weight.packed, weight.absmax
     # A float storage dtype is only reinterpreted as bytes; converting would canonicalise NaN patterns.
     packed = packed.contiguous().view(torch.uint8).reshape(-1) if packed.dtype != torch.uint8 else packed.reshape(-1)
-    double_quant = nested_absmax is not None
-    if not double_quant and absmax.dtype != torch.float32:
-        absmax = absmax.float()  # exact: fp16/bf16 values are fp32 values; the interpreter cannot load bf16
-    if not double_quant:
+    if not weight.double_quant:
+        if absmax.dtype != torch.float32:
+            absmax = absmax.float()  # exact: fp16/bf16 values are fp32 values; the interpreter cannot load bf16
         return packed, absmax.contiguous(), absmax, absmax, absmax, False  # DQ pointers never read
-    return packed, absmax.contiguous(), nested_absmax.contiguous(), nested_code.contiguous(), offset.reshape(1), True
+    return (packed, absmax.contiguous(), weight.nested_absmax.contiguous(), weight.nested_code.contiguous(),
+            weight.offset.reshape(1), True)
 
 
 def dequantize_elements(blocksize: int) -> int:
@@ -136,36 +138,25 @@ def dequantize_elements(blocksize: int) -> int:
     return max(1024, blocksize)
 
 
-def dequantize_4bit(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    blocksize: int,
-    shape: Sequence[int],
-    dtype: torch.dtype,
-    nested_absmax: Optional[torch.Tensor] = None,
-    nested_code: Optional[torch.Tensor] = None,
-    offset: Optional[torch.Tensor] = None,
-    nested_blocksize: int = 256,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Triton twin of reference.dequantize_4bit; `out` (contiguous, `shape`, `dtype`) may be preallocated."""
-    check_weight(packed, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize)
+def dequantize_4bit_triton(weight: Packed4bit, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triton twin of reference.dequantize_4bit_torch; `out` (contiguous, [out, in], `dtype`) may be preallocated."""
+    check_weight(weight)
     check_compute_dtype(dtype, "dequantize_4bit's output dtype")
+    shape = tuple(weight.shape)
     check_triton_size(shape)
     numel = math.prod(shape)
+    device = weight.device
     if out is None:
-        out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
-    elif tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous() or out.device != packed.device:
-        raise ValueError(f"out must be a contiguous {list(shape)} {dtype} tensor on {packed.device}, "
+        out = torch.empty(shape, dtype=dtype, device=device)
+    elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous() or out.device != device:
+        raise ValueError(f"out must be a contiguous {list(shape)} {dtype} tensor on {device}, "
                          f"got {list(out.shape)} {out.dtype} on {out.device}")
-    packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(
-        packed, absmax, nested_absmax, nested_code, offset)
-    elements = dequantize_elements(blocksize)
+    packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(weight)
+    elements = dequantize_elements(weight.blocksize)
     launch(
         _dequantize_4bit_kernel, (triton.cdiv(numel, elements),),
-        packed, out, absmax, code.contiguous(), nested_absmax, nested_code, offset, numel,
-        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant, ELEMENTS=elements,
-        enable_fp_fusion=False,
+        packed, out, absmax, weight.code.contiguous(), nested_absmax, nested_code, offset, numel,
+        BLOCKSIZE=weight.blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant,
+        ELEMENTS=elements, enable_fp_fusion=False,
     )
     return out

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from qlora.kernels.checks import check_matmul_input, check_triton_size, check_weight
+from qlora.kernels.packed import Packed4bit
 from qlora.kernels.dequantize import decode_4bit, decode_row_tile, weight_pointers, whole_block_tiles
 from qlora.kernels.launch import launch
 from qlora.kernels.matmul import weight_strides
@@ -138,17 +139,9 @@ def gemv_workspace_shape(m: int, shape: Sequence[int], blocksize: int, transpose
 
 def gemv_4bit(
     a: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    blocksize: int,
-    shape: Sequence[int],
+    weight: Packed4bit,
     transpose_weight: bool = True,
     bias: Optional[torch.Tensor] = None,
-    nested_absmax: Optional[torch.Tensor] = None,
-    nested_code: Optional[torch.Tensor] = None,
-    offset: Optional[torch.Tensor] = None,
-    nested_blocksize: int = 256,
     out: Optional[torch.Tensor] = None,
     workspace: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -157,8 +150,9 @@ def gemv_4bit(
     `workspace` is fp32 of gemv_workspace_shape(M, shape, blocksize, transpose_weight, device); its contents
     need no initialisation (every element is written before it is read).
     """
-    check_weight(packed, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize)
-    check_matmul_input(a, packed, shape, transpose_weight, bias)
+    check_weight(weight)
+    check_matmul_input(a, weight, transpose_weight, bias)
+    shape, blocksize = weight.shape, weight.blocksize
     check_triton_size(shape)
     m = a.shape[0]
     if m > 64:
@@ -176,13 +170,12 @@ def gemv_4bit(
           or not workspace.is_contiguous() or workspace.device != a.device):
         raise ValueError(f"workspace must be a contiguous fp32 {[split_k, m, cols]} tensor on {a.device} "
                          f"(gemv_workspace_shape), got {list(workspace.shape)} {workspace.dtype} on {workspace.device}")
-    packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(
-        packed, absmax, nested_absmax, nested_code, offset)
+    packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(weight)
     launch(
         _gemv_4bit_partial_kernel, (triton.cdiv(cols, block_n), split_k, triton.cdiv(m, block_m)),
-        a, workspace, packed, absmax, code.contiguous(), nested_absmax, nested_code, offset,
+        a, workspace, packed, absmax, weight.code.contiguous(), nested_absmax, nested_code, offset,
         m, cols, r, r_per_split, shape[1], a.stride(0), a.stride(1), w_stride_r, w_stride_c,
-        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant,
+        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, WHOLE_BLOCKS=whole_blocks, TRANSPOSED=transpose_weight,
         enable_fp_fusion=True,  # explicit: Triton 3.10 flips the default; products are summed in fp32 anyway
     )

@@ -10,69 +10,59 @@ fused or dequantize-then-cuBLAS path by the number of rows (ops.choose_path).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from qlora.kernels import ops
+from qlora.kernels.packed import Packed4bit
 
 
 class Linear4bitFunction(torch.autograd.Function):
-    """layout = (blocksize, (out, in), nested_blocksize[, path]); path as in ops.PATHS, default 'auto'."""
+    """Y = X W^T (+ b) with W a Packed4bit; `path` as in ops.PATHS ('auto' follows ops.choose_path)."""
 
     @staticmethod
-    def forward(ctx, x, bias, packed, absmax, code, nested_absmax, nested_code, offset, layout):
-        scales = (absmax, code, nested_absmax, nested_code, offset)
-        y = _matmul(x, packed, scales, bias if bias is None else bias.to(x.dtype), layout, transpose_weight=True)
-        ctx.save_for_backward(packed, *scales)
-        ctx.layout = layout
+    def forward(ctx, x, bias, weight: Packed4bit, path: str = "auto"):
+        y = _matmul(x, weight, None if bias is None else bias.to(x.dtype), path, transpose_weight=True)
+        # The tensors are saved through save_for_backward (autograd's bookkeeping); the layout travels
+        # as plain attributes. The packed bytes are saved, never a dense copy of W.
+        ctx.save_for_backward(*(t for t in weight if isinstance(t, torch.Tensor)))
+        ctx.tensor_slots = tuple(i for i, t in enumerate(weight) if isinstance(t, torch.Tensor))
+        ctx.weight_fields = tuple(None if isinstance(t, torch.Tensor) else t for t in weight)
+        ctx.path = path
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
-        packed, *scales = ctx.saved_tensors
+        fields = list(ctx.weight_fields)
+        for slot, tensor in zip(ctx.tensor_slots, ctx.saved_tensors):
+            fields[slot] = tensor
+        weight = Packed4bit(*fields)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _matmul(grad_output, packed, scales, None, ctx.layout, transpose_weight=False)
+            grad_x = _matmul(grad_output, weight, None, ctx.path, transpose_weight=False)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_bias, None, None, None, None, None, None, None
+        return grad_x, grad_bias, None, None
 
 
-def _matmul(a, packed, scales, bias, layout, transpose_weight):
+def _matmul(a, weight: Packed4bit, bias, path, transpose_weight):
     """a [..., features] through qlora::matmul_4bit as 2-D rows; a 3-D input keeps its leading dims."""
-    absmax, code, nested_absmax, nested_code, offset = scales
-    blocksize, shape, nested_blocksize, *rest = layout
-    path = rest[0] if rest else "auto"
     rows = a.reshape(-1, a.shape[-1])  # a view when it can be; 2-D strided inputs go in as they are
-    out = ops.matmul_4bit_op(rows, packed, absmax, code, nested_absmax, nested_code, offset, bias, blocksize,
-                             nested_blocksize, list(shape), transpose_weight, path)
+    out = ops.matmul(rows, weight, bias, transpose_weight, path)
     return out.view(*a.shape[:-1], out.shape[-1])
 
 
-def linear_4bit(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    blocksize: int,
-    shape: Sequence[int],
-    bias: Optional[torch.Tensor] = None,
-    nested_absmax: Optional[torch.Tensor] = None,
-    nested_code: Optional[torch.Tensor] = None,
-    offset: Optional[torch.Tensor] = None,
-    nested_blocksize: int = 256,
-    path: str = "auto",
-) -> torch.Tensor:
+def linear_4bit(x: torch.Tensor, weight: Packed4bit, bias: Optional[torch.Tensor] = None, path: str = "auto") -> torch.Tensor:
     """x [..., in] @ dequant(W [out, in]).T + bias, in x's dtype, differentiable in x and bias.
 
     `path` forces a Triton implementation ('gemv', 'fused', 'dequant_matmul'; for tests and
     benchmarks); 'auto' follows ops.choose_path.
     """
-    if x.shape[-1] != shape[1]:
-        raise ValueError(f"input has {x.shape[-1]} features in its last dimension, the 4-bit weight {list(shape)} needs {shape[1]}")
     if x.dim() == 0:
         raise ValueError("linear_4bit needs an input with a feature dimension, got a 0-d tensor")
-    layout = (blocksize, tuple(shape), nested_blocksize, path)
-    return Linear4bitFunction.apply(x, bias, packed, absmax, code, nested_absmax, nested_code, offset, layout)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features in its last dimension, the 4-bit weight "
+                         f"{list(weight.shape)} needs {weight.shape[1]}")
+    return Linear4bitFunction.apply(x, bias, weight, path)

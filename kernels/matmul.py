@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from qlora.kernels.checks import check_matmul_input, check_triton_size, check_weight
+from qlora.kernels.packed import Packed4bit
 from qlora.kernels.dequantize import decode_4bit, decode_row_tile, weight_pointers, whole_block_tiles
 from qlora.kernels.launch import launch
 
@@ -112,28 +113,20 @@ def matmul_block_sizes(m: int, dtype: torch.dtype, min_r: int = 0, min_n: int = 
 
 def matmul_4bit_fused(
     a: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    blocksize: int,
-    shape: Sequence[int],
+    weight: Packed4bit,
     transpose_weight: bool,
     bias: Optional[torch.Tensor] = None,
-    nested_absmax: Optional[torch.Tensor] = None,
-    nested_code: Optional[torch.Tensor] = None,
-    offset: Optional[torch.Tensor] = None,
-    nested_blocksize: int = 256,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """a [M, R] (any strides) @ (W^T if transpose_weight else W) (+ bias) -> [M, cols] in a's dtype."""
-    check_weight(packed, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize)
-    check_matmul_input(a, packed, shape, transpose_weight, bias)
+    check_weight(weight)
+    check_matmul_input(a, weight, transpose_weight, bias)
+    shape, blocksize = weight.shape, weight.blocksize
     check_triton_size(shape)
     r, cols, w_stride_r, w_stride_c = weight_strides(shape, transpose_weight)
     m = a.shape[0]
     out = _output(out, (m, cols), a)
-    packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(
-        packed, absmax, nested_absmax, nested_code, offset)
+    packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(weight)
     whole_blocks = whole_block_tiles(shape, blocksize)
     # W's rows run along R in forward (B = W^T) and along the output columns in backward (B = W).
     min_r, min_n = (blocksize, 0) if transpose_weight else (0, blocksize)
@@ -142,9 +135,9 @@ def matmul_4bit_fused(
     launch(
         _matmul_4bit_kernel, grid,
         a, out, bias if bias is not None else out,
-        packed, absmax, code.contiguous(), nested_absmax, nested_code, offset,
+        packed, absmax, weight.code.contiguous(), nested_absmax, nested_code, offset,
         m, cols, r, shape[1], a.stride(0), a.stride(1), out.stride(0), out.stride(1), w_stride_r, w_stride_c,
-        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
+        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, GROUP_M=8, INPUT_PRECISION=input_precision(a.dtype),
         WHOLE_BLOCKS=whole_blocks, TRANSPOSED=transpose_weight,
         enable_fp_fusion=True,  # explicit: Triton 3.10 flips the default; FMAs are what a GEMM wants

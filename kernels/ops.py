@@ -21,13 +21,14 @@ with benchmarks/kernels_gpu.py, which times all three paths per M and records wh
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from qlora.kernels import reference
 from qlora.kernels.backend import use_triton
 from qlora.kernels.checks import check_compute_dtype, check_matmul_input, check_weight
+from qlora.kernels.packed import OP_SCHEMA, Packed4bit
 
 GEMV_MAX_M = 16  # to be tuned on H100
 FUSED_MAX_M = 1024  # to be tuned on H100
@@ -45,88 +46,84 @@ def choose_path(m: int, dtype: torch.dtype = torch.bfloat16) -> str:
     return "dequant_matmul"
 
 
-# ---- qlora::dequantize_4bit -------------------------------------------------------------------
-@torch.library.custom_op("qlora::dequantize_4bit", mutates_args=())
-def dequantize_4bit_op(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    nested_absmax: Optional[torch.Tensor],
-    nested_code: Optional[torch.Tensor],
-    offset: Optional[torch.Tensor],
-    blocksize: int,
-    nested_blocksize: int,
-    shape: Sequence[int],
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    check_weight(packed, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize)
-    check_compute_dtype(dtype, "dequantize_4bit's output dtype")
-    if use_triton(packed.device):
-        from qlora.kernels.dequantize import dequantize_4bit as dequantize_triton
+# ---- the one place a Packed4bit is flattened into arguments, in its field order -------------------
+def dequantize(weight: Packed4bit, dtype: torch.dtype) -> torch.Tensor:
+    """dequant(W) [out, in] in `dtype`, through qlora::dequantize_4bit (the backend's implementation)."""
+    return dequantize_4bit_op(*weight, dtype)
 
-        return dequantize_triton(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset,
-                                 nested_blocksize)
-    return reference.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code,
-                                     offset, nested_blocksize)
+
+def matmul(a: torch.Tensor, weight: Packed4bit, bias: Optional[torch.Tensor], transpose_weight: bool,
+           path: str = "auto") -> torch.Tensor:
+    """a [M, in] @ W^T (+ bias) if transpose_weight, else a [M, out] @ W, through qlora::matmul_4bit."""
+    return matmul_4bit_op(a, *weight, bias, transpose_weight, path)
+
+
+# ---- qlora::dequantize_4bit -------------------------------------------------------------------
+@torch.library.custom_op("qlora::dequantize_4bit", mutates_args=(), schema=f"({OP_SCHEMA}, ScalarType dtype) -> Tensor")
+def dequantize_4bit_op(*weight_fields_and_dtype) -> torch.Tensor:
+    """(*Packed4bit fields, dtype) -> dequant(W) [out, in] in dtype."""
+    *fields, dtype = weight_fields_and_dtype
+    weight = Packed4bit.from_op_args(fields)
+    check_weight(weight)
+    check_compute_dtype(dtype, "dequantize_4bit's output dtype")
+    if use_triton(weight.device):
+        from qlora.kernels.dequantize import dequantize_4bit_triton
+
+        return dequantize_4bit_triton(weight, dtype)
+    return reference.dequantize_4bit_torch(weight, dtype)
 
 
 @dequantize_4bit_op.register_fake
-def _(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
-    return packed.new_empty(tuple(shape), dtype=dtype)
+def _(*weight_fields_and_dtype):
+    *fields, dtype = weight_fields_and_dtype
+    weight = Packed4bit.from_op_args(fields)
+    return weight.packed.new_empty(weight.shape, dtype=dtype)
 
 
 # ---- qlora::matmul_4bit -------------------------------------------------------------------------
-@torch.library.custom_op("qlora::matmul_4bit", mutates_args=())
-def matmul_4bit_op(
-    a: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    nested_absmax: Optional[torch.Tensor],
-    nested_code: Optional[torch.Tensor],
-    offset: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    blocksize: int,
-    nested_blocksize: int,
-    shape: Sequence[int],
-    transpose_weight: bool,
-    path: str,
-) -> torch.Tensor:
-    """a [M, in] @ W^T (+ bias) if transpose_weight, else a [M, out] @ W; in a's dtype."""
-    check_weight(packed, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize)
-    check_matmul_input(a, packed, shape, transpose_weight, bias)
+_WEIGHT_FIELDS = len(Packed4bit._fields)
+
+
+@torch.library.custom_op(
+    "qlora::matmul_4bit", mutates_args=(),
+    schema=f"(Tensor a, {OP_SCHEMA}, Tensor? bias, bool transpose_weight, str path) -> Tensor",
+)
+def matmul_4bit_op(a: torch.Tensor, *weight_fields_and_options) -> torch.Tensor:
+    """(a, *Packed4bit fields, bias, transpose_weight, path): a [M, in] @ W^T (+ bias) if
+    transpose_weight, else a [M, out] @ W; in a's dtype."""
+    weight = Packed4bit.from_op_args(weight_fields_and_options[:_WEIGHT_FIELDS])
+    bias, transpose_weight, path = weight_fields_and_options[_WEIGHT_FIELDS:]
+    check_weight(weight)
+    check_matmul_input(a, weight, transpose_weight, bias)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    weight_args = (absmax, code, blocksize, shape)
-    nested_args = dict(nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
-                       nested_blocksize=nested_blocksize)
     if not use_triton(a.device):
         if path not in ("auto", "dequant_matmul"):
             raise ValueError(f"path={path!r} is a Triton kernel, but the backend here is the PyTorch reference; "
                              "set QLORA_BACKEND=triton (on CPU also TRITON_INTERPRET=1) or use path='auto'")
-        weight = reference.dequantize_4bit(packed, *weight_args, a.dtype, **nested_args)
-        if transpose_weight:
-            return reference.linear_4bit(a, weight, bias)
-        return reference.linear_4bit_grad_input(a, weight)
+        return _dense_product(a, reference.dequantize_4bit_torch(weight, a.dtype), bias, transpose_weight)
     path = choose_path(a.shape[0], a.dtype) if path == "auto" else path
     if path == "gemv":
         from qlora.kernels.gemv import gemv_4bit
 
-        return gemv_4bit(a, packed, *weight_args, transpose_weight, bias, **nested_args)
+        return gemv_4bit(a, weight, transpose_weight, bias)
     if path == "fused":
         from qlora.kernels.matmul import matmul_4bit_fused
 
-        return matmul_4bit_fused(a, packed, *weight_args, transpose_weight, bias, **nested_args)
-    from qlora.kernels.dequantize import dequantize_4bit as dequantize_triton
+        return matmul_4bit_fused(a, weight, transpose_weight, bias)
+    from qlora.kernels.dequantize import dequantize_4bit_triton
 
-    weight = dequantize_triton(packed, *weight_args, a.dtype, **nested_args)
+    return _dense_product(a, dequantize_4bit_triton(weight, a.dtype), bias, transpose_weight)
+
+
+def _dense_product(a: torch.Tensor, dense: torch.Tensor, bias: Optional[torch.Tensor], transpose_weight: bool) -> torch.Tensor:
     if transpose_weight:
-        return reference.linear_4bit(a, weight, bias)
-    return reference.linear_4bit_grad_input(a, weight)
+        return reference.linear_dequantized(a, dense, bias)
+    return reference.linear_dequantized_grad_input(a, dense)
 
 
 @matmul_4bit_op.register_fake
-def _(a, packed, absmax, code, nested_absmax, nested_code, offset, bias, blocksize, nested_blocksize, shape,
-      transpose_weight, path):
-    cols = shape[0] if transpose_weight else shape[1]
-    return a.new_empty((a.shape[0], cols))
+def _(a, *weight_fields_and_options):
+    weight = Packed4bit.from_op_args(weight_fields_and_options[:_WEIGHT_FIELDS])
+    transpose_weight = weight_fields_and_options[_WEIGHT_FIELDS + 1]
+    return a.new_empty((a.shape[0], weight.shape[0] if transpose_weight else weight.shape[1]))

@@ -7,10 +7,12 @@ Kernels import nothing from the rest of qlora; the code books arrive as tensors.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from qlora.kernels.packed import Packed4bit
 
 
 def as_bytes(packed: torch.Tensor) -> torch.Tensor:
@@ -50,38 +52,29 @@ def _byte_table(code: torch.Tensor) -> torch.Tensor:
     return torch.stack((code[byte >> 4], code[byte & 15]), dim=-1)
 
 
-def dequantize_4bit(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    blocksize: int,
-    shape: Sequence[int],
-    dtype: torch.dtype,
-    nested_absmax: Optional[torch.Tensor] = None,
-    nested_code: Optional[torch.Tensor] = None,
-    offset: Optional[torch.Tensor] = None,
-    nested_blocksize: int = 256,
-) -> torch.Tensor:
-    """Packed 4-bit codes -> a dense tensor of `shape` in `dtype` (products in fp32, one cast)."""
-    n = math.prod(shape)
-    scales = decode_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+def dequantize_4bit_torch(weight: Packed4bit, dtype: torch.dtype) -> torch.Tensor:
+    """Packed 4-bit codes -> a dense [out, in] tensor in `dtype` (products in fp32, one cast)."""
+    n = weight.numel
+    blocksize = weight.blocksize
+    scales = decode_absmax(weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
+                           weight.nested_blocksize)
     # index_select gathers ~2x faster on CPU than advanced indexing with the same int32 index.
-    values = _byte_table(code.float()).index_select(0, as_bytes(packed).int()).view(-1)[:n]
+    values = _byte_table(weight.code.float()).index_select(0, as_bytes(weight.packed).int()).view(-1)[:n]
     # Scaled in place in fp32, then cast once: a multiply writing a bf16 `out` directly computes
     # the same roundings but runs ~7x slower on CPU (60 vs 8 ms for 16.8M weights).
     full = n - n % blocksize
     values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
     if full < n:
         values[full:].mul_(scales[-1])
-    return values.to(dtype).view(*shape)
+    return values.to(dtype).view(*weight.shape)
 
 
-def linear_4bit(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def linear_dequantized(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Y = X W^T + b with W already dequantized to x's dtype."""
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
-def linear_4bit_grad_input(grad_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear_dequantized_grad_input(grad_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """dX = dY W; W [out, in] is already laid out as [reduction, output] for this product."""
     return grad_output @ weight
 

@@ -2,12 +2,12 @@
 from qlora.config import QuantConfig
 from qlora.memory import memory_footprint
 from qlora.models import load_model, save_model
-from qlora.nn import Linear4bit
-from qlora.quant import QuantState, dequantize_4bit, quantize_4bit
+from qlora.nn import Linear4bit, QuantizedLinear
+from qlora.quant import QuantizedWeight, QuantState, Weight4bit, dequantize_4bit, quantize_4bit
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Linear4bit", "QuantConfig", "QuantState", "dequantize_4bit", "load_model", "memory_footprint",
-    "quantize_4bit", "save_model",
+    "Linear4bit", "QuantConfig", "QuantState", "QuantizedLinear", "QuantizedWeight", "Weight4bit", "dequantize_4bit",
+    "load_model", "memory_footprint", "quantize_4bit", "save_model",
 ]

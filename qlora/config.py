@@ -1,4 +1,11 @@
-"""QuantConfig, and its translation from/to transformers' BitsAndBytesConfig and config.json."""
+"""Quantization configs: QuantConfig (NF4/FP4), a registry that lets other formats add theirs, and
+the translation from/to transformers' configs (BitsAndBytesConfig, ...) and config.json.
+
+Every registered config class offers: `format` (a registered QuantizedWeight name), `compute_dtype`,
+`skip_modules`, `weight_options()` (keywords of the format's quantize/placeholder), `to_hf_dict()`
+(config.json's `quantization_config`), and the classmethods `matches(d)` / `from_hf_dict(d)` that
+recognise and read a `quantization_config` dict. `quant_config_from_any` picks the class.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -6,20 +13,45 @@ from typing import Any, Optional
 
 import torch
 
-from qlora.quant.quantize import check_blocksize, check_quant_type, check_storage_dtype
-from qlora.quant.state import parse_dtype, dtype_name
+from qlora.kernels.formats import check_blocksize, check_storage_dtype, dtype_name, parse_dtype
+from qlora.quant.quantize import check_quant_type
 
 DEFAULT_SKIP_MODULES = ("lm_head",)
+_CONFIG_CLASSES: list[type] = []
+
+
+def register_quant_config(cls: type) -> type:
+    """Class decorator: let `quant_config_from_any` recognise this format's quantization_config."""
+    if cls not in _CONFIG_CLASSES:
+        _CONFIG_CLASSES.append(cls)
+    return cls
+
+
+def quant_config_from_any(config):
+    """A registered config from an instance of one, a transformers quantization config object
+    (BitsAndBytesConfig, GPTQConfig, ...) or a config.json-style dict; None gives NF4 defaults."""
+    if config is None:
+        return QuantConfig()
+    if isinstance(config, tuple(_CONFIG_CLASSES)):
+        return config
+    if hasattr(config, "to_dict") and not isinstance(config, dict):
+        config = config.to_dict()
+    if not isinstance(config, dict):
+        raise TypeError(
+            f"quantization_config must be a qlora config, a transformers quantization config (BitsAndBytesConfig, "
+            f"...) or a dict, got {type(config).__name__}"
+        )
+    for cls in _CONFIG_CLASSES:
+        if cls.matches(config):
+            return cls.from_hf_dict(config)
+    return QuantConfig._from_bnb_dict(config)  # names what is unsupported
 
 
 def _as_dtype(value, what: str, allow_uint8: bool = False) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    if allow_uint8 and str(value).removeprefix("torch.") == "uint8":
-        return torch.uint8
-    return parse_dtype(value, what)
+    return parse_dtype(value, what, allow_uint8=allow_uint8)
 
 
+@register_quant_config
 @dataclasses.dataclass
 class QuantConfig:
     """How the base model's linear layers are quantized.
@@ -47,10 +79,30 @@ class QuantConfig:
         check_storage_dtype(self.quant_storage)
         self.skip_modules = list(DEFAULT_SKIP_MODULES if self.skip_modules is None else self.skip_modules)
 
+    @property
+    def format(self) -> str:
+        return self.quant_type
+
+    def weight_options(self) -> dict:
+        """Keyword arguments of Weight4bit.quantize / placeholder."""
+        return dict(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant,
+                    quant_storage=self.quant_storage)
+
     def layer_options(self) -> dict:
         """Keyword arguments for qlora.nn.Linear4bit."""
-        return dict(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant,
-                    compute_dtype=self.compute_dtype, quant_storage=self.quant_storage)
+        return dict(compute_dtype=self.compute_dtype, **self.weight_options())
+
+    @classmethod
+    def matches(cls, d: dict) -> bool:
+        method = str(d.get("quant_method", "bitsandbytes")).split(".")[-1].lower()
+        return method in ("bitsandbytes", "bits_and_bytes") and bool(d.get("load_in_4bit") or d.get("_load_in_4bit"))
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "QuantConfig":
+        return cls._from_bnb_dict(d)
+
+    def to_hf_dict(self) -> dict:
+        return self.to_bnb_dict()
 
     def to_bnb_dict(self) -> dict:
         """The `quantization_config` entry of config.json, as transformers + bitsandbytes read it."""

@@ -1,8 +1,9 @@
-"""LoRA adapters on Linear4bit layers, through PEFT's own extension point.
+"""LoRA adapters on quantized layers (QuantizedLinear: Linear4bit and every registered format),
+through PEFT's own extension point.
 
 PEFT dispatches the layers it does not know to the classes a LoraConfig registers with
-`_register_custom_module` (its documented "dynamic dispatch"). Registering
-{Linear4bit: LoraLinear4bit} is all it takes: nothing in PEFT or transformers is patched, and the
+`_register_custom_module` (its documented "dynamic dispatch", an isinstance match). Registering
+{QuantizedLinear: LoraQuantizedLinear} is all it takes: nothing in PEFT or transformers is patched, and the
 adapters are plain PEFT adapters (same parameter names, same adapter_config.json), so they load
 onto a dense or a bitsandbytes base with stock `PeftModel.from_pretrained`.
 """
@@ -19,7 +20,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
-from qlora.nn import Linear4bit
+from qlora.nn import QuantizedLinear
 
 # init_lora_weights values that only touch lora_A / lora_B. The others (pissa, olora, corda, loftq,
 # orthogonal, mica, lora_ga, eva) read or rewrite the dense base weight, which is packed here.
@@ -27,14 +28,14 @@ _SUPPORTED_INITS = (True, False, "gaussian")
 # Keyword arguments PEFT's LoRA layers accept for variants (aLoRA offsets); the base layer must not see them.
 _VARIANT_KWARGS = ("alora_offsets",)
 _MERGE_ERROR = (
-    "merging a LoRA adapter into a 4-bit Linear4bit weight is not supported: re-quantizing W + BA would "
+    "merging a LoRA adapter into a 4-bit or other quantized weight is not supported: re-quantizing W + BA would "
     "add a second rounding error. Keep the adapter separate (model.save_pretrained saves only the adapter), "
     "or use qlora's export, which merges in fp32 into a dense copy of the model."
 )
 
 
-class _DoraLinear4bitLayer(DoraLinearLayer):
-    """PEFT's DoRA magnitude vector, with the base weight taken from Linear4bit.dequantize().
+class _DoraQuantizedLayer(DoraLinearLayer):
+    """PEFT's DoRA magnitude vector, with the base weight taken from QuantizedLinear.dequantize().
 
     PEFT's DoRA reads the weight through `dequantize_module_weight`, which only knows
     bitsandbytes' Params4bit and would take our packed bytes for the weight itself.
@@ -61,27 +62,27 @@ class _DoraLinear4bitLayer(DoraLinearLayer):
         return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
 
 
-class _DoraLinear4bitVariant(DoraLinearVariant):
+class _DoraQuantizedVariant(DoraLinearVariant):
     """DoraLinearVariant (forward reused as is) that builds the 4-bit-aware magnitude layer."""
 
     @staticmethod
-    def init(module: "LoraLinear4bit", adapter_name: str, **kwargs: Any) -> None:
+    def init(module: "LoraQuantizedLinear", adapter_name: str, **kwargs: Any) -> None:
         if "lora_magnitude_vector" not in module.adapter_layer_names:
             module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
-        dora = _DoraLinear4bitLayer(fan_in_fan_out=False)
+        dora = _DoraQuantizedLayer(fan_in_fan_out=False)
         dora.update_layer(base_layer=module.get_base_layer(), lora_A=module.lora_A[adapter_name].weight,
                           lora_B=module.lora_B[adapter_name].weight, scaling=module.scaling[adapter_name])
         module.lora_magnitude_vector[adapter_name] = dora
 
 
-class LoraLinear4bit(nn.Module, LoraLayer):
-    """LoRA (and DoRA) around a frozen qlora.Linear4bit: y = base(x) + B(A(dropout(x))) * scaling."""
+class LoraQuantizedLinear(nn.Module, LoraLayer):
+    """LoRA (and DoRA) around a frozen QuantizedLinear: y = base(x) + B(A(dropout(x))) * scaling."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
                  lora_alpha: int = 1, **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer)
-        self.fan_in_fan_out = False  # Linear4bit stores [out, in] like nn.Linear
+        self.fan_in_fan_out = False  # a QuantizedLinear stores [out, in] like nn.Linear
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config,
                           target_name=kwargs.get("target_name", ""))
@@ -92,14 +93,14 @@ class LoraLinear4bit(nn.Module, LoraLayer):
 
     @property
     def lora_variants(self):
-        return {(): None, ("use_dora",): _DoraLinear4bitVariant}
+        return {(): None, ("use_dora",): _DoraQuantizedVariant}
 
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
         try:
             return super().resolve_lora_variant(config=config, **kwargs)
         except ValueError as err:
             raise NotImplementedError(
-                f"qlora's LoraLinear4bit supports plain LoRA and DoRA (use_dora=True) only; PEFT reports: {err}. "
+                f"qlora's LoraQuantizedLinear supports plain LoRA and DoRA (use_dora=True) only; PEFT reports: {err}. "
                 "Unset the other LoRA variant options (alora_invocation_tokens, arrow_config, velora_config, ...)."
             ) from err
 
@@ -107,11 +108,11 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         init = config.init_lora_weights
         if not (init is True or init is False or (isinstance(init, str) and init.lower() == "gaussian")):
             raise NotImplementedError(
-                f"init_lora_weights={init!r} is not supported on 4-bit layers (it reads or rewrites the dense "
+                f"init_lora_weights={init!r} is not supported on quantized layers (it reads or rewrites the dense "
                 f"base weight); use one of {list(_SUPPORTED_INITS)}"
             )
         if config.fan_in_fan_out:
-            raise ValueError("fan_in_fan_out=True does not apply to Linear4bit, whose weight is [out, in]; "
+            raise ValueError("fan_in_fan_out=True does not apply to a QuantizedLinear, whose weight is [out, in]; "
                              "leave fan_in_fan_out=False")
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
@@ -162,6 +163,9 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+LoraLinear4bit = LoraQuantizedLinear  # the earlier name
+
+
 # ---- configuration ----------------------------------------------------------------------------
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -171,7 +175,7 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    """Full names of the Linear4bit and nn.Linear modules, the output head excluded.
+    """Full names of the QuantizedLinear and nn.Linear modules, the output head excluded.
 
     On a model that already carries adapters, the wrapped layer is listed under the wrapper's name
     and the adapters' own lora_A / lora_B linears are left out.
@@ -183,7 +187,7 @@ def _linear_names(model: nn.Module) -> list[str]:
     found = []
     for name, module in model.named_modules():
         name = name.removesuffix(".base_layer")
-        if isinstance(module, (Linear4bit, nn.Linear)) and id(module) not in adapter_parts and name not in heads:
+        if isinstance(module, (QuantizedLinear, nn.Linear)) and id(module) not in adapter_parts and name not in heads:
             found.append(name)
     return found
 
@@ -191,8 +195,8 @@ def _linear_names(model: nn.Module) -> list[str]:
 def resolve_target_modules(model: nn.Module, target_modules: str | list[str] = "all-linear") -> list[str] | str:
     """The module names LoraConfig.target_modules should get.
 
-    "all-linear" -> the leaf names (["q_proj", "k_proj", ...]) of every Linear4bit and nn.Linear
-    except the output head (PEFT's own "all-linear" does not see Linear4bit). A leaf name that
+    "all-linear" -> the leaf names (["q_proj", "k_proj", ...]) of every QuantizedLinear and nn.Linear
+    except the output head (PEFT's own "all-linear" does not see QuantizedLinear). A leaf name that
     would also match a module that is not a target (the head, a non-linear module) is replaced by
     the full names of its linear modules. A list is checked: every name must be a module name or a
     module name suffix in the model. Any other string passes through (PEFT reads it as a regex).
@@ -203,7 +207,7 @@ def resolve_target_modules(model: nn.Module, target_modules: str | list[str] = "
         if target_modules != "all-linear":
             return target_modules
         if not linears:
-            raise ValueError(f"{type(model).__name__} has no Linear4bit or nn.Linear layer besides the output head; "
+            raise ValueError(f"{type(model).__name__} has no quantized or nn.Linear layer besides the output head; "
                              "there is nothing for target_modules='all-linear' to adapt")
         wanted, resolved = set(linears), []
         for leaf in dict.fromkeys(name.rsplit(".", 1)[-1] for name in linears):
@@ -223,7 +227,7 @@ def resolve_target_modules(model: nn.Module, target_modules: str | list[str] = "
 
 
 def lora_config(model: Optional[nn.Module] = None, **kwargs: Any) -> LoraConfig:
-    """A peft.LoraConfig with Linear4bit registered for LoraLinear4bit.
+    """A peft.LoraConfig with QuantizedLinear registered for LoraQuantizedLinear.
 
     kwargs are LoraConfig's. With `model`, target_modules (default "all-linear") is resolved
     against it first; without, target_modules must already be names PEFT understands.
@@ -242,12 +246,12 @@ make_lora_config = lora_config
 
 
 def register(config: LoraConfig) -> LoraConfig:
-    """Register LoraLinear4bit for Linear4bit on an existing LoraConfig (PEFT's dynamic dispatch).
+    """Register LoraQuantizedLinear for QuantizedLinear on a LoraConfig (PEFT's dynamic dispatch).
 
     The registration is not saved in adapter_config.json: a config read back from disk needs it
     again before it is applied to a 4-bit model (load_lora does this).
     """
-    config._register_custom_module({Linear4bit: LoraLinear4bit})
+    config._register_custom_module({QuantizedLinear: LoraQuantizedLinear})
     return config
 
 
@@ -277,7 +281,7 @@ def attach_lora(model: nn.Module, *, r: int = 8, lora_alpha: int = 16, lora_drop
 
 def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",
               is_trainable: bool = False) -> PeftModel:
-    """PeftModel.from_pretrained for a 4-bit model: the saved config, with Linear4bit registered."""
+    """PeftModel.from_pretrained for a quantized model: the saved config, with QuantizedLinear registered."""
     config = register(LoraConfig.from_pretrained(str(adapter_dir)))
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name,
                                      is_trainable=is_trainable, config=config)
@@ -292,11 +296,11 @@ def base_model(model: nn.Module) -> nn.Module:
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts.
 
-    A Linear4bit weight counts as its logical out*in elements, not its packed bytes (two codes a
+    A QuantizedLinear weight counts as its logical out*in elements, not its packed bytes (two codes a
     byte, or fewer elements still with a wider quant_storage), so that the total matches the
     dense model's.
     """
-    logical = {id(m.weight): m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit)}
+    logical = {id(m.weight): m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear)}
     trainable = total = 0
     for param in model.parameters():
         count = logical.get(id(param), param.numel())

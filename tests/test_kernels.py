@@ -39,12 +39,12 @@ def triton_backend():
 def quantized(shape, quant_type="nf4", blocksize=64, double_quant=True, storage=torch.uint8, device="cpu"):
     w = torch.randn(shape, device=device) * 0.05
     packed, state = qlora.quantize_4bit(w, quant_type, blocksize, double_quant, quant_storage=storage)
-    return packed, state.kernel_args()
+    return state.packed_view(packed)
 
 
-def dense(packed, args, dtype):
+def dense(weight, dtype):
     """The fp64 weight the kernels compute with: dequantized exactly, rounded to the compute dtype."""
-    return reference.dequantize_4bit(packed, **{**args, "dtype": torch.float32}).to(dtype).double()
+    return reference.dequantize_4bit_torch(weight, torch.float32).to(dtype).double()
 
 
 def nan_like(shape, dtype, device="cpu"):
@@ -71,28 +71,28 @@ DEQUANT_CASES = [
 @interpreter_only
 @pytest.mark.parametrize("shape, quant_type, blocksize, double_quant, storage", DEQUANT_CASES)
 def test_interp_dequantize_bit_exact(shape, quant_type, blocksize, double_quant, storage):
-    from qlora.kernels.dequantize import dequantize_4bit
+    from qlora.kernels.dequantize import dequantize_4bit_triton
 
-    packed, args = quantized(shape, quant_type, blocksize, double_quant, storage)
+    weight = quantized(shape, quant_type, blocksize, double_quant, storage)
     for dtype in (torch.float32, torch.float16):
-        out = dequantize_4bit(packed, **args, dtype=dtype, out=nan_like(shape, dtype))
-        assert torch.equal(out, reference.dequantize_4bit(packed, **args, dtype=dtype)), dtype
+        out = dequantize_4bit_triton(weight, dtype, out=nan_like(shape, dtype))
+        assert torch.equal(out, reference.dequantize_4bit_torch(weight, dtype)), dtype
 
 
 @interpreter_only
 def test_interp_dequantize_float_storage_with_nan_bit_patterns():
     # Every byte value, fp16 storage: some 16-bit words are NaNs, which float arithmetic would
     # canonicalise. Reinterpreted as bytes they must decode exactly like the uint8 packing.
-    from qlora.kernels.dequantize import dequantize_4bit
+    from qlora.kernels.dequantize import dequantize_4bit_triton
 
     shape = (40, 64)
-    packed, args = quantized(shape, "nf4", 64, True)
-    packed_bytes = torch.randint(0, 256, packed.shape, dtype=torch.uint8)
+    weight = quantized(shape, "nf4", 64, True)
+    packed_bytes = torch.randint(0, 256, weight.packed.shape, dtype=torch.uint8)
     packed_bytes[:256, 0] = torch.arange(256, dtype=torch.uint8)
     as_fp16 = packed_bytes.reshape(-1).view(torch.float16)
     assert as_fp16.isnan().any()
-    out = dequantize_4bit(as_fp16, **args, dtype=torch.float32, out=nan_like(shape, torch.float32))
-    assert torch.equal(out, reference.dequantize_4bit(packed_bytes, **args, dtype=torch.float32))
+    out = dequantize_4bit_triton(weight._replace(packed=as_fp16), torch.float32, out=nan_like(shape, torch.float32))
+    assert torch.equal(out, reference.dequantize_4bit_torch(weight._replace(packed=packed_bytes), torch.float32))
 
 
 # ---- matmul: fused, GEMV and dequantize-then-matmul, forward and backward -----------------------
@@ -116,8 +116,8 @@ def test_interp_kernel_forward_and_grad_input(kernel, dtype, m, out_features, in
     from qlora.kernels.gemv import gemv_4bit, gemv_workspace_shape
     from qlora.kernels.matmul import matmul_4bit_fused
 
-    packed, args = quantized((out_features, in_features), quant_type, blocksize, double_quant)
-    w = dense(packed, args, dtype)
+    weight = quantized((out_features, in_features), quant_type, blocksize, double_quant)
+    w = dense(weight, dtype)
     x = torch.randn(in_features, m, dtype=dtype).T  # non-contiguous rows
     grad_y = torch.randn(m, out_features, dtype=dtype)
     bias = torch.randn(out_features, dtype=dtype)
@@ -125,12 +125,12 @@ def test_interp_kernel_forward_and_grad_input(kernel, dtype, m, out_features, in
     for a, transpose_weight, b, expected in products:
         out = nan_like(tuple(expected.shape), dtype)
         if kernel == "fused":
-            matmul_4bit_fused(a, packed, **args, transpose_weight=transpose_weight, bias=b, out=out)
+            matmul_4bit_fused(a, weight, transpose_weight, bias=b, out=out)
         else:
-            workspace = nan_like(gemv_workspace_shape(m, args["shape"], args["blocksize"], transpose_weight, a.device),
+            workspace = nan_like(gemv_workspace_shape(m, weight.shape, weight.blocksize, transpose_weight, a.device),
                                  torch.float32)
             assert workspace.shape[0] > 1  # split-K really splits here
-            gemv_4bit(a, packed, **args, transpose_weight=transpose_weight, bias=b, out=out, workspace=workspace)
+            gemv_4bit(a, weight, transpose_weight=transpose_weight, bias=b, out=out, workspace=workspace)
         assert not out.isnan().any()
         assert rel_err(out, expected) < TOLERANCE[dtype], (transpose_weight, rel_err(out, expected))
 
@@ -140,11 +140,11 @@ def test_interp_kernel_forward_and_grad_input(kernel, dtype, m, out_features, in
 def test_interp_linear_4bit_autograd(triton_backend, path, m):
     # Through the custom op and the autograd Function; 3-D input, bias, fp16.
     dtype = torch.float16
-    packed, args = quantized((96, 320), "nf4", 64, True)
-    w = dense(packed, args, dtype)
+    weight = quantized((96, 320), "nf4", 64, True)
+    w = dense(weight, dtype)
     x = torch.randn(1, m, 320, dtype=dtype, requires_grad=True)
     bias = torch.randn(96, dtype=dtype, requires_grad=True)
-    y = linear_4bit(x, packed, bias=bias, path=path, **args)
+    y = linear_4bit(x, weight, bias=bias, path=path)
     grad_y = torch.randn_like(y)
     y.backward(grad_y)
     assert y.shape == (1, m, 96) and y.dtype == dtype
@@ -176,12 +176,11 @@ def test_interp_dequantize_op_dispatches_to_triton(triton_backend, monkeypatch):
     from qlora.kernels import dequantize
 
     calls = []
-    original = dequantize.dequantize_4bit
-    monkeypatch.setattr(dequantize, "dequantize_4bit", lambda *a, **k: calls.append(1) or original(*a, **k))
-    packed, args = quantized((37, 95), "nf4", 64, True)
-    out = ops.dequantize_4bit_op(packed, args["absmax"], args["code"], args["nested_absmax"], args["nested_code"],
-                                 args["offset"], 64, 256, [37, 95], torch.float32)
-    assert calls and torch.equal(out, reference.dequantize_4bit(packed, **args, dtype=torch.float32))
+    original = dequantize.dequantize_4bit_triton
+    monkeypatch.setattr(dequantize, "dequantize_4bit_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
+    weight = quantized((37, 95), "nf4", 64, True)
+    out = ops.dequantize_4bit_op(*weight, torch.float32)
+    assert calls and torch.equal(out, reference.dequantize_4bit_torch(weight, torch.float32))
 
 
 # ---- CPU: dispatch, errors, torch.compile ---------------------------------------------------------
@@ -222,37 +221,36 @@ def test_backend_switch(monkeypatch):
 
 def test_input_errors(monkeypatch):
     monkeypatch.setenv("QLORA_BACKEND", "torch")
-    packed, args = quantized((32, 64))
+    weight = quantized((32, 64))
     x = torch.randn(3, 64)
     with pytest.raises(TypeError, match="input must be float32, float16 or bfloat16, got torch.int64"):
-        linear_4bit(torch.ones(3, 64, dtype=torch.long), packed, **args)
+        linear_4bit(torch.ones(3, 64, dtype=torch.long), weight)
     with pytest.raises(ValueError, match="input has 63 features"):
-        linear_4bit(torch.randn(3, 63), packed, **args)
+        linear_4bit(torch.randn(3, 63), weight)
     with pytest.raises(ValueError, match=r"packed weight has 1024 bytes, shape \[32, 65\] needs 1040"):
-        linear_4bit(torch.randn(3, 65), packed, **{**args, "shape": (32, 65)})
+        linear_4bit(torch.randn(3, 65), weight._replace(shape=(32, 65)))
     with pytest.raises(ValueError, match="blocksize must be a power of two in \\[32, 4096\\], got 48"):
-        linear_4bit(x, packed, **{**args, "blocksize": 48})
+        linear_4bit(x, weight._replace(blocksize=48))
     with pytest.raises(TypeError, match="with double quantization absmax holds uint8 codes, got torch.float32"):
-        linear_4bit(x, packed, **{**args, "absmax": args["absmax"].float()})
+        linear_4bit(x, weight._replace(absmax=weight.absmax.float()))
     with pytest.raises(ValueError, match="nested_absmax, nested_code and offset together"):
-        linear_4bit(x, packed, **{**args, "offset": None})
+        linear_4bit(x, weight._replace(offset=None))
     with pytest.raises(TypeError, match="storage must be one of uint8.*got torch.int32"):
-        linear_4bit(x, packed.reshape(-1).view(torch.int32), **args)
+        linear_4bit(x, weight._replace(packed=weight.packed.reshape(-1).view(torch.int32)))
     with pytest.raises(ValueError, match=r"bias has shape \[31\]"):
-        linear_4bit(x, packed, bias=torch.randn(31), **args)
+        linear_4bit(x, weight, bias=torch.randn(31))
     with pytest.raises(ValueError, match="path='fused' is a Triton kernel, but the backend here is the PyTorch reference"):
-        linear_4bit(x, packed, path="fused", **args)
+        linear_4bit(x, weight, path="fused")
     with pytest.raises(ValueError, match="path must be one of"):
-        linear_4bit(x, packed, path="cublas", **args)
+        linear_4bit(x, weight, path="cublas")
 
 
 def test_custom_ops_pass_opcheck():
-    packed, args = quantized((37, 95), "nf4", 64, True)
-    weight = [args[k] for k in ("absmax", "code", "nested_absmax", "nested_code", "offset")]
-    torch.library.opcheck(ops.dequantize_4bit_op, (packed, *weight, 64, 256, [37, 95], torch.float16))
+    weight = quantized((37, 95), "nf4", 64, True)
+    torch.library.opcheck(ops.dequantize_4bit_op, (*weight[:-1], [37, 95], torch.float16))
     x = torch.randn(5, 95)
-    torch.library.opcheck(ops.matmul_4bit_op, (x, packed, *weight, torch.randn(37), 64, 256, [37, 95], True, "auto"))
-    torch.library.opcheck(ops.matmul_4bit_op, (torch.randn(5, 37), packed, *weight, None, 64, 256, [37, 95], False, "auto"))
+    torch.library.opcheck(ops.matmul_4bit_op, (x, *weight[:-1], [37, 95], torch.randn(37), True, "auto"))
+    torch.library.opcheck(ops.matmul_4bit_op, (torch.randn(5, 37), *weight[:-1], [37, 95], None, False, "auto"))
 
 
 def test_compile_fullgraph_forward_and_backward(monkeypatch):
@@ -274,12 +272,12 @@ def test_compile_fullgraph_forward_and_backward(monkeypatch):
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
 @pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", False)])
 def test_gpu_dequantize_bit_exact(dtype, quant_type, double_quant):
-    from qlora.kernels.dequantize import dequantize_4bit
+    from qlora.kernels.dequantize import dequantize_4bit_triton
 
     shape = (4097, 4095)  # odd numel
-    packed, args = quantized(shape, quant_type, 64, double_quant, device="cuda")
-    out = dequantize_4bit(packed, **args, dtype=dtype, out=nan_like(shape, dtype, "cuda"))
-    assert torch.equal(out, reference.dequantize_4bit(packed, **args, dtype=dtype))
+    weight = quantized(shape, quant_type, 64, double_quant, device="cuda")
+    out = dequantize_4bit_triton(weight, dtype, out=nan_like(shape, dtype, "cuda"))
+    assert torch.equal(out, reference.dequantize_4bit_torch(weight, dtype))
 
 
 @requires_cuda
@@ -288,10 +286,10 @@ def test_gpu_dequantize_bit_exact(dtype, quant_type, double_quant):
 def test_gpu_linear_4bit_paths(dtype, path, m):
     set_backend("triton")
     try:
-        packed, args = quantized((4096, 4104), "nf4", 64, True, device="cuda")
-        w = dense(packed, args, dtype).float()
+        weight = quantized((4096, 4104), "nf4", 64, True, device="cuda")
+        w = dense(weight, dtype).float()
         x = torch.randn(m, 4104, dtype=dtype, device="cuda", requires_grad=True)
-        y = linear_4bit(x, packed, path=path, **args)
+        y = linear_4bit(x, weight, path=path)
         grad_y = torch.randn_like(y)
         y.backward(grad_y)
         assert rel_err(y, x.float() @ w.T) < TOLERANCE[dtype]
@@ -304,18 +302,18 @@ def test_gpu_linear_4bit_paths(dtype, path, m):
 def test_gpu_gemv_cuda_graph_replay():
     from qlora.kernels.gemv import gemv_4bit, gemv_workspace_shape
 
-    packed, args = quantized((4096, 4096), "nf4", 64, True, device="cuda")
+    weight = quantized((4096, 4096), "nf4", 64, True, device="cuda")
     x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
     out = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
     workspace = torch.empty(gemv_workspace_shape(1, (4096, 4096), 64, True, x.device), device="cuda")
-    gemv_4bit(x, packed, **args, out=out, workspace=workspace)  # compile outside the capture
+    gemv_4bit(x, weight, out=out, workspace=workspace)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        gemv_4bit(x, packed, **args, out=out, workspace=workspace)
+        gemv_4bit(x, weight, out=out, workspace=workspace)
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
-    w = dense(packed, args, torch.bfloat16).float()
+    w = dense(weight, torch.bfloat16).float()
     assert rel_err(out, x.float() @ w.T) < TOLERANCE[torch.bfloat16]
 
 

@@ -23,25 +23,25 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def quantized(shape, double_quant=True):
     packed, state = qlora.quantize_4bit(torch.randn(shape) * 0.05, "nf4", 64, double_quant)
-    return packed, state.kernel_args()
+    return state.packed_view(packed)
 
 
 def compile_4bit_launches(arch, dtype, double_quant=True):
     """Compile each launcher at the M values that select each of its block configurations."""
-    from qlora.kernels.dequantize import dequantize_4bit
+    from qlora.kernels.dequantize import dequantize_4bit_triton
     from qlora.kernels.gemv import gemv_4bit
     from qlora.kernels.matmul import matmul_4bit_fused
 
     out_features, in_features = 96, 320
-    packed, args = quantized((out_features, in_features), double_quant)
+    weight = quantized((out_features, in_features), double_quant)
     bias = torch.randn(out_features, dtype=dtype)
     with launch.compile_only(arch) as compiled:
-        dequantize_4bit(packed, **args, dtype=dtype)
+        dequantize_4bit_triton(weight, dtype)
         for m in (16, 32, 37):  # BLOCK_M 16, 32, 64
-            matmul_4bit_fused(torch.randn(m, in_features, dtype=dtype), packed, **args, transpose_weight=True, bias=bias)
-        matmul_4bit_fused(torch.randn(37, out_features, dtype=dtype), packed, **args, transpose_weight=False)
+            matmul_4bit_fused(torch.randn(m, in_features, dtype=dtype), weight, transpose_weight=True, bias=bias)
+        matmul_4bit_fused(torch.randn(37, out_features, dtype=dtype), weight, transpose_weight=False)
         for m in (1, 4, 37):  # BLOCK_M 1 (decode), 4, and 16 (rows spread over three programs)
-            gemv_4bit(torch.randn(m, in_features, dtype=dtype), packed, **args, transpose_weight=True, bias=bias)
+            gemv_4bit(torch.randn(m, in_features, dtype=dtype), weight, transpose_weight=True, bias=bias)
     return compiled
 
 
@@ -94,12 +94,12 @@ def test_adamw8bit_kernel_compiles_without_spills(arch, grad_dtype):
 
 
 def test_compile_only_runs_nothing_and_restores_the_driver():
-    from qlora.kernels.dequantize import dequantize_4bit
+    from qlora.kernels.dequantize import dequantize_4bit_triton
 
-    packed, args = quantized((8, 64))
+    weight = quantized((8, 64))
     out = torch.full((8, 64), 7.0)
     with launch.compile_only(90) as compiled:
-        dequantize_4bit(packed, **args, dtype=torch.float32, out=out)
+        dequantize_4bit_triton(weight, torch.float32, out=out)
         with pytest.raises(RuntimeError, match="do not nest"):
             with launch.compile_only(80):
                 pass

@@ -208,7 +208,7 @@ def test_merge_is_refused_with_the_alternative(checkpoints):
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa' is not supported on 4-bit layers"),
+    (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa' is not supported on quantized layers"),
     (dict(alora_invocation_tokens=[1, 2]), r"supports plain LoRA and DoRA \(use_dora=True\) only"),
 ])
 def test_unsupported_options(checkpoints, options, message):

@@ -127,8 +127,9 @@ def _update_config_record(directory: Path, record: dict) -> None:
 
 def _readme(record: dict, format: str, gguf_type: str) -> str:
     q = record["quantization"]
-    quant = (f"{q['quant_type']}, double quant {q['double_quant']}, blocksize {q['blocksize']}, "
-             f"dense modules {q['skip_modules']} (from the {record['quantization_from']})")
+    layout = (f"{q['quant_type']}, double quant {q['double_quant']}, blocksize {q['blocksize']}"
+              if "quant_type" in q else f"format {q['format']} ({q['quantization_config']})")
+    quant = f"{layout}, dense modules {q['skip_modules']} (from the {record['quantization_from']})"
     if record["base"] == "dequantized":
         how = ("The adapter was merged into **dequant(NF4(W))**, the base weights exactly as training saw them: "
                + ("the packed 4-bit tensors of the pre-quantized base were decoded in fp32"

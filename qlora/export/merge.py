@@ -26,13 +26,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 
-from qlora.config import QuantConfig
+from qlora.config import QuantConfig, quant_config_from_any
 from qlora.export.source import AdapterSource
 from qlora.export.writer import ShardWriter
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
-from qlora.models.loading import _build_skeleton, _checkpoint_names, replace_linear_layers
-from qlora.models.saving import _TOKENIZER_FILES, parse_size
-from qlora.quant import QuantState, dequantize_4bit, quantize_4bit
+from qlora.models.loading import build_skeleton, checkpoint_names, layer_checkpoint_tensors, replace_linear_layers
+from qlora.models.saving import TOKENIZER_FILES, parse_size
+from qlora.quant import get_format
 
 BASES = ("dequantized", "original")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": None}
@@ -154,7 +154,7 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
         if original is not None:
             raise ValueError("original=<path> applies to base='original' only; drop it or set base='original'")
         weights_dir = base_dir
-    qconfig = QuantConfig.from_any(saved_q.to_dict() if hasattr(saved_q, "to_dict") else saved_q) \
+    qconfig = quant_config_from_any(saved_q.to_dict() if hasattr(saved_q, "to_dict") else saved_q) \
         if prequantized else source.qconfig
     dequantize_base = base == "dequantized"
     read_packed = dequantize_base and prequantized
@@ -162,7 +162,7 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
     lora_config, modules = read_adapter(source.adapter_dir)
     if lora_config.use_dora and lora_config.lora_bias:
         raise NotImplementedError("DoRA adapters with lora_bias=True are not supported by the merge")
-    skeleton = _build_skeleton(base_config, torch.float32, source.trust_remote_code)
+    skeleton = build_skeleton(base_config, torch.float32, source.trust_remote_code)
     _check_adapter_matches(skeleton, modules, source.base, source.adapter_dir)
     tied = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)} - {n for n, _ in skeleton.named_parameters()}
     output_names = [n for n in skeleton.state_dict() if n not in tied]
@@ -182,18 +182,19 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
     }
     writer = ShardWriter(directory, parse_size(max_shard_size))
     with ShardReader(weights_dir) as reader:
-        names = _checkpoint_names(skeleton, reader)
+        names = checkpoint_names(skeleton, reader)
         bar = tqdm(total=len(output_names), desc="merging", unit="tensor", disable=not progress)
         for name in output_names:
             key = names.get(name)
-            if key is None:
+            packed_layer = read_packed and name.endswith(".weight") and name.rpartition(".")[0] in quantized
+            if key is None and not packed_layer:
                 if name in dict(skeleton.named_parameters()):
                     raise ValueError(f"the base checkpoint {weights_dir} has no tensor for {name}; it is incomplete "
                                      "or belongs to another architecture")
                 bar.update()
                 continue  # a persistent buffer the checkpoint does not carry: from_pretrained rebuilds it
             # One function call per tensor: its locals (the dense read, the fp32 copy) die on return.
-            writer.add(name, _merged_tensor(name, key, reader, modules, quantized, qconfig, read_packed,
+            writer.add(name, _merged_tensor(name, key, reader, names, modules, quantized, qconfig, read_packed,
                                             lora_config, out_dtype))
             bar.update()
         bar.close()
@@ -204,20 +205,24 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
     return record
 
 
-def _merged_tensor(name, key, reader, modules, quantized, qconfig, read_packed, lora_config, out_dtype) -> torch.Tensor:
+def _merged_tensor(name, key, reader, names, modules, quantized, qconfig, read_packed, lora_config, out_dtype) -> torch.Tensor:
     module, _, attr = name.rpartition(".")
-    if read_packed and f"{key}.absmax" in reader:
-        pieces = {k[len(key) + 1:]: reader.get(k) for k in reader.with_prefix(key + ".")}
-        state = QuantState.from_dict(pieces, where=key)
-        source_dtype = state.dtype
-        tensor = dequantize_4bit(reader.get(key), state, torch.float32)
+    weight_cls = get_format(qconfig.format)
+    if read_packed and module in quantized and attr == "weight":
+        # A pre-quantized base: decode the layer's own entries, in the format's checkpoint form.
+        found = layer_checkpoint_tensors(reader, names, module, weight_cls.data_key)
+        if found is None:
+            raise ValueError(f"the base checkpoint has no {weight_cls.data_key!r} entry for {module}; it is incomplete")
+        prefix, pieces = found
+        weight = weight_cls.from_checkpoint(pieces, where=prefix + weight_cls.data_key)
+        source_dtype = weight.dtype
+        tensor = weight.dequantize(torch.float32)
     else:
         tensor = reader.get(key)
         source_dtype = tensor.dtype
         if module in quantized and attr == "weight":
             # Bit-exact with what load_model built for training, then decoded in fp32.
-            packed, state = quantize_4bit(tensor, qconfig.quant_type, qconfig.blocksize, qconfig.double_quant)
-            tensor = dequantize_4bit(packed, state, torch.float32)
+            tensor = weight_cls.quantize(tensor, **qconfig.weight_options()).dequantize(torch.float32)
     parts = modules.get(module)
     if parts is not None and attr == "weight":
         tensor, _ = _peft_merged_weight(tensor.float(), None, parts, lora_config, module)
@@ -228,9 +233,12 @@ def _merged_tensor(name, key, reader, modules, quantized, qconfig, read_packed, 
     return tensor.to(out_dtype or source_dtype)
 
 
-def _qconfig_record(qconfig: QuantConfig) -> dict:
-    return {"quant_type": qconfig.quant_type, "double_quant": qconfig.double_quant, "blocksize": qconfig.blocksize,
-            "skip_modules": list(qconfig.skip_modules)}
+def _qconfig_record(qconfig) -> dict:
+    record = {"format": qconfig.format, "skip_modules": list(qconfig.skip_modules),
+              "quantization_config": qconfig.to_hf_dict()}
+    if isinstance(qconfig, QuantConfig):  # the 4-bit fields by name, as format="nf4" re-quantizes with them
+        record.update(quant_type=qconfig.quant_type, double_quant=qconfig.double_quant, blocksize=qconfig.blocksize)
+    return record
 
 
 def _write_config(base_config, directory: Path, out_dtype, record: dict) -> None:
@@ -246,7 +254,7 @@ def _write_config(base_config, directory: Path, out_dtype, record: dict) -> None
 def _copy_side_files(source: AdapterSource, base_dir: Path, directory: Path, base_config) -> None:
     """Tokenizer (the run's own copy in the adapter dir first: it may set a pad token) and generation config."""
     tokenizer_dir = source.adapter_dir if (source.adapter_dir / "tokenizer_config.json").is_file() else base_dir
-    for name in _TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy2(tokenizer_dir / name, directory / name)
     if (base_dir / "generation_config.json").is_file():

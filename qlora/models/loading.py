@@ -18,10 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from qlora.config import QuantConfig
+from qlora.config import quant_config_from_any
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
-from qlora.nn import Linear4bit
-from qlora.quant import QuantState
+from qlora.nn.quantized import layer_class
 
 logger = logging.getLogger(__name__)
 
@@ -55,26 +54,26 @@ def load_model(
     saved = getattr(config, "quantization_config", None)
     prequantized = saved is not None
     if prequantized:
-        qconfig = QuantConfig.from_any(saved.to_dict() if hasattr(saved, "to_dict") else saved)
+        qconfig = quant_config_from_any(saved.to_dict() if hasattr(saved, "to_dict") else saved)
         if quantization_config is not None:
-            qconfig.compute_dtype = QuantConfig.from_any(quantization_config).compute_dtype
+            qconfig.compute_dtype = quant_config_from_any(quantization_config).compute_dtype
     else:
-        qconfig = QuantConfig.from_any(quantization_config)
+        qconfig = quant_config_from_any(quantization_config)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or qconfig.compute_dtype
 
-    model = _build_skeleton(config, dtype, trust_remote_code, attn_implementation)
+    model = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
     targets = replace_linear_layers(model, qconfig)
     with ShardReader(directory) as reader:
         _load_tensors(model, reader, targets, device, prequantized, progress)
-    model.config.quantization_config = qconfig.to_bnb_dict()
+    model.config.quantization_config = qconfig.to_hf_dict()
     model.config.name_or_path = str(name_or_path)
     model.qlora_checkpoint_dir = str(directory)  # save_model copies the tokenizer files from here
     model.eval()
     return model
 
 
-def _build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool, attn_implementation=None) -> PreTrainedModel:
+def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool, attn_implementation=None) -> PreTrainedModel:
     config = copy.deepcopy(config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the skeleton is plain; quantization is ours to do
@@ -94,8 +93,10 @@ def _never_quantized(model: PreTrainedModel) -> set[str]:
     return names
 
 
-def replace_linear_layers(model: nn.Module, qconfig: QuantConfig) -> list[str]:
-    """Swap every target nn.Linear for a Linear4bit placeholder; returns the swapped names."""
+def replace_linear_layers(model: nn.Module, qconfig) -> list[str]:
+    """Swap every target nn.Linear for a placeholder of qconfig's format (the QuantizedLinear
+    subclass registered for it: Linear4bit for NF4/FP4); returns the swapped names."""
+    layer_cls = layer_class(qconfig.format)
     skip = _never_quantized(model) if isinstance(model, PreTrainedModel) else set()
     swapped = []
     for name, module in list(model.named_modules()):
@@ -103,15 +104,16 @@ def replace_linear_layers(model: nn.Module, qconfig: QuantConfig) -> list[str]:
             continue
         if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in qconfig.skip_modules):
             continue
-        layer = Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                           device=module.weight.device, **qconfig.layer_options())
+        layer = layer_cls(module.in_features, module.out_features, bias=module.bias is not None,
+                          format=qconfig.format, compute_dtype=qconfig.compute_dtype, device=module.weight.device,
+                          **qconfig.weight_options())
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
         swapped.append(name)
     return swapped
 
 
-def _checkpoint_names(model: PreTrainedModel, reader: ShardReader) -> dict[str, str]:
+def checkpoint_names(model: PreTrainedModel, reader: ShardReader) -> dict[str, str]:
     """Model tensor name -> checkpoint key.
 
     Checkpoints may spell names the way older transformers did (GPT-NeoX's "embed_out" is now
@@ -145,8 +147,25 @@ def _checkpoint_names(model: PreTrainedModel, reader: ShardReader) -> dict[str, 
     return names
 
 
+def layer_checkpoint_tensors(reader: ShardReader, names: dict[str, str], module_name: str,
+                             data_key: str) -> Optional[tuple[str, dict[str, torch.Tensor]]]:
+    """(checkpoint prefix, {key relative to it: tensor}) of one quantized layer's entries, its bias
+    left out; None when the checkpoint has no entry `data_key` for the layer."""
+    key = names.get(f"{module_name}.{data_key}") or names.get(f"{module_name}.weight")
+    prefix = key.rpartition(".")[0] + "." if key else None
+    if prefix is None or f"{prefix}{data_key}" not in reader:
+        # A format whose entries the model has no parameter for (GPTQ's qweight): the same prefix rule.
+        candidates = [f"{module_name}.", module_name.partition(".")[2] + "."]
+        prefix = next((c for c in candidates if c != "." and f"{c}{data_key}" in reader), None)
+    if prefix is None:
+        return None
+    # A linear layer has no submodules: every key under its prefix but the bias is the weight's.
+    pieces = {k[len(prefix):]: reader.get(k) for k in reader.with_prefix(prefix) if k != prefix + "bias"}
+    return prefix, pieces
+
+
 def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequantized: bool, progress: bool):
-    names = _checkpoint_names(model, reader)
+    names = checkpoint_names(model, reader)
     target_set = set(targets)
     used: set[str] = set()
     missing: list[str] = []
@@ -156,27 +175,28 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
     bar = tqdm(total=len(entries) + len(dense), desc="loading (4-bit)", unit="tensor", disable=not progress)
 
     for name, layer in entries:
+        if prequantized:
+            pieces = layer_checkpoint_tensors(reader, names, name, type(layer.quantized_weight).data_key)
+            if pieces is None:
+                missing.append(f"{name}.{type(layer.quantized_weight).data_key}")
+                bar.update()
+                continue
+            prefix, pieces = pieces
+            used.update(prefix + k for k in pieces)
+            weight_cls = type(layer.quantized_weight)
+            layer.hold(weight_cls.from_checkpoint(pieces, device=device, where=prefix + weight_cls.data_key))
+            bar.update()
+            continue
         key = names.get(f"{name}.weight")
         if key is None:
             missing.append(f"{name}.weight")
             bar.update()
             continue
         used.add(key)
-        if prequantized:
-            pieces = {k[len(key) + 1:]: reader.get(k) for k in reader.with_prefix(key + ".")}
-            used.update(f"{key}.{k}" for k in pieces)
-            if not pieces:
-                raise ValueError(
-                    f"{key}: the checkpoint says it is bitsandbytes-quantized but has no quant_state for this "
-                    "weight; the file is damaged, or the layer should be in llm_int8_skip_modules"
-                )
-            state = QuantState.from_dict(pieces, device=device, where=key)
-            layer.set_quantized(reader.get(key).to(device), state)
-        else:
-            weight = reader.get(key)
-            _check_shape(key, weight, (layer.out_features, layer.in_features))
-            layer.set_weight(weight.to(device))
-            del weight
+        weight = reader.get(key)
+        _check_shape(key, weight, (layer.out_features, layer.in_features))
+        layer.set_weight(weight.to(device))
+        del weight
         bar.update()
 
     for name, param in dense:

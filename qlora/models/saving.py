@@ -14,9 +14,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from qlora.config import QuantConfig
 from qlora.models.checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-from qlora.nn import Linear4bit
+from qlora.nn import QuantizedLinear
 from qlora.staging import staged_directory
 
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
@@ -54,9 +53,9 @@ def save_model(
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} is not empty; pass overwrite=True to replace its contents")
     limit = parse_size(max_shard_size)
-    quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     if not quantized:
-        raise ValueError("the model has no qlora 4-bit layers; load it with qlora.load_model first")
+        raise ValueError("the model has no qlora quantized layers; load it with qlora.load_model first")
 
     with staged_directory(output_dir) as staging:
         _write_weights(model, staging, limit)
@@ -110,20 +109,17 @@ def _write_weights(model, directory: Path, limit: int) -> None:
     (directory / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_config(model, layer: Linear4bit, directory: Path) -> None:
-    qconfig = QuantConfig(
-        quant_type=layer.quant_type, double_quant=layer.double_quant, compute_dtype=layer.compute_dtype,
-        blocksize=layer.blocksize, quant_storage=layer.weight.dtype,
-        skip_modules=(model.config.quantization_config or {}).get("llm_int8_skip_modules")
-        if isinstance(getattr(model.config, "quantization_config", None), dict) else None,
-    )
-    model.config.quantization_config = qconfig.to_bnb_dict()
+def _write_config(model, layer: QuantizedLinear, directory: Path) -> None:
+    saved = getattr(model.config, "quantization_config", None)
+    skip_modules = saved.get("llm_int8_skip_modules") if isinstance(saved, dict) else None
+    # The layers' own layout (a checkpoint's wins over the load-time config) describes what is written.
+    model.config.quantization_config = layer.quant_config(skip_modules=skip_modules).to_hf_dict()
     model.config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(directory)
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
@@ -133,7 +129,7 @@ def _write_tokenizer(model, tokenizer, directory: Path) -> None:
         return
     source = Path(getattr(model, "qlora_checkpoint_dir", None) or getattr(model.config, "name_or_path", "") or "")
     if source.is_dir():
-        for name in _TOKENIZER_FILES:
+        for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, directory / name)
 

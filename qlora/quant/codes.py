@@ -9,10 +9,9 @@ import functools
 
 import torch
 
+from qlora.kernels.formats import ALLOWED_BLOCKSIZES, NESTED_BLOCKSIZE  # noqa: F401  (re-exported)
+
 QUANT_TYPES = ("nf4", "fp4")
-ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-# bitsandbytes always double-quantizes absmax with 256-wide blocks of its signed dynamic map.
-NESTED_BLOCKSIZE = 256
 
 # NF4: quantiles of N(0, 1) normalised to [-1, 1] (QLoRA paper, appendix E); index order = value order.
 NF4_VALUES = (

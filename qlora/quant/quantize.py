@@ -10,36 +10,15 @@ import functools
 
 import torch
 
-from qlora.kernels import reference
-from qlora.quant.codes import (
-    ALLOWED_BLOCKSIZES,
-    NESTED_BLOCKSIZE,
-    QUANT_TYPES,
-    dynamic_map,
-    get_4bit_code,
-    quantize_bounds,
-)
+from qlora.kernels import ops
+from qlora.kernels.formats import FLOAT_DTYPES, NESTED_BLOCKSIZE, check_blocksize, check_storage_dtype
+from qlora.quant.codes import QUANT_TYPES, dynamic_map, get_4bit_code, quantize_bounds
 from qlora.quant.state import QuantState
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
-
-
-def check_blocksize(blocksize: int) -> None:
-    if blocksize not in ALLOWED_BLOCKSIZES:
-        raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize!r}")
 
 
 def check_quant_type(quant_type: str) -> None:
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-
-
-def check_storage_dtype(quant_storage: torch.dtype) -> None:
-    if quant_storage not in STORAGE_DTYPES:
-        raise ValueError(
-            f"quant_storage must be one of uint8, bfloat16, float16, float32, got {quant_storage}"
-        )
 
 
 def _blockwise_absmax_and_scaled(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,8 +158,12 @@ def quantize_4bit(
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Invert `quantize_4bit`: a tensor of `state.shape` in `dtype` (default: the original dtype)."""
+    """Invert `quantize_4bit`: a tensor of `state.shape` in `dtype` (default: the original dtype).
+
+    Runs through the qlora::dequantize_4bit op, so on a GPU it is the Triton kernel (QLORA_BACKEND).
+    A weight of any shape is decoded as the [1, numel] matrix the kernels index, then reshaped.
+    """
     dtype = dtype or state.dtype
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dequantize_4bit can produce float32, float16 or bfloat16, got {dtype}")
-    return reference.dequantize_4bit(packed, dtype=dtype, **state.kernel_args())
+    return ops.dequantize(state.packed_view(packed), dtype).view(state.shape)

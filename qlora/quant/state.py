@@ -13,21 +13,11 @@ from typing import Mapping, Optional
 
 import torch
 
-from qlora.quant.codes import ALLOWED_BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES
+from qlora.kernels.formats import ALLOWED_BLOCKSIZES, NESTED_BLOCKSIZE, dtype_name, parse_dtype
+from qlora.kernels.packed import Packed4bit
+from qlora.quant.codes import QUANT_TYPES
 
 _STATE_KEY_PREFIX = "quant_state.bitsandbytes__"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(name: str, what: str) -> torch.dtype:
-    name = name.removeprefix("torch.") if isinstance(name, str) else name
-    if name not in _DTYPES:
-        raise ValueError(f"{what}: unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
 
 
 @dataclasses.dataclass
@@ -58,25 +48,17 @@ class QuantState:
         return math.prod(self.shape)
 
     def to(self, device: torch.device | str) -> "QuantState":
-        """The same state on `device`; nothing is re-quantized."""
-        moved = {
-            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name)
-            for f in dataclasses.fields(self)
-        }
-        return QuantState(**moved)
+        """The same state on `device`; nothing is re-quantized (a subclass keeps its type and fields)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **moved)
 
-    def kernel_args(self) -> dict:
-        """Keyword arguments of the dequantize/matmul kernels (qlora.kernels)."""
-        return dict(
-            absmax=self.absmax,
-            code=self.code,
-            blocksize=self.blocksize,
-            shape=tuple(self.shape),
-            nested_absmax=self.nested_absmax,
-            nested_code=self.nested_code,
-            offset=self.offset,
-            nested_blocksize=self.nested_blocksize,
-        )
+    def packed_view(self, packed: torch.Tensor) -> Packed4bit:
+        """`packed` with this state as the kernels take it. A weight that is not 2-D is the [1, numel]
+        matrix of its flattened elements (the format is laid out along the flat row-major order)."""
+        shape = tuple(self.shape) if len(self.shape) == 2 else (1, self.numel)
+        return Packed4bit(packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset,
+                          self.blocksize, self.nested_blocksize, shape)
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         """bitsandbytes' serialized form (its `QuantState.as_dict(packed=True)`), key for key."""

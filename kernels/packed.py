@@ -1,0 +1,55 @@
+"""Packed4bit: one packed 4-bit weight as every kernel, check and twin takes it.
+
+The custom ops (ops.py) are the only place it is flattened into arguments, in its field order;
+everything on either side of that boundary passes this one object.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, get_type_hints
+
+import torch
+
+
+class Packed4bit(NamedTuple):
+    """The bytes, the per-block scales and the layout of a 4-bit weight of `shape` [out, in].
+
+    packed: two codes per byte, first element in the high nibble (any storage dtype, reinterpreted).
+    absmax: fp32 per block, or with double quantization uint8 codes of (absmax - offset) in
+        `nested_code`, scaled per `nested_blocksize` codes by `nested_absmax`.
+    code: the 16 fp32 values a nibble decodes to (NF4 or FP4).
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    nested_absmax: Optional[torch.Tensor]
+    nested_code: Optional[torch.Tensor]
+    offset: Optional[torch.Tensor]
+    blocksize: int
+    nested_blocksize: int
+    shape: tuple[int, int]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @classmethod
+    def from_op_args(cls, fields) -> "Packed4bit":
+        """Back from the custom ops' flat arguments (the shape arrives as a list)."""
+        *rest, shape = fields
+        return cls(*rest, tuple(shape))
+
+
+# The fields as a torch.library schema fragment, in field order: both custom ops (ops.py) are
+# declared with it, so the argument list is written here once.
+_SCHEMA_TYPES = {torch.Tensor: "Tensor", Optional[torch.Tensor]: "Tensor?", int: "SymInt", tuple[int, int]: "SymInt[]"}
+OP_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[hint]} {name}" for name, hint in get_type_hints(Packed4bit).items())
