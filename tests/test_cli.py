@@ -18,8 +18,8 @@ pytestmark = pytest.mark.skipif(QLORA is None, reason="the qlora console script 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A real (seconds-long) training run of qlora.train.run on the tiny model."""
-    from qlora.train.run import run
+    """A real (seconds-long) training run of qlora.train.runner on the tiny model."""
+    from qlora.train import run
 
     base = tmp_path_factory.mktemp("cli")
     assets = save_tiny_model_with_tokenizer(base / "model"), write_copy_task(base / "task.jsonl")

@@ -22,7 +22,7 @@ TOKENS = torch.tensor([[1, 5, 9, 33, 70, 101, 4, 12, 8, 64], [1, 127, 3, 45, 46,
 
 def make_run(run_dir: Path, model_dir: Path, *, use_dora=False, use_rslora=False, compute_dtype="float32",
              steps=3) -> Path:
-    """A run dir as qlora.train.run leaves it (config.yaml + adapter/), from a few optimizer steps.
+    """A run dir as qlora.train.runner leaves it (config.yaml + adapter/), from a few optimizer steps.
 
     init_lora_weights=False starts B non-zero and the steps move A and B (and DoRA's magnitude), so the
     merge is far from trivial.
