@@ -17,14 +17,19 @@ ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n###
 ALPACA_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
+def _present_fields(record: Mapping[str, Any]) -> str:
+    """The record's fields that hold a value. Readers give every record every column (null where a line
+    lacks it), and load_records adds `source_index`: neither is a field the user wrote."""
+    return ", ".join(sorted(str(k) for k, v in record.items() if v is not None and k != "source_index")) or "none"
+
+
 def _string_field(record: Mapping[str, Any], field: str, index: int, *, required: bool = True) -> str:
     """`record[field]` as a string, or a DataError that says which record, what is wrong and the fix.
 
     A required field must be a non-blank string. An optional one (a prompt) must exist as a column
     but may be empty or null: CSV readers turn empty cells into nulls."""
     if field not in record or (required and record[field] is None):
-        # Readers give every record every column (null where a line lacks it): list those with a value.
-        present = ", ".join(sorted(str(k) for k, v in record.items() if v is not None)) or "none"
+        present = _present_fields(record)
         raise DataError(f"record {index}: missing field {field!r} (fields present: {present}); "
                         f"add it to the data or point the format at the right field name")
     value = record[field]
@@ -160,7 +165,7 @@ class ChatFormat(RecordFormat):
     def _messages(self, record, index) -> list[dict[str, str]]:
         messages = record.get(self.messages_field)
         if messages is None:
-            present = ", ".join(sorted(str(k) for k, v in record.items() if v is not None)) or "none"
+            present = _present_fields(record)
             raise DataError(f"record {index}: missing field {self.messages_field!r} (fields present: "
                             f"{present}); add it or set ChatFormat(messages_field=...)")
         if not isinstance(messages, list) or not messages:

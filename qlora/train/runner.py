@@ -77,7 +77,7 @@ def load_base(cfg: DictConfig, device):
         model = qlora.load_model(directory, quant_config(cfg.quantization), device=device,
                                  dtype=dense_dtype(cfg.model), trust_remote_code=cfg.model.trust_remote_code,
                                  attn_implementation=cfg.model.attn_implementation)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, NotImplementedError) as err:
         if isinstance(err, UserError):
             raise
         raise DamagedFileError(f"model.name_or_path={name}: {err}") from err
@@ -99,9 +99,15 @@ def build(cfg: DictConfig) -> TrainingSetup:
     tokenizer, model = load_base(cfg, accelerator.device)
     lora = cfg.lora
     target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-    model = attach_lora(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
-                        use_rslora=lora.use_rslora, use_dora=lora.use_dora, bias=lora.bias,
-                        init_lora_weights=lora.init_lora_weights, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+    try:
+        model = attach_lora(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
+                            use_rslora=lora.use_rslora, use_dora=lora.use_dora, bias=lora.bias,
+                            init_lora_weights=lora.init_lora_weights,
+                            gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+    except (ValueError, NotImplementedError) as err:  # PEFT's and qlora's refusals of a LoRA option
+        if isinstance(err, UserError):
+            raise
+        raise ConfigError(f"lora: {err}") from err
     log.info(describe_trainable(model))
 
     source, eval_source = _data_sources(cfg)
