@@ -188,6 +188,18 @@ def load_for_generation(path: str, device: str):
     return model.eval(), tokenizer, load_prompt_format(source.adapter_dir)
 
 
+def generation_prompt(tokenizer, prompt_format, prompt: str, chat: str) -> tuple[str, bool]:
+    """(text to tokenize, whether the tokenizer adds its special tokens) for `prompt` under `chat`."""
+    if chat == "auto" and prompt_format is not None:
+        # The run's own data format: an instruction-tuned run is asked in its instruction template.
+        return prompt_format.prompt_for(prompt, tokenizer), True
+    if getattr(tokenizer, "chat_template", None) and chat != "false":
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return text, False  # the template writes the special tokens itself
+    return prompt, True
+
+
 def cmd_generate(values: dict) -> int:
     import torch
     from transformers import TextStreamer
@@ -208,15 +220,8 @@ def cmd_generate(values: dict) -> int:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat == "true" and not has_template:
         raise UsageError("chat=true, but the tokenizer has no chat template; use chat=false or chat=auto")
-    if chat == "auto" and prompt_format is not None:
-        # The run's own data format: an instruction-tuned run is asked in its instruction template.
-        inputs = tokenizer(prompt_format.prompt_for(values["prompt"], tokenizer), return_tensors="pt")
-    elif has_template and chat != "false":
-        text = tokenizer.apply_chat_template([{"role": "user", "content": values["prompt"]}], tokenize=False,
-                                             add_generation_prompt=True)
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    else:
-        inputs = tokenizer(values["prompt"], return_tensors="pt")
+    text, special = generation_prompt(tokenizer, prompt_format, values["prompt"], chat)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=special)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}

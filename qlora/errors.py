@@ -50,9 +50,18 @@ def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars the failed work left open, so the message starts its own line rather
+    than being appended to a half-drawn bar (tqdm ends a closed bar's line)."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def report(error: BaseException, file=None) -> None:
     """Print `error: <one line>` (and the traceback when debugging) to stderr."""
     file = file or sys.stderr
+    _end_progress_bars()
     if debug_requested():
         traceback.print_exception(error, file=file)
     print(f"error: {one_line(error)}", file=file, flush=True)

@@ -215,7 +215,8 @@ def _legacy_load(path: Path, name: str):
     numbers and numpy's RNG array only (the allowlist); any other global, code included, is refused."""
     import pickle
 
-    allowed = [np.dtype, np.ndarray, np.core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed it; pickles name whichever wrote them
+    allowed = [np.dtype, np.ndarray, core.multiarray._reconstruct, type(np.dtype(np.uint32))]
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path / name, weights_only=True)

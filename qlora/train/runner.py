@@ -78,9 +78,10 @@ def load_base(cfg: DictConfig, device):
                                  dtype=dense_dtype(cfg.model), trust_remote_code=cfg.model.trust_remote_code,
                                  attn_implementation=cfg.model.attn_implementation)
     except (OSError, ValueError, NotImplementedError) as err:
-        if isinstance(err, UserError):
-            raise
-        raise DamagedFileError(f"model.name_or_path={name}: {err}") from err
+        # Name the recipe key; a UserError keeps its type (an InputPathError stays one), anything else
+        # raised while reading the checkpoint is a damaged or unsupported file.
+        kind = type(err) if isinstance(err, UserError) else DamagedFileError
+        raise kind(f"model.name_or_path={name}: {err}") from err
     model.config.name_or_path = model_path(name)  # what adapters record as their base, not a cache path
     return tokenizer, model
 

@@ -185,7 +185,7 @@ class Trainer:
                                      "such steps and goes on)")
         self.state.nonfinite_skips += 1
         if self.state.nonfinite_skips > self.t.max_nonfinite_skips:
-            raise NonFiniteLossError(f"{what} at step {step}, the {self.state.nonfinite_skips}th step in a row; "
+            raise NonFiniteLossError(f"{what} at step {step}, {self.state.nonfinite_skips} steps in a row; "
                                      f"trainer.max_nonfinite_skips={self.t.max_nonfinite_skips} reached. Last good "
                                      f"checkpoint: {self.newest_good_checkpoint()}. {advice}")
         log.warning("step %d: %s; the update was skipped (%d in a row, at most trainer.max_nonfinite_skips=%d)",
