@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import inspect
 import math
 from typing import Any, Callable
@@ -103,12 +104,24 @@ def _select(cfg: DictConfig, dotted: str):
     return node
 
 
-def _check_target_keys(node_key: str, node: DictConfig) -> None:
-    from hydra.utils import get_object
+def import_target(dotted: str):
+    """The object a `_target_` names: the longest importable module prefix, then attributes."""
+    parts = str(dotted).split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            obj = getattr(obj, attribute)
+        return obj
+    raise ImportError(f"no module named {parts[0]!r}")
 
+
+def _check_target_keys(node_key: str, node: DictConfig) -> None:
     target = node["_target_"]
     try:
-        obj = get_object(target)
+        obj = import_target(target)
     except Exception as err:  # ImportError, AttributeError, ...: all mean "not importable"
         raise ConfigError(f"{node_key}._target_={target!r} cannot be imported ({type(err).__name__}: {err}); "
                           "name an importable class or function, e.g. qlora.optim.PagedAdamW") from None

@@ -222,7 +222,10 @@ class Trainer:
             # applying that step would write NaN into every adapter weight.
             grad_norm = acc.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
             grad_norm = float(grad_norm) if grad_norm is not None else 0.0
-            if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            # Under fp16 loss scaling an inf gradient is routine: the scaler skips that update and lowers
+            # its scale, so only the loss decides there.
+            scaled = getattr(acc, "scaler", None) is not None
+            if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaled):
                 self._nonfinite(step, f"loss is {loss}" if not math.isfinite(loss) else
                                 f"the gradient norm is {grad_norm} (loss {loss:.4f})")
                 self.state.history.append({"step": step, "loss": loss, "skipped": True})
