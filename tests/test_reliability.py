@@ -100,16 +100,24 @@ def test_bad_recipe_values_and_keys_are_refused(override, message):
         compose_recipe([override])
 
 
-def test_train_py_reports_one_line_and_tracebacks_only_on_request(tmp_path):
+def test_train_py_reports_one_line_and_tracebacks_only_on_request(tmp_path, capsys, monkeypatch):
     proc = train_py(["+trainer.max_step=10", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert last_line(err) == ("error: unknown recipe key trainer.max_step (a key added with + must exist too); "
                               "did you mean trainer.max_steps?")
     assert "Traceback" not in err
-    proc = train_py(["+trainer.max_step=10", f"hydra.run.dir={tmp_path / 'run2'}"], tmp_path, {"QLORA_DEBUG": "1"})
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "Traceback" in err and last_line(err).startswith("error: unknown recipe key")
+    from qlora.errors import report
+
+    for variable in ("QLORA_DEBUG", "HYDRA_FULL_ERROR"):  # what train.py and qlora print through
+        monkeypatch.setenv(variable, "1")
+        try:
+            raise ConfigError("bad\nvalue")
+        except ConfigError as error:
+            report(error)
+        err = capsys.readouterr().err
+        assert "Traceback" in err and last_line(err) == "error: bad value"
+        monkeypatch.delenv(variable)
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -336,14 +344,21 @@ def test_nonfinite_skip_drops_steps_then_stops(assets, tmp_path, caplog):
 
 
 # ---- staging: kill -9, junk, permissions, error paths --------------------------------------------
-_KILL_MID_WRITE = """
-import os, signal, sys
-from pathlib import Path
-from qlora.staging import staged_directory
-with staged_directory(Path(sys.argv[1])) as staging:
-    (staging / "adapter_model.safetensors").write_bytes(b"half")
-    os.kill(os.getpid(), signal.SIGKILL)
-"""
+def _killed_mid_write(output_dir: Path) -> None:
+    """A writer SIGKILLed halfway through a staged write: forked, so it needs no second import of the stack
+    (it touches only the filesystem, which is safe after fork)."""
+    from qlora.staging import staged_directory
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with staged_directory(output_dir) as staging:
+                (staging / "adapter_model.safetensors").write_bytes(b"half")
+                os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)  # never return into the test runner
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
 def test_kill9_mid_checkpoint_write_keeps_the_old_one_and_leaves_no_junk(tmp_path):
@@ -353,8 +368,7 @@ def test_kill9_mid_checkpoint_write_keeps_the_old_one_and_leaves_no_junk(tmp_pat
     with staged_directory(root / "step-000002") as staging:
         (staging / "done").write_text("complete")
     for name in ("step-000002", "step-000004"):  # replacing an existing one, and writing a new one
-        proc = subprocess.run([sys.executable, "-c", _KILL_MID_WRITE, str(root / name)], cwd=tmp_path, timeout=60)
-        assert proc.returncode == -signal.SIGKILL
+        _killed_mid_write(root / name)
         # What this writer left; the previous one's leftovers went with this write.
         assert [p.name.split(".qlora-")[0] for p in root.iterdir() if p.name.startswith(".")] == [f".{name}"]
     assert (root / "step-000002" / "done").read_text() == "complete" and not (root / "step-000004").exists()
