@@ -26,6 +26,19 @@ from qlora.train.schema import register  # noqa: E402
 register()
 
 
+def _remove_run_dir_if_nothing_ran() -> None:
+    """A run refused before it started (a bad value, nothing left to resume) leaves no run folder: Hydra
+    made it before main() ran, holding only its own .hydra/ and train.log."""
+    import shutil
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 @hydra.main(version_base="1.3", config_path="recipes", config_name="config")
 def main(cfg: DictConfig) -> None:
     from qlora.errors import UserError, report
@@ -37,6 +50,7 @@ def main(cfg: DictConfig) -> None:
     except UserError as err:
         # Input the user can fix from the message alone: one line, no traceback (QLORA_DEBUG=1 shows it).
         report(err)
+        _remove_run_dir_if_nothing_ran()
         sys.exit(130 if isinstance(err, RunInterrupted) else 1)
     except KeyboardInterrupt:
         print("interrupted before training started", file=sys.stderr)

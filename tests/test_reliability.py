@@ -107,6 +107,7 @@ def test_train_py_reports_one_line_and_tracebacks_only_on_request(tmp_path, caps
     assert last_line(err) == ("error: unknown recipe key trainer.max_step (a key added with + must exist too); "
                               "did you mean trainer.max_steps?")
     assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before it started: no run folder left behind
     from qlora.errors import report
 
     for variable in ("QLORA_DEBUG", "HYDRA_FULL_ERROR"):  # what train.py and qlora print through

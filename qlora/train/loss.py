@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora.lora import base_model
 from qlora.data.tokenization import IGNORE_INDEX
+from qlora.lora import base_model
 from qlora.train.schema import ConfigError
 
 # Config attributes of models whose logits are not the head's plain output (soft-capping, scaling):

@@ -69,6 +69,7 @@ class Trainer:
         self.optimizer, self.scheduler, self.metrics = setup.optimizer, setup.scheduler, metrics
         self.prompt_format = setup.prompt_format
         self.state = TrainerState()
+        self.resumed_from: Path | None = None
         accelerator, model, optimizer = setup.accelerator, setup.model, setup.optimizer
         if self.t.chunked_loss:
             check_chunked_loss(model)
@@ -138,7 +139,7 @@ class Trainer:
         kept = ckpt.intact_checkpoints(ckpt.checkpoint_dir(self.run_dir))
         if kept:
             return str(kept[-1])
-        return str(self.resumed_from) if getattr(self, "resumed_from", None) else "none yet"
+        return str(self.resumed_from) if self.resumed_from is not None else "none yet"
 
     def check_finite(self, what: str) -> None:
         """Refuse to write non-finite weights or optimizer state: they would poison every resume."""
