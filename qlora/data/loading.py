@@ -83,26 +83,28 @@ def _diagnose(builder: str, files: list[str], error: Exception) -> str:
 
 
 def _first_bad_json(file: str) -> str | None:
-    """`file line N: ...` for the first line that is not a JSON object (JSON Lines), else None. A file
-    holding one JSON document (a list of records) is checked whole."""
+    """`file line N: ...` for the first line that is not a JSON object (JSON Lines, read line by line),
+    else None. A file holding one JSON array of records is checked whole."""
     with open(file, encoding="utf-8", errors="replace") as handle:
-        text = handle.read()
-    try:
-        document = json.loads(text)
-        if isinstance(document, (list, dict)):
-            return None  # one valid document: the problem is elsewhere
-    except json.JSONDecodeError as whole:
-        if text.lstrip().startswith("["):
-            return f"data file {file!r} line {whole.lineno}, column {whole.colno}: invalid JSON ({whole.msg})"
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            return f"data file {file!r} line {number}: invalid JSON ({err.msg} at column {err.colno}): {line.strip()[:80]!r}"
-        if not isinstance(record, dict):
-            return f"data file {file!r} line {number}: a {type(record).__name__}, not a JSON object: {line.strip()[:80]!r}"
+        head = handle.read(4096).lstrip()
+        handle.seek(0)
+        if head.startswith("["):
+            try:
+                json.load(handle)
+                return None  # one valid document: the problem is elsewhere
+            except json.JSONDecodeError as err:
+                return f"data file {file!r} line {err.lineno}, column {err.colno}: invalid JSON ({err.msg})"
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                return (f"data file {file!r} line {number}: invalid JSON ({err.msg} at column {err.colno}): "
+                        f"{line.strip()[:80]!r}")
+            if not isinstance(record, dict):
+                return (f"data file {file!r} line {number}: a {type(record).__name__}, not a JSON object: "
+                        f"{line.strip()[:80]!r}")
     return None
 
 
