@@ -7,7 +7,8 @@
     python train.py recipe=llama7b_nf4 trainer.resume=true
     python train.py recipe=llama7b_nf4 --cfg job      # print the composed config and exit
 
-Recipes live in recipes/; every field is documented in qlora/train/schema.py.
+Recipes live in recipes/; every field is documented in qlora/train/schema.py. An error caused by
+input prints one line, `error: ...`; QLORA_DEBUG=1 (or HYDRA_FULL_ERROR=1) adds the traceback.
 """
 import os
 import sys
@@ -25,18 +26,35 @@ from qlora.train.schema import register  # noqa: E402
 register()
 
 
+def _remove_run_dir_if_nothing_ran() -> None:
+    """A run refused before it started (a bad value, nothing left to resume) leaves no run folder: Hydra
+    made it before main() ran, holding only its own .hydra/ and train.log."""
+    import shutil
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 @hydra.main(version_base="1.3", config_path="recipes", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from qlora.data import DataError
-    from qlora.train.run import run
-    from qlora.train.schema import ConfigError
-    from qlora.train.trainer import NonFiniteLossError
+    from qlora.errors import UserError, report
+    from qlora.train import run
+    from qlora.train.runner import RunInterrupted
 
     try:
         run(cfg)
-    except (ConfigError, DataError, NonFiniteLossError, FileNotFoundError, NotImplementedError) as err:
-        # Errors a user can fix from the message alone: no traceback to dig through.
-        sys.exit(f"error: {err}")
+    except UserError as err:
+        # Input the user can fix from the message alone: one line, no traceback (QLORA_DEBUG=1 shows it).
+        report(err)
+        _remove_run_dir_if_nothing_ran()
+        sys.exit(130 if isinstance(err, RunInterrupted) else 1)
+    except KeyboardInterrupt:
+        print("interrupted before training started", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

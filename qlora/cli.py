@@ -10,10 +10,14 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from qlora.errors import UserError, report
+
 # Each command: {key: (default, help)}; a default of None with "required" in the help must be given.
+# Former key names: still accepted, with a deprecation warning.
+RENAMED_KEYS = {"export": {"out": "output_dir"}}
 EXPORT_OPTIONS = {
     "run_dir": (None, "required: a training run directory (outputs/<run>/<date_time>) or a PEFT adapter directory"),
-    "out": (None, "required: output directory (must be empty or absent unless overwrite=true)"),
+    "output_dir": (None, "required: output directory (must be empty or absent unless overwrite=true)"),
     "base": ("dequantized", "dequantized: merge into dequant(NF4(W)), the weights training saw (exact); "
                             "original: merge into the 16-bit W (changes the function by the quantization error)"),
     "original": (None, "path to the 16-bit checkpoint, for base=original when the base is pre-quantized"),
@@ -32,7 +36,9 @@ GENERATE_OPTIONS = {
     "max_new_tokens": ("128", "tokens to generate at most"),
     "temperature": ("0.7", "sampling temperature; 0 = greedy"),
     "top_p": ("0.9", "nucleus sampling threshold"),
-    "chat": ("auto", "auto: apply the tokenizer's chat template when it has one; true: require it; false: never"),
+    "chat": ("auto", "auto: format the prompt as the run's training data was (recorded with the adapter and in "
+                     "exports), else with the tokenizer's chat template when it has one; true: the chat template; "
+                     "false: the prompt as it is"),
     "device": ("auto", "cpu | cuda | auto (cuda when available)"),
     "seed": ("0", "random seed for sampling"),
 }
@@ -44,14 +50,16 @@ commands:
   generate   generate text from a merged model, a 4-bit model, or a run (base + adapter)
 
 `qlora <command> --help` lists every option of a command. Examples:
-  qlora export run_dir=outputs/embedded/2025-01-01_00-00-00 out=merged/
-  qlora export run_dir=outputs/run out=merged-nf4/ format=nf4 overwrite=true
+  qlora export run_dir=outputs/embedded/2025-01-01_00-00-00 output_dir=merged/
+  qlora export run_dir=outputs/run output_dir=merged-nf4/ format=nf4 overwrite=true
+
+An error caused by input prints one line, `error: ...`; QLORA_DEBUG=1 adds the traceback.
   qlora generate model=merged/ prompt="Hello" max_new_tokens=64 temperature=0
 """
 
 
-class UsageError(Exception):
-    pass
+class UsageError(UserError):
+    """A wrong command line: unknown key, missing or malformed value (exit status 2)."""
 
 
 def _help(name: str, options: dict) -> str:
@@ -73,6 +81,10 @@ def parse_options(name: str, args: list[str], options: dict) -> dict:
         if not sep:
             raise UsageError(f"qlora {name}: argument {arg!r} is not key=value; see `qlora {name} --help`")
         key = key.lstrip("-")
+        if key in RENAMED_KEYS.get(name, {}):
+            new = RENAMED_KEYS[name][key]
+            print(f"warning: qlora {name}: {key}= is deprecated; use {new}=", file=sys.stderr)
+            key = new
         if key not in options:
             raise UsageError(f"qlora {name}: unknown key {key!r}; known keys: {', '.join(options)} "
                              f"(see `qlora {name} --help`)")
@@ -92,79 +104,124 @@ def _bool(key: str, value: str) -> bool:
     raise UsageError(f"{key}={value!r} must be true or false")
 
 
-def _number(key: str, value: str, kind: Callable):
+def _number(key: str, value: str, kind: Callable, minimum=None, maximum=None, low_open=False):
+    """`value` as `kind`, in [minimum, maximum] (or (minimum, maximum] with low_open)."""
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
         raise UsageError(f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise UsageError(f"{key}={value!r} must be a finite number")
+    low_bad = minimum is not None and (number <= minimum if low_open else number < minimum)
+    if low_bad or (maximum is not None and number > maximum):
+        low = "" if minimum is None else f"{'>' if low_open else '>='} {minimum}"
+        high = "" if maximum is None else f"<= {maximum}"
+        raise UsageError(f"{key}={value} must be {' and '.join(x for x in (low, high) if x)}")
+    return number
+
+
+def _choice(key: str, value: str, choices) -> str:
+    if value not in choices:
+        raise UsageError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    return value
 
 
 def cmd_export(values: dict) -> int:
-    from qlora.export import export_merged
+    from qlora.export import BASES, FORMATS, GGUF_TYPES, check_output_dir, export_merged
+    from qlora.export.merge import DTYPES
 
-    path = export_merged(values["run_dir"], values["out"], base=values["base"], original=values["original"],
-                         format=values["format"], dtype=values["dtype"], overwrite=_bool("overwrite", values["overwrite"]),
-                         max_shard_size=values["max_shard_size"], progress=_bool("progress", values["progress"]),
-                         gguf_type=values["gguf_type"])
+    fmt = _choice("format", values["format"], FORMATS)
+    base = _choice("base", values["base"], BASES)
+    _choice("gguf_type", values["gguf_type"], GGUF_TYPES)
+    _choice("dtype", values["dtype"], list(DTYPES))
+    overwrite = _bool("overwrite", values["overwrite"])
+    output_dir = Path(values["output_dir"]).expanduser()
+    check_output_dir(output_dir, overwrite, "output_dir", "overwrite=true")  # spelled as on this command line
+    path = export_merged(values["run_dir"], output_dir, base=base, original=values["original"], format=fmt,
+                         dtype=values["dtype"], overwrite=overwrite, max_shard_size=values["max_shard_size"],
+                         progress=_bool("progress", values["progress"]), gguf_type=values["gguf_type"])
     print(f"wrote {path}")
     return 0
 
 
 def load_for_generation(path: str, device: str):
-    """(model, tokenizer) from a merged dir, a 4-bit dir or a run/adapter dir."""
+    """(model, tokenizer, prompt format or None) from a merged dir, a 4-bit dir or a run/adapter dir."""
     import json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import qlora
+    from qlora.data.formats import load_prompt_format
+    from qlora.errors import DamagedFileError
 
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise UsageError(f"model={path!r} is not a directory")
     config_file = directory / "config.json"
     if config_file.is_file():
-        if "quantization_config" in json.loads(config_file.read_text()):
-            model = qlora.load_model(directory, device=device, progress=False)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto").to(device)
-        return model.eval(), AutoTokenizer.from_pretrained(directory)
-    from qlora.export import find_adapter_dir, resolve_source
+        try:
+            if "quantization_config" in json.loads(config_file.read_text()):
+                model = qlora.load_model(directory, device=device, progress=False)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto").to(device)
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except (OSError, ValueError, NotImplementedError) as err:
+            if isinstance(err, UserError):
+                raise
+            raise DamagedFileError(f"model={path}: could not load it ({type(err).__name__}: {err})") from err
+        return model.eval(), tokenizer, load_prompt_format(directory)
+    from qlora.export import resolve_source
     from qlora.lora import load_lora
 
-    source = resolve_source(find_adapter_dir(directory))
-    model = qlora.load_model(source.base, source.qconfig, device=device, dtype=source.dense_dtype,
-                             revision=source.revision, trust_remote_code=source.trust_remote_code, progress=False)
-    model = load_lora(model, source.adapter_dir)
-    has_tokenizer = (source.adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(source.adapter_dir if has_tokenizer else source.base)
-    return model.eval(), tokenizer
+    source = resolve_source(directory, option="model")
+    try:
+        model = qlora.load_model(source.base, source.qconfig, device=device, dtype=source.dense_dtype,
+                                 revision=source.revision, trust_remote_code=source.trust_remote_code, progress=False)
+        model = load_lora(model, source.adapter_dir)
+        has_tokenizer = (source.adapter_dir / "tokenizer_config.json").is_file()
+        tokenizer = AutoTokenizer.from_pretrained(source.adapter_dir if has_tokenizer else source.base)
+    except (OSError, ValueError, NotImplementedError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise DamagedFileError(f"model={path}: could not load the base {source.base} with its adapter "
+                               f"({type(err).__name__}: {err})") from err
+    return model.eval(), tokenizer, load_prompt_format(source.adapter_dir)
+
+
+def generation_prompt(tokenizer, prompt_format, prompt: str, chat: str) -> tuple[str, bool]:
+    """(text to tokenize, whether the tokenizer adds its special tokens) for `prompt` under `chat`."""
+    if chat == "auto" and prompt_format is not None:
+        # The run's own data format: an instruction-tuned run is asked in its instruction template.
+        return prompt_format.prompt_for(prompt, tokenizer), True
+    if getattr(tokenizer, "chat_template", None) and chat != "false":
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return text, False  # the template writes the special tokens itself
+    return prompt, True
 
 
 def cmd_generate(values: dict) -> int:
     import torch
     from transformers import TextStreamer
 
-    max_new_tokens = _number("max_new_tokens", values["max_new_tokens"], int)
-    temperature = _number("temperature", values["temperature"], float)
-    top_p = _number("top_p", values["top_p"], float)
-    seed = _number("seed", values["seed"], int)
+    max_new_tokens = _number("max_new_tokens", values["max_new_tokens"], int, minimum=0, low_open=True)
+    temperature = _number("temperature", values["temperature"], float, minimum=0)
+    top_p = _number("top_p", values["top_p"], float, minimum=0, maximum=1, low_open=True)
+    seed = _number("seed", values["seed"], int, minimum=0)
     chat = values["chat"].lower()
     if chat not in ("auto", "true", "false"):
         raise UsageError(f"chat={values['chat']!r} must be auto, true or false")
-    device = values["device"]
+    device = _choice("device", values["device"], ("auto", "cpu", "cuda")) if not values["device"].startswith("cuda:") \
+        else values["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    model, tokenizer = load_for_generation(values["model"], device)
+    model, tokenizer, prompt_format = load_for_generation(values["model"], device)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat == "true" and not has_template:
         raise UsageError("chat=true, but the tokenizer has no chat template; use chat=false or chat=auto")
-    if has_template and chat != "false":
-        text = tokenizer.apply_chat_template([{"role": "user", "content": values["prompt"]}], tokenize=False,
-                                             add_generation_prompt=True)
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    else:
-        inputs = tokenizer(values["prompt"], return_tensors="pt")
+    text, special = generation_prompt(tokenizer, prompt_format, values["prompt"], chat)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=special)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
@@ -197,12 +254,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     try:
         return command(parse_options(name, args, options))
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except UserError as err:
+        # Input the user can fix from the message alone: one line (QLORA_DEBUG=1 adds the traceback).
+        report(err)
+        return 2 if isinstance(err, UsageError) else 1
+    except KeyboardInterrupt:
+        print(f"qlora {name}: interrupted; nothing was written in place of the output", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 the repository root, whose kernels/ folder would shadow Hugging Face's `kernels` package."""
 import importlib.util
 import logging
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 requires_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed (it is only a test oracle)")
@@ -19,6 +21,14 @@ def bnb_functional():
     import bitsandbytes.functional as bnb_f
 
     return bnb_f
+
+
+def rounding_tolerance(reference, reduction: int, ops: int = 1) -> float:
+    """Absolute tolerance between two float computations of `reference` that differ only in rounding
+    (summation order, threads, fused vs unfused): each of `ops` operations in series contributes up to
+    eps(dtype) * sqrt(reduction) relative error (random-walk rounding over a length-`reduction` sum),
+    scaled by the largest magnitude compared."""
+    return ops * torch.finfo(reference.dtype).eps * math.sqrt(reduction) * reference.abs().max().item()
 
 
 def rel_err(a, b) -> float:

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.skipif(QLORA is None, reason="the qlora console script 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A real (seconds-long) training run of qlora.train.run on the tiny model."""
-    from qlora.train.run import run
+    """A real (seconds-long) training run of qlora.train.runner on the tiny model."""
+    from qlora.train import run
 
     base = tmp_path_factory.mktemp("cli")
     assets = save_tiny_model_with_tokenizer(base / "model"), write_copy_task(base / "task.jsonl")
@@ -53,7 +53,7 @@ def test_help_documents_every_option(capsys):
 
 
 def test_export_then_generate(run_dir, tmp_path):
-    result = qlora_cli("export", f"run_dir={run_dir}", "out=merged", "progress=false", cwd=tmp_path)
+    result = qlora_cli("export", f"run_dir={run_dir}", "output_dir=merged", "progress=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "merged"
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
@@ -69,7 +69,7 @@ def test_export_then_generate(run_dir, tmp_path):
 
 
 def test_export_rejects_unknown_key(run_dir, tmp_path):
-    result = qlora_cli("export", f"run_dir={run_dir}", "out=x", "fromat=nf4", cwd=tmp_path)
+    result = qlora_cli("export", f"run_dir={run_dir}", "output_dir=x", "fromat=nf4", cwd=tmp_path)
     assert result.returncode == 2
     assert "unknown key 'fromat'" in result.stderr and "format" in result.stderr
     assert not (tmp_path / "x").exists()
@@ -81,11 +81,14 @@ def test_export_usage_errors(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "a").write_text("")
-    assert main(["export", f"run_dir={run_dir}", "out=full"]) == 1
+    assert main(["export", f"run_dir={run_dir}", "output_dir=full"]) == 1
     err = capsys.readouterr().err
-    assert "not empty" in err and "overwrite=true" in err
-    assert main(["export", "out=y"]) == 2 and "missing run_dir=" in capsys.readouterr().err
-    assert main(["export", "run_dir", "out=y"]) == 2 and "not key=value" in capsys.readouterr().err
+    assert "output_dir=full is not empty; pass overwrite=true to replace it" in err and "True" not in err
+    assert main(["export", f"run_dir={run_dir}", "out=full"]) == 1  # the former key name still works
+    err = capsys.readouterr().err
+    assert "out= is deprecated; use output_dir=" in err and "output_dir=full is not empty" in err
+    assert main(["export", "output_dir=y"]) == 2 and "missing run_dir=" in capsys.readouterr().err
+    assert main(["export", "run_dir", "output_dir=y"]) == 2 and "not key=value" in capsys.readouterr().err
     assert main(["generate", "model=m", "prompt=p", "temperature=hot"]) == 2
     assert "temperature='hot' must be a number" in capsys.readouterr().err
     assert main(["train"]) == 2 and "unknown command 'train'" in capsys.readouterr().err

@@ -237,3 +237,11 @@ def test_sharded_checkpoint(checkpoints, tmp_path):
     assert len(sharded.tensors) == len(by_name)
     for t in sharded.tensors:
         np.testing.assert_array_equal(t.data, by_name[t.name].data, err_msg=t.name)
+
+
+def test_general_name_is_the_given_name_not_a_temporary_folder(checkpoints, tmp_path):
+    # qlora export writes from a hidden work folder and passes the output folder's name.
+    named = _fields(gguf.GGUFReader(write_gguf(checkpoints["llama"], tmp_path / "a.gguf", name="merged_gguf")))
+    assert named["general.name"] == "merged_gguf"
+    default = _fields(gguf.GGUFReader(write_gguf(checkpoints["llama"], tmp_path / "b.gguf")))
+    assert default["general.name"] == checkpoints["llama"].name

@@ -1,6 +1,7 @@
 """The one exception type of the data pipeline."""
+from qlora.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A record or a data source the pipeline cannot use. The message names the record index (or the
     source), the problem and the fix, so that a bad line in a large file can be found and repaired."""

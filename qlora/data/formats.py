@@ -6,7 +6,9 @@ plain values only; the tokenizer, which only `ChatFormat` needs, is passed at re
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from qlora.data.errors import DataError
@@ -15,13 +17,19 @@ ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n###
 ALPACA_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
+def _present_fields(record: Mapping[str, Any]) -> str:
+    """The record's fields that hold a value. Readers give every record every column (null where a line
+    lacks it), and load_records adds `source_index`: neither is a field the user wrote."""
+    return ", ".join(sorted(str(k) for k, v in record.items() if v is not None and k != "source_index")) or "none"
+
+
 def _string_field(record: Mapping[str, Any], field: str, index: int, *, required: bool = True) -> str:
     """`record[field]` as a string, or a DataError that says which record, what is wrong and the fix.
 
     A required field must be a non-blank string. An optional one (a prompt) must exist as a column
     but may be empty or null: CSV readers turn empty cells into nulls."""
     if field not in record or (required and record[field] is None):
-        present = ", ".join(sorted(map(str, record))) or "none"
+        present = _present_fields(record)
         raise DataError(f"record {index}: missing field {field!r} (fields present: {present}); "
                         f"add it to the data or point the format at the right field name")
     value = record[field]
@@ -44,6 +52,10 @@ class RecordFormat:
     def render(self, record: Mapping[str, Any], index: int, tokenizer=None) -> tuple[str, str]:
         raise NotImplementedError
 
+    def prompt_for(self, text: str, tokenizer=None) -> str:
+        """The prompt for a user's text at generation time, as training rendered its prompts."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
@@ -58,6 +70,9 @@ class TextFormat(RecordFormat):
     def render(self, record, index, tokenizer=None):
         return "", _string_field(record, self.field, index)
 
+    def prompt_for(self, text, tokenizer=None):
+        return text  # continued pre-training: the text is continued as it is
+
 
 class PromptCompletionFormat(RecordFormat):
     """Two fields used verbatim. The prompt may be empty; separators belong in the data."""
@@ -69,6 +84,9 @@ class PromptCompletionFormat(RecordFormat):
     def render(self, record, index, tokenizer=None):
         prompt = _string_field(record, self.prompt_field, index, required=False)
         return prompt, _string_field(record, self.completion_field, index)
+
+    def prompt_for(self, text, tokenizer=None):
+        return text  # prompts were used verbatim
 
 
 class InstructionFormat(RecordFormat):
@@ -102,6 +120,9 @@ class InstructionFormat(RecordFormat):
         else:
             prompt = self.template_no_input.format(instruction=instruction)
         return prompt, _string_field(record, self.output_field, index)
+
+    def prompt_for(self, text, tokenizer=None):
+        return self.template_no_input.format(instruction=text)
 
 
 class ChatFormat(RecordFormat):
@@ -137,10 +158,14 @@ class ChatFormat(RecordFormat):
                             f"remove the record or give the message content")
         return prompt, completion
 
+    def prompt_for(self, text, tokenizer=None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+
     def _messages(self, record, index) -> list[dict[str, str]]:
         messages = record.get(self.messages_field)
         if messages is None:
-            present = ", ".join(sorted(map(str, record))) or "none"
+            present = _present_fields(record)
             raise DataError(f"record {index}: missing field {self.messages_field!r} (fields present: "
                             f"{present}); add it or set ChatFormat(messages_field=...)")
         if not isinstance(messages, list) or not messages:
@@ -161,3 +186,30 @@ class ChatFormat(RecordFormat):
         # Arrow stores a list of structs with the union of all keys, so messages read from a file carry
         # null entries for keys other messages have (e.g. "name"); templates would render those.
         return [{key: value for key, value in m.items() if value is not None} for m in messages]
+
+
+# The data format a run trained with, recorded beside its adapter (and copied into merged exports):
+# `qlora generate` formats prompts the same way, so an instruction-tuned run is asked in its own
+# template rather than through a chat template it never saw.
+PROMPT_FORMAT_FILE = "qlora_prompt_format.json"
+
+
+def save_prompt_format(directory: Path, node: Mapping[str, Any]) -> None:
+    """Record the resolved `data.format` node (`_target_` and its arguments) in `directory`."""
+    (Path(directory) / PROMPT_FORMAT_FILE).write_text(json.dumps({"format": dict(node)}, indent=2) + "\n")
+
+
+def load_prompt_format(directory: Path) -> RecordFormat | None:
+    """The format recorded in `directory`, or None. Only RecordFormat subclasses are built from it."""
+    path = Path(directory) / PROMPT_FORMAT_FILE
+    if not path.is_file():
+        return None
+    from hydra.utils import get_object
+
+    node = dict(json.loads(path.read_text())["format"])
+    target = node.pop("_target_", "")
+    node.pop("_partial_", None)
+    cls = get_object(target) if target.startswith("qlora.data") else None
+    if not (isinstance(cls, type) and issubclass(cls, RecordFormat)):
+        return None  # a format of the user's own: not imported from a file someone may have shared
+    return cls(**node)

@@ -2,7 +2,10 @@
 Hub dataset name, plus the held-out split."""
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 from pathlib import Path
 
 import datasets
@@ -44,8 +47,18 @@ def _load_one(source: str | Path, split: str) -> datasets.Dataset:
     source_text = str(source)
     if isinstance(source, Path) or _looks_local(source_text):
         builder, files = _local_data_files(Path(source_text).expanduser())
-        # One list of data files makes one split named "train"; `split` may still slice it ("train[:100]").
-        return datasets.load_dataset(builder, data_files=files, split=split)
+        for file in files:
+            if os.path.getsize(file) == 0:
+                raise DataError(f"data file {file!r} is empty; fill it with records or point data.source elsewhere")
+        logger, level = logging.getLogger("datasets"), logging.getLogger("datasets").level
+        logger.setLevel(logging.CRITICAL)  # a parse failure is reported once, below, not also as a log line
+        try:
+            # One list of data files makes one split named "train"; `split` may still slice it ("train[:100]").
+            return datasets.load_dataset(builder, data_files=files, split=split)
+        except Exception as error:  # pyarrow, pandas, datasets: whatever reading raised, say which file and line
+            raise DataError(_diagnose(builder, files, error)) from error
+        finally:
+            logger.setLevel(level)
     try:
         return datasets.load_dataset(source_text, split=split)
     except Exception as error:  # network, auth, unknown name or split: all end here
@@ -55,6 +68,44 @@ def _load_one(source: str | Path, split: str) -> datasets.Dataset:
             f"unreachable (offline, HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set, or no network) or the name "
             f"or split may be wrong; pass a local .json/.jsonl/.csv/.parquet file or directory instead"
         ) from error
+
+
+def _diagnose(builder: str, files: list[str], error: Exception) -> str:
+    """Which file (and for JSON, which line) could not be read, and what to do about it."""
+    if builder == "json":
+        for file in files:
+            problem = _first_bad_json(file)
+            if problem:
+                return f"{problem}; fix or remove it (each line of a .jsonl file is one JSON object)"
+    reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    return (f"could not read {builder} data from {', '.join(map(repr, files))} ({reason}); check that each file is "
+            f"valid {builder.upper()} with one record per row")
+
+
+def _first_bad_json(file: str) -> str | None:
+    """`file line N: ...` for the first line that is not a JSON object (JSON Lines, read line by line),
+    else None. A file holding one JSON array of records is checked whole."""
+    with open(file, encoding="utf-8", errors="replace") as handle:
+        head = handle.read(4096).lstrip()
+        handle.seek(0)
+        if head.startswith("["):
+            try:
+                json.load(handle)
+                return None  # one valid document: the problem is elsewhere
+            except json.JSONDecodeError as err:
+                return f"data file {file!r} line {err.lineno}, column {err.colno}: invalid JSON ({err.msg})"
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                return (f"data file {file!r} line {number}: invalid JSON ({err.msg} at column {err.colno}): "
+                        f"{line.strip()[:80]!r}")
+            if not isinstance(record, dict):
+                return (f"data file {file!r} line {number}: a {type(record).__name__}, not a JSON object: "
+                        f"{line.strip()[:80]!r}")
+    return None
 
 
 def _with_source_index(dataset: datasets.Dataset) -> datasets.Dataset:

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from qlora.config import QuantConfig
+from qlora.data.formats import PROMPT_FORMAT_FILE
+from qlora.errors import OptionError, OutputExistsError
 from qlora.export.merge import BASES, AdapterMismatchError, merge_to_hf_dir, parse_dtype_option, read_merge_record
 from qlora.export.source import AdapterSource, find_adapter_dir, resolve_source
-from qlora.staging import staged_directory
+from qlora.staging import make_staging_dir, staged_directory
 
 FORMATS = ("hf", "nf4", "gguf")
 GGUF_TYPES = ("f16", "bf16", "q8_0")
@@ -32,7 +34,7 @@ __all__ = ["AdapterMismatchError", "AdapterSource", "FORMATS", "GGUF_TYPES", "ex
 
 def export_merged(
     run_or_adapter_dir: str | Path,
-    out_dir: str | Path,
+    output_dir: str | Path | None = None,
     base: str = "dequantized",
     original: Optional[str | Path] = None,
     format: str = "hf",  # noqa: A002 (the CLI's key name)
@@ -41,8 +43,9 @@ def export_merged(
     max_shard_size: int | str = "5GB",
     progress: bool = True,
     gguf_type: str = "f16",
+    out_dir: str | Path | None = None,
 ) -> Path:
-    """Merge the adapter of a run (or an adapter directory) into its base and write it to `out_dir`.
+    """Merge the adapter of a run (or an adapter directory) into its base and write it to `output_dir`.
 
     base: "dequantized" (default) merges into dequant(NF4(W)), the weights training saw;
         "original" into the 16-bit W (needs `original=<16-bit checkpoint>` if the base is pre-quantized).
@@ -50,45 +53,68 @@ def export_merged(
         re-quantized, bitsandbytes layout; the logit error this adds is measured and recorded) or
         "gguf" (through qlora.export.gguf.write_gguf, `gguf_type` f16 | bf16 | q8_0).
     dtype: bfloat16 | float16 | float32 | auto (each tensor keeps the base checkpoint's dtype).
+    out_dir: the former name of `output_dir`; still accepted, with a deprecation warning.
     """
+    output_dir = deprecated_alias(output_dir, out_dir, "output_dir", "out_dir", "export_merged")
     if format not in FORMATS:
-        raise ValueError(f"format={format!r} is not one of {list(FORMATS)}")
+        raise OptionError(f"format={format!r} is not one of {list(FORMATS)}")
     if base not in BASES:
-        raise ValueError(f"base={base!r} is not one of {list(BASES)}")
+        raise OptionError(f"base={base!r} is not one of {list(BASES)}")
     if format == "gguf" and gguf_type not in GGUF_TYPES:
-        raise ValueError(f"gguf_type={gguf_type!r} is not one of {list(GGUF_TYPES)}")
+        raise OptionError(f"gguf_type={gguf_type!r} is not one of {list(GGUF_TYPES)}")
     parse_dtype_option(dtype)
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"out={out_dir} exists and is not a directory; choose another path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"out={out_dir} is not empty; pass overwrite=True (overwrite=true) to replace it, "
-                              "or choose another directory")
+    output_dir = Path(output_dir).expanduser()
+    check_output_dir(output_dir, overwrite, "output_dir", "overwrite=True")
     source = resolve_source(run_or_adapter_dir)
 
-    with staged_directory(out_dir) as staging:
+    with staged_directory(output_dir) as staging:
         if format == "hf":
             record = merge_to_hf_dir(source, staging, base, _str(original), dtype, max_shard_size, progress)
         else:
-            record = _export_via_dense(source, staging, out_dir, base, _str(original), format, dtype,
+            record = _export_via_dense(source, staging, output_dir, base, _str(original), format, dtype,
                                        max_shard_size, progress, gguf_type)
         (staging / "README.md").write_text(_readme(record, format, gguf_type))
+        if format != "gguf" and (source.adapter_dir / PROMPT_FORMAT_FILE).is_file():
+            # generate formats prompts of the merged model as the run trained, like it does for the run itself.
+            shutil.copy2(source.adapter_dir / PROMPT_FORMAT_FILE, staging / PROMPT_FORMAT_FILE)
     if progress:
-        print(f"merged {record['merged_modules']} adapted modules into the {record['base']} base -> {out_dir}")
+        print(f"merged {record['merged_modules']} adapted modules into the {record['base']} base -> {output_dir}")
         if "nf4_added_logit_error" in record:
             err = record["nf4_added_logit_error"]
             print(f"nf4 re-quantization adds a logit error of max {err['max_abs']:.4g}, mean {err['mean_abs']:.4g} "
                   f"(logit std {err['reference_logit_std']:.4g}, top-1 agreement {err['top1_agreement']:.1%})")
-    return out_dir
+    return output_dir
+
+
+def deprecated_alias(value, old_value, name: str, old_name: str, where: str):
+    """`value`, or `old_value` given under the former name (with a FutureWarning); one of them is required."""
+    if old_value is not None:
+        warnings.warn(f"{where}: {old_name}= is deprecated; use {name}=", FutureWarning, stacklevel=3)
+        if value is not None and Path(value) != Path(old_value):
+            raise OptionError(f"{where}: both {name}={value} and {old_name}={old_value} given; pass {name}= only")
+        value = old_value
+    if value is None:
+        raise OptionError(f"{where}: {name}= is required")
+    return value
+
+
+def check_output_dir(output_dir: Path, overwrite: bool, option: str, overwrite_spelling: str) -> None:
+    """A file, or a non-empty folder without `overwrite`, is refused naming the option as the caller spells it."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputExistsError(f"{option}={output_dir} exists and is not a directory; choose another path")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{option}={output_dir} is not empty; pass {overwrite_spelling} to replace it, "
+                                "or choose another directory")
 
 
 def _str(path) -> Optional[str]:
     return None if path is None else str(path)
 
 
-def _export_via_dense(source, staging, out_dir, base, original, format, dtype, max_shard_size, progress, gguf_type):
-    """Merge into a temporary dense checkpoint next to out_dir, then convert it."""
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.merged.", dir=out_dir.parent))
+def _export_via_dense(source, staging, output_dir, base, original, format, dtype, max_shard_size, progress, gguf_type):
+    """Merge into a temporary dense checkpoint beside the staging folder, then convert it. It is named
+    like a staging folder, so what a killed export leaves is removed by the next write to the same place."""
+    work = make_staging_dir(output_dir)
     try:
         # GGUF conversion rounds once, from fp32; NF4 quantizes the merged 16-bit model the report compares with.
         dense_dtype = "float32" if format == "gguf" else dtype
@@ -100,7 +126,7 @@ def _export_via_dense(source, staging, out_dir, base, original, format, dtype, m
                 raise RuntimeError(f"format='gguf' needs qlora.export.gguf.write_gguf, which could not be imported "
                                    f"({err}); export format='hf' and convert with llama.cpp's "
                                    "convert_hf_to_gguf.py instead") from err
-            path = write_gguf(work, staging / f"model-{gguf_type}.gguf", gguf_type=gguf_type)
+            path = write_gguf(work, staging / f"model-{gguf_type}.gguf", gguf_type=gguf_type, name=output_dir.name)
             record.update(format="gguf", gguf_type=gguf_type, gguf_file=Path(path).name)
             (staging / "qlora_merge.json").write_text(json.dumps(record, indent=2) + "\n")
         else:

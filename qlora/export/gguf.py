@@ -21,11 +21,14 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Optional
 
 import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
+
+from qlora.errors import OptionError
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +58,10 @@ _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 _PRE_TOKENIZERS = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
 
 
-def write_gguf(merged_dir: Path, out_path: Path, gguf_type: str = "f16") -> Path:
+def write_gguf(merged_dir: Path, out_path: Path, gguf_type: str = "f16", name: Optional[str] = None) -> Path:
     """Write the checkpoint in `merged_dir` to `out_path` as GGUF; returns `out_path`.
 
+    name: the model's `general.name` (default: the name of `merged_dir`).
     gguf_type: "f16" or "bf16" (2-D weights in that type) or "q8_0" (2-D weights Q8_0-quantized;
     a matrix whose rows are not a multiple of 32 falls back to F16 as in convert_hf_to_gguf).
     1-D tensors (norms, biases) are always F32. The file appears atomically: it is written to a
@@ -65,11 +69,11 @@ def write_gguf(merged_dir: Path, out_path: Path, gguf_type: str = "f16") -> Path
     """
     merged_dir, out_path = Path(merged_dir), Path(out_path)
     if gguf_type not in _FILE_TYPES:
-        raise ValueError(f"gguf_type must be one of {sorted(_FILE_TYPES)}, got {gguf_type!r}")
+        raise OptionError(f"gguf_type must be one of {sorted(_FILE_TYPES)}, got {gguf_type!r}")
     config = _read_config(merged_dir)
     model_type = config.get("model_type")
     if model_type not in _ARCHITECTURES:
-        raise ValueError(f"GGUF export does not support model_type {model_type!r}; "
+        raise OptionError(f"GGUF export does not support model_type {model_type!r}; "
                          f"supported: {', '.join(sorted(_ARCHITECTURES))}")
     arch, permute_qk = _ARCHITECTURES[model_type]
     file_type, weight_qtype = _FILE_TYPES[gguf_type]
@@ -79,7 +83,7 @@ def write_gguf(merged_dir: Path, out_path: Path, gguf_type: str = "f16") -> Path
     tmp_path = out_path.with_name(out_path.name + ".tmp")
     writer = gguf.GGUFWriter(tmp_path, gguf.MODEL_ARCH_NAMES[arch])
     try:
-        _add_hparams(writer, config, file_type, merged_dir.name)
+        _add_hparams(writer, config, file_type, name or merged_dir.name)
         _add_tokenizer(writer, merged_dir, config["vocab_size"])
         plan = _plan_tensors(writer, config, arch, weight_files, weight_qtype)
         writer.write_header_to_file()

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 
 from qlora.config import QuantConfig, quant_config_from_any
+from qlora.errors import DamagedFileError, InputPathError, OptionError, UserError
 from qlora.export.source import AdapterSource
 from qlora.export.writer import ShardWriter
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
@@ -39,7 +40,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 _PEFT_PREFIX = "base_model.model."
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(UserError, ValueError):
     """The adapter was not trained on this base (module names or shapes differ)."""
 
 
@@ -48,7 +49,7 @@ def parse_dtype_option(dtype: str | torch.dtype | None) -> Optional[torch.dtype]
         return dtype
     name = str(dtype or "auto").removeprefix("torch.")
     if name not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; use one of {list(DTYPES)} "
+        raise OptionError(f"dtype={dtype!r} is not supported; use one of {list(DTYPES)} "
                          "(auto keeps each tensor's dtype in the base checkpoint)")
     return DTYPES[name]
 
@@ -58,7 +59,7 @@ def read_adapter(adapter_dir: Path) -> tuple[LoraConfig, dict[str, dict[str, tor
     config = LoraConfig.from_pretrained(str(adapter_dir))
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
-        raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors; re-save the adapter with "
+        raise InputPathError(f"{adapter_dir} has no adapter_model.safetensors; re-save the adapter with "
                                 "save_pretrained(safe_serialization=True)")
     parts = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "B_bias", "lora_magnitude_vector": "magnitude",
              "lora_magnitude_vector.weight": "magnitude"}
@@ -76,7 +77,7 @@ def read_adapter(adapter_dir: Path) -> tuple[LoraConfig, dict[str, dict[str, tor
             )
     for module, part in modules.items():
         if "A" not in part or "B" not in part:
-            raise ValueError(f"{weights}: module {module} has lora_A or lora_B but not both; the file is damaged")
+            raise DamagedFileError(f"{weights}: module {module} has lora_A or lora_B but not both; the file is damaged")
     return config, modules
 
 
@@ -134,7 +135,7 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
     Returns the record of what was merged into what (also stored in config.json as `qlora_merge`).
     """
     if base not in BASES:
-        raise ValueError(f"base={base!r} is not one of {list(BASES)}: 'dequantized' merges into dequant(NF4(W)) as "
+        raise OptionError(f"base={base!r} is not one of {list(BASES)}: 'dequantized' merges into dequant(NF4(W)) as "
                          "training saw it, 'original' into the 16-bit weights")
     out_dtype = parse_dtype_option(dtype)
     base_dir = resolve_checkpoint(source.base, source.revision)
@@ -143,16 +144,16 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
     prequantized = saved_q is not None
     if base == "original":
         if original is None and prequantized:
-            raise ValueError(f"base='original' needs the 16-bit weights, but the base {source.base} is pre-quantized "
+            raise OptionError(f"base='original' needs the 16-bit weights, but the base {source.base} is pre-quantized "
                              "(its config.json has a quantization_config); pass original=<path to the 16-bit "
                              "checkpoint>, or use base='dequantized'")
         weights_dir = resolve_checkpoint(original) if original is not None else base_dir
         if getattr(AutoConfig.from_pretrained(weights_dir, trust_remote_code=source.trust_remote_code),
                    "quantization_config", None) is not None:
-            raise ValueError(f"original={original!r} is itself a 4-bit checkpoint; pass the 16-bit one")
+            raise OptionError(f"original={original!r} is itself a 4-bit checkpoint; pass the 16-bit one")
     else:
         if original is not None:
-            raise ValueError("original=<path> applies to base='original' only; drop it or set base='original'")
+            raise OptionError("original=<path> applies to base='original' only; drop it or set base='original'")
         weights_dir = base_dir
     qconfig = quant_config_from_any(saved_q.to_dict() if hasattr(saved_q, "to_dict") else saved_q) \
         if prequantized else source.qconfig
@@ -189,7 +190,7 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
             packed_layer = read_packed and name.endswith(".weight") and name.rpartition(".")[0] in quantized
             if key is None and not packed_layer:
                 if name in dict(skeleton.named_parameters()):
-                    raise ValueError(f"the base checkpoint {weights_dir} has no tensor for {name}; it is incomplete "
+                    raise DamagedFileError(f"the base checkpoint {weights_dir} has no tensor for {name}; it is incomplete "
                                      "or belongs to another architecture")
                 bar.update()
                 continue  # a persistent buffer the checkpoint does not carry: from_pretrained rebuilds it

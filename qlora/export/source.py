@@ -1,6 +1,6 @@
 """Where an adapter came from: its directory, the run that trained it, the base and its quantization.
 
-A run directory written by qlora.train.run holds `config.yaml` (the resolved recipe: model path,
+A run directory written by qlora.train.runner holds `config.yaml` (the resolved recipe: model path,
 quantization settings) and `adapter/`; a bare PEFT adapter directory holds only
 `adapter_config.json`, whose `base_model_name_or_path` names the base. Both are accepted.
 """
@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 
 from qlora.config import QuantConfig
+from qlora.errors import InputPathError, OptionError
+from qlora.train.recipes import dense_dtype, model_path, quant_config
 
 logger = logging.getLogger(__name__)
 
@@ -37,20 +39,43 @@ class AdapterSource:
         return json.loads((self.adapter_dir / ADAPTER_CONFIG).read_text())
 
 
-def find_adapter_dir(path: str | Path) -> Path:
-    """The adapter directory of `path`: itself, or `path/adapter` for a run directory."""
+def find_adapter_dir(path: str | Path, option: str = "run_dir") -> Path:
+    """The adapter directory of `path`: itself, or `path/adapter` for a run directory. `option` is
+    the name the error messages give the path (the CLI key)."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist or is not a directory; pass a training run directory "
-                                "(outputs/<run>/<date_time>) or a PEFT adapter directory")
+        raise InputPathError(f"{option}={path} does not exist or is not a directory; pass a training run directory "
+                             "(outputs/<run>/<date_time>) or a PEFT adapter directory")
     if (path / ADAPTER_CONFIG).is_file():
         return path
     if (path / "adapter" / ADAPTER_CONFIG).is_file():
         return path / "adapter"
+    ggufs = sorted(path.glob("*.gguf"))
+    if ggufs:
+        raise InputPathError(f"{option}={path} holds a GGUF file ({ggufs[0].name}), which qlora does not read; "
+                             "use it with llama.cpp, or pass a run directory or a format=hf/nf4 export")
+    runs = sorted((p for p in path.iterdir() if (p / RUN_CONFIG).is_file() and p.is_dir()), key=lambda p: p.name)
+    if runs:
+        raise InputPathError(f"{option}={path} holds {len(runs)} training run(s), not one; pass one of them, e.g. "
+                             f"{option}={runs[-1]} (the newest)")
     checkpoints = sorted((path / "checkpoints").glob("step-*/adapter")) if (path / "checkpoints").is_dir() else []
     hint = (f"; the run has no final adapter (it may not have finished), but a checkpoint does: pass "
-            f"{checkpoints[-1]}" if checkpoints else "; did the training run finish?")
-    raise FileNotFoundError(f"no adapter in {path}: expected {ADAPTER_CONFIG} there or in {path / 'adapter'}{hint}")
+            f"{option}={checkpoints[-1]}" if checkpoints else "; did the training run finish?")
+    raise InputPathError(f"{option}={path}: no adapter there (expected {ADAPTER_CONFIG} in it or in "
+                         f"{path / 'adapter'}){hint}")
+
+
+def verify_adapter(adapter_dir: Path) -> None:
+    """Check the adapter against its manifest (its own, or its checkpoint's); a damaged one is refused."""
+    from qlora.train.checkpoint import MANIFEST_FILE, CheckpointError, verify
+
+    for folder in (adapter_dir, adapter_dir.parent):
+        if (folder / MANIFEST_FILE).is_file():
+            problem = verify(folder)
+            if problem is not None:
+                raise CheckpointError(f"adapter {adapter_dir} is damaged: {problem}; use another checkpoint or "
+                                      "re-run the training")
+            return
 
 
 def _find_run_dir(adapter_dir: Path) -> Optional[Path]:
@@ -61,40 +86,29 @@ def _find_run_dir(adapter_dir: Path) -> Optional[Path]:
     return None
 
 
-def _resolve_model_path(name: str) -> str:
-    if name == "embedded":
-        from qlora.embedded import BASE_MODEL_DIR
-
-        return str(BASE_MODEL_DIR)
-    return name
-
-
-def resolve_source(run_or_adapter_dir: str | Path, base_model: Optional[str] = None) -> AdapterSource:
+def resolve_source(run_or_adapter_dir: str | Path, base_model: Optional[str] = None,
+                   option: str = "run_dir") -> AdapterSource:
     """Read the adapter and, when there is one, its run's config. `base_model` overrides the base path."""
-    adapter_dir = find_adapter_dir(run_or_adapter_dir)
+    adapter_dir = find_adapter_dir(run_or_adapter_dir, option)
+    verify_adapter(adapter_dir)
     run_dir = _find_run_dir(adapter_dir)
     adapter_cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     if adapter_cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{adapter_dir} holds a {adapter_cfg.get('peft_type')} adapter; qlora merges LoRA adapters only")
+        raise OptionError(f"{adapter_dir} holds a {adapter_cfg.get('peft_type')} adapter; qlora merges LoRA adapters only")
     if run_dir is not None:
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(run_dir / RUN_CONFIG)
-        q = cfg.quantization
-        qconfig = QuantConfig(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=q.compute_dtype,
-                              blocksize=q.blocksize, quant_storage=q.quant_storage,
-                              skip_modules=list(q.skip_modules) if q.get("skip_modules") is not None else None)
-        dtype_name = cfg.model.get("dtype")
         return AdapterSource(
-            adapter_dir=adapter_dir, run_dir=run_dir, base=base_model or _resolve_model_path(cfg.model.name_or_path),
-            qconfig=qconfig, qconfig_known=True, dense_dtype=getattr(torch, dtype_name) if dtype_name else None,
+            adapter_dir=adapter_dir, run_dir=run_dir, base=base_model or model_path(cfg.model.name_or_path),
+            qconfig=quant_config(cfg.quantization), qconfig_known=True, dense_dtype=dense_dtype(cfg.model),
             revision=cfg.model.get("revision"), trust_remote_code=bool(cfg.model.get("trust_remote_code", False)),
         )
     base = base_model or adapter_cfg.get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{adapter_dir / ADAPTER_CONFIG} names no base_model_name_or_path and there is no run "
+        raise OptionError(f"{adapter_dir / ADAPTER_CONFIG} names no base_model_name_or_path and there is no run "
                          f"{RUN_CONFIG} next to it; pass the base checkpoint explicitly")
     logger.warning("no run %s found for %s: assuming the default quantization (NF4, double quant, blocksize 64) "
                    "unless the base checkpoint is pre-quantized", RUN_CONFIG, adapter_dir)
-    return AdapterSource(adapter_dir=adapter_dir, run_dir=None, base=_resolve_model_path(base), qconfig=QuantConfig(),
+    return AdapterSource(adapter_dir=adapter_dir, run_dir=None, base=model_path(base), qconfig=QuantConfig(),
                          qconfig_known=False, dense_dtype=None, revision=adapter_cfg.get("revision"))

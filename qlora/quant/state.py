@@ -13,7 +13,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from qlora.kernels.formats import ALLOWED_BLOCKSIZES, NESTED_BLOCKSIZE, dtype_name, parse_dtype
+from qlora.kernels.formats import NESTED_BLOCKSIZE, check_blocksize, dtype_name, parse_dtype
 from qlora.kernels.packed import Packed4bit
 from qlora.quant.codes import QUANT_TYPES
 
@@ -97,8 +97,10 @@ class QuantState:
             raise ValueError(f"{where}: the entry {state_keys[0]!r} is garbled ({err}); re-export the checkpoint") from err
         if quant_type not in QUANT_TYPES or state_keys[0] != _STATE_KEY_PREFIX + quant_type:
             raise ValueError(f"{where}: quant_type {quant_type!r} does not match the entry {state_keys[0]!r}")
-        if blocksize not in ALLOWED_BLOCKSIZES:
-            raise ValueError(f"{where}: blocksize must be a power of two in [32, 4096], got {blocksize}")
+        try:
+            check_blocksize(blocksize)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
         double_quant = "nested_offset" in fields
         required = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if double_quant else [])
         missing = [k for k in required if k not in tensors]

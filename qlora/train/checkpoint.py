@@ -1,29 +1,53 @@
-"""Training checkpoints: adapter + optimizer + scheduler + RNG + data position, atomic, rotated.
+"""Training checkpoints: adapter + optimizer + scheduler + RNG + trainer state, staged, verified, rotated.
 
-A checkpoint is a folder `checkpoints/step-000120/` that is written under a temporary name and
-renamed into place only when complete, so a crash mid-save leaves the previous one intact.
+A checkpoint is a folder `checkpoints/step-000120/` written through `qlora.staging` (built under a
+temporary name, swapped into place when complete). Its last file is `manifest.json`: every other
+file's size and sha256. Resume verifies the newest checkpoint against its manifest and falls back
+to the newest intact one, naming the damaged one. Nothing is pickled: the optimizer, scheduler and
+RNG states are safetensors + JSON (`state_io`), so loading a shared checkpoint runs no code.
+Checkpoints of the earlier layout (`optimizer.pt`, ...) load through torch.load(weights_only=True)
+with an explicit allowlist, or are refused naming the file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import logging
 import random
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from qlora.errors import UserError
+from qlora.staging import staged_directory
+from qlora.train.state import TrainerState
+from qlora.train.state_io import load_state, save_state
+
+log = logging.getLogger("qlora.train")
+
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+ADAPTER_WEIGHTS = "adapter/adapter_model.safetensors"
 _PREFIX = "step-"
+_LEGACY_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt")
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is damaged, incomplete, refused, or that does not match the model."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def step_of(path: Path) -> int:
+    return int(path.name[len(_PREFIX):])
+
+
+# ---- RNG -------------------------------------------------------------------------------------
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -39,71 +63,196 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep_last`."""
-    root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{_PREFIX}{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+# ---- manifest --------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> Path:
+    """Record every file under `directory` (size, sha256); written last, it marks the folder complete."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    entries = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    path = directory / MANIFEST_FILE
+    path.write_text(json.dumps({"files": entries}, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def verify(directory: Path) -> Optional[str]:
+    """None if every file of the manifest is there with its size and hash; else what is wrong."""
+    manifest = directory / MANIFEST_FILE
+    if not manifest.is_file():
+        return f"no {MANIFEST_FILE} (the write did not finish)"
     try:
-        model.save_pretrained(staging / "adapter")
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        torch.save(rng_state(), staging / "rng.pt")
-        (staging / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST_FILE} is unreadable ({err})"
+    for name, expected in entries.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, the manifest says {expected['size']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def _is_legacy(path: Path) -> bool:
+    return not (path / MANIFEST_FILE).exists() and (path / STATE_FILE).is_file() and (path / "optimizer.pt").is_file()
+
+
+# ---- finiteness ------------------------------------------------------------------------------
+def first_nonfinite(model, optimizer) -> Optional[str]:
+    """The name of the first trainable weight or optimizer state tensor holding NaN/inf, or None."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
+            return name
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for index, values in enumerate(inner.state.values()):
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return f"optimizer state {key} of parameter {index}"
+    return None
+
+
+# ---- write -----------------------------------------------------------------------------------
+def save_checkpoint(run_dir: Path, step: int, write_adapter: Callable[[Path], None], optimizer, scheduler,
+                    state: TrainerState, keep_last: int) -> Path:
+    """Write checkpoint `step` (staged, ends with its manifest) and delete all but the newest `keep_last`.
+    `write_adapter(folder)` writes the adapter (PEFT's save_pretrained and what goes with it)."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"{_PREFIX}{step:06d}"
+    with staged_directory(final) as staging:
+        write_adapter(staging / "adapter")
+        save_state(optimizer.state_dict(), staging, "optimizer")
+        save_state(scheduler.state_dict(), staging, "scheduler")
+        save_state(rng_state(), staging, "rng")
+        (staging / STATE_FILE).write_text(json.dumps({**state.to_dict(), "step": step}, indent=2))
+        write_manifest(staging)
     for old in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoints that finished writing, oldest first."""
+    """Checkpoints that finished writing (a manifest, or a legacy state file), oldest first. Not verified."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+    found = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()
+             and ((p / MANIFEST_FILE).is_file() or _is_legacy(p))]
+    return sorted(found, key=step_of)
+
+
+def intact_checkpoints(root: Path) -> list[Path]:
+    """complete_checkpoints that also match their manifest, oldest first."""
+    return [p for p in complete_checkpoints(root) if _is_legacy(p) or verify(p) is None]
+
+
+# ---- resume ----------------------------------------------------------------------------------
+def _first_intact(candidates: list[Path], what: str) -> Path:
+    """The newest candidate that verifies; logs each damaged one it passes over."""
+    damaged = []
+    for path in sorted(candidates, key=lambda p: (step_of(p), p.stat().st_mtime), reverse=True):
+        problem = None if _is_legacy(path) else verify(path)
+        if problem is None:
+            if damaged:
+                log.warning("resuming from %s, the newest intact checkpoint", path)
+            return path
+        log.warning("checkpoint %s is damaged: %s; falling back to an older one", path, problem)
+        damaged.append(f"{path} ({problem})")
+    if damaged:
+        raise CheckpointError(f"{what}: no intact checkpoint; damaged: {'; '.join(damaged)}. Start without "
+                              "trainer.resume, or pass trainer.resume=<an intact checkpoint>")
+    raise CheckpointError(f"{what}: no complete checkpoint found; start without trainer.resume, or pass "
+                          "trainer.resume=<checkpoint path>")
+
+
+def _all_step_folders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
 
 
 def find_resume_checkpoint(resume, run_dir: Path) -> Optional[Path]:
-    """The checkpoint `trainer.resume` points at: a path, or (true) the newest complete checkpoint
-    among this run name's earlier runs (sibling folders of run_dir)."""
+    """The checkpoint `trainer.resume` points at: a checkpoint path (used only if intact), a run folder
+    (its newest intact checkpoint), or true: the newest intact checkpoint among this run name's earlier
+    runs (sibling folders of run_dir). Damaged checkpoints are named in the log and skipped."""
     if resume in (False, None, "false", "False"):
         return None
     if resume not in (True, "true", "True"):
-        path = Path(str(resume))
-        if (path / STATE_FILE).is_file():
+        path = Path(str(resume)).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"trainer.resume={resume}: no such file or directory")
+        if path.name.startswith(_PREFIX) and ((path / MANIFEST_FILE).exists() or (path / STATE_FILE).exists()):
+            problem = None if _is_legacy(path) else verify(path)
+            if problem is not None:
+                raise CheckpointError(f"trainer.resume={resume}: the checkpoint is damaged: {problem}; pass "
+                                      "another checkpoint or trainer.resume=true for the newest intact one")
             return path
-        newest = complete_checkpoints(checkpoint_dir(path)) or complete_checkpoints(path)
-        if newest:
-            return newest[-1]
-        raise FileNotFoundError(f"trainer.resume={resume}: no complete checkpoint there (looked for {STATE_FILE})")
-    candidates = []
+        folders = _all_step_folders(checkpoint_dir(path)) or _all_step_folders(path)
+        return _first_intact(folders, f"trainer.resume={resume}")
+    folders = []
     for sibling in run_dir.parent.iterdir() if run_dir.parent.is_dir() else []:
-        candidates += complete_checkpoints(checkpoint_dir(sibling))
-    if not candidates:
-        raise FileNotFoundError(
-            f"trainer.resume=true: no complete checkpoint under {run_dir.parent}/*/checkpoints; "
-            "start without resume, or pass trainer.resume=<checkpoint path>"
-        )
-    return max(candidates, key=lambda p: (int(p.name[len(_PREFIX):]), p.stat().st_mtime))
+        folders += _all_step_folders(checkpoint_dir(sibling))
+    return _first_intact(folders, f"trainer.resume=true (looked under {run_dir.parent}/*/checkpoints)")
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def read_state(path: Path) -> TrainerState:
+    try:
+        return TrainerState.from_dict(json.loads((path / STATE_FILE).read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is unreadable ({err})") from err
+
+
+# ---- load ------------------------------------------------------------------------------------
+def _legacy_load(path: Path, name: str):
+    """An earlier layout's pickle, through torch's weights-only unpickler: tensors, containers,
+    numbers and numpy's RNG array only (the allowlist); any other global, code included, is refused."""
+    import pickle
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed it; pickles name whichever wrote them
+    allowed = [np.dtype, np.ndarray, core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path / name, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(
+            f"checkpoint {path}: {name} was refused: it holds more than tensors and plain values, or is damaged "
+            f"({' '.join(str(err).split())[:200]}); loading it could run code it carries. Resume from a "
+            "checkpoint this version wrote, or start without trainer.resume") from None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
     """Restore adapter weights, optimizer, scheduler and RNG; returns the trainer state."""
     from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    legacy = _is_legacy(path)
+    try:
+        adapter = load_file(str(path / ADAPTER_WEIGHTS))
+        if legacy:
+            optimizer_state, scheduler_state, rng = (_legacy_load(path, name) for name in _LEGACY_FILES)
+        else:
+            optimizer_state, scheduler_state, rng = (load_state(path, name) for name in ("optimizer", "scheduler", "rng"))
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from err
     result = set_peft_model_state_dict(model, adapter)
     if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"checkpoint {path} does not match the model's adapters: {result.unexpected_keys[:5]}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / STATE_FILE).read_text())
+        raise CheckpointError(f"checkpoint {path} does not match the model's adapters (unexpected "
+                              f"{result.unexpected_keys[:5]}); resume with the recipe that wrote it")
+    try:
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path}: its optimizer or scheduler state does not fit this recipe's "
+                              f"({err}); resume with the recipe that wrote it") from err
+    set_rng_state(rng)
+    return read_state(path)

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlora.data.tokenization import IGNORE_INDEX
 from qlora.lora import base_model
 from qlora.train.schema import ConfigError
 
-IGNORE_INDEX = -100
 # Config attributes of models whose logits are not the head's plain output (soft-capping, scaling):
 # the chunked path cannot apply them between the matmul and the loss.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")

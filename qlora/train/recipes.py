@@ -1,12 +1,18 @@
-"""Compose a recipe from Python (notebooks, scripts, tests) exactly as train.py does."""
+"""Compose a recipe from Python (notebooks, scripts, tests) exactly as train.py does, and turn its
+values into library objects (`model_path`, `quant_config`, `dense_dtype`: used by training and export)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from omegaconf import DictConfig
 
 from qlora.train.schema import register, validate
+
+if TYPE_CHECKING:
+    import torch
+
+    from qlora.config import QuantConfig
 
 # recipes/ sits beside the package in the repository (an editable install keeps it there).
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -24,3 +30,31 @@ def compose_recipe(overrides: Iterable[str] = (), recipes_dir: Optional[Path] = 
         cfg = compose(config_name="config", overrides=list(overrides))
     validate(cfg)
     return cfg
+
+
+# ---- the recipe -> library bridge: the one place train and export turn recipe values into objects ----
+def model_path(name_or_path: str) -> str:
+    """`model.name_or_path` as qlora.load_model takes it: "embedded" is the model shipped in the package."""
+    if name_or_path == "embedded":
+        from qlora.embedded import BASE_MODEL_DIR
+
+        return str(BASE_MODEL_DIR)
+    return name_or_path
+
+
+def quant_config(quantization) -> QuantConfig:
+    """The recipe's `quantization` node (a DictConfig, or the dict a run's config.yaml holds) as a QuantConfig."""
+    from qlora.config import QuantConfig
+
+    q = quantization
+    skip = q.get("skip_modules")
+    return QuantConfig(quant_type=q["quant_type"], double_quant=q["double_quant"], compute_dtype=q["compute_dtype"], blocksize=q["blocksize"],
+                       quant_storage=q["quant_storage"], skip_modules=list(skip) if skip is not None else None)
+
+
+def dense_dtype(model) -> Optional[torch.dtype]:
+    """`model.dtype` (the layers that stay dense) as a torch dtype; None = the compute dtype."""
+    import torch
+
+    name = model.get("dtype")
+    return getattr(torch, name) if name else None

@@ -12,6 +12,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from qlora.errors import UserError
+from qlora.kernels.formats import check_blocksize
+
 
 @dataclass
 class ModelConfig:
@@ -92,6 +95,10 @@ class TrainerConfig:
     device: Optional[str] = None  # null = cuda if available, else cpu
     log_every: int = 1
     num_workers: int = 0
+    # A step whose gradients are not finite is never applied. "stop": end the run naming the newest
+    # good checkpoint; "skip": drop the step and go on, at most max_nonfinite_skips times in a row.
+    nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
 
 
 @dataclass
@@ -122,7 +129,7 @@ def register() -> None:
     store.store(name="run_schema", node=RunConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe value that is out of range; the message names the key and the fix."""
 
 
@@ -151,6 +158,9 @@ def _get(cfg: DictConfig, dotted: str):
 
 def validate(cfg: DictConfig) -> None:
     """Range and choice checks; raises ConfigError naming the key, the value and the fix."""
+    from qlora.train.recipe_checks import check_targets, check_unknown_keys
+
+    check_unknown_keys(cfg)
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
@@ -161,8 +171,10 @@ def validate(cfg: DictConfig) -> None:
     for key in _NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
-    if cfg.quantization.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-        raise ConfigError(f"quantization.blocksize must be a power of two in [32, 4096], got {cfg.quantization.blocksize}")
+    try:
+        check_blocksize(cfg.quantization.blocksize)
+    except ValueError as err:
+        raise ConfigError(f"quantization.{err}") from None
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     if not 0.0 <= cfg.lora.dropout < 1.0:
@@ -176,3 +188,9 @@ def validate(cfg: DictConfig) -> None:
         node = _get(cfg, key)
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ConfigError(f"{key} must be a node with a _target_ (an importable class or function), got {node!r}")
+    if cfg.trainer.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"trainer.nonfinite={cfg.trainer.nonfinite!r} is not one of stop, skip; "
+                          "set trainer.nonfinite=stop or trainer.nonfinite=skip")
+    if cfg.trainer.max_nonfinite_skips < 0:
+        raise ConfigError(f"trainer.max_nonfinite_skips must be >= 0, got {cfg.trainer.max_nonfinite_skips}")
+    check_targets(cfg)

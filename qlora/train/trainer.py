@@ -8,19 +8,30 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 from tqdm.auto import tqdm
 
+from qlora.data.collate import count_supervised_tokens
+from qlora.data.formats import save_prompt_format
+from qlora.errors import UserError
+from qlora.staging import staged_directory
 from qlora.train import checkpoint as ckpt
 from qlora.train.evaluation import evaluate_loss, exact_match, generate
 from qlora.train.loss import check_chunked_loss, token_loss_sum
 from qlora.train.offload import ActivationOffloader
+from qlora.train.state import TrainerState
+
+if TYPE_CHECKING:
+    from qlora.train.runner import TrainingSetup
 
 log = logging.getLogger("qlora.train")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the message names the step and the checkpoint that is kept."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss, the gradients or the weights became NaN or inf; the message names the step and the
+    newest good checkpoint, which is left as it was."""
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -50,14 +61,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg, run_dir: Path, accelerator, model, tokenizer, train_data, eval_data, collator,
-                 optimizer, scheduler, metrics):
+    def __init__(self, cfg, run_dir: Path, setup: "TrainingSetup", metrics):
         self.cfg, self.t = cfg, cfg.trainer
-        self.run_dir, self.accelerator = run_dir, accelerator
-        self.model, self.tokenizer = model, tokenizer
-        self.train_data, self.eval_data, self.collator = train_data, eval_data, collator
-        self.optimizer, self.scheduler, self.metrics = optimizer, scheduler, metrics
-        self.state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "history": []}
+        self.run_dir, self.accelerator = run_dir, setup.accelerator
+        self.model, self.tokenizer = setup.model, setup.tokenizer
+        self.train_data, self.eval_data, self.collator = setup.train_data, setup.eval_data, setup.collator
+        self.optimizer, self.scheduler, self.metrics = setup.optimizer, setup.scheduler, metrics
+        self.prompt_format = setup.prompt_format
+        self.state = TrainerState()
+        self.resumed_from: Path | None = None
+        accelerator, model, optimizer = setup.accelerator, setup.model, setup.optimizer
         if self.t.chunked_loss:
             check_chunked_loss(model)
         inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
@@ -85,12 +98,12 @@ class Trainer:
     def _micro_batches(self):
         """Endless micro-batches in seeded epoch order; self.state tracks the position to resume at."""
         while True:
-            epoch, batch = self.state["epoch"], self.state["batch"]
+            epoch, batch = self.state.epoch, self.state.batch
             sampler = EpochSampler(len(self.train_data), self.cfg.data.seed, epoch, batch * self.t.micro_batch_size)
             for item in self._loader(self.train_data, sampler):
-                self.state["batch"] += 1
+                self.state.batch += 1
                 yield item
-            self.state["epoch"], self.state["batch"] = epoch + 1, 0
+            self.state.epoch, self.state.batch = epoch + 1, 0
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, step: int) -> dict:
@@ -106,7 +119,7 @@ class Trainer:
                 for row in rows:
                     log.info("sample at step %d:\n%s[generated] %s", step, row["prompt"], row["generated"])
             self.metrics.log(results, step)
-            self.state.setdefault("evals", []).append({"step": step, **results})
+            self.state.evals.append({"step": step, **results})
             log.info("step %d: eval loss %.4f, perplexity %.2f", step, results["eval_loss"], results["eval_ppl"])
         return results
 
@@ -121,29 +134,77 @@ class Trainer:
         return score
 
     # ---- checkpoints --------------------------------------------------------------------------
+    def newest_good_checkpoint(self) -> str:
+        """The newest checkpoint of this run that matches its manifest (they are checked finite when written)."""
+        kept = ckpt.intact_checkpoints(ckpt.checkpoint_dir(self.run_dir))
+        if kept:
+            return str(kept[-1])
+        return str(self.resumed_from) if self.resumed_from is not None else "none yet"
+
+    def check_finite(self, what: str) -> None:
+        """Refuse to write non-finite weights or optimizer state: they would poison every resume."""
+        bad = ckpt.first_nonfinite(self.accelerator.unwrap_model(self.model), self.optimizer)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"{bad} holds NaN/inf at step {self.state.step}, so {what} was not written. Last good "
+                f"checkpoint: {self.newest_good_checkpoint()}. Lower optimizer.lr or set trainer.max_grad_norm")
+
+    def write_adapter(self, directory: Path) -> None:
+        """The PEFT adapter, the tokenizer, and the prompt format generation must use with them."""
+        self.accelerator.unwrap_model(self.model).save_pretrained(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+        save_prompt_format(directory, self.prompt_format)
+
+    def save_adapter(self, directory: Path) -> Path:
+        """The final adapter: checked finite, staged, with a manifest that export and generate verify."""
+        self.check_finite(str(directory))
+        with staged_directory(directory) as staging:
+            self.write_adapter(staging)
+            ckpt.write_manifest(staging)
+        return directory
+
     def save(self, step: int) -> Path:
-        path = ckpt.save_checkpoint(self.run_dir, step, self.accelerator.unwrap_model(self.model), self.optimizer,
+        self.check_finite(f"checkpoint step-{step:06d}")
+        path = ckpt.save_checkpoint(self.run_dir, step, self.write_adapter, self.optimizer,
                                     self.scheduler, self.state, self.t.keep_last)
         log.info("checkpoint saved: %s", path)
         return path
 
     def resume_from(self, path: Path) -> None:
         self.state = ckpt.load_checkpoint(path, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler)
-        log.info("resumed from %s at step %d", path, self.state["step"])
+        self.resumed_from = path
+        log.info("resumed from %s at step %d", path, self.state.step)
+
+    def _nonfinite(self, step: int, what: str) -> None:
+        """A step whose loss or gradients are not finite: its update is dropped; stop, or skip on."""
+        self.optimizer.zero_grad(set_to_none=True)
+        advice = "Lower optimizer.lr, set trainer.max_grad_norm, or check the data around this step"
+        if self.t.nonfinite == "stop":
+            raise NonFiniteLossError(f"{what} at step {step}; the update was not applied. Last good checkpoint: "
+                                     f"{self.newest_good_checkpoint()}. {advice} (trainer.nonfinite=skip drops "
+                                     "such steps and goes on)")
+        self.state.nonfinite_skips += 1
+        if self.state.nonfinite_skips > self.t.max_nonfinite_skips:
+            raise NonFiniteLossError(f"{what} at step {step}, {self.state.nonfinite_skips} steps in a row; "
+                                     f"trainer.max_nonfinite_skips={self.t.max_nonfinite_skips} reached. Last good "
+                                     f"checkpoint: {self.newest_good_checkpoint()}. {advice}")
+        log.warning("step %d: %s; the update was skipped (%d in a row, at most trainer.max_nonfinite_skips=%d)",
+                    step, what, self.state.nonfinite_skips, self.t.max_nonfinite_skips)
 
     # ---- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
         t, acc = self.t, self.accelerator
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         batches = self._micro_batches()
-        bar = tqdm(total=t.max_steps, initial=self.state["step"], desc="training", unit="step", dynamic_ncols=True)
-        started, tokens_at_start = time.perf_counter(), self.state["tokens"]
-        first_step = self.state["step"] + 1
+        bar = tqdm(total=t.max_steps, initial=self.state.step, desc="training", unit="step", dynamic_ncols=True)
+        started, tokens_at_start = time.perf_counter(), self.state.tokens
+        first_step = self.state.step + 1
         self.model.train()
-        while self.state["step"] < t.max_steps:
-            step = self.state["step"] + 1
+        while self.state.step < t.max_steps:
+            step = self.state.step + 1
             micro = [next(batches) for _ in range(t.gradient_accumulation_steps)]
-            supervised = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            supervised = sum(count_supervised_tokens(b["labels"]) for b in micro)
             loss_total = 0.0
             for i, batch in enumerate(micro):
                 # The step's loss is the sum over all its supervised tokens / their count, so
@@ -154,27 +215,34 @@ class Trainer:
                 acc.backward(loss_sum / max(supervised, 1))
                 loss_total += loss_sum.item()
             loss = loss_total / max(supervised, 1)
-            if not math.isfinite(loss):
-                kept = ckpt.complete_checkpoints(ckpt.checkpoint_dir(self.run_dir))
-                raise NonFiniteLossError(
-                    f"loss is {loss} at step {step}; the update was not applied. Last good checkpoint: "
-                    f"{kept[-1] if kept else 'none yet'}. Lower optimizer.lr, set trainer.max_grad_norm, "
-                    "or check the data around this step"
-                )
-            grad_norm = acc.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 else None
+            self.state.step = step
+            self.state.tokens += sum(int(b["attention_mask"].sum()) if b["attention_mask"].dim() == 2
+                                     else int(b["input_ids"].numel()) for b in micro)
+            # The gradient norm is computed even without clipping (an infinite max norm scales by 1.0):
+            # at a too-high lr the loss can still be finite while the gradients already are not, and
+            # applying that step would write NaN into every adapter weight.
+            grad_norm = acc.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+            grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+            # Under fp16 loss scaling an inf gradient is routine: the scaler skips that update and lowers
+            # its scale, so only the loss decides there.
+            scaled = getattr(acc, "scaler", None) is not None
+            if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaled):
+                self._nonfinite(step, f"loss is {loss}" if not math.isfinite(loss) else
+                                f"the gradient norm is {grad_norm} (loss {loss:.4f})")
+                self.state.history.append({"step": step, "loss": loss, "skipped": True})
+                bar.update(1)
+                continue
+            self.state.nonfinite_skips = 0
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.state["step"] = step
-            self.state["tokens"] += sum(int(b["attention_mask"].sum()) if b["attention_mask"].dim() == 2
-                                        else int(b["input_ids"].numel()) for b in micro)
             elapsed = time.perf_counter() - started
             record = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "supervised_tokens": supervised,
-                      "tokens_per_s": (self.state["tokens"] - tokens_at_start) / max(elapsed, 1e-9),
+                      "tokens_per_s": (self.state.tokens - tokens_at_start) / max(elapsed, 1e-9),
                       "peak_memory_gb": peak_memory_bytes(acc.device) / 2**30}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            self.state["history"].append({"step": step, "loss": loss})
+            if t.max_grad_norm > 0:
+                record["grad_norm"] = grad_norm
+            self.state.history.append({"step": step, "loss": loss})
             if self.offloader is not None and step == first_step:
                 log.info("activation offload: %d layer inputs, %.2f GiB in host memory per micro-batch",
                          self.offloader.offloaded_count, self.offloader.offloaded_bytes / 2**30)
@@ -188,6 +256,6 @@ class Trainer:
             if t.save_every and step % t.save_every == 0 and step != t.max_steps:
                 self.save(step)
         bar.close()
-        self.state["train_seconds"] = self.state.get("train_seconds", 0.0) + time.perf_counter() - started
+        self.state.train_seconds += time.perf_counter() - started
         return self.state
 

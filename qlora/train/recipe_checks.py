@@ -1,0 +1,144 @@
+"""Recipe checks Hydra's structured config cannot make: keys added with `+`, and `_target_` nodes.
+
+Hydra refuses an unknown key given plainly (`trainer.max_step=10`), but `+trainer.max_step=10`, as
+Hydra's own hint suggests, adds it even to a structured node, and the run then ignores it. The
+optimizer, scheduler and data format are `_target_` nodes typed `Any`, so nothing checks their
+keys or values at all: `optimizer.lr=abc` failed only after the model had loaded. Both are checked
+here, before anything loads, and every failure names the full dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import math
+from typing import Any, Callable
+
+from omegaconf import DictConfig, ListConfig
+
+from qlora.train.schema import ConfigError, RunConfig
+
+# Hydra's own keys on a _target_ node; never passed to the target.
+_HYDRA_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
+# Arguments the trainer passes itself, so a recipe must not set them.
+_PASSED_BY_TRAINER = {"optimizer": {"params"}, "scheduler": {"optimizer", "num_training_steps"}, "data.format": set()}
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"did you mean {match[0]}?" if match else f"valid keys: {', '.join(sorted(valid))}"
+
+
+def check_unknown_keys(cfg: DictConfig) -> None:
+    """Every key of a schema-typed node must be a field of its dataclass, `+`-added ones included."""
+    _check_node(cfg, RunConfig, "")
+
+
+def _check_node(node: DictConfig, schema: type, prefix: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            valid = [f"{prefix}{name}" for name in fields]
+            raise ConfigError(f"unknown recipe key {dotted} (a key added with + must exist too); "
+                              f"{_closest(dotted, valid)}")
+        nested = _dataclass_of(schema, key)
+        child = node[key]
+        if nested is not None and isinstance(child, DictConfig):
+            _check_node(child, nested, f"{dotted}.")
+
+
+def _dataclass_of(schema: type, key: str):
+    hints = inspect.get_annotations(schema, eval_str=True)
+    hint = hints.get(key)
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require(ok: bool, key: str, value: Any, rule: str, example: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} must be {rule}; e.g. {key}={example}")
+
+
+# key -> (test, rule, example): the optimizer and scheduler arguments every recipe uses.
+_VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
+    "optimizer.lr": (lambda v: _number(v) and math.isfinite(v) and v > 0, "a finite number > 0", "2e-4"),
+    "optimizer.eps": (lambda v: _number(v) and math.isfinite(v) and v > 0, "a finite number > 0", "1e-8"),
+    "optimizer.weight_decay": (lambda v: _number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0", "0.0"),
+    "optimizer.betas": (lambda v: isinstance(v, (list, tuple, ListConfig)) and len(v) == 2
+                        and all(_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)", "[0.9,0.999]"),
+    "optimizer.page_size_mb": (lambda v: _number(v) and math.isfinite(v) and v > 0, "a number > 0", "64"),
+    "optimizer.min_8bit_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                                "an integer >= 0", "4096"),
+    "optimizer.paged": (lambda v: isinstance(v, bool), "true or false", "true"),
+    "scheduler.num_warmup_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                                   "an integer >= 0", "10"),
+}
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """The `_target_` nodes: importable, no key their target does not take, values in range."""
+    for node_key in ("optimizer", "scheduler", "data.format"):
+        _check_target_keys(node_key, _select(cfg, node_key))
+    for dotted, (test, rule, example) in _VALUE_RULES.items():
+        group, _, key = dotted.partition(".")
+        node = cfg[group]
+        if key in node:
+            _require(test(node[key]), dotted, node[key], rule, example)
+    if cfg.scheduler.get("_target_") == "transformers.get_scheduler" and "name" in cfg.scheduler:
+        from transformers.trainer_utils import SchedulerType
+
+        names = [s.value for s in SchedulerType]
+        _require(cfg.scheduler.name in names, "scheduler.name", cfg.scheduler.name, f"one of {', '.join(names)}",
+                 "cosine")
+
+
+def _select(cfg: DictConfig, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def import_target(dotted: str):
+    """The object a `_target_` names: the longest importable module prefix, then attributes."""
+    parts = str(dotted).split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            obj = getattr(obj, attribute)
+        return obj
+    raise ImportError(f"no module named {parts[0]!r}")
+
+
+def _check_target_keys(node_key: str, node: DictConfig) -> None:
+    target = node["_target_"]
+    try:
+        obj = import_target(target)
+    except Exception as err:  # ImportError, AttributeError, ...: all mean "not importable"
+        raise ConfigError(f"{node_key}._target_={target!r} cannot be imported ({type(err).__name__}: {err}); "
+                          "name an importable class or function, e.g. qlora.optim.PagedAdamW") from None
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: nothing to check against
+    parameters = signature.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # takes any keyword
+    accepted = [name for name in parameters if name != "self"]
+    for key in node.keys():
+        if key in _HYDRA_KEYS:
+            continue
+        if key in _PASSED_BY_TRAINER[node_key]:
+            raise ConfigError(f"{node_key}.{key} is passed by the trainer itself; remove it from the recipe")
+        if key not in accepted:
+            valid = [f"{node_key}.{name}" for name in accepted if name not in _PASSED_BY_TRAINER[node_key]]
+            raise ConfigError(f"unknown recipe key {node_key}.{key}: {target} takes no argument {key!r}; "
+                              f"{_closest(f'{node_key}.{key}', valid)}")

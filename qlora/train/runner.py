@@ -1,0 +1,186 @@
+"""run(cfg): build everything a recipe describes and train. Called by train.py under Hydra."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from qlora.errors import DamagedFileError, UserError
+from qlora.train import checkpoint as ckpt
+from qlora.train.recipes import dense_dtype, model_path, quant_config
+from qlora.train.report import format_summary, plot_loss_curve, write_summary
+from qlora.train.schema import ConfigError, validate
+from qlora.train.tracking import MetricsLogger
+from qlora.train.trainer import Trainer, peak_memory_bytes
+
+log = logging.getLogger("qlora.train")
+
+
+class RunInterrupted(UserError):
+    """Ctrl-C: the message says where the run stopped and how to continue it."""
+
+
+@dataclasses.dataclass
+class TrainingSetup:
+    """What build() makes from a recipe: the trainer's inputs."""
+
+    accelerator: Any  # accelerate.Accelerator
+    model: torch.nn.Module  # the 4-bit base with LoRA, prepared by accelerate
+    tokenizer: Any
+    train_data: Any  # datasets.Dataset of tokenized (maybe packed) examples
+    eval_data: Any  # datasets.Dataset or None
+    collator: Any  # qlora.data.Collator
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # torch LR scheduler
+    prompt_format: dict  # the resolved data.format node, recorded with every adapter for generation
+
+
+def _hydra_run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _data_sources(cfg: DictConfig) -> tuple[str, Optional[str]]:
+    if cfg.data.source == "embedded":
+        from qlora.embedded import TASK_EVAL, TASK_TRAIN
+
+        return str(TASK_TRAIN), str(TASK_EVAL)
+    return cfg.data.source, cfg.data.eval_source
+
+
+def load_base(cfg: DictConfig, device):
+    """(tokenizer, 4-bit model) for the recipe's model. The path is resolved first (a local directory,
+    or the Hub, failing fast offline), so a wrong path is reported as such and nothing below it treats
+    it as a Hub id; whatever reading the checkpoint raises comes back naming model.name_or_path."""
+    from transformers import AutoTokenizer
+
+    import qlora
+    from qlora.models.checkpoint import resolve_checkpoint
+
+    name = cfg.model.name_or_path
+    directory = resolve_checkpoint(model_path(name), cfg.model.revision, option="model.name_or_path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise DamagedFileError(f"model.name_or_path={name}: the tokenizer in {directory} could not be loaded "
+                               f"({type(err).__name__}: {err}); check that the folder holds tokenizer files") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of loss and attention anyway
+    try:
+        model = qlora.load_model(directory, quant_config(cfg.quantization), device=device,
+                                 dtype=dense_dtype(cfg.model), trust_remote_code=cfg.model.trust_remote_code,
+                                 attn_implementation=cfg.model.attn_implementation)
+    except (OSError, ValueError, NotImplementedError) as err:
+        # Name the recipe key; a UserError keeps its type (an InputPathError stays one), anything else
+        # raised while reading the checkpoint is a damaged or unsupported file.
+        kind = type(err) if isinstance(err, UserError) else DamagedFileError
+        raise kind(f"model.name_or_path={name}: {err}") from err
+    model.config.name_or_path = model_path(name)  # what adapters record as their base, not a cache path
+    return tokenizer, model
+
+
+def build(cfg: DictConfig) -> TrainingSetup:
+    """Accelerator, tokenizer, 4-bit model with LoRA, data, optimizer and scheduler."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from qlora.data import Collator, prepare_datasets
+    from qlora.lora import attach_lora, describe_trainable
+
+    set_seed(cfg.trainer.seed)
+    device = cfg.trainer.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision, cpu=device == "cpu")
+    tokenizer, model = load_base(cfg, accelerator.device)
+    lora = cfg.lora
+    target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    try:
+        model = attach_lora(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
+                            use_rslora=lora.use_rslora, use_dora=lora.use_dora, bias=lora.bias,
+                            init_lora_weights=lora.init_lora_weights,
+                            gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+    except (ValueError, NotImplementedError) as err:  # PEFT's and qlora's refusals of a LoRA option
+        if isinstance(err, UserError):
+            raise
+        raise ConfigError(f"lora: {err}") from err
+    log.info(describe_trainable(model))
+
+    source, eval_source = _data_sources(cfg)
+    d = cfg.data
+    train_data, eval_data = prepare_datasets(
+        tokenizer, source=source, format=instantiate(d.format), max_seq_len=d.max_seq_len, split=d.split,
+        eval_source=eval_source, eval_fraction=d.eval_fraction, truncation=d.truncation,
+        completion_only_loss=d.completion_only_loss, packing=d.packing, seed=d.seed,
+    )
+    log.info("data: %d training sequences, %d held-out examples", len(train_data), len(eval_data or []))
+    optimizer = instantiate(cfg.optimizer)(params=[p for p in model.parameters() if p.requires_grad])
+    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer, num_training_steps=cfg.trainer.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return TrainingSetup(accelerator=accelerator, model=model, tokenizer=tokenizer, train_data=train_data,
+                         eval_data=eval_data, collator=Collator(tokenizer.pad_token_id), optimizer=optimizer,
+                         scheduler=scheduler, prompt_format=OmegaConf.to_container(d.format, resolve=True))
+
+
+def _check_resume_leaves_work(resume: Optional[Path], max_steps: int) -> None:
+    if resume is None:
+        return
+    step = ckpt.read_state(resume).step
+    if step >= max_steps:
+        raise ConfigError(f"trainer.resume: checkpoint {resume} is already at step {step}, and trainer.max_steps="
+                          f"{max_steps} leaves nothing to train; set trainer.max_steps above {step}")
+
+
+def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
+    """Train as `cfg` says; returns the run summary. Outputs go to run_dir (Hydra's by default)."""
+    validate(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else _hydra_run_dir()
+    resume = ckpt.find_resume_checkpoint(cfg.trainer.resume, run_dir)
+    _check_resume_leaves_work(resume, cfg.trainer.max_steps)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    started = time.perf_counter()
+    setup = build(cfg)
+    metrics = MetricsLogger(run_dir, cfg)
+    trainer = Trainer(cfg, run_dir, setup, metrics)
+    failed = True
+    try:
+        if resume is not None:
+            trainer.resume_from(resume)
+        if trainer.state.exact_match_before is None:
+            trainer.state.exact_match_before = trainer.exact_match_score(trainer.state.step, "before")
+        state = trainer.train()
+        final_eval = trainer.evaluate(state.step)
+        after = trainer.exact_match_score(state.step, "after")
+        trainer.save(state.step)
+        trainer.save_adapter(run_dir / "adapter")
+        summary = {
+            "steps": state.step,
+            "tokens": state.tokens,
+            "wall_seconds": time.perf_counter() - started,
+            "train_seconds": state.train_seconds,
+            "peak_memory_gb": peak_memory_bytes(setup.accelerator.device) / 2**30,
+            "final_eval_loss": final_eval.get("eval_loss"),
+            "final_eval_ppl": final_eval.get("eval_ppl"),
+            "exact_match_before": state.exact_match_before,
+            "exact_match_after": after,
+            "adapter": str(run_dir / "adapter"),
+        }
+        summary = {k: v for k, v in summary.items() if v is not None}
+        write_summary(run_dir, summary)
+        plot_loss_curve(run_dir, state.history, state.evals)
+        metrics.summary(summary)
+        log.info(format_summary(summary))
+        failed = False
+        return summary
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"interrupted at step {trainer.state.step}; newest checkpoint: {trainer.newest_good_checkpoint()}. "
+            "Run the same command with trainer.resume=true to continue from it") from None
+    finally:
+        metrics.close(failed=failed)
