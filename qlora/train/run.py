@@ -59,16 +59,29 @@ def build(cfg: DictConfig, run_dir: Path):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of loss and attention anyway
     q = cfg.quantization
-    qconfig = qlora.QuantConfig(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=q.compute_dtype,
-                                blocksize=q.blocksize, quant_storage=q.quant_storage, skip_modules=list(q.skip_modules))
     dense_dtype = getattr(torch, cfg.model.dtype) if cfg.model.dtype else None
-    model = qlora.load_model(path, qconfig, device=accelerator.device, dtype=dense_dtype, revision=cfg.model.revision,
-                             trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
+    if q.quant_type == "none":  # the 16-bit LoRA baseline
+        from qlora.baseline import load_dense_model
+
+        model = load_dense_model(path, getattr(torch, q.compute_dtype), dense_dtype, accelerator.device,
+                                 list(q.skip_modules), cfg.model.revision, cfg.model.trust_remote_code,
+                                 cfg.model.attn_implementation)
+    else:
+        qconfig = qlora.QuantConfig(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=q.compute_dtype,
+                                    blocksize=q.blocksize, quant_storage=q.quant_storage, skip_modules=list(q.skip_modules))
+        model = qlora.load_model(path, qconfig, device=accelerator.device, dtype=dense_dtype, revision=cfg.model.revision,
+                                 trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     lora = cfg.lora
+    if lora.init == "loftq":
+        from qlora.loftq import initialize_for_run
+
+        loftq = initialize_for_run(cfg, model, path, run_dir, tokenizer)
     target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     model = attach_lora(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
                         use_rslora=lora.use_rslora, use_dora=lora.use_dora, bias=lora.bias,
                         init_lora_weights=lora.init_lora_weights, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+    if lora.init == "loftq":
+        loftq.apply(model)
     log.info(describe_trainable(model))
 
     source, eval_source = _data_sources(cfg)
