@@ -42,11 +42,13 @@ USAGE = """usage: qlora <command> key=value ...
 commands:
   export     merge a trained LoRA adapter into its base and write it (hf | nf4 | gguf)
   generate   generate text from a merged model, a 4-bit model, or a run (base + adapter)
+  eval       held-out loss, perplexity and exact match (eval.json); lm-eval tasks with tasks=
 
 `qlora <command> --help` lists every option of a command. Examples:
   qlora export run_dir=outputs/embedded/2025-01-01_00-00-00 out=merged/
   qlora export run_dir=outputs/run out=merged-nf4/ format=nf4 overwrite=true
   qlora generate model=merged/ prompt="Hello" max_new_tokens=64 temperature=0
+  qlora eval run_dir=outputs/embedded/2025-01-01_00-00-00
 """
 
 
@@ -97,6 +99,14 @@ def _number(key: str, value: str, kind: Callable):
         return kind(value)
     except ValueError:
         raise UsageError(f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}") from None
+
+
+def _lazy_command(module: str, options: str, function: str) -> tuple[dict, Callable]:
+    """A command defined in another module; its heavy imports wait until it runs."""
+    import importlib
+
+    loaded = importlib.import_module(module)
+    return getattr(loaded, options), getattr(loaded, function)
 
 
 def cmd_export(values: dict) -> int:
@@ -180,6 +190,7 @@ def cmd_generate(values: dict) -> int:
 
 
 COMMANDS = {"export": (EXPORT_OPTIONS, cmd_export), "generate": (GENERATE_OPTIONS, cmd_generate)}
+COMMANDS["eval"] = _lazy_command("qlora.evaluate", "EVAL_OPTIONS", "cmd_eval")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -200,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -32,6 +32,7 @@ class AdapterSource:
     dense_dtype: Optional[torch.dtype]  # dtype training gave the dense (non-4-bit) layers
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    quantized: bool = True             # False: trained with quantization=none, on the 16-bit base itself
 
     def adapter_config(self) -> dict:
         return json.loads((self.adapter_dir / ADAPTER_CONFIG).read_text())
@@ -81,14 +82,20 @@ def resolve_source(run_or_adapter_dir: str | Path, base_model: Optional[str] = N
 
         cfg = OmegaConf.load(run_dir / RUN_CONFIG)
         q = cfg.quantization
-        qconfig = QuantConfig(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=q.compute_dtype,
-                              blocksize=q.blocksize, quant_storage=q.quant_storage,
+        quantized = q.quant_type != "none"  # "none": qconfig below is a placeholder nothing reads
+        qconfig = QuantConfig(quant_type=q.quant_type if quantized else "nf4", double_quant=q.double_quant,
+                              compute_dtype=q.compute_dtype, blocksize=q.blocksize, quant_storage=q.quant_storage,
                               skip_modules=list(q.skip_modules) if q.get("skip_modules") is not None else None)
         dtype_name = cfg.model.get("dtype")
+        from qlora.loftq import run_base_dir
+
+        # A LoftQ run trained against its own quantized base (saved with the run), not against Q(W).
+        base = base_model or run_base_dir(run_dir) or _resolve_model_path(cfg.model.name_or_path)
         return AdapterSource(
-            adapter_dir=adapter_dir, run_dir=run_dir, base=base_model or _resolve_model_path(cfg.model.name_or_path),
+            adapter_dir=adapter_dir, run_dir=run_dir, base=str(base),
             qconfig=qconfig, qconfig_known=True, dense_dtype=getattr(torch, dtype_name) if dtype_name else None,
             revision=cfg.model.get("revision"), trust_remote_code=bool(cfg.model.get("trust_remote_code", False)),
+            quantized=quantized,
         )
     base = base_model or adapter_cfg.get("base_model_name_or_path")
     if not base:
