@@ -140,6 +140,39 @@ def plot(configs: dict, path: Path, window: int = 10) -> Path:
     return path
 
 
+def run_parallel(argv: list[str], seeds: list[int], jobs: int, work: Path) -> None:
+    """This script once per group of seeds, in `jobs` processes sharing the cores (one thread each on 2 cores
+    with 2 jobs: no oversubscription); they write their runs into `work`, where the caller reads them."""
+    import os
+    import subprocess
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    groups = [seeds[i::jobs] for i in range(min(jobs, len(seeds)))]
+    passed, skip = [], False
+    for arg in argv:  # this invocation's arguments without --seeds / --jobs / --out
+        if skip:
+            skip = False
+            continue
+        if arg in ("--seeds", "--jobs", "--out", "--plot"):
+            skip = True
+            continue
+        if not arg.startswith(("--seeds=", "--jobs=", "--out=", "--plot=")):
+            passed.append(arg)
+    work.mkdir(parents=True, exist_ok=True)
+    children = []
+    for i, group in enumerate(groups):
+        command = [sys.executable, str(Path(__file__).resolve()), *passed, "--work", str(work),
+                   "--seeds", ",".join(map(str, group)), "--out", str(work / f"partial-{i}.json")]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        log.info("seeds %s: %s", group, " ".join(command))
+        children.append(subprocess.Popen(command, env=env, stdout=open(work / f"partial-{i}.log", "w"),
+                                         stderr=subprocess.STDOUT))
+    failed = [(g, c.wait()) for g, c in zip(groups, children)]
+    failed = [(g, code) for g, code in failed if code != 0]
+    if failed:
+        raise SystemExit(f"runs for seeds {[g for g, _ in failed]} failed; see {work}/partial-*.log")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
@@ -148,6 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="default: the --out path with .png")
     parser.add_argument("--work", type=Path, default=Path("outputs/quality"), help="where the runs are written")
     parser.add_argument("--reuse", action="store_true", help="read runs already finished in --work instead of rerunning")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="seeds trained in parallel processes, each with cores/jobs threads (default 1)")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides for every run, e.g. trainer.max_steps=2")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -161,19 +196,28 @@ def main(argv=None) -> int:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
 
     started = time.perf_counter()
-    configs = {}
-    for name in names:
-        runs = [train_one(name, seed, args.overrides, args.work, args.reuse) for seed in seeds]
-        configs[name] = {"description": CONFIGS[name][0], "overrides": CONFIGS[name][1], **aggregate(runs, seeds)}
-
-    payload = {
-        "benchmark": "quality", "device": device_name(), "versions": versions("peft", "accelerate"),
-        "command": " ".join(["python benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]),
-        "common_overrides": COMMON, "extra_overrides": args.overrides,
-        "std": "sample standard deviation over seeds (n - 1)",
-        "configs": configs, "gaps": gaps(configs), "total_seconds": time.perf_counter() - started,
-    }
-    path = write_results("quality", payload, args.out)
+    reuse = args.reuse
+    if args.jobs > 1 and len(seeds) > 1:
+        run_parallel(argv if argv is not None else sys.argv[1:], seeds, args.jobs, args.work)
+        reuse = True  # every run is on disk now: the loop below only reads them
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    # Seed-major order, the results file rewritten after every run: an interrupted benchmark
+    # leaves every configuration measured on the same seeds so far (and --reuse continues it).
+    for seed in seeds:
+        for name in names:
+            runs[name].append(train_one(name, seed, args.overrides, args.work, reuse))
+            done = seeds[:len(runs[names[-1]])] if runs[names[-1]] else []
+            configs = {n: {"description": CONFIGS[n][0], "overrides": CONFIGS[n][1],
+                           **aggregate(r[:len(done)], done)} for n, r in runs.items() if done}
+            payload = {
+                "benchmark": "quality", "device": device_name(), "versions": versions("peft", "accelerate"),
+                "command": " ".join(["python benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]),
+                "common_overrides": COMMON, "extra_overrides": args.overrides,
+                "std": "sample standard deviation over seeds (n - 1)",
+                "configs": configs, "gaps": gaps(configs), "total_seconds": time.perf_counter() - started,
+            }
+            if configs:
+                path = write_results("quality", payload, args.out)
     figure = plot(configs, args.plot or args.out.with_suffix(".png"))
     rows = [{"config": n, "held-out loss": f"{c['eval_loss_mean']:.4f} ± {c['eval_loss_std']:.4f}",
              "exact match": "n/a" if c["exact_match_mean"] is None

@@ -247,6 +247,10 @@ def cmd_eval(values: dict) -> int:
     if not target or (values["run_dir"] and values["model"]):
         raise UsageError("qlora eval: pass exactly one of run_dir=... or model=...; see `qlora eval --help`")
     progress = _bool("progress", values["progress"])
+    if not progress:
+        import datasets
+
+        datasets.disable_progress_bars()  # tokenization and file loading show their own bars
     batch_size = _number("batch_size", values["batch_size"], int)
     max_new_tokens = _number("max_new_tokens", values["max_new_tokens"], int)
     max_seq_len = _number("max_seq_len", values["max_seq_len"], int) if values["max_seq_len"] else None
