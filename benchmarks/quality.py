@@ -173,6 +173,16 @@ def run_parallel(argv: list[str], seeds: list[int], jobs: int, work: Path) -> No
         raise SystemExit(f"runs for seeds {[g for g, _ in failed]} failed; see {work}/partial-*.log")
 
 
+def results_payload(argv, args, configs: dict, started: float) -> dict:
+    return {
+        "benchmark": "quality", "device": device_name(), "versions": versions("peft", "accelerate"),
+        "command": " ".join(["python benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]),
+        "common_overrides": COMMON, "extra_overrides": args.overrides,
+        "std": "sample standard deviation over seeds (n - 1)",
+        "configs": configs, "gaps": gaps(configs), "total_seconds": time.perf_counter() - started,
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
@@ -181,6 +191,9 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="default: the --out path with .png")
     parser.add_argument("--work", type=Path, default=Path("outputs/quality"), help="where the runs are written")
     parser.add_argument("--reuse", action="store_true", help="read runs already finished in --work instead of rerunning")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: aggregate the runs of --seeds already finished in --work (the seeds "
+                             "may then differ between configurations; each entry lists its own)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="seeds trained in parallel processes, each with cores/jobs threads (default 1)")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides for every run, e.g. trainer.max_steps=2")
@@ -200,6 +213,16 @@ def main(argv=None) -> int:
     if args.jobs > 1 and len(seeds) > 1:
         run_parallel(argv if argv is not None else sys.argv[1:], seeds, args.jobs, args.work)
         reuse = True  # every run is on disk now: the loop below only reads them
+    if args.finished_only:
+        finished = {n: [s for s in seeds if (args.work / n / f"seed-{s}" / "summary.json").is_file()] for n in names}
+        configs = {n: {"description": CONFIGS[n][0], "overrides": CONFIGS[n][1],
+                       **aggregate([read_run(args.work / n / f"seed-{s}") for s in found], found)}
+                   for n, found in finished.items() if found}
+        if not configs:
+            parser.error(f"no finished runs of {names} for seeds {seeds} in {args.work}")
+        payload = results_payload(argv, args, configs, started)
+        path = write_results("quality", payload, args.out)
+        names, seeds = list(configs), []  # skip the training loop
     runs: dict[str, list[dict]] = {name: [] for name in names}
     # Seed-major order, the results file rewritten after every run: an interrupted benchmark
     # leaves every configuration measured on the same seeds so far (and --reuse continues it).
@@ -209,13 +232,7 @@ def main(argv=None) -> int:
             done = seeds[:len(runs[names[-1]])] if runs[names[-1]] else []
             configs = {n: {"description": CONFIGS[n][0], "overrides": CONFIGS[n][1],
                            **aggregate(r[:len(done)], done)} for n, r in runs.items() if done}
-            payload = {
-                "benchmark": "quality", "device": device_name(), "versions": versions("peft", "accelerate"),
-                "command": " ".join(["python benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]),
-                "common_overrides": COMMON, "extra_overrides": args.overrides,
-                "std": "sample standard deviation over seeds (n - 1)",
-                "configs": configs, "gaps": gaps(configs), "total_seconds": time.perf_counter() - started,
-            }
+            payload = results_payload(argv, args, configs, started)
             if configs:
                 path = write_results("quality", payload, args.out)
     figure = plot(configs, args.plot or args.out.with_suffix(".png"))
