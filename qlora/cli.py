@@ -101,8 +101,8 @@ def _number(key: str, value: str, kind: Callable):
         raise UsageError(f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}") from None
 
 
-def _lazy_command(module: str, options: str, function: str) -> tuple[dict, Callable]:
-    """A command defined in another module; its heavy imports wait until it runs."""
+def _command_from(module: str, options: str, function: str) -> tuple[dict, Callable]:
+    """A command defined in its own module (which imports torch and the rest only when it runs)."""
     import importlib
 
     loaded = importlib.import_module(module)
@@ -190,7 +190,7 @@ def cmd_generate(values: dict) -> int:
 
 
 COMMANDS = {"export": (EXPORT_OPTIONS, cmd_export), "generate": (GENERATE_OPTIONS, cmd_generate)}
-COMMANDS["eval"] = _lazy_command("qlora.evaluate", "EVAL_OPTIONS", "cmd_eval")
+COMMANDS["eval"] = _command_from("qlora.evaluate", "EVAL_OPTIONS", "cmd_eval")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -211,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError, ImportError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
