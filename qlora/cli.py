@@ -48,6 +48,7 @@ USAGE = """usage: qlora <command> key=value ...
 commands:
   export     merge a trained LoRA adapter into its base and write it (hf | nf4 | gguf)
   generate   generate text from a merged model, a 4-bit model, or a run (base + adapter)
+  eval       held-out loss, perplexity and exact match (eval.json); lm-eval tasks with tasks=
 
 `qlora <command> --help` lists every option of a command. Examples:
   qlora export run_dir=outputs/embedded/2025-01-01_00-00-00 output_dir=merged/
@@ -55,6 +56,7 @@ commands:
 
 An error caused by input prints one line, `error: ...`; QLORA_DEBUG=1 adds the traceback.
   qlora generate model=merged/ prompt="Hello" max_new_tokens=64 temperature=0
+  qlora eval run_dir=outputs/embedded/2025-01-01_00-00-00
 """
 
 
@@ -124,6 +126,14 @@ def _choice(key: str, value: str, choices) -> str:
     if value not in choices:
         raise UsageError(f"{key}={value!r} is not one of {', '.join(choices)}")
     return value
+
+
+def _command_from(module: str, options: str, function: str) -> tuple[dict, Callable]:
+    """A command defined in its own module (which imports torch and the rest only when it runs)."""
+    import importlib
+
+    loaded = importlib.import_module(module)
+    return getattr(loaded, options), getattr(loaded, function)
 
 
 def cmd_export(values: dict) -> int:
@@ -237,6 +247,7 @@ def cmd_generate(values: dict) -> int:
 
 
 COMMANDS = {"export": (EXPORT_OPTIONS, cmd_export), "generate": (GENERATE_OPTIONS, cmd_generate)}
+COMMANDS["eval"] = _command_from("qlora.evaluate", "EVAL_OPTIONS", "cmd_eval")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -156,7 +156,11 @@ def _readme(record: dict, format: str, gguf_type: str) -> str:
     layout = (f"{q['quant_type']}, double quant {q['double_quant']}, blocksize {q['blocksize']}"
               if "quant_type" in q else f"format {q['format']} ({q['quantization_config']})")
     quant = f"{layout}, dense modules {q['skip_modules']} (from the {record['quantization_from']})"
-    if record["base"] == "dequantized":
+    if not record.get("trained_on_quantized_base", True):
+        how = ("The adapter was trained with `quantization=none`, on the base's own 16-bit weights W, and was "
+               f"merged into them (from `{record['weights_from']}`): this model computes what the trained model "
+               "computed, up to the output dtype's rounding.")
+    elif record["base"] == "dequantized":
         how = ("The adapter was merged into **dequant(NF4(W))**, the base weights exactly as training saw them: "
                + ("the packed 4-bit tensors of the pre-quantized base were decoded in fp32"
                   if record["base_prequantized"] else

@@ -157,7 +157,8 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
         weights_dir = base_dir
     qconfig = quant_config_from_any(saved_q.to_dict() if hasattr(saved_q, "to_dict") else saved_q) \
         if prequantized else source.qconfig
-    dequantize_base = base == "dequantized"
+    # A run on the unquantized base (quantization=none) trained against W itself: there is nothing to dequantize.
+    dequantize_base = base == "dequantized" and source.quantized
     read_packed = dequantize_base and prequantized
 
     lora_config, modules = read_adapter(source.adapter_dir)
@@ -178,7 +179,7 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
                              else "defaults (no run config found)",
         "lora": {"r": lora_config.r, "alpha": lora_config.lora_alpha, "use_rslora": lora_config.use_rslora,
                  "use_dora": lora_config.use_dora},
-        "merged_modules": len(modules), "merge_dtype": "float32",
+        "merged_modules": len(modules), "merge_dtype": "float32", "trained_on_quantized_base": source.quantized,
         "dtype": "auto" if out_dtype is None else str(out_dtype).removeprefix("torch."),
     }
     writer = ShardWriter(directory, parse_size(max_shard_size))

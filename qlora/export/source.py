@@ -34,6 +34,7 @@ class AdapterSource:
     dense_dtype: Optional[torch.dtype]  # dtype training gave the dense (non-4-bit) layers
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    quantized: bool = True             # False: trained with quantization=none, on the 16-bit base itself
 
     def adapter_config(self) -> dict:
         return json.loads((self.adapter_dir / ADAPTER_CONFIG).read_text())
@@ -99,10 +100,19 @@ def resolve_source(run_or_adapter_dir: str | Path, base_model: Optional[str] = N
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(run_dir / RUN_CONFIG)
+        q = OmegaConf.to_container(cfg.quantization, resolve=True)
+        quantized = q["quant_type"] != "none"
+        if not quantized:  # a 16-bit LoRA run: the qconfig is a placeholder nothing reads
+            q["quant_type"] = "nf4"
+        from qlora.loftq import run_base_dir
+
+        # A LoftQ run trained against its own quantized base (saved with the run), not against Q(W).
+        base = base_model or run_base_dir(run_dir) or model_path(cfg.model.name_or_path)
         return AdapterSource(
-            adapter_dir=adapter_dir, run_dir=run_dir, base=base_model or model_path(cfg.model.name_or_path),
-            qconfig=quant_config(cfg.quantization), qconfig_known=True, dense_dtype=dense_dtype(cfg.model),
+            adapter_dir=adapter_dir, run_dir=run_dir, base=str(base),
+            qconfig=quant_config(q), qconfig_known=True, dense_dtype=dense_dtype(cfg.model),
             revision=cfg.model.get("revision"), trust_remote_code=bool(cfg.model.get("trust_remote_code", False)),
+            quantized=quantized,
         )
     base = base_model or adapter_cfg.get("base_model_name_or_path")
     if not base:

@@ -74,9 +74,16 @@ def load_base(cfg: DictConfig, device):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of loss and attention anyway
     try:
-        model = qlora.load_model(directory, quant_config(cfg.quantization), device=device,
-                                 dtype=dense_dtype(cfg.model), trust_remote_code=cfg.model.trust_remote_code,
-                                 attn_implementation=cfg.model.attn_implementation)
+        if cfg.quantization.quant_type == "none":  # the 16-bit LoRA baseline
+            from qlora.baseline import load_dense_model
+
+            model = load_dense_model(directory, getattr(torch, cfg.quantization.compute_dtype), dense_dtype(cfg.model),
+                                     device, list(cfg.quantization.skip_modules), cfg.model.revision,
+                                     cfg.model.trust_remote_code, cfg.model.attn_implementation)
+        else:
+            model = qlora.load_model(directory, quant_config(cfg.quantization), device=device,
+                                     dtype=dense_dtype(cfg.model), trust_remote_code=cfg.model.trust_remote_code,
+                                     attn_implementation=cfg.model.attn_implementation)
     except (OSError, ValueError, NotImplementedError) as err:
         # Name the recipe key; a UserError keeps its type (an InputPathError stays one), anything else
         # raised while reading the checkpoint is a damaged or unsupported file.
@@ -86,8 +93,9 @@ def load_base(cfg: DictConfig, device):
     return tokenizer, model
 
 
-def build(cfg: DictConfig) -> TrainingSetup:
-    """Accelerator, tokenizer, 4-bit model with LoRA, data, optimizer and scheduler."""
+def build(cfg: DictConfig, run_dir: Path) -> TrainingSetup:
+    """Accelerator, tokenizer, 4-bit model with LoRA, data, optimizer and scheduler. `run_dir` receives
+    what an initialisation writes beside the run (LoftQ's report and its quantized base)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -99,6 +107,10 @@ def build(cfg: DictConfig) -> TrainingSetup:
     accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision, cpu=device == "cpu")
     tokenizer, model = load_base(cfg, accelerator.device)
     lora = cfg.lora
+    if lora.init == "loftq":
+        from qlora.loftq import initialize_for_run
+
+        loftq = initialize_for_run(cfg, model, model_path(cfg.model.name_or_path), run_dir, tokenizer)
     target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     try:
         model = attach_lora(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
@@ -109,6 +121,8 @@ def build(cfg: DictConfig) -> TrainingSetup:
         if isinstance(err, UserError):
             raise
         raise ConfigError(f"lora: {err}") from err
+    if lora.init == "loftq":
+        loftq.apply(model)
     log.info(describe_trainable(model))
 
     source, eval_source = _data_sources(cfg)
@@ -145,7 +159,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     started = time.perf_counter()
-    setup = build(cfg)
+    setup = build(cfg, run_dir)
     metrics = MetricsLogger(run_dir, cfg)
     trainer = Trainer(cfg, run_dir, setup, metrics)
     failed = True

@@ -30,7 +30,7 @@ class ModelConfig:
 
 @dataclass
 class QuantizationConfig:
-    quant_type: str = "nf4"  # "nf4" or "fp4"
+    quant_type: str = "nf4"  # "nf4", "fp4", or "none": the 16-bit LoRA baseline (base linears in compute_dtype)
     double_quant: bool = True  # also quantize the absmax constants (4.127 bits/param for NF4)
     compute_dtype: str = "bfloat16"  # dtype the 4-bit layers compute in
     blocksize: int = 64  # elements per absmax block, a power of two in [32, 4096]
@@ -49,6 +49,10 @@ class LoraConfig:
     use_dora: bool = False  # weight-decomposed LoRA
     bias: str = "none"  # "none", "all" or "lora_only"
     init_lora_weights: Any = True  # True, False, "gaussian", "pissa", ... as peft.LoraConfig takes
+    # "default": B = 0 (the model starts at the quantized base); "loftq": base and adapter chosen together
+    # so that Q + BA is close to the 16-bit W (qlora.loftq), alternating loftq_iter times.
+    init: str = "default"
+    loftq_iter: int = 1
 
 
 @dataclass
@@ -134,10 +138,11 @@ class ConfigError(UserError, ValueError):
 
 
 _CHOICES = {
-    "quantization.quant_type": ("nf4", "fp4"),
+    "quantization.quant_type": ("nf4", "fp4", "none"),
     "quantization.compute_dtype": ("bfloat16", "float16", "float32"),
     "quantization.quant_storage": ("uint8", "bfloat16", "float16", "float32"),
     "lora.bias": ("none", "all", "lora_only"),
+    "lora.init": ("default", "loftq"),
     "trainer.mixed_precision": ("no", "bf16", "fp16"),
     "logger.backend": ("jsonl", "wandb"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
@@ -184,6 +189,7 @@ def validate(cfg: DictConfig) -> None:
                           "trainer.gradient_checkpointing=true; set it, or set trainer.activation_offload=false")
     if cfg.trainer.loss_chunk_size is not None and cfg.trainer.loss_chunk_size <= 0:
         raise ConfigError(f"trainer.loss_chunk_size must be > 0 or null, got {cfg.trainer.loss_chunk_size}")
+    _validate_lora_init(cfg)
     for key in ("optimizer", "scheduler", "data.format"):
         node = _get(cfg, key)
         if not isinstance(node, DictConfig) or "_target_" not in node:
@@ -194,3 +200,17 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.max_nonfinite_skips < 0:
         raise ConfigError(f"trainer.max_nonfinite_skips must be >= 0, got {cfg.trainer.max_nonfinite_skips}")
     check_targets(cfg)
+
+
+def _validate_lora_init(cfg: DictConfig) -> None:
+    if cfg.lora.init != "loftq":
+        return
+    if cfg.lora.loftq_iter < 1:
+        raise ConfigError(f"lora.loftq_iter must be >= 1 (LoftQ alternations of quantize and SVD), got "
+                          f"{cfg.lora.loftq_iter}")
+    if cfg.quantization.quant_type == "none":
+        raise ConfigError("lora.init=loftq corrects the quantization error, and quantization=none has none; "
+                          "set quantization=nf4 (or fp4), or lora.init=default")
+    if cfg.lora.use_dora:
+        raise ConfigError("lora.init=loftq with lora.use_dora=true is not supported (DoRA's magnitude is taken from "
+                          "the base before LoftQ rewrites it); set lora.use_dora=false or lora.init=default")
