@@ -193,7 +193,7 @@ class Trainer:
                     step, what, self.state.nonfinite_skips, self.t.max_nonfinite_skips)
 
     # ---- the loop -----------------------------------------------------------------------------
-    def train(self) -> dict:
+    def train(self) -> TrainerState:
         t, acc = self.t, self.accelerator
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         batches = self._micro_batches()
