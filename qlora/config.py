@@ -141,8 +141,12 @@ class QuantConfig:
         method = str(d.get("quant_method", "bitsandbytes")).split(".")[-1].lower()
         if method not in ("bitsandbytes", "bits_and_bytes"):
             raise NotImplementedError(f"quant_method={method!r} is not supported; qlora loads bitsandbytes 4-bit checkpoints")
+        if (d.get("load_in_8bit") or d.get("_load_in_8bit")) and (d.get("load_in_4bit") or d.get("_load_in_4bit")):
+            raise ValueError("the quantization_config sets both load_in_4bit and load_in_8bit; choose one "
+                             "(load_in_4bit=True for NF4/FP4, load_in_8bit=True for LLM.int8)")
         if d.get("load_in_8bit") or d.get("_load_in_8bit"):
-            raise NotImplementedError("load_in_8bit=True is not supported: qlora quantizes to 4 bits; use load_in_4bit=True")
+            raise ValueError("load_in_8bit=True describes LLM.int8, not a 4-bit QuantConfig; pass it to "
+                             "qlora.config.quant_config_from_any (or qlora.Int8Config)")
         if not (d.get("load_in_4bit") or d.get("_load_in_4bit")):
             raise ValueError("the BitsAndBytesConfig asks for no quantization (load_in_4bit=False); set load_in_4bit=True")
         if d.get("llm_int8_enable_fp32_cpu_offload"):

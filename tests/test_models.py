@@ -98,7 +98,6 @@ def test_memory_footprint(tmp_path):
 
 
 @pytest.mark.parametrize("option,message", [
-    (BitsAndBytesConfig(load_in_8bit=True), "load_in_8bit=True is not supported"),
     (BitsAndBytesConfig(load_in_4bit=True, llm_int8_enable_fp32_cpu_offload=True), "CPU offload"),
 ])
 def test_unsupported_options(tmp_path, option, message):
