@@ -18,7 +18,8 @@ EXPORT_OPTIONS = {
                             "original: merge into the 16-bit W (changes the function by the quantization error)"),
     "original": (None, "path to the 16-bit checkpoint, for base=original when the base is pre-quantized"),
     "format": ("hf", "hf: safetensors + config.json, plain transformers loads it; nf4: re-quantized to NF4 in the "
-                     "bitsandbytes layout (the added logit error is measured); gguf: a GGUF file"),
+                     "bitsandbytes layout (the added logit error is measured); int8: the same in LLM.int8; "
+                     "gguf: a GGUF file"),
     "gguf_type": ("f16", "GGUF tensor type for format=gguf: f16 | bf16 | q8_0"),
     "dtype": ("bfloat16", "output dtype: bfloat16 | float16 | float32 | auto (the base checkpoint's own dtypes)"),
     "max_shard_size": ("5GB", "largest safetensors shard, e.g. 5GB or 500MB"),
@@ -40,7 +41,7 @@ GENERATE_OPTIONS = {
 USAGE = """usage: qlora <command> key=value ...
 
 commands:
-  export     merge a trained LoRA adapter into its base and write it (hf | nf4 | gguf)
+  export     merge a trained LoRA adapter into its base and write it (hf | nf4 | int8 | gguf)
   generate   generate text from a merged model, a 4-bit model, or a run (base + adapter)
 
 `qlora <command> --help` lists every option of a command. Examples:

@@ -47,6 +47,17 @@ def quant_config_from_any(config):
     return QuantConfig._from_bnb_dict(config)  # names what is unsupported
 
 
+def quant_config_from_recipe(q):
+    """The registered config a recipe's `quantization` node describes (quant_type nf4 / fp4 / int8)."""
+    skip = list(q.skip_modules) if q.get("skip_modules") is not None else None
+    if q.quant_type == "int8":
+        from qlora.quant.int8_config import Int8Config
+
+        return Int8Config(threshold=q.get("threshold", 6.0), compute_dtype=q.compute_dtype, skip_modules=skip)
+    return QuantConfig(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=q.compute_dtype,
+                       blocksize=q.blocksize, quant_storage=q.quant_storage, skip_modules=skip)
+
+
 def _as_dtype(value, what: str, allow_uint8: bool = False) -> torch.dtype:
     return parse_dtype(value, what, allow_uint8=allow_uint8)
 

@@ -10,11 +10,11 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from qlora.config import QuantConfig
+from qlora.config import QuantConfig, quant_config_from_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class AdapterSource:
     adapter_dir: Path
     run_dir: Optional[Path]            # the training run, when the adapter sits inside one
     base: str                          # the base checkpoint: local path or Hub id
-    qconfig: QuantConfig               # how the base was quantized for training
+    qconfig: Any                       # how the base was quantized for training (QuantConfig, Int8Config, ...)
     qconfig_known: bool                # False: no run config, QuantConfig defaults were assumed
     dense_dtype: Optional[torch.dtype]  # dtype training gave the dense (non-4-bit) layers
     revision: Optional[str] = None
@@ -81,9 +81,7 @@ def resolve_source(run_or_adapter_dir: str | Path, base_model: Optional[str] = N
 
         cfg = OmegaConf.load(run_dir / RUN_CONFIG)
         q = cfg.quantization
-        qconfig = QuantConfig(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=q.compute_dtype,
-                              blocksize=q.blocksize, quant_storage=q.quant_storage,
-                              skip_modules=list(q.skip_modules) if q.get("skip_modules") is not None else None)
+        qconfig = quant_config_from_recipe(q)
         dtype_name = cfg.model.get("dtype")
         return AdapterSource(
             adapter_dir=adapter_dir, run_dir=run_dir, base=base_model or _resolve_model_path(cfg.model.name_or_path),

@@ -48,6 +48,7 @@ def build(cfg: DictConfig, run_dir: Path):
     from transformers import AutoTokenizer
 
     import qlora
+    from qlora.config import quant_config_from_recipe
     from qlora.data import Collator, prepare_datasets
     from qlora.lora import attach_lora, describe_trainable
 
@@ -59,8 +60,7 @@ def build(cfg: DictConfig, run_dir: Path):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of loss and attention anyway
     q = cfg.quantization
-    qconfig = qlora.QuantConfig(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=q.compute_dtype,
-                                blocksize=q.blocksize, quant_storage=q.quant_storage, skip_modules=list(q.skip_modules))
+    qconfig = quant_config_from_recipe(q)
     dense_dtype = getattr(torch, cfg.model.dtype) if cfg.model.dtype else None
     model = qlora.load_model(path, qconfig, device=accelerator.device, dtype=dense_dtype, revision=cfg.model.revision,
                              trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
