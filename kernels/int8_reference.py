@@ -2,7 +2,7 @@
 forward with outlier decomposition. These are the CPU path and the oracle of the Triton kernels.
 
 The roundings to reproduce (bitsandbytes 0.45+ "default" backend, the one its CPU build runs):
-- quantize: SCB = max|A| per row in fp32; CB = round(A * (127 / SCB)) to int8, the product taken
+- quantize: SCB = max|A| per row in fp32; CB = round(A * ((1 / SCB) * 127)) to int8, the product taken
   in fp32 whatever A's dtype (a 16-bit tensor times an fp32 tensor promotes), round half to even.
   A row of zeros has SCB = 0 and CB = 0 (bitsandbytes computes 0 * inf = NaN and casts that to 0;
   here it is explicit, not left to an undefined NaN -> int8 cast).
@@ -45,7 +45,9 @@ def int8_vectorwise_quant_torch(a: torch.Tensor, threshold: float = 0.0
         if outlier_cols.numel():
             source = a.masked_fill(outliers, 0)
     row_absmax = source.abs().amax(dim=1).float()
-    scale = INT8_MAX / row_absmax  # fp32, inf on a zero row
+    # bitsandbytes writes 127.0 / row_stats, which torch evaluates as reciprocal(row_stats) * 127:
+    # two fp32 roundings, not one division. Spelled out here so the Triton kernel can copy it.
+    scale = torch.reciprocal(row_absmax) * INT8_MAX  # inf on a zero row
     codes = torch.round(source * scale.unsqueeze(-1))
     codes = torch.where(row_absmax.unsqueeze(-1) == 0, 0.0, codes).to(torch.int8)
     if outlier_cols is not None and outlier_cols.numel():
