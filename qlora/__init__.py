@@ -1,5 +1,7 @@
 """qlora: QLoRA fine-tuning with bitsandbytes-compatible 4-bit and 8-bit weights, without bitsandbytes."""
+from qlora import hub
 from qlora.config import QuantConfig
+from qlora.hub import push_to_hub
 from qlora.memory import memory_footprint
 from qlora.models import load_model, save_model
 from qlora.nn import Linear4bit, Linear8bit, QuantizedLinear
@@ -12,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Int8Config", "Linear4bit", "Linear8bit", "QuantConfig", "QuantState", "QuantizedLinear", "QuantizedWeight",
     "Weight4bit", "Weight8bit", "dequantize_4bit", "int8_vectorwise_quant", "load_model", "memory_footprint",
-    "quantize_4bit", "save_model",
+    "push_to_hub", "quantize_4bit", "save_model",
 ]

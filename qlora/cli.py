@@ -25,6 +25,8 @@ EXPORT_OPTIONS = {
     "max_shard_size": ("5GB", "largest safetensors shard, e.g. 5GB or 500MB"),
     "overwrite": ("false", "true: replace a non-empty out directory"),
     "progress": ("true", "false: no progress bars"),
+    "push_to_hub": (None, "a Hub repo id <user>/<name>: upload the written directory there (HF_ENDPOINT and HF_TOKEN "
+                          "apply)"),
 }
 GENERATE_OPTIONS = {
     "model": (None, "required: a merged directory (export format=hf), a 4-bit directory (format=nf4 or "
@@ -47,6 +49,7 @@ commands:
 `qlora <command> --help` lists every option of a command. Examples:
   qlora export run_dir=outputs/embedded/2025-01-01_00-00-00 out=merged/
   qlora export run_dir=outputs/run out=merged-nf4/ format=nf4 overwrite=true
+  qlora export run_dir=outputs/run out=merged-int8/ format=int8 push_to_hub=me/model-int8
   qlora generate model=merged/ prompt="Hello" max_new_tokens=64 temperature=0
 """
 
@@ -108,6 +111,10 @@ def cmd_export(values: dict) -> int:
                          max_shard_size=values["max_shard_size"], progress=_bool("progress", values["progress"]),
                          gguf_type=values["gguf_type"])
     print(f"wrote {path}")
+    if values["push_to_hub"]:
+        from qlora.hub import push_to_hub
+
+        print(f"pushed to {values['push_to_hub']}: {push_to_hub(path, values['push_to_hub'])}")
     return 0
 
 
