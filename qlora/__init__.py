@@ -1,13 +1,18 @@
-"""qlora: QLoRA fine-tuning with bitsandbytes-compatible 4-bit weights, without bitsandbytes."""
+"""qlora: QLoRA fine-tuning with bitsandbytes-compatible 4-bit and 8-bit weights, without bitsandbytes."""
+from qlora import hub
 from qlora.config import QuantConfig
+from qlora.hub import push_to_hub
 from qlora.memory import memory_footprint
 from qlora.models import load_model, save_model
-from qlora.nn import Linear4bit, QuantizedLinear
+from qlora.nn import Linear4bit, Linear8bit, QuantizedLinear
 from qlora.quant import QuantizedWeight, QuantState, Weight4bit, dequantize_4bit, quantize_4bit
+from qlora.quant.int8 import Weight8bit, int8_vectorwise_quant
+from qlora.quant.int8_config import Int8Config
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Linear4bit", "QuantConfig", "QuantState", "QuantizedLinear", "QuantizedWeight", "Weight4bit", "dequantize_4bit",
-    "load_model", "memory_footprint", "quantize_4bit", "save_model",
+    "Int8Config", "Linear4bit", "Linear8bit", "QuantConfig", "QuantState", "QuantizedLinear", "QuantizedWeight",
+    "Weight4bit", "Weight8bit", "dequantize_4bit", "int8_vectorwise_quant", "load_model", "memory_footprint",
+    "push_to_hub", "quantize_4bit", "save_model",
 ]

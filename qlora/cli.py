@@ -22,12 +22,15 @@ EXPORT_OPTIONS = {
                             "original: merge into the 16-bit W (changes the function by the quantization error)"),
     "original": (None, "path to the 16-bit checkpoint, for base=original when the base is pre-quantized"),
     "format": ("hf", "hf: safetensors + config.json, plain transformers loads it; nf4: re-quantized to NF4 in the "
-                     "bitsandbytes layout (the added logit error is measured); gguf: a GGUF file"),
+                     "bitsandbytes layout (the added logit error is measured); int8: the same in LLM.int8; "
+                     "gguf: a GGUF file"),
     "gguf_type": ("f16", "GGUF tensor type for format=gguf: f16 | bf16 | q8_0"),
     "dtype": ("bfloat16", "output dtype: bfloat16 | float16 | float32 | auto (the base checkpoint's own dtypes)"),
     "max_shard_size": ("5GB", "largest safetensors shard, e.g. 5GB or 500MB"),
     "overwrite": ("false", "true: replace a non-empty out directory"),
     "progress": ("true", "false: no progress bars"),
+    "push_to_hub": (None, "a Hub repo id <user>/<name>: upload the written directory there (HF_ENDPOINT and HF_TOKEN "
+                          "apply)"),
 }
 GENERATE_OPTIONS = {
     "model": (None, "required: a merged directory (export format=hf), a 4-bit directory (format=nf4 or "
@@ -46,13 +49,14 @@ GENERATE_OPTIONS = {
 USAGE = """usage: qlora <command> key=value ...
 
 commands:
-  export     merge a trained LoRA adapter into its base and write it (hf | nf4 | gguf)
+  export     merge a trained LoRA adapter into its base and write it (hf | nf4 | int8 | gguf)
   generate   generate text from a merged model, a 4-bit model, or a run (base + adapter)
   eval       held-out loss, perplexity and exact match (eval.json); lm-eval tasks with tasks=
 
 `qlora <command> --help` lists every option of a command. Examples:
   qlora export run_dir=outputs/embedded/2025-01-01_00-00-00 output_dir=merged/
   qlora export run_dir=outputs/run output_dir=merged-nf4/ format=nf4 overwrite=true
+  qlora export run_dir=outputs/run output_dir=merged-int8/ format=int8 push_to_hub=me/model-int8
 
 An error caused by input prints one line, `error: ...`; QLORA_DEBUG=1 adds the traceback.
   qlora generate model=merged/ prompt="Hello" max_new_tokens=64 temperature=0
@@ -151,6 +155,10 @@ def cmd_export(values: dict) -> int:
                          dtype=values["dtype"], overwrite=overwrite, max_shard_size=values["max_shard_size"],
                          progress=_bool("progress", values["progress"]), gguf_type=values["gguf_type"])
     print(f"wrote {path}")
+    if values["push_to_hub"]:
+        from qlora.hub import push_to_hub
+
+        print(f"pushed to {values['push_to_hub']}: {push_to_hub(path, values['push_to_hub'])}")
     return 0
 
 

@@ -62,6 +62,7 @@ class QuantConfig:
     blocksize: elements per absmax block, a power of two in [32, 4096].
     quant_storage: dtype the packed bytes are stored as (uint8, or bf16/fp16/fp32 for FSDP).
     skip_modules: module names (or name suffixes) kept in full precision; the output head always is.
+    enable_fp32_cpu_offload: modules a device_map puts on "cpu" or "disk" stay unquantized in fp32.
     """
 
     quant_type: str = "nf4"
@@ -70,6 +71,7 @@ class QuantConfig:
     blocksize: int = 64
     quant_storage: Any = torch.uint8
     skip_modules: Optional[list[str]] = None
+    enable_fp32_cpu_offload: bool = False
 
     def __post_init__(self):
         check_quant_type(self.quant_type)
@@ -117,7 +119,7 @@ class QuantConfig:
             "llm_int8_skip_modules": list(self.skip_modules),
             "llm_int8_threshold": 6.0,
             "llm_int8_has_fp16_weight": False,
-            "llm_int8_enable_fp32_cpu_offload": False,
+            "llm_int8_enable_fp32_cpu_offload": self.enable_fp32_cpu_offload,
         }
 
     @classmethod
@@ -141,14 +143,14 @@ class QuantConfig:
         method = str(d.get("quant_method", "bitsandbytes")).split(".")[-1].lower()
         if method not in ("bitsandbytes", "bits_and_bytes"):
             raise NotImplementedError(f"quant_method={method!r} is not supported; qlora loads bitsandbytes 4-bit checkpoints")
+        if (d.get("load_in_8bit") or d.get("_load_in_8bit")) and (d.get("load_in_4bit") or d.get("_load_in_4bit")):
+            raise ValueError("the quantization_config sets both load_in_4bit and load_in_8bit; choose one "
+                             "(load_in_4bit=True for NF4/FP4, load_in_8bit=True for LLM.int8)")
         if d.get("load_in_8bit") or d.get("_load_in_8bit"):
-            raise NotImplementedError("load_in_8bit=True is not supported: qlora quantizes to 4 bits; use load_in_4bit=True")
+            raise ValueError("load_in_8bit=True describes LLM.int8, not a 4-bit QuantConfig; pass it to "
+                             "qlora.config.quant_config_from_any (or qlora.Int8Config)")
         if not (d.get("load_in_4bit") or d.get("_load_in_4bit")):
             raise ValueError("the BitsAndBytesConfig asks for no quantization (load_in_4bit=False); set load_in_4bit=True")
-        if d.get("llm_int8_enable_fp32_cpu_offload"):
-            raise NotImplementedError(
-                "llm_int8_enable_fp32_cpu_offload=True (CPU offload) is not supported yet; load the whole model on one device"
-            )
         skip = d.get("llm_int8_skip_modules")
         return cls(
             quant_type=d.get("bnb_4bit_quant_type", "fp4"),
@@ -156,4 +158,5 @@ class QuantConfig:
             compute_dtype=d.get("bnb_4bit_compute_dtype") or "float32",
             quant_storage=d.get("bnb_4bit_quant_storage") or "uint8",
             skip_modules=None if skip is None else list(skip),
+            enable_fp32_cpu_offload=bool(d.get("llm_int8_enable_fp32_cpu_offload", False)),
         )

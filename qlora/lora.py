@@ -276,7 +276,12 @@ def attach_lora(model: nn.Module, *, r: int = 8, lora_alpha: int = 16, lora_drop
     config = lora_config(model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          target_modules=target_modules, use_rslora=use_rslora, use_dora=use_dora,
                          bias=bias, init_lora_weights=init_lora_weights, **extra_lora_kwargs)
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if getattr(model, "hf_device_map", None):  # dispatched with offloaded modules (qlora.models.offload)
+        from qlora.models.offload import place_offloaded_adapters
+
+        place_offloaded_adapters(peft_model, init_lora_weights)
+    return peft_model
 
 
 def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",

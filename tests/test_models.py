@@ -97,16 +97,6 @@ def test_memory_footprint(tmp_path):
     assert saved == pytest.approx(linear_params * (16 - 4.127) / 8, rel=0.05)
 
 
-@pytest.mark.parametrize("option,message", [
-    (BitsAndBytesConfig(load_in_8bit=True), "load_in_8bit=True is not supported"),
-    (BitsAndBytesConfig(load_in_4bit=True, llm_int8_enable_fp32_cpu_offload=True), "CPU offload"),
-])
-def test_unsupported_options(tmp_path, option, message):
-    path = save_tiny("llama", tmp_path / "src")
-    with pytest.raises(NotImplementedError, match=message):
-        qlora.load_model(path, option, device="cpu", progress=False)
-
-
 def test_missing_path_and_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         qlora.load_model(tmp_path / "nowhere", device="cpu")

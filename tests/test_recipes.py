@@ -78,7 +78,7 @@ def test_wrong_type_fails():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("quantization.quant_type=int4", "quantization.quant_type='int4' is not one of nf4, fp4"),
+    ("quantization.quant_type=int4", "quantization.quant_type='int4' is not one of nf4, fp4, int8"),
     ("quantization.blocksize=48", "quantization.blocksize must be a power of two in [32, 4096], got 48"),
     ("lora.r=0", "lora.r must be > 0, got 0"),
     ("trainer.mixed_precision=fp8", "trainer.mixed_precision='fp8' is not one of no, bf16, fp16"),

@@ -1,8 +1,10 @@
-"""Export a trained adapter merged into its base: plain HF safetensors, NF4 (bitsandbytes layout) or GGUF.
+"""Export a trained adapter merged into its base: plain HF safetensors, NF4 or LLM.int8 (bitsandbytes
+layouts), or GGUF.
 
     from qlora.export import export_merged
     export_merged("outputs/run/2025-01-01_00-00-00", "merged/")                  # bf16 HF checkpoint
     export_merged(run, "merged-nf4/", format="nf4")                              # 4-bit again, error reported
+    export_merged(run, "merged-int8/", format="int8")                            # LLM.int8, error reported
     export_merged(run, "merged-orig/", base="original", original="path/16bit")  # into W instead
 
 Everything is written into a temporary sibling directory and renamed into place at the end, so
@@ -25,7 +27,7 @@ from qlora.export.merge import BASES, AdapterMismatchError, merge_to_hf_dir, par
 from qlora.export.source import AdapterSource, find_adapter_dir, resolve_source
 from qlora.staging import make_staging_dir, staged_directory
 
-FORMATS = ("hf", "nf4", "gguf")
+FORMATS = ("hf", "nf4", "int8", "gguf")
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 
 __all__ = ["AdapterMismatchError", "AdapterSource", "FORMATS", "GGUF_TYPES", "export_merged", "find_adapter_dir",
@@ -50,7 +52,8 @@ def export_merged(
     base: "dequantized" (default) merges into dequant(NF4(W)), the weights training saw;
         "original" into the 16-bit W (needs `original=<16-bit checkpoint>` if the base is pre-quantized).
     format: "hf" (safetensors + config without quantization_config), "nf4" (the merged weights
-        re-quantized, bitsandbytes layout; the logit error this adds is measured and recorded) or
+        re-quantized, bitsandbytes layout; the logit error this adds is measured and recorded), "int8"
+        (the same, re-quantized to LLM.int8 with the base's threshold, or 6.0) or
         "gguf" (through qlora.export.gguf.write_gguf, `gguf_type` f16 | bf16 | q8_0).
     dtype: bfloat16 | float16 | float32 | auto (each tensor keeps the base checkpoint's dtype).
     out_dir: the former name of `output_dir`; still accepted, with a deprecation warning.
@@ -79,9 +82,9 @@ def export_merged(
             shutil.copy2(source.adapter_dir / PROMPT_FORMAT_FILE, staging / PROMPT_FORMAT_FILE)
     if progress:
         print(f"merged {record['merged_modules']} adapted modules into the {record['base']} base -> {output_dir}")
-        if "nf4_added_logit_error" in record:
-            err = record["nf4_added_logit_error"]
-            print(f"nf4 re-quantization adds a logit error of max {err['max_abs']:.4g}, mean {err['mean_abs']:.4g} "
+        if f"{format}_added_logit_error" in record:
+            err = record[f"{format}_added_logit_error"]
+            print(f"{format} re-quantization adds a logit error of max {err['max_abs']:.4g}, mean {err['mean_abs']:.4g} "
                   f"(logit std {err['reference_logit_std']:.4g}, top-1 agreement {err['top1_agreement']:.1%})")
     return output_dir
 
@@ -132,16 +135,30 @@ def _export_via_dense(source, staging, output_dir, base, original, format, dtype
         else:
             from qlora.export.nf4 import added_logit_error, write_nf4
 
-            q = record["quantization"]
-            qconfig = QuantConfig(quant_type=q["quant_type"], double_quant=q["double_quant"], blocksize=q["blocksize"],
-                                  skip_modules=q["skip_modules"], compute_dtype=source.qconfig.compute_dtype)
+            qconfig = _requantization_config(record["quantization"], format, source.qconfig.compute_dtype)
             dense = parse_dtype_option(dtype) or source.dense_dtype or torch.bfloat16
             write_nf4(work, staging, qconfig, dense, progress)
-            record.update(format="nf4", nf4_added_logit_error=added_logit_error(work, staging))
+            record.update({"format": format, f"{format}_added_logit_error": added_logit_error(work, staging)})
+            if format == "int8":
+                record["requantized_threshold"] = qconfig.threshold
             _update_config_record(staging, record)
         return record
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _requantization_config(q: dict, format: str, compute_dtype):
+    """How format="nf4" / "int8" re-quantize the merge: the base's own settings when it was in that
+    format (NF4 double quant and blocksize; the int8 threshold), else the format's defaults."""
+    if format == "int8":
+        from qlora.quant.int8_config import Int8Config
+
+        threshold = q.get("quantization_config", {}).get("llm_int8_threshold", 6.0) if q["format"] == "int8" else 6.0
+        return Int8Config(threshold=threshold, skip_modules=q["skip_modules"], compute_dtype=compute_dtype)
+    if "quant_type" not in q:
+        return QuantConfig(skip_modules=q["skip_modules"], compute_dtype=compute_dtype)
+    return QuantConfig(quant_type=q["quant_type"], double_quant=q["double_quant"], blocksize=q["blocksize"],
+                       skip_modules=q["skip_modules"], compute_dtype=compute_dtype)
 
 
 def _update_config_record(directory: Path, record: dict) -> None:
@@ -151,26 +168,31 @@ def _update_config_record(directory: Path, record: dict) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+_FORMAT_NAMES = {"nf4": "NF4", "fp4": "FP4", "int8": "int8"}
+
+
 def _readme(record: dict, format: str, gguf_type: str) -> str:
     q = record["quantization"]
     layout = (f"{q['quant_type']}, double quant {q['double_quant']}, blocksize {q['blocksize']}"
               if "quant_type" in q else f"format {q['format']} ({q['quantization_config']})")
     quant = f"{layout}, dense modules {q['skip_modules']} (from the {record['quantization_from']})"
+    base_format = _FORMAT_NAMES.get(q["format"], q["format"])
+    bits = "8-bit" if q["format"] == "int8" else "4-bit"
     if not record.get("trained_on_quantized_base", True):
         how = ("The adapter was trained with `quantization=none`, on the base's own 16-bit weights W, and was "
                f"merged into them (from `{record['weights_from']}`): this model computes what the trained model "
                "computed, up to the output dtype's rounding.")
     elif record["base"] == "dequantized":
-        how = ("The adapter was merged into **dequant(NF4(W))**, the base weights exactly as training saw them: "
-               + ("the packed 4-bit tensors of the pre-quantized base were decoded in fp32"
-                  if record["base_prequantized"] else
-                  "each original tensor was re-quantized with the run's settings (bit-exact with training) and "
-                  "decoded in fp32") + f". Quantization: {quant}. This model computes what the 4-bit model with "
-               "the adapter computed, up to the output dtype's rounding.")
+        how = (f"The adapter was merged into **dequant({base_format}(W))**, the base weights exactly as training saw "
+               "them: " + (f"the {bits} tensors of the pre-quantized base were decoded in fp32"
+                           if record["base_prequantized"] else
+                           "each original tensor was re-quantized with the run's settings (bit-exact with training) "
+                           "and decoded in fp32") + f". Quantization: {quant}. This model computes what the {bits} "
+               "model with the adapter computed, up to the output dtype's rounding.")
     else:
         how = ("The adapter was merged into the **original 16-bit weights** W (from "
-               f"`{record['weights_from']}`), not into the 4-bit weights it was trained against: the result "
-               "differs from the trained 4-bit model + adapter by the base's quantization error.")
+               f"`{record['weights_from']}`), not into the {bits} weights it was trained against: the result "
+               f"differs from the trained {bits} model + adapter by the base's quantization error.")
     lora = record["lora"]
     lines = [
         "# Merged QLoRA model", "",
@@ -180,13 +202,14 @@ def _readme(record: dict, format: str, gguf_type: str) -> str:
         f"{record['merged_modules']} modules merged in fp32 with PEFT's own merge (W' = W + delta)",
         f"- output dtype: {record['dtype']}", "", how, "",
     ]
-    if format == "nf4":
-        err = record["nf4_added_logit_error"]
+    if format in ("nf4", "int8"):
+        err = record[f"{format}_added_logit_error"]
+        target = "NF4" if format == "nf4" else f"LLM.int8 (threshold {record['requantized_threshold']})"
         lines += [
-            "The merged weights were then **re-quantized** to NF4 (bitsandbytes layout; loads in qlora.load_model "
-            "and in transformers + bitsandbytes). That adds a second rounding error; measured in fp32 against the "
-            f"merged 16-bit model on {err['sequences']} fixed sequences of {err['sequence_length']} tokens: "
-            f"max |logit diff| {err['max_abs']:.4g}, mean {err['mean_abs']:.4g} (reference logit std "
+            f"The merged weights were then **re-quantized** to {target} (bitsandbytes layout; loads in "
+            "qlora.load_model and in transformers + bitsandbytes). That adds a second rounding error; measured in "
+            f"fp32 against the merged 16-bit model on {err['sequences']} fixed sequences of {err['sequence_length']} "
+            f"tokens: max |logit diff| {err['max_abs']:.4g}, mean {err['mean_abs']:.4g} (reference logit std "
             f"{err['reference_logit_std']:.4g}; top-1 token agreement {err['top1_agreement']:.1%}).", "",
         ]
     if format == "gguf":

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -29,7 +29,7 @@ class AdapterSource:
     adapter_dir: Path
     run_dir: Optional[Path]            # the training run, when the adapter sits inside one
     base: str                          # the base checkpoint: local path or Hub id
-    qconfig: QuantConfig               # how the base was quantized for training
+    qconfig: Any                       # how the base was quantized for training (QuantConfig, Int8Config, ...)
     qconfig_known: bool                # False: no run config, QuantConfig defaults were assumed
     dense_dtype: Optional[torch.dtype]  # dtype training gave the dense (non-4-bit) layers
     revision: Optional[str] = None

@@ -38,6 +38,9 @@ def load_model(
     trust_remote_code: bool = False,
     progress: bool = True,
     attn_implementation: Optional[str] = None,
+    device_map=None,
+    max_memory: Optional[dict] = None,
+    offload_folder: Optional[str | os.PathLike] = None,
 ) -> PreTrainedModel:
     """Load a causal LM with its linear layers in 4 bits.
 
@@ -48,6 +51,9 @@ def load_model(
     device: where the model goes (default cuda if available, else cpu).
     dtype: dtype of the layers that stay dense (default: the compute dtype).
     attn_implementation: transformers' attention backend ("sdpa", "eager", ...); default: its choice.
+    device_map / max_memory / offload_folder: place modules over accelerators, "cpu" and "disk" as
+        transformers does (qlora.models.offload); modules on cpu/disk stay fp32 and need
+        llm_int8_enable_fp32_cpu_offload=True. `device` then says what an accelerator index means.
     """
     directory = resolve_checkpoint(name_or_path, revision)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
@@ -59,10 +65,22 @@ def load_model(
             qconfig.compute_dtype = quant_config_from_any(quantization_config).compute_dtype
     else:
         qconfig = quant_config_from_any(quantization_config)
+    plan = None
+    if device_map is not None:
+        from qlora.models.offload import plan_offload
+
+        sized = build_skeleton(config, dtype or qconfig.compute_dtype, trust_remote_code, attn_implementation)
+        replace_linear_layers(sized, qconfig)
+        plan = plan_offload(build_skeleton(config, dtype or qconfig.compute_dtype, trust_remote_code), sized,
+                            device_map, max_memory, qconfig, None if device is None else torch.device(device))
+        qconfig = plan.qconfig_for(qconfig)
+        device = torch.device("cpu")  # loaded on the host, then placed by accelerate's dispatch_model
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or qconfig.compute_dtype
 
     model = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
+    if plan is not None:
+        plan.keep_offloaded_in_fp32(model)
     targets = replace_linear_layers(model, qconfig)
     with ShardReader(directory) as reader:
         _load_tensors(model, reader, targets, device, prequantized, progress)
@@ -70,6 +88,8 @@ def load_model(
     model.config.name_or_path = str(name_or_path)
     model.qlora_checkpoint_dir = str(directory)  # save_model copies the tokenizer files from here
     model.eval()
+    if plan is not None:
+        plan.dispatch(model, None if offload_folder is None else str(offload_folder))
     return model
 
 

@@ -42,14 +42,20 @@ def model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def quant_config(quantization) -> QuantConfig:
-    """The recipe's `quantization` node (a DictConfig, or the dict a run's config.yaml holds) as a QuantConfig."""
-    from qlora.config import QuantConfig
-
+def quant_config(quantization):
+    """The recipe's `quantization` node (a DictConfig, or the dict a run's config.yaml holds) as the
+    registered config of its format: QuantConfig for nf4/fp4, Int8Config for int8."""
     q = quantization
     skip = q.get("skip_modules")
-    return QuantConfig(quant_type=q["quant_type"], double_quant=q["double_quant"], compute_dtype=q["compute_dtype"], blocksize=q["blocksize"],
-                       quant_storage=q["quant_storage"], skip_modules=list(skip) if skip is not None else None)
+    skip = list(skip) if skip is not None else None
+    if q["quant_type"] == "int8":
+        from qlora.quant.int8_config import Int8Config
+
+        return Int8Config(threshold=q.get("threshold", 6.0), compute_dtype=q["compute_dtype"], skip_modules=skip)
+    from qlora.config import QuantConfig
+
+    return QuantConfig(quant_type=q["quant_type"], double_quant=q["double_quant"], compute_dtype=q["compute_dtype"],
+                       blocksize=q["blocksize"], quant_storage=q["quant_storage"], skip_modules=skip)
 
 
 def dense_dtype(model) -> Optional[torch.dtype]:

@@ -30,12 +30,14 @@ class ModelConfig:
 
 @dataclass
 class QuantizationConfig:
-    quant_type: str = "nf4"  # "nf4", "fp4", or "none": the 16-bit LoRA baseline (base linears in compute_dtype)
+    quant_type: str = "nf4"  # "nf4", "fp4", "int8" (LLM.int8, bitsandbytes' 8-bit format), or "none": the 16-bit LoRA baseline (base linears in compute_dtype)
     double_quant: bool = True  # also quantize the absmax constants (4.127 bits/param for NF4)
     compute_dtype: str = "bfloat16"  # dtype the 4-bit layers compute in
     blocksize: int = 64  # elements per absmax block, a power of two in [32, 4096]
     quant_storage: str = "uint8"  # dtype the packed bytes are stored as (bf16/fp16/fp32 for FSDP)
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])  # kept dense
+    # int8 only: activations with |x| >= threshold are multiplied in 16-bit (LLM.int8's outlier columns); 0 = off.
+    threshold: float = 6.0
 
 
 @dataclass
@@ -138,7 +140,7 @@ class ConfigError(UserError, ValueError):
 
 
 _CHOICES = {
-    "quantization.quant_type": ("nf4", "fp4", "none"),
+    "quantization.quant_type": ("nf4", "fp4", "int8", "none"),
     "quantization.compute_dtype": ("bfloat16", "float16", "float32"),
     "quantization.quant_storage": ("uint8", "bfloat16", "float16", "float32"),
     "lora.bias": ("none", "all", "lora_only"),
@@ -151,7 +153,8 @@ _POSITIVE = ("lora.r", "data.max_seq_len", "trainer.max_steps", "trainer.micro_b
              "trainer.gradient_accumulation_steps", "trainer.keep_last", "trainer.max_new_tokens",
              "trainer.log_every")
 _NON_NEGATIVE = ("lora.dropout", "trainer.max_grad_norm", "trainer.eval_every", "trainer.save_every",
-                 "trainer.eval_batches", "trainer.eval_samples", "trainer.exact_match_examples")
+                 "trainer.eval_batches", "trainer.eval_samples", "trainer.exact_match_examples",
+                 "quantization.threshold")
 
 
 def _get(cfg: DictConfig, dotted: str):
