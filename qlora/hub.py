@@ -26,6 +26,7 @@ from qlora.errors import NetworkError, OptionError
 class HubError(NetworkError, RuntimeError):
     """The Hub refused a push or could not be reached; the message says what to do."""
 
+
 __all__ = ["model_card", "push_to_hub"]
 _HTTP_CLIENTS = ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
 

@@ -21,7 +21,6 @@ import dataclasses
 from typing import Optional
 
 import torch
-
 from torch import nn
 
 from qlora.errors import OptionError
