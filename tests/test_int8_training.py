@@ -38,7 +38,7 @@ def test_int8_preset_and_group_compose_and_validate():
 @pytest.fixture(scope="module")
 def int8_run(tmp_path_factory):
     """A few steps of `python train.py quantization=int8` on the tiny model, in fp32 compute."""
-    from qlora.train.run import run
+    from qlora.train import run
 
     base = tmp_path_factory.mktemp("int8run")
     assets = save_tiny_model_with_tokenizer(base / "model"), write_copy_task(base / "task.jsonl")
