@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from qlora.quantize_cli import QUANTIZE_OPTIONS, cmd_quantize
+
 # Each command: {key: (default, help)}; a default of None with "required" in the help must be given.
 EXPORT_OPTIONS = {
     "run_dir": (None, "required: a training run directory (outputs/<run>/<date_time>) or a PEFT adapter directory"),
@@ -42,11 +44,13 @@ USAGE = """usage: qlora <command> key=value ...
 commands:
   export     merge a trained LoRA adapter into its base and write it (hf | nf4 | gguf)
   generate   generate text from a merged model, a 4-bit model, or a run (base + adapter)
+  quantize   GPTQ-quantize a dense model with calibration text and save it (GPTQ v1 layout)
 
 `qlora <command> --help` lists every option of a command. Examples:
   qlora export run_dir=outputs/embedded/2025-01-01_00-00-00 out=merged/
   qlora export run_dir=outputs/run out=merged-nf4/ format=nf4 overwrite=true
   qlora generate model=merged/ prompt="Hello" max_new_tokens=64 temperature=0
+  qlora quantize model=embedded method=gptq bits=4 group_size=128 dataset=embedded out=gptq4/
 """
 
 
@@ -179,7 +183,8 @@ def cmd_generate(values: dict) -> int:
     return 0
 
 
-COMMANDS = {"export": (EXPORT_OPTIONS, cmd_export), "generate": (GENERATE_OPTIONS, cmd_generate)}
+COMMANDS = {"export": (EXPORT_OPTIONS, cmd_export), "generate": (GENERATE_OPTIONS, cmd_generate),
+            "quantize": (QUANTIZE_OPTIONS, cmd_quantize)}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
