@@ -1,7 +1,9 @@
 """`qlora quantize`: GPTQ on the embedded model from a local calibration file, with progress, into
 a checkpoint qlora.load_model reads back; bad options fail in one line."""
 import json
+from pathlib import Path
 
+import pytest
 import torch
 
 import qlora
@@ -50,3 +52,26 @@ def test_quantize_command_rejects_bad_options(tmp_path, capsys):
     assert "GPTQ bits must be one of [2, 3, 4, 8], got 5" in capsys.readouterr().err
     assert main(["quantize", "model=embedded", "bits=4", f"out={tmp_path}"]) == 2
     assert "dataset" in capsys.readouterr().err
+
+
+def test_gptq_recipes_compose_and_the_cache_is_keyed_by_the_options(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from qlora.quant.gptq_cache import cache_path, gptq_base, gptq_options
+    from qlora.train.schema import register, validate
+
+    register()
+    recipes = str(Path(__file__).resolve().parents[1] / "recipes")
+    with initialize_config_dir(config_dir=recipes, version_base="1.3"):
+        preset = compose(config_name="config", overrides=["recipe=llama7b_gptq4"])
+        embedded = compose(config_name="config", overrides=["quantization=gptq4"])
+    validate(preset)
+    assert preset.quantization.method == "gptq" and preset.quantization.gptq.dataset == "wikitext2"
+    assert (preset.lora.r, preset.trainer.run_name) == (64, "llama7b_gptq4")
+    assert embedded.quantization.gptq.bits == 4 and embedded.quantization.gptq.dataset == "embedded"
+    options = gptq_options({"cache_dir": str(tmp_path)})
+    assert cache_path("m", options) != cache_path("m", {**options, "bits": 3})
+    with pytest.raises(ValueError, match=r"quantization.gptq has unknown keys \['bitz'\]"):
+        gptq_options({"bitz": 4})
+    with pytest.raises(FileNotFoundError, match="cached at .* no longer exists"):
+        gptq_base(str(tiny_with_tokenizer(tmp_path / "dense")), options, create=False)

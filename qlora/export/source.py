@@ -85,8 +85,13 @@ def resolve_source(run_or_adapter_dir: str | Path, base_model: Optional[str] = N
                               blocksize=q.blocksize, quant_storage=q.quant_storage,
                               skip_modules=list(q.skip_modules) if q.get("skip_modules") is not None else None)
         dtype_name = cfg.model.get("dtype")
+        base = base_model or _resolve_model_path(cfg.model.name_or_path)
+        if q.get("method", "bitsandbytes") == "gptq" and base_model is None:  # the GPTQ checkpoint it trained on
+            from qlora.quant.gptq_cache import gptq_base
+
+            base = gptq_base(base, OmegaConf.to_container(q.gptq), create=False)
         return AdapterSource(
-            adapter_dir=adapter_dir, run_dir=run_dir, base=base_model or _resolve_model_path(cfg.model.name_or_path),
+            adapter_dir=adapter_dir, run_dir=run_dir, base=base,
             qconfig=qconfig, qconfig_known=True, dense_dtype=getattr(torch, dtype_name) if dtype_name else None,
             revision=cfg.model.get("revision"), trust_remote_code=bool(cfg.model.get("trust_remote_code", False)),
         )

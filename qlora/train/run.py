@@ -59,8 +59,14 @@ def build(cfg: DictConfig, run_dir: Path):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of loss and attention anyway
     q = cfg.quantization
-    qconfig = qlora.QuantConfig(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=q.compute_dtype,
-                                blocksize=q.blocksize, quant_storage=q.quant_storage, skip_modules=list(q.skip_modules))
+    if q.get("method", "bitsandbytes") == "gptq":  # train on a GPTQ checkpoint, quantized on first use (cached)
+        from qlora.quant.gptq_cache import gptq_base
+
+        path = gptq_base(path, OmegaConf.to_container(q.gptq), device=accelerator.device)
+        qconfig = qlora.GPTQQuantConfig(compute_dtype=q.compute_dtype)
+    else:
+        qconfig = qlora.QuantConfig(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=q.compute_dtype,
+                                    blocksize=q.blocksize, quant_storage=q.quant_storage, skip_modules=list(q.skip_modules))
     dense_dtype = getattr(torch, cfg.model.dtype) if cfg.model.dtype else None
     model = qlora.load_model(path, qconfig, device=accelerator.device, dtype=dense_dtype, revision=cfg.model.revision,
                              trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)

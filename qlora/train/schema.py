@@ -33,6 +33,8 @@ class QuantizationConfig:
     blocksize: int = 64  # elements per absmax block, a power of two in [32, 4096]
     quant_storage: str = "uint8"  # dtype the packed bytes are stored as (bf16/fp16/fp32 for FSDP)
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])  # kept dense
+    method: str = "bitsandbytes"  # "bitsandbytes" (the NF4/FP4 keys above) or "gptq" (the keys of `gptq`)
+    gptq: dict[str, Any] = field(default_factory=dict)  # qlora.quant.gptq_cache: bits, group_size, dataset, ...
 
 
 @dataclass
@@ -128,6 +130,7 @@ class ConfigError(ValueError):
 
 _CHOICES = {
     "quantization.quant_type": ("nf4", "fp4"),
+    "quantization.method": ("bitsandbytes", "gptq"),
     "quantization.compute_dtype": ("bfloat16", "float16", "float32"),
     "quantization.quant_storage": ("uint8", "bfloat16", "float16", "float32"),
     "lora.bias": ("none", "all", "lora_only"),
