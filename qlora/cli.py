@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from qlora.errors import UserError, report
+from qlora.quantize_cli import QUANTIZE_OPTIONS, cmd_quantize
 
 # Each command: {key: (default, help)}; a default of None with "required" in the help must be given.
 # Former key names: still accepted, with a deprecation warning.
@@ -52,6 +53,7 @@ commands:
   export     merge a trained LoRA adapter into its base and write it (hf | nf4 | int8 | gguf)
   generate   generate text from a merged model, a 4-bit model, or a run (base + adapter)
   eval       held-out loss, perplexity and exact match (eval.json); lm-eval tasks with tasks=
+  quantize   GPTQ-quantize a dense model with calibration text and save it (GPTQ v1 layout)
 
 `qlora <command> --help` lists every option of a command. Examples:
   qlora export run_dir=outputs/embedded/2025-01-01_00-00-00 output_dir=merged/
@@ -61,6 +63,7 @@ commands:
 An error caused by input prints one line, `error: ...`; QLORA_DEBUG=1 adds the traceback.
   qlora generate model=merged/ prompt="Hello" max_new_tokens=64 temperature=0
   qlora eval run_dir=outputs/embedded/2025-01-01_00-00-00
+  qlora quantize model=embedded method=gptq bits=4 group_size=128 dataset=embedded output_dir=gptq4/
 """
 
 
@@ -254,7 +257,8 @@ def cmd_generate(values: dict) -> int:
     return 0
 
 
-COMMANDS = {"export": (EXPORT_OPTIONS, cmd_export), "generate": (GENERATE_OPTIONS, cmd_generate)}
+COMMANDS = {"export": (EXPORT_OPTIONS, cmd_export), "generate": (GENERATE_OPTIONS, cmd_generate),
+            "quantize": (QUANTIZE_OPTIONS, cmd_quantize)}
 COMMANDS["eval"] = _command_from("qlora.evaluate", "EVAL_OPTIONS", "cmd_eval")
 
 

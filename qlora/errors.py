@@ -36,6 +36,10 @@ class DamagedFileError(UserError, ValueError):
     """A file exists but is truncated, corrupt or not what it claims to be."""
 
 
+class UnsupportedError(UserError, NotImplementedError):
+    """A valid input that qlora does not handle (a checkpoint layout, an option combination)."""
+
+
 class NetworkError(UserError, OSError):
     """The Hugging Face Hub could not be reached (offline, no network) for a name that needs it."""
 

@@ -216,13 +216,18 @@ def _merged_tensor(name, key, reader, names, modules, quantized, qconfig, read_p
         if found is None:
             raise ValueError(f"the base checkpoint has no {weight_cls.data_key!r} entry for {module}; it is incomplete")
         prefix, pieces = found
-        weight = weight_cls.from_checkpoint(pieces, where=prefix + weight_cls.data_key)
+        weight = weight_cls.from_checkpoint(pieces, where=prefix + weight_cls.data_key,
+                                            **getattr(qconfig, "checkpoint_options", dict)())
         source_dtype = weight.dtype
         tensor = weight.dequantize(torch.float32)
     else:
         tensor = reader.get(key)
         source_dtype = tensor.dtype
         if module in quantized and attr == "weight":
+            if not getattr(qconfig, "requantizable", True):
+                raise ValueError(f"{qconfig.format} quantization depends on calibration data and cannot be rebuilt from "
+                                 f"the 16-bit {name}; export from the quantized checkpoint the run trained on "
+                                 "(pass it as the base)")
             # Bit-exact with what load_model built for training, then decoded in fp32.
             tensor = weight_cls.quantize(tensor, **qconfig.weight_options()).dequantize(torch.float32)
     parts = modules.get(module)

@@ -108,6 +108,10 @@ def resolve_source(run_or_adapter_dir: str | Path, base_model: Optional[str] = N
 
         # A LoftQ run trained against its own quantized base (saved with the run), not against Q(W).
         base = base_model or run_base_dir(run_dir) or model_path(cfg.model.name_or_path)
+        if q.get("method", "bitsandbytes") == "gptq" and base_model is None:  # the GPTQ checkpoint it trained on
+            from qlora.quant.gptq_cache import gptq_base
+
+            base = gptq_base(base, q["gptq"], create=False)
         return AdapterSource(
             adapter_dir=adapter_dir, run_dir=run_dir, base=str(base),
             qconfig=quant_config(q), qconfig_known=True, dense_dtype=dense_dtype(cfg.model),

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from qlora.config import quant_config_from_any
+from qlora.quant.gptq_config import read_quantize_config
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
 from qlora.nn.quantized import layer_class
 
@@ -57,7 +58,7 @@ def load_model(
     """
     directory = resolve_checkpoint(name_or_path, revision)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    saved = getattr(config, "quantization_config", None)
+    saved = getattr(config, "quantization_config", None) or read_quantize_config(directory)
     prequantized = saved is not None
     if prequantized:
         qconfig = quant_config_from_any(saved.to_dict() if hasattr(saved, "to_dict") else saved)
@@ -78,12 +79,17 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or qconfig.compute_dtype
 
-    model = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
-    if plan is not None:
-        plan.keep_offloaded_in_fp32(model)
-    targets = replace_linear_layers(model, qconfig)
-    with ShardReader(directory) as reader:
-        _load_tensors(model, reader, targets, device, prequantized, progress)
+    if not prequantized and getattr(qconfig, "calibrating", False):
+        # A format whose quantizer needs calibration activations (GPTQ) runs the dense model block by block.
+        model = qconfig.load_and_quantize(directory, device, dtype, trust_remote_code, attn_implementation, progress)
+    else:
+        model = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
+        if plan is not None:
+            plan.keep_offloaded_in_fp32(model)
+        targets = replace_linear_layers(model, qconfig)
+        with ShardReader(directory) as reader:
+            _load_tensors(model, reader, targets, device, prequantized, progress,
+                          getattr(qconfig, "checkpoint_options", dict)())
     model.config.quantization_config = qconfig.to_hf_dict()
     model.config.name_or_path = str(name_or_path)
     model.qlora_checkpoint_dir = str(directory)  # save_model copies the tokenizer files from here
@@ -123,6 +129,8 @@ def replace_linear_layers(model: nn.Module, qconfig) -> list[str]:
         if not isinstance(module, nn.Linear) or name in skip:
             continue
         if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in qconfig.skip_modules):
+            continue
+        if not getattr(qconfig, "quantizes", lambda _: True)(name):
             continue
         layer = layer_cls(module.in_features, module.out_features, bias=module.bias is not None,
                           format=qconfig.format, compute_dtype=qconfig.compute_dtype, device=module.weight.device,
@@ -184,7 +192,8 @@ def layer_checkpoint_tensors(reader: ShardReader, names: dict[str, str], module_
     return prefix, pieces
 
 
-def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequantized: bool, progress: bool):
+def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequantized: bool, progress: bool,
+                  checkpoint_options: Optional[dict] = None):
     names = checkpoint_names(model, reader)
     target_set = set(targets)
     used: set[str] = set()
@@ -204,7 +213,8 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
             prefix, pieces = pieces
             used.update(prefix + k for k in pieces)
             weight_cls = type(layer.quantized_weight)
-            layer.hold(weight_cls.from_checkpoint(pieces, device=device, where=prefix + weight_cls.data_key))
+            layer.hold(weight_cls.from_checkpoint(pieces, device=device, where=prefix + weight_cls.data_key,
+                                                  **(checkpoint_options or {})))
             bar.update()
             continue
         key = names.get(f"{name}.weight")

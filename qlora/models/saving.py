@@ -113,8 +113,11 @@ def _write_config(model, layer: QuantizedLinear, directory: Path) -> None:
     saved = getattr(model.config, "quantization_config", None)
     skip_modules = saved.get("llm_int8_skip_modules") if isinstance(saved, dict) else None
     # The layers' own layout (a checkpoint's wins over the load-time config) describes what is written.
-    model.config.quantization_config = layer.quant_config(skip_modules=skip_modules).to_hf_dict()
+    qconfig = layer.quant_config(skip_modules=skip_modules)
+    model.config.quantization_config = qconfig.to_hf_dict()
     model.config.save_pretrained(directory)
+    for name, text in getattr(qconfig, "extra_files", dict)().items():  # GPTQ's quantize_config.json
+        (directory / name).write_text(text)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(directory)
 

@@ -44,10 +44,15 @@ def model_path(name_or_path: str) -> str:
 
 def quant_config(quantization):
     """The recipe's `quantization` node (a DictConfig, or the dict a run's config.yaml holds) as the
-    registered config of its format: QuantConfig for nf4/fp4, Int8Config for int8."""
+    registered config of its format: QuantConfig for nf4/fp4, Int8Config for int8, GPTQQuantConfig for
+    method=gptq."""
     q = quantization
     skip = q.get("skip_modules")
     skip = list(skip) if skip is not None else None
+    if q.get("method", "bitsandbytes") == "gptq":  # the checkpoint's own quantize_config describes the rest
+        from qlora.quant.gptq_config import GPTQQuantConfig
+
+        return GPTQQuantConfig(compute_dtype=q["compute_dtype"])
     if q["quant_type"] == "int8":
         from qlora.quant.int8_config import Int8Config
 

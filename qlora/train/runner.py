@@ -81,6 +81,13 @@ def load_base(cfg: DictConfig, device):
                                      device, list(cfg.quantization.skip_modules), cfg.model.revision,
                                      cfg.model.trust_remote_code, cfg.model.attn_implementation)
         else:
+            if cfg.quantization.get("method", "bitsandbytes") == "gptq":
+                # Train on a GPTQ checkpoint of the model, quantized on first use and cached.
+                from omegaconf import OmegaConf
+
+                from qlora.quant.gptq_cache import gptq_base
+
+                directory = gptq_base(directory, OmegaConf.to_container(cfg.quantization.gptq), device=device)
             model = qlora.load_model(directory, quant_config(cfg.quantization), device=device,
                                      dtype=dense_dtype(cfg.model), trust_remote_code=cfg.model.trust_remote_code,
                                      attn_implementation=cfg.model.attn_implementation)

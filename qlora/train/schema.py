@@ -38,6 +38,8 @@ class QuantizationConfig:
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])  # kept dense
     # int8 only: activations with |x| >= threshold are multiplied in 16-bit (LLM.int8's outlier columns); 0 = off.
     threshold: float = 6.0
+    method: str = "bitsandbytes"  # "bitsandbytes" (the NF4/FP4 keys above) or "gptq" (the keys of `gptq`)
+    gptq: dict[str, Any] = field(default_factory=dict)  # qlora.quant.gptq_cache: bits, group_size, dataset, ...
 
 
 @dataclass
@@ -141,6 +143,7 @@ class ConfigError(UserError, ValueError):
 
 _CHOICES = {
     "quantization.quant_type": ("nf4", "fp4", "int8", "none"),
+    "quantization.method": ("bitsandbytes", "gptq"),
     "quantization.compute_dtype": ("bfloat16", "float16", "float32"),
     "quantization.quant_storage": ("uint8", "bfloat16", "float16", "float32"),
     "lora.bias": ("none", "all", "lora_only"),
