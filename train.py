@@ -6,6 +6,7 @@
     python train.py recipe=llama7b_nf4 lora.r=16 trainer.max_steps=500 logger=wandb
     python train.py recipe=llama7b_nf4 trainer.resume=true
     python train.py recipe=llama7b_nf4 --cfg job      # print the composed config and exit
+    torchrun --nproc_per_node=2 train.py recipe=llama7b_nf4 distributed=fsdp2   # more than one GPU
 
 Recipes live in recipes/; every field is documented in qlora/train/schema.py.
 """
@@ -28,13 +29,14 @@ register()
 @hydra.main(version_base="1.3", config_path="recipes", config_name="config")
 def main(cfg: DictConfig) -> None:
     from qlora.data import DataError
+    from qlora.distributed import PeerLostError
     from qlora.train.run import run
     from qlora.train.schema import ConfigError
     from qlora.train.trainer import NonFiniteLossError
 
     try:
         run(cfg)
-    except (ConfigError, DataError, NonFiniteLossError, FileNotFoundError, NotImplementedError) as err:
+    except (ConfigError, DataError, NonFiniteLossError, FileNotFoundError, NotImplementedError, PeerLostError) as err:
         # Errors a user can fix from the message alone: no traceback to dig through.
         sys.exit(f"error: {err}")
 

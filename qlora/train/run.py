@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from qlora import distributed as qdist
 from qlora.train import checkpoint as ckpt
 from qlora.train.report import format_summary, plot_loss_curve, write_summary
 from qlora.train.schema import validate
@@ -70,6 +71,12 @@ def build(cfg: DictConfig, run_dir: Path):
                         use_rslora=lora.use_rslora, use_dora=lora.use_dora, bias=lora.bias,
                         init_lora_weights=lora.init_lora_weights, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
     log.info(describe_trainable(model))
+    # distributed: DDP / fully_shard before the optimizer exists (it must see the sharded parameters).
+    world = qdist.current()
+    if world.active:
+        from qlora.distributed.sharding import wrap
+
+        model = wrap(model, world, cfg.distributed, cfg.trainer.mixed_precision, accelerator.device)
 
     source, eval_source = _data_sources(cfg)
     d = cfg.data
@@ -81,21 +88,32 @@ def build(cfg: DictConfig, run_dir: Path):
     log.info("data: %d training sequences, %d held-out examples", len(train_data), len(eval_data or []))
     optimizer = instantiate(cfg.optimizer)(params=[p for p in model.parameters() if p.requires_grad])
     scheduler = instantiate(cfg.scheduler)(optimizer=optimizer, num_training_steps=cfg.trainer.max_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if world.active:
+        # distributed: accelerate must neither wrap the model again nor step the scheduler once per
+        # process (its AcceleratedScheduler does that when batches are not split).
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return accelerator, model, tokenizer, train_data, eval_data, Collator(tokenizer.pad_token_id), optimizer, scheduler
 
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
     """Train as `cfg` says; returns the run summary. Outputs go to run_dir (Hydra's by default)."""
     validate(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else _hydra_run_dir()
+    # distributed: join the launcher's process group; rank 0's run folder and resume choice hold
+    # for all (Hydra's timestamped folder can differ by a second between ranks).
+    world = qdist.setup(cfg.distributed.strategy, cfg.trainer.device, cfg.distributed.timeout_s)
+    run_dir = Path(world.broadcast(str(run_dir if run_dir is not None else _hydra_run_dir())))
+    if not world.is_main:
+        logging.getLogger("qlora").setLevel(logging.WARNING)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    resume = ckpt.find_resume_checkpoint(cfg.trainer.resume, run_dir)
+    if world.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resume = world.broadcast(ckpt.find_resume_checkpoint(cfg.trainer.resume, run_dir) if world.is_main else None)
     started = time.perf_counter()
     parts = build(cfg, run_dir)
     accelerator, model, tokenizer = parts[:3]
-    metrics = MetricsLogger(run_dir, cfg)
+    metrics = MetricsLogger(run_dir, cfg) if world.is_main else qdist.SilentMetrics()
     trainer = Trainer(cfg, run_dir, *parts, metrics=metrics)
     failed = True
     try:
@@ -107,8 +125,13 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
         final_eval = trainer.evaluate(state["step"])
         after = trainer.exact_match_score(state["step"], "after")
         trainer.save(state["step"])
-        accelerator.unwrap_model(model).save_pretrained(run_dir / "adapter")
-        if tokenizer is not None:
+        if world.active:  # distributed: shards gathered, one plain PEFT adapter written by rank 0
+            from qlora.distributed.checkpoint import save_adapter
+
+            save_adapter(model, run_dir / "adapter", world)
+        else:
+            accelerator.unwrap_model(model).save_pretrained(run_dir / "adapter")
+        if tokenizer is not None and world.is_main:
             tokenizer.save_pretrained(run_dir / "adapter")
         summary = {
             "steps": state["step"],
@@ -121,13 +144,21 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
             "exact_match_before": state.get("exact_match_before"),
             "exact_match_after": after,
             "adapter": str(run_dir / "adapter"),
+            **qdist.summary_fields(model, world),
         }
         summary = {k: v for k, v in summary.items() if v is not None}
-        write_summary(run_dir, summary)
-        plot_loss_curve(run_dir, state["history"], state.get("evals", []))
+        if world.is_main:
+            write_summary(run_dir, summary)
+            plot_loss_curve(run_dir, state["history"], state.get("evals", []))
         metrics.summary(summary)
         log.info(format_summary(summary))
         failed = False
         return summary
+    except Exception as err:  # distributed: a dead peer surfaces inside FSDP2/DDP collectives as well
+        lost = world.peer_lost(err)
+        if lost is None:
+            raise
+        raise lost from err
     finally:
         metrics.close(failed=failed)
+        qdist.teardown(world)

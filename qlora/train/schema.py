@@ -105,6 +105,18 @@ class LoggerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # "none" (one process), "ddp" (LoRA gradients all-reduced, the base held whole on every rank) or
+    # "fsdp2" (fully_shard: base, LoRA weights, gradients and optimizer states sharded). ddp and fsdp2
+    # need a launcher: torchrun --nproc_per_node=N train.py ... (or accelerate launch --num_processes N).
+    strategy: str = "none"
+    reshard_after_forward: bool = True  # fsdp2: free gathered layers after the forward, gather again in backward
+    hybrid_shard: bool = False  # fsdp2: shard within a node, replicate across nodes (HSDP)
+    cpu_offload: bool = False  # fsdp2: keep parameter shards (and their optimizer states) in host memory
+    timeout_s: float = 600.0  # longest wait of any collective; a dead peer fails the others after this
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     quantization: QuantizationConfig = MISSING
@@ -114,6 +126,7 @@ class RunConfig:
     scheduler: Any = MISSING  # _target_ + _partial_: built with the optimizer and the step count
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def register() -> None:
@@ -134,6 +147,7 @@ _CHOICES = {
     "trainer.mixed_precision": ("no", "bf16", "fp16"),
     "logger.backend": ("jsonl", "wandb"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
+    "distributed.strategy": ("none", "ddp", "fsdp2"),
 }
 _POSITIVE = ("lora.r", "data.max_seq_len", "trainer.max_steps", "trainer.micro_batch_size",
              "trainer.gradient_accumulation_steps", "trainer.keep_last", "trainer.max_new_tokens",
@@ -172,7 +186,22 @@ def validate(cfg: DictConfig) -> None:
                           "trainer.gradient_checkpointing=true; set it, or set trainer.activation_offload=false")
     if cfg.trainer.loss_chunk_size is not None and cfg.trainer.loss_chunk_size <= 0:
         raise ConfigError(f"trainer.loss_chunk_size must be > 0 or null, got {cfg.trainer.loss_chunk_size}")
+    _validate_distributed(cfg)
     for key in ("optimizer", "scheduler", "data.format"):
         node = _get(cfg, key)
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ConfigError(f"{key} must be a node with a _target_ (an importable class or function), got {node!r}")
+
+
+def _validate_distributed(cfg: DictConfig) -> None:
+    d = cfg.distributed
+    if d.timeout_s <= 0:
+        raise ConfigError(f"distributed.timeout_s must be > 0, got {d.timeout_s}")
+    for key in ("hybrid_shard", "cpu_offload"):
+        if d[key] and d.strategy != "fsdp2":
+            raise ConfigError(f"distributed.{key}=true is an FSDP2 option; set distributed=fsdp2 or "
+                              f"distributed.{key}=false")
+    if d.strategy != "none" and cfg.trainer.chunked_loss:
+        raise ConfigError(f"trainer.chunked_loss=true calls the LM head outside the {d.strategy} wrapper, which "
+                          f"would skip its gradient sync / parameter gathering; set trainer.chunked_loss=false "
+                          f"with distributed={d.strategy}")
