@@ -6,6 +6,7 @@
     python train.py recipe=llama7b_nf4 lora.r=16 trainer.max_steps=500 logger=wandb
     python train.py recipe=llama7b_nf4 trainer.resume=true
     python train.py recipe=llama7b_nf4 --cfg job      # print the composed config and exit
+    torchrun --nproc_per_node=2 train.py recipe=llama7b_nf4 distributed=fsdp2   # more than one GPU
 
 Recipes live in recipes/; every field is documented in qlora/train/schema.py. An error caused by
 input prints one line, `error: ...`; QLORA_DEBUG=1 (or HYDRA_FULL_ERROR=1) adds the traceback.

@@ -6,6 +6,9 @@ With 8-bit states both moments are blockwise-quantized (blocks of 256, bitsandby
 dynamic map for the first moment, its unsigned one for the second); parameters smaller than
 `min_8bit_size` keep 32-bit states, where quantization would save little and cost accuracy.
 
+Under FSDP2 the parameters and gradients are DTensors sharded along dim 0: each rank lays out and
+updates the states of its own shard (pages.local_tensor), so the states are sharded with them.
+
 The 32-bit update is torch.optim.AdamW's formula op for op, so the two agree to fp32 rounding;
 its state_dict uses AdamW's keys (step, exp_avg, exp_avg_sq), and each loads the other's.
 """
@@ -19,7 +22,7 @@ import torch
 
 from qlora.kernels import reference
 from qlora.kernels.optim import adamw8bit_update_
-from qlora.optim.pages import DevicePager, Segment, StateLayout, StateSpec
+from qlora.optim.pages import DevicePager, Segment, StateLayout, StateSpec, local_tensor
 from qlora.quant.codes import dynamic_map
 
 BLOCKSIZE = 256
@@ -195,7 +198,7 @@ class PagedAdamW(torch.optim.Optimizer):
             for spec in self._layout.segments[p][0].specs:
                 parts = [s.views(s.page.storage)[spec.key] for s in self._layout.segments[p]]
                 value = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
-                saved[spec.key] = value.view(p.shape) if spec.per_block == 1 else value
+                saved[spec.key] = value.view(local_tensor(p).shape) if spec.per_block == 1 else value
             packed["state"][index] = saved
         return packed
 
@@ -217,10 +220,12 @@ class PagedAdamW(torch.optim.Optimizer):
         missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in saved]
         if missing:
             raise ValueError(f"optimizer state of parameter {index} lacks {missing}: not an AdamW state")
+        local = local_tensor(p)  # under FSDP2 the state is of this rank's shard
         for key in ("exp_avg", "exp_avg_sq"):
-            if saved[key].numel() != p.numel():
+            if saved[key].numel() != local.numel():
                 raise ValueError(f"optimizer state {key} of parameter {index} has {saved[key].numel()} elements, "
-                                 f"the parameter {p.numel()} (shape {tuple(p.shape)}): the checkpoint is of another model")
+                                 f"the parameter {local.numel()} (shape {tuple(local.shape)}): the checkpoint is of "
+                                 "another model")
         self.state[p]["step"] = int(float(saved["step"]))
         eight = self._is_8bit(p)
         for key in ("exp_avg", "exp_avg_sq"):

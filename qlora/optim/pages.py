@@ -19,6 +19,12 @@ import torch
 ALIGN = 16
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: a DTensor's local shard (FSDP2 shards parameters and their
+    gradients along dim 0, and each rank steps its own shard), any other tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
@@ -53,10 +59,10 @@ class Segment:
                 .view(spec.dtype)[:spec.numel(self.length)] for spec in self.specs}
 
     def param_view(self) -> torch.Tensor:
-        return self.param.detach().view(-1)[self.start:self.start + self.length]
+        return local_tensor(self.param.detach()).view(-1)[self.start:self.start + self.length]
 
     def grad_view(self) -> torch.Tensor:
-        return self.param.grad.reshape(-1)[self.start:self.start + self.length]
+        return local_tensor(self.param.grad).reshape(-1)[self.start:self.start + self.length]
 
 
 @dataclass
@@ -81,11 +87,12 @@ class StateLayout:
     def add(self, param: torch.Tensor, group: int, specs: tuple[StateSpec, ...], split_multiple: int) -> None:
         """Lay out `param`'s states, filling the last open page first; splits fall on multiples of
         `split_multiple` elements (the quantization block, so that each segment holds whole blocks)."""
-        if not param.is_contiguous():
-            raise ValueError(f"paged optimizer states need contiguous parameters; got one of shape {tuple(param.shape)} "
-                             f"with strides {param.stride()}: make it contiguous before building the optimizer")
+        local = local_tensor(param)
+        if not local.is_contiguous():
+            raise ValueError(f"paged optimizer states need contiguous parameters; got one of shape {tuple(local.shape)} "
+                             f"with strides {local.stride()}: make it contiguous before building the optimizer")
         per_element = sum(s.dtype.itemsize / s.per_block for s in specs)
-        total, start = param.numel(), 0
+        total, start = local.numel(), 0
         self.segments[param] = []
         while start < total:
             page = self.pages[-1] if self.pages and self.pages[-1].storage is None else None

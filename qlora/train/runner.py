@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from qlora import distributed as qdist
 from qlora.errors import DamagedFileError, UserError
 from qlora.train import checkpoint as ckpt
 from qlora.train.recipes import dense_dtype, model_path, quant_config
@@ -131,6 +132,12 @@ def build(cfg: DictConfig, run_dir: Path) -> TrainingSetup:
     if lora.init == "loftq":
         loftq.apply(model)
     log.info(describe_trainable(model))
+    # distributed: DDP / fully_shard before the optimizer exists (it must see the sharded parameters).
+    world = qdist.current()
+    if world.active:
+        from qlora.distributed.sharding import wrap
+
+        model = wrap(model, world, cfg.distributed, cfg.trainer.mixed_precision, accelerator.device)
 
     source, eval_source = _data_sources(cfg)
     d = cfg.data
@@ -142,7 +149,12 @@ def build(cfg: DictConfig, run_dir: Path) -> TrainingSetup:
     log.info("data: %d training sequences, %d held-out examples", len(train_data), len(eval_data or []))
     optimizer = instantiate(cfg.optimizer)(params=[p for p in model.parameters() if p.requires_grad])
     scheduler = instantiate(cfg.scheduler)(optimizer=optimizer, num_training_steps=cfg.trainer.max_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if world.active:
+        # distributed: accelerate must neither wrap the model again nor step the scheduler once per
+        # process (its AcceleratedScheduler does that when batches are not split).
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return TrainingSetup(accelerator=accelerator, model=model, tokenizer=tokenizer, train_data=train_data,
                          eval_data=eval_data, collator=Collator(tokenizer.pad_token_id), optimizer=optimizer,
                          scheduler=scheduler, prompt_format=OmegaConf.to_container(d.format, resolve=True))
@@ -160,14 +172,20 @@ def _check_resume_leaves_work(resume: Optional[Path], max_steps: int) -> None:
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
     """Train as `cfg` says; returns the run summary. Outputs go to run_dir (Hydra's by default)."""
     validate(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else _hydra_run_dir()
-    resume = ckpt.find_resume_checkpoint(cfg.trainer.resume, run_dir)
+    # distributed: join the launcher's process group; rank 0's run folder and resume choice hold
+    # for all (Hydra's timestamped folder can differ by a second between ranks).
+    world = qdist.setup(cfg.distributed.strategy, cfg.trainer.device, cfg.distributed.timeout_s)
+    run_dir = Path(world.broadcast(str(run_dir if run_dir is not None else _hydra_run_dir())))
+    if not world.is_main:
+        logging.getLogger("qlora").setLevel(logging.WARNING)
+    resume = world.broadcast(ckpt.find_resume_checkpoint(cfg.trainer.resume, run_dir) if world.is_main else None)
     _check_resume_leaves_work(resume, cfg.trainer.max_steps)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if world.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     started = time.perf_counter()
     setup = build(cfg, run_dir)
-    metrics = MetricsLogger(run_dir, cfg)
+    metrics = MetricsLogger(run_dir, cfg) if world.is_main else qdist.SilentMetrics()
     trainer = Trainer(cfg, run_dir, setup, metrics)
     failed = True
     try:
@@ -191,10 +209,12 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
             "exact_match_before": state.exact_match_before,
             "exact_match_after": after,
             "adapter": str(run_dir / "adapter"),
+            **qdist.summary_fields(setup.model, world),
         }
         summary = {k: v for k, v in summary.items() if v is not None}
-        write_summary(run_dir, summary)
-        plot_loss_curve(run_dir, state.history, state.evals)
+        if world.is_main:
+            write_summary(run_dir, summary)
+            plot_loss_curve(run_dir, state.history, state.evals)
         metrics.summary(summary)
         log.info(format_summary(summary))
         failed = False
@@ -203,5 +223,11 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
         raise RunInterrupted(
             f"interrupted at step {trainer.state.step}; newest checkpoint: {trainer.newest_good_checkpoint()}. "
             "Run the same command with trainer.resume=true to continue from it") from None
+    except Exception as err:  # distributed: a dead peer surfaces inside FSDP2/DDP collectives as well
+        lost = world.peer_lost(err)
+        if lost is None:
+            raise
+        raise lost from err
     finally:
         metrics.close(failed=failed)
+        qdist.teardown(world)

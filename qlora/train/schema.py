@@ -120,6 +120,18 @@ class LoggerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # "none" (one process), "ddp" (LoRA gradients all-reduced, the base held whole on every rank) or
+    # "fsdp2" (fully_shard: base, LoRA weights, gradients and optimizer states sharded). ddp and fsdp2
+    # need a launcher: torchrun --nproc_per_node=N train.py ... (or accelerate launch --num_processes N).
+    strategy: str = "none"
+    reshard_after_forward: bool = True  # fsdp2: free gathered layers after the forward, gather again in backward
+    hybrid_shard: bool = False  # fsdp2: shard within a node, replicate across nodes (HSDP)
+    cpu_offload: bool = False  # fsdp2: keep parameter shards (and their optimizer states) in host memory
+    timeout_s: float = 600.0  # longest wait of any collective; a dead peer fails the others after this
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     quantization: QuantizationConfig = MISSING
@@ -129,6 +141,7 @@ class RunConfig:
     scheduler: Any = MISSING  # _target_ + _partial_: built with the optimizer and the step count
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def register() -> None:
@@ -151,6 +164,7 @@ _CHOICES = {
     "trainer.mixed_precision": ("no", "bf16", "fp16"),
     "logger.backend": ("jsonl", "wandb"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
+    "distributed.strategy": ("none", "ddp", "fsdp2"),
 }
 _POSITIVE = ("lora.r", "data.max_seq_len", "trainer.max_steps", "trainer.micro_batch_size",
              "trainer.gradient_accumulation_steps", "trainer.keep_last", "trainer.max_new_tokens",
@@ -196,6 +210,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.loss_chunk_size is not None and cfg.trainer.loss_chunk_size <= 0:
         raise ConfigError(f"trainer.loss_chunk_size must be > 0 or null, got {cfg.trainer.loss_chunk_size}")
     _validate_lora_init(cfg)
+    _validate_distributed(cfg)
     for key in ("optimizer", "scheduler", "data.format"):
         node = _get(cfg, key)
         if not isinstance(node, DictConfig) or "_target_" not in node:
@@ -220,3 +235,17 @@ def _validate_lora_init(cfg: DictConfig) -> None:
     if cfg.lora.use_dora:
         raise ConfigError("lora.init=loftq with lora.use_dora=true is not supported (DoRA's magnitude is taken from "
                           "the base before LoftQ rewrites it); set lora.use_dora=false or lora.init=default")
+
+
+def _validate_distributed(cfg: DictConfig) -> None:
+    d = cfg.distributed
+    if d.timeout_s <= 0:
+        raise ConfigError(f"distributed.timeout_s must be > 0, got {d.timeout_s}")
+    for key in ("hybrid_shard", "cpu_offload"):
+        if d[key] and d.strategy != "fsdp2":
+            raise ConfigError(f"distributed.{key}=true is an FSDP2 option; set distributed=fsdp2 or "
+                              f"distributed.{key}=false")
+    if d.strategy != "none" and cfg.trainer.chunked_loss:
+        raise ConfigError(f"trainer.chunked_loss=true calls the LM head outside the {d.strategy} wrapper, which "
+                          f"would skip its gradient sync / parameter gathering; set trainer.chunked_loss=false "
+                          f"with distributed={d.strategy}")

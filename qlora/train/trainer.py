@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from qlora import distributed as qdist
 from qlora.data.collate import count_supervised_tokens
 from qlora.data.formats import save_prompt_format
 from qlora.errors import UserError
@@ -71,6 +72,7 @@ class Trainer:
         self.state = TrainerState()
         self.resumed_from: Path | None = None
         accelerator, model, optimizer = setup.accelerator, setup.model, setup.optimizer
+        self.world = qdist.current()  # distributed: ranks, sums over them (a single process without)
         if self.t.chunked_loss:
             check_chunked_loss(model)
         inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
@@ -93,10 +95,20 @@ class Trainer:
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.t.micro_batch_size, sampler=sampler,
                                              collate_fn=self.collator, num_workers=self.t.num_workers,
                                              generator=torch.Generator().manual_seed(self.cfg.data.seed))
+        if self.world.active:  # distributed: every rank evaluates the same batches; training deals its own
+            from qlora.distributed.data import DeviceLoader
+
+            return DeviceLoader(loader, self.accelerator.device)
         return self.accelerator.prepare_data_loader(loader, device_placement=True)
 
     def _micro_batches(self):
         """Endless micro-batches in seeded epoch order; self.state tracks the position to resume at."""
+        if self.world.active:  # distributed: this rank's part of the single-process stream
+            from qlora.distributed.data import rank_micro_batches
+
+            yield from rank_micro_batches(self.train_data, self.collator, self.state, self.t.micro_batch_size,
+                                          self.t.gradient_accumulation_steps, self.cfg.data.seed, self.world,
+                                          self.accelerator.device)
         while True:
             epoch, batch = self.state.epoch, self.state.batch
             sampler = EpochSampler(len(self.train_data), self.cfg.data.seed, epoch, batch * self.t.micro_batch_size)
@@ -113,7 +125,8 @@ class Trainer:
                                     self.t.chunked_loss, self.t.loss_chunk_size)
             samples = [self.eval_data[i] for i in range(min(self.t.eval_samples, len(self.eval_data)))]
             if samples:
-                outputs = generate(self.model, self.tokenizer, [s["prompt"] for s in samples], self.t.max_new_tokens)
+                outputs = generate(self.accelerator.unwrap_model(self.model), self.tokenizer,
+                                   [s["prompt"] for s in samples], self.t.max_new_tokens)
                 rows = [{"prompt": s["prompt"], "generated": o} for s, o in zip(samples, outputs)]
                 self.metrics.log_text("samples", rows, step)
                 for row in rows:
@@ -127,8 +140,8 @@ class Trainer:
         if not self.t.exact_match_examples or self.eval_data is None:
             return None
         count = min(self.t.exact_match_examples, len(self.eval_data))
-        score, rows = exact_match(self.model, self.tokenizer, [self.eval_data[i] for i in range(count)],
-                                  self.t.max_new_tokens)
+        score, rows = exact_match(self.accelerator.unwrap_model(self.model), self.tokenizer,
+                                  [self.eval_data[i] for i in range(count)], self.t.max_new_tokens)
         self.metrics.log({f"exact_match_{label}": score}, step)
         log.info("exact match %s training: %.1f%% of %d held-out prompts", label, 100 * score, count)
         return score
@@ -149,9 +162,12 @@ class Trainer:
                 f"{bad} holds NaN/inf at step {self.state.step}, so {what} was not written. Last good "
                 f"checkpoint: {self.newest_good_checkpoint()}. Lower optimizer.lr or set trainer.max_grad_norm")
 
-    def write_adapter(self, directory: Path) -> None:
-        """The PEFT adapter, the tokenizer, and the prompt format generation must use with them."""
-        self.accelerator.unwrap_model(self.model).save_pretrained(directory)
+    def write_adapter(self, directory: Path, state_dict: dict | None = None) -> None:
+        """The PEFT adapter, the tokenizer, and the prompt format generation must use with them.
+        `state_dict`: the adapter's full tensors when they are sharded across ranks (gathered first)."""
+        from qlora.distributed.sharding import unwrap
+
+        unwrap(self.accelerator.unwrap_model(self.model)).save_pretrained(directory, state_dict=state_dict)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
         save_prompt_format(directory, self.prompt_format)
@@ -159,19 +175,41 @@ class Trainer:
     def save_adapter(self, directory: Path) -> Path:
         """The final adapter: checked finite, staged, with a manifest that export and generate verify."""
         self.check_finite(str(directory))
-        with staged_directory(directory) as staging:
-            self.write_adapter(staging)
-            ckpt.write_manifest(staging)
+        state_dict = None
+        if self.world.active:  # distributed: every rank gathers the shards, rank 0 alone writes
+            from qlora.distributed.sharding import full_trainable_state
+
+            state_dict = full_trainable_state(self.model, self.world)
+        if self.world.is_main:
+            with staged_directory(directory) as staging:
+                self.write_adapter(staging, state_dict)
+                ckpt.write_manifest(staging)
+        if self.world.active:
+            self.world.barrier("writing the adapter")
         return directory
 
     def save(self, step: int) -> Path:
         self.check_finite(f"checkpoint step-{step:06d}")
+        if self.world.active:  # distributed: sharded through torch.distributed.checkpoint
+            from qlora.distributed.checkpoint import save_sharded
+
+            path = save_sharded(self.run_dir, step, self.model, self.optimizer, self.scheduler, self.state,
+                                self.t.keep_last, self.world)
+            log.info("checkpoint saved: %s", path)
+            return path
         path = ckpt.save_checkpoint(self.run_dir, step, self.write_adapter, self.optimizer,
                                     self.scheduler, self.state, self.t.keep_last)
         log.info("checkpoint saved: %s", path)
         return path
 
     def resume_from(self, path: Path) -> None:
+        if self.world.active:
+            from qlora.distributed.checkpoint import load_sharded
+
+            self.state = load_sharded(Path(path), self.model, self.optimizer, self.scheduler, self.world)
+            self.resumed_from = path
+            log.info("resumed from %s at step %d", path, self.state.step)
+            return
         self.state = ckpt.load_checkpoint(path, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler)
         self.resumed_from = path
         log.info("resumed from %s at step %d", path, self.state.step)
@@ -197,14 +235,17 @@ class Trainer:
         t, acc = self.t, self.accelerator
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         batches = self._micro_batches()
-        bar = tqdm(total=t.max_steps, initial=self.state.step, desc="training", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=t.max_steps, initial=self.state.step, desc="training", unit="step", dynamic_ncols=True,
+                   disable=not self.world.is_main)
         started, tokens_at_start = time.perf_counter(), self.state.tokens
         first_step = self.state.step + 1
         self.model.train()
         while self.state.step < t.max_steps:
             step = self.state.step + 1
             micro = [next(batches) for _ in range(t.gradient_accumulation_steps)]
-            supervised = sum(count_supervised_tokens(b["labels"]) for b in micro)
+            # distributed: the step's supervised tokens over all ranks; DDP and FSDP2 average the
+            # gradients over ranks, so each rank's loss is scaled by the world size (exact for 2^k).
+            supervised = int(self.world.sum(sum(count_supervised_tokens(b["labels"]) for b in micro)))
             loss_total = 0.0
             for i, batch in enumerate(micro):
                 # The step's loss is the sum over all its supervised tokens / their count, so
@@ -212,12 +253,13 @@ class Trainer:
                 sync = acc.no_sync(self.model) if i < len(micro) - 1 else nullcontext()
                 with sync, acc.autocast(), self.offloader or nullcontext():
                     loss_sum, _ = token_loss_sum(self.model, batch, t.chunked_loss, t.loss_chunk_size)
-                acc.backward(loss_sum / max(supervised, 1))
+                acc.backward(loss_sum * self.world.size / max(supervised, 1))
                 loss_total += loss_sum.item()
-            loss = loss_total / max(supervised, 1)
+            loss = self.world.sum(loss_total) / max(supervised, 1)
             self.state.step = step
-            self.state.tokens += sum(int(b["attention_mask"].sum()) if b["attention_mask"].dim() == 2
-                                     else int(b["input_ids"].numel()) for b in micro)
+            local_tokens = sum(int(b["attention_mask"].sum()) if b["attention_mask"].dim() == 2
+                               else int(b["input_ids"].numel()) for b in micro)
+            self.state.tokens += int(self.world.sum(local_tokens))  # global tokens: the bar's tok_s is global
             # The gradient norm is computed even without clipping (an infinite max norm scales by 1.0):
             # at a too-high lr the loss can still be finite while the gradients already are not, and
             # applying that step would write NaN into every adapter weight.

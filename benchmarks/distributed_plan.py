@@ -1,0 +1,206 @@
+"""Per-rank memory of a QLoRA run under FSDP2, for model sizes we cannot run here.
+
+    python benchmarks/distributed_plan.py model=llama3_70b gpus=2 gpu_memory_gb=24 seq=2048
+    (options: micro_batch=1 lora_r=64 optim_bits=32 reshard=true)
+
+Byte counts per element are measured on the real layer types at small size, on this machine:
+- a Linear4bit (NF4, double quant, blocksize 64) at two shapes: packed bytes per weight (sharded)
+  and the scales/code tables (replicated: FSDP2 shards parameters, the scales are buffers);
+- a PEFT LoRA adapter on it (trainable bytes per r x (in + out));
+- PagedAdamW's state bytes per trainable parameter (32- or 8-bit);
+- one decoder layer of a small Llama (4-bit base, LoRA on every linear, bf16): the bytes autograd
+  saves per token, fitted as a x hidden + b x intermediate over three shapes.
+They are scaled to the named architecture. Offload = distributed.cpu_offload (parameter shards,
+gradients and optimizer states in host memory) + trainer.activation_offload (layer inputs in
+host memory). Writes benchmarks/results/distributed_plan.json.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(os.path.abspath(p or os.curdir)) != _ROOT]  # kernels/ shadowing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from common import print_table, versions, write_results  # noqa: E402
+
+GB = 1e9
+# Published architectures (config.json of each model).
+MODELS = {
+    "llama3_70b": dict(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=128256),
+    "llama3_8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256),
+    "llama2_7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
+}
+# 70B QLoRA on 2 x 24 GB GPUs (Answer.AI's FSDP + QLoRA), per GPU.
+PUBLISHED = {"llama3_70b": {"offload": 19.6, "no offload": 35.6}}
+CUDA_CONTEXT_GB = 0.5  # CUDA context + allocator slack: not measurable on CPU; a typical figure
+
+
+def linear_shapes(m: dict) -> list[tuple[int, int]]:
+    """(in, out) of the 7 linear layers of one Llama decoder layer."""
+    h, i, kv = m["hidden"], m["intermediate"], m["hidden"] * m["kv_heads"] // m["heads"]
+    return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+
+# ---- measurements at small size ---------------------------------------------------------------
+
+def measure_quantized() -> dict:
+    """Packed bytes per weight, and the scales as bytes per weight + a fixed part per layer."""
+    from qlora.nn import Linear4bit
+
+    points = []
+    for out_features, in_features in ((256, 512), (512, 1024)):
+        layer = Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16)
+        layer.set_weight(torch.randn(out_features, in_features))
+        packed = layer.weight.numel() * layer.weight.element_size()
+        scales = layer.quantized_weight.nbytes - packed
+        points.append((in_features * out_features, packed, scales))
+    (n1, p1, s1), (n2, p2, s2) = points
+    per_weight = (s2 - s1) / (n2 - n1)
+    return {"packed_per_weight": p2 / n2, "scales_per_weight": per_weight, "scales_per_layer": s1 - per_weight * n1}
+
+
+def _small_llama(hidden: int, intermediate: int, r: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import qlora
+    from qlora.lora import attach_lora
+    from qlora.models.loading import replace_linear_layers
+
+    config = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    qconfig = qlora.QuantConfig(compute_dtype=torch.bfloat16)
+    for name in replace_linear_layers(model, qconfig):
+        model.get_submodule(name).set_weight(dense[name].float())
+    return attach_lora(model, r=r, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                       gradient_checkpointing=False)
+
+
+def measure_lora_and_optimizer(r: int, optim_bits: int) -> dict:
+    from qlora.optim import PagedAdamW
+
+    model = _small_llama(256, 512, r)
+    shapes = linear_shapes(dict(hidden=256, intermediate=512, heads=4, kv_heads=4))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lora_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer = PagedAdamW(trainable, optim_bits=optim_bits, min_8bit_size=0)
+    numel = sum(p.numel() for p in trainable)
+    return {"lora_bytes_per_r_in_out": lora_bytes / (r * sum(i + o for i, o in shapes)),
+            "optimizer_bytes_per_param": optimizer.state_bytes() / numel,
+            "grad_bytes_per_param": 4.0}  # fp32 master weights, FSDP2 reduce_dtype fp32
+
+
+def _saved_bytes_per_token(hidden: int, intermediate: int, seq: int = 128) -> float:
+    model = _small_llama(hidden, intermediate, 8)
+    layer = model.get_base_model().model.layers[0]
+    x = torch.randn(1, seq, hidden, dtype=torch.bfloat16, requires_grad=True)
+    rotary = model.get_base_model().model.rotary_emb(x, torch.arange(seq)[None])
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
+        if key not in seen and not isinstance(t, torch.nn.Parameter) and t.requires_grad is not None:
+            seen.add(key)
+            if t.numel() >= seq:  # per-token tensors (not parameters, not scalars)
+                total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, position_embeddings=rotary, attention_mask=None)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    return total / seq, params
+
+
+def measure_activations() -> dict:
+    """Saved bytes per token of one decoder layer = a*hidden + b*intermediate (least squares)."""
+    rows, values = [], []
+    for hidden, intermediate in ((256, 512), (256, 1024), (512, 1024)):
+        per_token, _ = _saved_bytes_per_token(hidden, intermediate)
+        rows.append([hidden, intermediate])
+        values.append(per_token)
+    solution = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64),
+                                  torch.tensor(values, dtype=torch.float64)[:, None]).solution.flatten()
+    return {"saved_per_token_per_hidden": float(solution[0]), "saved_per_token_per_intermediate": float(solution[1])}
+
+
+# ---- the plan ----------------------------------------------------------------------------------
+
+def plan(m: dict, gpus: int, seq: int, micro_batch: int, r: int, measured: dict, reshard: bool = True) -> list[dict]:
+    q, lo, act = measured["quantized"], measured["lora"], measured["activations"]
+    shapes = linear_shapes(m)
+    weights_per_layer = sum(i * o for i, o in shapes)
+    layers, tokens, h, vocab = m["layers"], seq * micro_batch, m["hidden"], m["vocab"]
+    packed = layers * weights_per_layer * q["packed_per_weight"]
+    scales = layers * (weights_per_layer * q["scales_per_weight"] + 7 * q["scales_per_layer"])
+    dense = (2 * vocab * h + (2 * layers + 1) * h) * 2  # bf16 embeddings, head, norms (not quantized)
+    lora_params = layers * r * sum(i + o for i, o in shapes)
+    lora = lora_params * lo["lora_bytes_per_r_in_out"]  # bytes per element of r x (in + out)
+    per_token_layer = (act["saved_per_token_per_hidden"] * h
+                       + act["saved_per_token_per_intermediate"] * m["intermediate"])
+    checkpointed = layers * tokens * h * 2 + tokens * per_token_layer  # layer inputs + one layer's recompute
+    offloaded = 2 * tokens * h * 2 + tokens * per_token_layer  # two layer inputs in flight + the recompute
+    logits = tokens * vocab * (2 + 4 + 4)  # bf16 logits, their fp32 copy for the loss, its gradient
+    layer_gathered = weights_per_layer * (q["packed_per_weight"] + q["scales_per_weight"]) + r * sum(
+        i + o for i, o in shapes) * 2  # packed bytes + bf16 LoRA of one layer
+    gather = (2 if reshard else layers) * layer_gathered + vocab * h * 2  # current + prefetched layer, the head
+    moved = lambda gb: (gb, 0.0, gb)  # noqa: E731  with offload: shards in host memory (CPUOffloadPolicy)
+    stays = lambda gb: (gb, gb, 0.0)  # noqa: E731
+    rows = [
+        ("quantized base shard (packed, sharded)", *moved(packed / gpus)),
+        ("quantization scales (buffers, replicated)", *stays(scales)),
+        ("dense embeddings/head/norms shard (bf16)", *moved(dense / gpus)),
+        ("LoRA shard (fp32 master)", *moved(lora / gpus)),
+        ("optimizer states shard", *moved(lora_params * lo["optimizer_bytes_per_param"] / gpus)),
+        ("gradients shard (fp32)", *moved(lora_params * lo["grad_bytes_per_param"] / gpus)),
+        ("activations: checkpointed / offloaded", checkpointed, offloaded, checkpointed - offloaded),
+        ("logits + loss", *stays(logits)),
+        ("all-gather buffers (2 layers + head)", *stays(gather)),
+        ("CUDA context (assumed)", *stays(CUDA_CONTEXT_GB * GB)),
+    ]
+    return [{"part": name, "no offload GB": a / GB, "offload GB": b / GB, "host GB (offload)": c / GB}
+            for name, a, b, c in rows]
+
+
+def main(argv: list[str]) -> None:
+    args = dict(a.split("=", 1) for a in argv)
+    name = args.get("model", "llama3_70b")
+    if name not in MODELS:
+        raise SystemExit(f"model={name} is not one of {', '.join(MODELS)}")
+    gpus, memory = int(args.get("gpus", 2)), float(args.get("gpu_memory_gb", 24))
+    seq, micro, r = int(args.get("seq", 2048)), int(args.get("micro_batch", 1)), int(args.get("lora_r", 64))
+    bits, reshard = int(args.get("optim_bits", 32)), args.get("reshard", "true") == "true"
+    measured = {"quantized": measure_quantized(), "lora": measure_lora_and_optimizer(8, bits),
+                "activations": measure_activations()}
+    table = plan(MODELS[name], gpus, seq, micro, r, measured, reshard)
+    totals = {k: sum(row[k] for row in table) for k in ("no offload GB", "offload GB", "host GB (offload)")}
+    table.append({"part": "total per GPU", **totals})
+    print(f"{name} QLoRA (NF4 + double quant, LoRA r={r} on all linear layers, {bits}-bit paged AdamW), "
+          f"FSDP2 over {gpus} GPUs of {memory:g} GB, seq {seq} x micro-batch {micro}, gradient checkpointing")
+    print_table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()} for row in table],
+                ["part", "no offload GB", "offload GB", "host GB (offload)"])
+    for key in ("no offload GB", "offload GB"):
+        verdict = "fits" if totals[key] <= memory else "does NOT fit"
+        print(f"{key.split(' GB')[0]}: {totals[key]:.1f} GB per GPU of {memory:g} GB -> {verdict}")
+    published = PUBLISHED.get(name)
+    if published and gpus == 2:
+        print(f"published (2 x 24 GB): {published['offload']} GB per GPU with offload, {published['no offload']} GB "
+              "without")
+    print("measured per element at small size:", {k: {kk: round(vv, 4) for kk, vv in v.items()}
+                                                   for k, v in measured.items()})
+    write_results("distributed_plan", {"model": name, "architecture": MODELS[name], "gpus": gpus,
+                                       "gpu_memory_gb": memory, "seq": seq, "micro_batch": micro, "lora_r": r,
+                                       "optim_bits": bits, "measured": measured, "table": table,
+                                       "published": published, "versions": versions()})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,71 @@
+"""Worker programs the distributed tests start under torchrun (a script, so that the workers never
+re-import the test runner): `python -m torch.distributed.run --nproc_per_node=2 distributed_workers.py
+gather_bytes OUT_DIR`."""
+import json
+import os
+import sys
+
+# This folder is on sys.path as the script's own; the repository root must not be (kernels/).
+import torch
+import torch.distributed as dist
+
+
+def _layer(storage, x):
+    from qlora.nn import Linear4bit
+
+    torch.manual_seed(0)
+    layer = Linear4bit(192, 96, bias=False, compute_dtype=torch.float32, quant_storage=storage)
+    layer.set_weight(torch.randn(96, 192))
+    raw = layer.weight.detach().view(torch.uint8).reshape(-1)
+    # Every byte value, so every NaN bit pattern of the storage dtype, signalling ones included:
+    # bf16 0x7F81 (little-endian bytes 81 7F) is a signalling NaN that a float cast would quiet.
+    raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1)))
+    raw[:4] = torch.tensor([0x81, 0x7F, 0x81, 0xFF], dtype=torch.uint8)
+    return layer, raw.clone(), layer(x)
+
+
+def gather_bytes(out_dir: str) -> None:
+    """For each storage dtype and mixed-precision param dtype: shard a 4-bit layer whose packed bytes
+    hold every bit pattern, all-gather it, and compare bytes and outputs with the unsharded layer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from qlora.distributed.sharding import hold_packed_as_bytes
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (2,))
+    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(2))
+    rows = []
+    for storage in (torch.uint8, torch.bfloat16, torch.float16, torch.float32):
+        for param_dtype in (None, torch.bfloat16, torch.float32):
+            policy = MixedPrecisionPolicy(param_dtype=param_dtype)
+            layer, expected, reference = _layer(storage, x)
+            model = torch.nn.Sequential(layer, torch.nn.Linear(96, 4))
+            hold_packed_as_bytes(model)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
+            local = layer.weight.to_local()
+            model.unshard()
+            gathered = layer.weight.detach().view(torch.uint8).reshape(-1)
+            row = {"rank": rank, "storage": str(storage), "param_dtype": str(param_dtype),
+                   "gathered_equal": torch.equal(gathered, expected), "total_bytes": expected.numel(),
+                   "local_bytes": local.numel() * local.element_size(), "same_output": torch.equal(layer(x), reference)}
+            model.reshard()
+            # The same layer sharded as it is (float storage as a float Parameter), for contrast.
+            naive, expected, _ = _layer(storage, x)
+            naive_model = torch.nn.Sequential(naive, torch.nn.Linear(96, 4))
+            fully_shard(naive_model, mesh=mesh, mp_policy=policy)
+            naive_model.unshard()
+            weight = naive.weight.detach()
+            row["naive_equal"] = weight.numel() * weight.element_size() == expected.numel() and torch.equal(
+                weight.contiguous().view(torch.uint8).reshape(-1), expected)
+            naive_model.reshard()
+            rows.append(row)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(rows, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    {"gather_bytes": gather_bytes}[sys.argv[1]](*sys.argv[2:])
