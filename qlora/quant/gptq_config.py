@@ -56,7 +56,10 @@ class GPTQQuantConfig:
     meta: Optional[dict] = None
 
     def __post_init__(self):
-        check_bits(self.bits)
+        try:
+            check_bits(self.bits)  # the kernels' rule, raised as theirs; here it is the user's option
+        except ValueError as err:
+            raise OptionError(str(err)) from None
         check_group_size(self.group_size)
         self.checkpoint_format = check_checkpoint_format(self.checkpoint_format)
         if not (isinstance(self.damp_percent, (int, float)) and 0 < self.damp_percent < 1):
