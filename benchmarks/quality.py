@@ -109,7 +109,9 @@ def gaps(configs: dict) -> dict:
     if "nf4" in configs and "nf4_loftq" in configs:
         gap = configs["nf4"]["eval_loss_mean"] - base["eval_loss_mean"]
         closed = configs["nf4"]["eval_loss_mean"] - configs["nf4_loftq"]["eval_loss_mean"]
-        out["loftq_fraction_of_nf4_gap_closed"] = closed / gap if gap != 0 else None
+        out["nf4_loftq_vs_nf4_relative"] = configs["nf4_loftq"]["eval_loss_mean"] / configs["nf4"]["eval_loss_mean"] - 1
+        # Only a positive gap (NF4 worse than 16-bit) can be closed; otherwise there is no fraction to report.
+        out["loftq_fraction_of_nf4_gap_closed"] = closed / gap if gap > 0 else None
     return out
 
 

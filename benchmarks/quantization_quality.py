@@ -104,10 +104,12 @@ def main(argv=None):
         rows[name] = {"bits_per_weight": bits, "perplexity": round(perplexity(model, held_out), 3),
                       "build_s": round(built, 1)}
         print(f"{name:24s} {bits:>6s} bits/w  ppl {rows[name]['perplexity']:8.3f}  (built in {built:.0f} s)", flush=True)
-    payload = {"device": device_name(), "versions": versions(), "corpus_sha256_16": digest,
-               "held_out_windows": len(held_out), "seq_len": SEQ_LEN, "calibration_windows": len(calibration),
-               "compute_dtype": "float32", "results": rows}
-    print(f"wrote {write_results('quantization_quality', payload, args.out)}")
+        # Written after every variant: a long run stopped half-way keeps what it measured.
+        payload = {"device": device_name(), "versions": versions(), "corpus_sha256_16": digest,
+                   "held_out_windows": len(held_out), "seq_len": SEQ_LEN, "calibration_windows": len(calibration),
+                   "compute_dtype": "float32", "results": rows}
+        path = write_results("quantization_quality", payload, args.out)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ def test_reduced_benchmark_writes_the_results_file_and_plot(tmp_path):
     assert len({c["eval_loss_mean"] for c in payload["configs"].values()}) == 4
     loftq = payload["configs"]["nf4_loftq"]["loftq"]
     assert loftq["iterations"] == 4 and loftq["relative_error_loftq"][-1] < loftq["relative_error_plain"]
-    assert set(payload["gaps"]) == {"nf4_vs_lora16_relative", "fp4_vs_lora16_relative",
-                                    "nf4_loftq_vs_lora16_relative", "loftq_fraction_of_nf4_gap_closed"}
+    assert set(payload["gaps"]) == {"nf4_vs_lora16_relative", "fp4_vs_lora16_relative", "nf4_loftq_vs_lora16_relative",
+                                    "nf4_loftq_vs_nf4_relative", "loftq_fraction_of_nf4_gap_closed"}
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "lora16" in result.stdout and "held-out loss" in result.stdout
 
@@ -87,3 +87,7 @@ def test_aggregate_means_stds_and_gaps():
                        "nf4_loftq": {"eval_loss_mean": 1.04}})
     assert gaps["nf4_vs_lora16_relative"] == pytest.approx(0.1)
     assert gaps["loftq_fraction_of_nf4_gap_closed"] == pytest.approx(0.6)
+    assert gaps["nf4_loftq_vs_nf4_relative"] == pytest.approx(1.04 / 1.1 - 1)
+    no_gap = bench.gaps({"lora16": {"eval_loss_mean": 1.0}, "nf4": {"eval_loss_mean": 0.98},
+                         "nf4_loftq": {"eval_loss_mean": 1.05}})
+    assert no_gap["loftq_fraction_of_nf4_gap_closed"] is None  # NF4 was not worse: nothing to close
