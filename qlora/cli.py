@@ -42,6 +42,7 @@ USAGE = """usage: qlora <command> key=value ...
 commands:
   export     merge a trained LoRA adapter into its base and write it (hf | nf4 | gguf)
   generate   generate text from a merged model, a 4-bit model, or a run (base + adapter)
+  doctor     check and time the 4-bit kernels on this machine; writes a report to share
 
 `qlora <command> --help` lists every option of a command. Examples:
   qlora export run_dir=outputs/embedded/2025-01-01_00-00-00 out=merged/
@@ -179,7 +180,19 @@ def cmd_generate(values: dict) -> int:
     return 0
 
 
+DOCTOR_OPTIONS = {
+    "out": (None, "report path (default benchmarks/results/doctor-<gpu or cpu>.json)"),
+}
+
+
+def cmd_doctor(values: dict) -> int:
+    from qlora.doctor import doctor  # the kernel checks and timings live there
+
+    return doctor(values["out"])
+
+
 COMMANDS = {"export": (EXPORT_OPTIONS, cmd_export), "generate": (GENERATE_OPTIONS, cmd_generate)}
+COMMANDS["doctor"] = (DOCTOR_OPTIONS, cmd_doctor)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
