@@ -174,11 +174,12 @@ def bench_linear(timer, ceilings, bnb, m_values, shapes, backward: bool) -> list
 def _chosen(m: int) -> str:
     from qlora.kernels.ops import choose_path
 
-    return choose_path(m)
+    major, minor = torch.cuda.get_device_capability()
+    return choose_path(m, torch.bfloat16, 10 * major + minor)
 
 
 def dispatch_crossovers(sweep: list[dict]) -> dict:
-    """Fastest path per M, and the thresholds this device suggests for ops.GEMV_MAX_M / FUSED_MAX_M."""
+    """Fastest path per M, and the thresholds this device suggests (to compare with the model's table)."""
     fastest = {}
     for row in sweep:
         candidates = {p: row[f"{p}_us"] for p in ("gemv", "fused", "dequant_matmul") if f"{p}_us" in row}
@@ -218,10 +219,12 @@ def main() -> int:
     from qlora.kernels import ops
 
     name = torch.cuda.get_device_name()
+    major, minor = torch.cuda.get_device_capability()
+    arch = 10 * major + minor
     path = write_results(re.sub(r"[^A-Za-z0-9_.-]+", "_", name), {
         "device": name, "versions": versions("triton"), "repeats": args.repeats, "ceilings": ceilings,
         "dequantize": dequant, "training_fwd_bwd_dx": training, "decode": decode,
-        "dispatch": {"GEMV_MAX_M": ops.GEMV_MAX_M, "FUSED_MAX_M": ops.FUSED_MAX_M, "sweep": sweep, **crossovers},
+        "dispatch": {"model_table": ops.path_table(arch), "sweep": sweep, **crossovers},
     })
     print(f"\nwrote {path}")
     return 0

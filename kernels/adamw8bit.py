@@ -41,7 +41,16 @@ def _nearest_code(x, midpoints_ptr):
     for shift in tl.static_range(7, -1, -1):
         probe = tl.load(midpoints_ptr + index + ((1 << shift) - 1))
         index = tl.where(probe < x, index + (1 << shift), index)
-    return index
+    # NaN compares false with every midpoint, so the search ends at 0; torch.bucketize sorts NaN
+    # past every boundary and returns 255. A NaN moment must keep decoding as the reference's.
+    return tl.where(x != x, 255, index)
+
+
+@triton.jit
+def _absmax(x):
+    """max |x| over the block, NaN if any element is NaN (as torch's amax; tl.max drops NaN)."""
+    has_nan = tl.max((x != x).to(tl.int32), axis=0)
+    return tl.where(has_nan > 0, float("nan"), tl.max(tl.abs(x), axis=0))
 
 
 @triton.jit
@@ -80,9 +89,10 @@ def _adamw8bit_kernel(
     p = p + tl.div_rn(step_size * m, denom)
     tl.store(param_ptr + offsets, p.to(param_ptr.dtype.element_ty), mask=mask)
 
-    m_absmax = tl.max(tl.abs(m), axis=0)
-    v_absmax = tl.max(tl.abs(v), axis=0)
-    # An all-zero block keeps absmax 0 and is scaled by 1, so it gets the code of 0.
+    m_absmax = _absmax(m)
+    v_absmax = _absmax(v)
+    # An all-zero block keeps absmax 0 and is scaled by 1, so it gets the code of 0; so does a
+    # NaN block (NaN > 0 is false), exactly as the reference's torch.where.
     m_index = _nearest_code(tl.div_rn(m, tl.where(m_absmax > 0, m_absmax, 1.0)), signed_midpoints_ptr)
     v_index = _nearest_code(tl.div_rn(v, tl.where(v_absmax > 0, v_absmax, 1.0)), unsigned_midpoints_ptr)
     tl.store(exp_avg_ptr + offsets, m_index.to(tl.uint8), mask=mask)

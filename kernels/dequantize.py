@@ -95,6 +95,7 @@ def whole_block_tiles(shape: Sequence[int], blocksize: int) -> bool:
 @triton.jit
 def _dequantize_4bit_kernel(
     packed_ptr, out_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, numel,
+    packed_bytes, num_blocks,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     ELEMENTS: tl.constexpr,
 ):
@@ -102,16 +103,17 @@ def _dequantize_4bit_kernel(
     # holds whole quantization blocks: one scale load per block instead of one per element.
     BYTES: tl.constexpr = ELEMENTS // 2
     BLOCKS: tl.constexpr = ELEMENTS // BLOCKSIZE
-    pid = tl.program_id(0)
+    # int64: numel may be up to 2**31 - 1, and the last program's pid * ELEMENTS + ELEMENTS - 1
+    # would wrap to a negative index that passes `element < numel`. The bounds (numel + 1) // 2
+    # and the block count come from the host for the same reason.
+    pid = tl.program_id(0).to(tl.int64)
     first_byte = pid * BYTES
     byte_offsets = first_byte + tl.arange(0, BYTES)
-    packed_bytes = (numel + 1) // 2
     byte = tl.load(packed_ptr + byte_offsets, mask=byte_offsets < packed_bytes, other=0).to(tl.int32)
     high = tl.load(code_ptr + (byte >> 4))
     low = tl.load(code_ptr + (byte & 15))
     values = tl.reshape(tl.interleave(high, low), (BLOCKS, BLOCKSIZE))  # high nibble first
     block = pid * BLOCKS + tl.arange(0, BLOCKS)
-    num_blocks = (numel + BLOCKSIZE - 1) // BLOCKSIZE
     scale = load_scale(absmax_ptr, block, block < num_blocks, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                        NESTED_BLOCKSIZE, DOUBLE_QUANT)
     out = values * scale[:, None]
@@ -156,7 +158,7 @@ def dequantize_4bit_triton(weight: Packed4bit, dtype: torch.dtype, out: Optional
     launch(
         _dequantize_4bit_kernel, (triton.cdiv(numel, elements),),
         packed, out, absmax, weight.code.contiguous(), nested_absmax, nested_code, offset, numel,
-        BLOCKSIZE=weight.blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant,
+        (numel + 1) // 2, triton.cdiv(numel, weight.blocksize), BLOCKSIZE=weight.blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant,
         ELEMENTS=elements, enable_fp_fusion=False,
     )
     return out

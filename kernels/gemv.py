@@ -37,6 +37,8 @@ from qlora.kernels.launch import launch
 from qlora.kernels.matmul import weight_strides
 
 GEMV_BLOCK_M = 16  # rows per program
+# Products a program may keep in registers across the loop: 4096 fp32 over 128 threads = 32 each.
+GEMV_REGISTER_PRODUCTS = 4096
 
 
 @triton.jit
@@ -47,7 +49,7 @@ def _gemv_4bit_partial_kernel(
     stride_am, stride_ar, w_stride_r, w_stride_c,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr,
+    WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr, ACC_IN_REGISTERS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -55,19 +57,36 @@ def _gemv_4bit_partial_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < COLS
+    # int64 row offsets: a strided view's M * stride may pass 2**31.
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    # Small tiles (M <= 2: BLOCK_M * BLOCK_N * BLOCK_R <= 4096, 32 fp32 registers a thread) keep
+    # the products element-wise in a register array and sum across lanes once, after the loop:
+    # summing inside the loop cost a shuffle-tree reduction per tile (the sm_90 SASS of the M=1
+    # forward was 812 instructions per 4096-weight tile, most of them that reduction). Larger
+    # tiles would need 128+ registers for that array and spill, so they reduce per tile.
+    if WHOLE_BLOCKS and TRANSPOSED:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_R) if ACC_IN_REGISTERS else (1, 1, 1), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N) if ACC_IN_REGISTERS else (1, 1, 1), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     r_start = split * R_PER_SPLIT
     for r0 in range(r_start, r_start + R_PER_SPLIT, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        # W is rounded to the input dtype first, as in the other paths; products and sums in fp32.
-        if WHOLE_BLOCKS and TRANSPOSED:  # forward: W[cols tile, r tile] decoded along its rows, summed over r
+        a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :],
+                    other=0.0).to(tl.float32)
+        # W is rounded to the input dtype first, as in the other paths; products and sums in fp32,
+        # the register array's product-and-add one explicit FMA (the launch disables contraction
+        # elsewhere, so W's decode rounds exactly as in the dequantize kernel).
+        if WHOLE_BLOCKS and TRANSPOSED:  # forward: W[cols tile, r tile] decoded along its rows
             w = decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
                                 nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
             w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
-            acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+            if ACC_IN_REGISTERS:
+                acc3 = tl.fma(tl.broadcast_to(a[:, None, :], acc3.shape), tl.broadcast_to(w[None, :, :], acc3.shape),
+                              acc3)
+            else:
+                acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
         else:
             if WHOLE_BLOCKS:  # backward: W[r tile, cols tile] as stored
                 w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
@@ -79,9 +98,18 @@ def _gemv_4bit_partial_kernel(
                                 nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE,
                                 DOUBLE_QUANT)
             w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
-            acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
-    tl.store(partial_ptr + split * M * COLS + offs_m[:, None] * COLS + offs_n[None, :], acc,
-             mask=mask_m[:, None] & mask_n[None, :])
+            if ACC_IN_REGISTERS:
+                acc3 = tl.fma(tl.broadcast_to(a[:, :, None], acc3.shape), tl.broadcast_to(w[None, :, :], acc3.shape),
+                              acc3)
+            else:
+                acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
+    if ACC_IN_REGISTERS:
+        if WHOLE_BLOCKS and TRANSPOSED:
+            acc = tl.sum(acc3, axis=2)
+        else:
+            acc = tl.sum(acc3, axis=1)
+    partial = partial_ptr + split.to(tl.int64) * M * COLS
+    tl.store(partial + offs_m[:, None] * COLS + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -96,7 +124,8 @@ def _gemv_reduce_kernel(partial_ptr, out_ptr, bias_ptr, M, COLS, SPLIT_K, stride
     col = offs % COLS
     if HAS_BIAS:
         acc += tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + col * stride_oc, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row.to(tl.int64) * stride_om + col.to(tl.int64) * stride_oc, acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 def gemv_block_sizes(m: int, shape: Sequence[int], blocksize: int, transpose_weight: bool) -> tuple[int, int, int, bool]:
@@ -104,16 +133,23 @@ def gemv_block_sizes(m: int, shape: Sequence[int], blocksize: int, transpose_wei
     whole_blocks = whole_block_tiles(shape, blocksize)
     # Rows past 16 go to further programs (grid axis 2), each decoding the same W tiles again (from
     # L2): a 64-row tile would make the broadcast product 4x larger and spill.
-    block_m = min(GEMV_BLOCK_M, triton.next_power_of_2(m))
+    block_m = min(GEMV_BLOCK_M, triton.next_power_of_2(max(m, 1)))  # m = 0: an empty batch
     # The broadcast product holds BLOCK_M * BLOCK_N * BLOCK_R fp32 values: aim at 4096 (16 KB over
     # a 4-warp program = 32 registers/thread), shrinking the dimension that is free to shrink.
     # Row tiles of whole blocks fix the tile along W's rows to >= blocksize: BLOCK_R in forward,
     # BLOCK_N in backward.
     if whole_blocks and transpose_weight:
         block_r = max(64, blocksize)
-        return block_m, max(16, 4096 // (block_m * block_r)), block_r, True
-    block_n = max(64, blocksize) if whole_blocks else 64
-    return block_m, block_n, max(16, 4096 // (block_m * block_n)), whole_blocks
+        block_n = max(16, 4096 // (block_m * block_r))
+    else:
+        block_n = max(64, blocksize) if whole_blocks else 64
+        block_r = max(16, 4096 // (block_m * block_n))
+    # The product tile must stay within 16384 fp32 values (128 a thread): at blocksize 256, 16 rows
+    # x 16 x 256 took 255 registers and spilled 160-376 B on sm_80/86/90. Fewer rows per program
+    # then, the rest on further programs (grid axis 2).
+    while block_m > 1 and block_m * block_n * block_r > 16384:
+        block_m //= 2
+    return block_m, block_n, block_r, whole_blocks
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -122,9 +158,11 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def gemv_split(m: int, cols: int, r: int, block_n: int, block_r: int, device: torch.device) -> tuple[int, int]:
-    """(SPLIT_K, R per split): about two programs per SM, never a split smaller than one tile."""
+    """(SPLIT_K, R per split): about two programs per SM, never a split smaller than one tile.
+    `device` may be anything with an `sms` attribute (the machine-code model's GPUs)."""
     tiles_n = triton.cdiv(cols, block_n)
-    split_k = max(1, min(triton.cdiv(2 * _multiprocessors(device), tiles_n), triton.cdiv(r, block_r)))
+    sms = getattr(device, "sms", None) or _multiprocessors(device)
+    split_k = max(1, min(triton.cdiv(2 * sms, tiles_n), triton.cdiv(r, block_r)))
     r_per_split = triton.cdiv(triton.cdiv(r, split_k), block_r) * block_r
     return triton.cdiv(r, r_per_split), r_per_split
 
@@ -164,6 +202,8 @@ def gemv_4bit(
         out = torch.empty((m, cols), dtype=a.dtype, device=a.device)
     elif tuple(out.shape) != (m, cols) or out.dtype != a.dtype or out.device != a.device:
         raise ValueError(f"out must be a [{m}, {cols}] {a.dtype} tensor on {a.device}, got {list(out.shape)} {out.dtype} on {out.device}")
+    if m == 0:
+        return out  # an empty batch: nothing to launch (block sizes below divide by next_power_of_2(m))
     if workspace is None:
         workspace = torch.empty((split_k, m, cols), dtype=torch.float32, device=a.device)
     elif (tuple(workspace.shape) != (split_k, m, cols) or workspace.dtype != torch.float32
@@ -177,7 +217,10 @@ def gemv_4bit(
         m, cols, r, r_per_split, shape[1], a.stride(0), a.stride(1), w_stride_r, w_stride_c,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, WHOLE_BLOCKS=whole_blocks, TRANSPOSED=transpose_weight,
-        enable_fp_fusion=True,  # explicit: Triton 3.10 flips the default; products are summed in fp32 anyway
+        ACC_IN_REGISTERS=block_m * block_n * block_r <= GEMV_REGISTER_PRODUCTS,
+        # No contraction: W decodes to the same bits as in the dequantize kernel; the products are
+        # explicit tl.fma, so the inner loop keeps one FFMA per weight and row.
+        enable_fp_fusion=False,
     )
     reduce_block = 1024
     launch(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 _COMPILED: contextvars.ContextVar[list | None] = contextvars.ContextVar("qlora_compile_only", default=None)
+_TARGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("qlora_compile_only_arch", default=None)
 
 
 @dataclass
@@ -31,16 +32,53 @@ class CompiledLaunch:
 
 
 def launch(kernel, grid, *args, **kwargs):
-    """kernel[grid](*args, **kwargs), or inside compile_only(): compile it for that target and record it."""
+    """kernel[grid](*args, **kwargs) under the tensors' CUDA device, or inside compile_only():
+    compile it for that target and record it."""
     compiled = _COMPILED.get()
     if compiled is None:
-        return kernel[grid](*args, **kwargs)
+        # Triton launches on torch's *current* device and stream. A layer on cuda:1 called while
+        # cuda:0 is current would read cuda:1 pointers from a cuda:0 kernel: an illegal address, or
+        # wrong results under peer access. So the launch runs under the tensors' device guard.
+        device = launch_device(args)
+        if device is None or device.type != "cuda":
+            return kernel[grid](*args, **kwargs)
+        import torch
+
+        with torch.cuda.device(device):
+            return kernel[grid](*args, **kwargs)
     result = kernel.warmup(*args, grid=grid, **kwargs)
     names = [p.name for p in kernel.params]
     bound = dict(zip(names, args)) | kwargs
     constexprs = {p.name: bound[p.name] for p in kernel.params if p.is_constexpr and p.name in bound}
     compiled.append(CompiledLaunch(kernel.fn.__name__, constexprs, result))
     return result
+
+
+def launch_device(args):
+    """The device of the first tensor argument (the launchers check that all share it), or None."""
+    import torch
+
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+    return None
+
+
+def target_arch(device) -> int:
+    """The CUDA architecture a launch on `device` compiles for: sm_<arch> as an int (90 = H100).
+
+    Inside compile_only() it is that block's target; on a CUDA device its compute capability; on
+    CPU (the interpreter) 90, so the interpreter runs the tile choices of an H100.
+    """
+    compiling = _TARGET.get()
+    if compiling is not None:
+        return compiling
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
 
 
 def _compile_only_driver(arch: int):
@@ -95,9 +133,11 @@ def compile_only(arch: int) -> Iterator[list[CompiledLaunch]]:
         previous = None
     compiled: list[CompiledLaunch] = []
     token = _COMPILED.set(compiled)
+    arch_token = _TARGET.set(arch)
     driver.set_active(_compile_only_driver(arch))
     try:
         yield compiled
     finally:
         driver.set_active(previous)  # None: the next real launch looks for a GPU again
+        _TARGET.reset(arch_token)
         _COMPILED.reset(token)

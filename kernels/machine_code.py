@@ -10,6 +10,7 @@ issues several load instructions per weight element.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 import subprocess
 import tempfile
@@ -24,6 +25,7 @@ MAX_THREADS_PER_SM = {80: 2048, 86: 1536, 89: 1536, 90: 2048}
 GLOBAL_LOADS = ("LDG", "LDGSTS", "UTMALDG")
 TENSOR_CORE_MMAS = ("HMMA", "HGMMA")
 _SASS_OPCODE = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)", re.MULTILINE)
+_SASS_LINE = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9.]*)(.*)$|^(\.L_x_\d+):", re.MULTILINE)
 
 
 @dataclass
@@ -34,6 +36,16 @@ class MachineCode:
     local_bytes: int  # per thread; > 0 means spilled registers (or a stack array) in slow local memory
     num_warps: int
     opcodes: dict  # SASS opcode -> count in the kernel text (loop bodies once, unrolled code per copy)
+    loop_opcodes: dict = dataclasses.field(default_factory=dict)  # the same, inside the main loop only
+    mma_shapes: dict = dataclasses.field(default_factory=dict)  # e.g. "HMMA.16816.F32.BF16" -> count, whole text
+
+    @property
+    def instructions(self) -> int:
+        return sum(self.opcodes.values())
+
+    @property
+    def loop_instructions(self) -> int:
+        return sum(self.loop_opcodes.values())
 
     @property
     def blocks_per_sm(self) -> int:
@@ -70,7 +82,33 @@ def machine_code(compiled_kernel, arch: int) -> MachineCode:
         local_bytes=int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0)),
         num_warps=int(compiled_kernel.metadata.num_warps),
         opcodes=dict(collections.Counter(_SASS_OPCODE.findall(sass))),
+        loop_opcodes=main_loop_opcodes(sass),
+        mma_shapes=dict(collections.Counter(m.split()[0] for m in re.findall(r"\b(H?G?MMA\.[A-Za-z0-9.]+)", sass))),
     )
+
+
+def main_loop_opcodes(sass: str) -> dict:
+    """Opcode counts of the kernel's main loop: the longest span from a label back-branched to.
+
+    nvdisasm writes labels as `.L_x_<n>:` and a loop's closing branch as `BRA `(.L_x_<n>)`; a
+    branch to a label printed above it closes a loop. The 4-bit kernels have one K loop (plus
+    short loops in reductions), so the longest span is the K loop; {} when there is none.
+    """
+    opcodes, labels, best = [], {}, (0, 0)
+    for match in _SASS_LINE.finditer(sass):
+        opcode, operands, label = match.groups()
+        if label:
+            labels[label] = len(opcodes)
+            continue
+        base = opcode.split(".")[0]
+        opcodes.append(base)
+        if base == "BRA":
+            target = re.search(r"(\.L_x_\d+)", operands)
+            if target and target.group(1) in labels:
+                start = labels[target.group(1)]
+                if len(opcodes) - start > best[1] - best[0]:
+                    best = (start, len(opcodes))
+    return dict(collections.Counter(opcodes[best[0]:best[1]]))
 
 
 def _run(tool: str, *args: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from qlora.kernels import reference
+from qlora.kernels import reference, selfcheck
 from qlora.kernels.backend import use_triton
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -101,7 +101,7 @@ def adamw8bit_update_(
     tensors = (param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, signed_code, unsigned_code)
     hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, blocksize=blocksize)
     with torch.no_grad():
-        if use_triton(param.device):
+        if use_triton(param.device) and selfcheck.passed("adamw8bit", param.device, grad.dtype):
             # Imported here: the CPU path must never import triton.
             from qlora.kernels.adamw8bit import adamw8bit_update_triton
 

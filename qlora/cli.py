@@ -54,6 +54,7 @@ commands:
   generate   generate text from a merged model, a 4-bit model, or a run (base + adapter)
   eval       held-out loss, perplexity and exact match (eval.json); lm-eval tasks with tasks=
   quantize   GPTQ-quantize a dense model with calibration text and save it (GPTQ v1 layout)
+  doctor     check and time the 4-bit kernels on this machine; writes a report to share
 
 `qlora <command> --help` lists every option of a command. Examples:
   qlora export run_dir=outputs/embedded/2025-01-01_00-00-00 output_dir=merged/
@@ -257,9 +258,21 @@ def cmd_generate(values: dict) -> int:
     return 0
 
 
+DOCTOR_OPTIONS = {
+    "out": (None, "report path (default benchmarks/results/doctor-<gpu or cpu>.json)"),
+}
+
+
+def cmd_doctor(values: dict) -> int:
+    from qlora.doctor import doctor  # the kernel checks and timings live there
+
+    return doctor(values["out"])
+
+
 COMMANDS = {"export": (EXPORT_OPTIONS, cmd_export), "generate": (GENERATE_OPTIONS, cmd_generate),
             "quantize": (QUANTIZE_OPTIONS, cmd_quantize)}
 COMMANDS["eval"] = _command_from("qlora.evaluate", "EVAL_OPTIONS", "cmd_eval")
+COMMANDS["doctor"] = (DOCTOR_OPTIONS, cmd_doctor)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

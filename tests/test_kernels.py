@@ -183,13 +183,186 @@ def test_interp_dequantize_op_dispatches_to_triton(triton_backend, monkeypatch):
     assert calls and torch.equal(out, reference.dequantize_4bit_torch(weight, torch.float32))
 
 
+@interpreter_only
+@pytest.mark.parametrize("path", ("gemv", "fused", "dequant_matmul"))
+def test_interp_empty_batch_on_every_path(triton_backend, path):
+    # M = 0 (an empty batch after packing): an empty result like the reference, never a crash.
+    weight = quantized((96, 320), "nf4", 64, True)
+    for transpose_weight, features, cols in ((True, 320, 96), (False, 96, 320)):
+        a = torch.randn(0, features, dtype=torch.float16)
+        out = ops.matmul(a, weight, None, transpose_weight, path)
+        assert out.shape == (0, cols) and out.dtype == torch.float16
+
+
+@interpreter_only
+@pytest.mark.parametrize("path", ("gemv", "fused", "dequant_matmul"))
+def test_interp_autocast_gives_the_autocast_dtype_on_every_path(triton_backend, path):
+    weight = quantized((96, 320), "nf4", 64, True)
+    x = torch.randn(5, 320, requires_grad=True)
+    bias = torch.randn(96)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = linear_4bit(x, weight, bias=bias, path=path)
+    assert y.dtype == torch.float16, path
+    expected = x.detach().half().double() @ dense(weight, torch.float16).T + bias.half().double()
+    assert rel_err(y, expected) < TOLERANCE[torch.float16]
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
+@interpreter_only
+@pytest.mark.parametrize("kernel", ("fused", "gemv"))
+def test_interp_row_offsets_past_int32(kernel):
+    # Three rows 2**30 + 64 elements apart: row 2 starts past element 2**31, where an int32
+    # offs_m * stride wraps negative. The buffer is reserved, never touched past these rows, so the
+    # OS backs only the pages written here.
+    from qlora.kernels.gemv import gemv_4bit
+    from qlora.kernels.matmul import matmul_4bit_fused
+
+    in_features, stride = 128, 2**30 + 64
+    weight = quantized((64, in_features), "nf4", 64, False)
+    buffer = torch.empty(2 * stride + in_features, dtype=torch.float16)
+    x = buffer.as_strided((3, in_features), (stride, 1))
+    rows = torch.randn(3, in_features, dtype=torch.float16)
+    for i in range(3):
+        buffer[i * stride: i * stride + in_features] = rows[i]
+    out = torch.full((3, 64), float("nan"), dtype=torch.float16)
+    if kernel == "fused":
+        matmul_4bit_fused(x, weight, True, out=out)
+    else:
+        gemv_4bit(x, weight, True, out=out)
+    assert rel_err(out, rows.double() @ dense(weight, torch.float16).T) < TOLERANCE[torch.float16]
+
+
+@interpreter_only
+def test_interp_self_check_catches_a_wrong_kernel_and_falls_back(triton_backend, monkeypatch, caplog):
+    import logging
+    import warnings
+
+    from qlora.kernels import gemv, selfcheck
+
+    selfcheck.reset()
+    original = gemv.gemv_4bit
+    # The injected fault: a GEMV 1% off, as a miscompiled kernel on an untested GPU could be.
+    monkeypatch.setattr(gemv, "gemv_4bit", lambda a, weight, transpose_weight=True, bias=None, **kw:
+                        original(a, weight, transpose_weight, bias, **kw) * 1.01)
+    weight = quantized((96, 320), "nf4", 64, True)
+    x = torch.randn(3, 320, dtype=torch.float16)
+    expected = x.double() @ dense(weight, torch.float16).T
+    with caplog.at_level(logging.INFO, logger="qlora.kernels"):
+        with pytest.warns(RuntimeWarning, match="Triton gemv kernel gave a wrong result on cpu.*PyTorch reference"):
+            y = linear_4bit(x, weight, path="gemv")
+        assert rel_err(y, expected) < TOLERANCE[torch.float16]  # the reference's answer, not the faulty one
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once: the fallback stays, silently
+            assert rel_err(linear_4bit(x, weight, path="gemv"), expected) < TOLERANCE[torch.float16]
+        assert selfcheck.passed("fused", torch.device("cpu"), torch.float16)  # other paths are unaffected
+    assert "self-check gemv on cpu torch.float16: FAIL in" in caplog.text
+    assert "self-check fused on cpu torch.float16: PASS in" in caplog.text
+    assert selfcheck.results() == {"gemv on cpu float16": False, "fused on cpu float16": True}
+    selfcheck.reset()
+
+
+@interpreter_only
+@pytest.mark.parametrize("path", ("dequantize", "gemv", "fused", "adamw8bit"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+def test_interp_self_checks_pass_on_the_real_kernels(path, dtype):
+    from qlora.kernels import selfcheck
+
+    ok, detail = selfcheck.CHECKS[path](torch.device("cpu"), dtype)
+    assert ok, detail
+
+
 # ---- CPU: dispatch, errors, torch.compile ---------------------------------------------------------
-def test_dispatch_rule_buckets():
-    assert ops.choose_path(1) == ops.choose_path(ops.GEMV_MAX_M) == "gemv"
-    assert ops.choose_path(ops.GEMV_MAX_M + 1) == ops.choose_path(ops.FUSED_MAX_M) == "fused"
-    assert ops.choose_path(ops.FUSED_MAX_M + 1) == ops.choose_path(16384) == "dequant_matmul"
-    assert ops.choose_path(ops.GEMV_MAX_M, torch.float32) == "gemv"
-    assert ops.choose_path(ops.GEMV_MAX_M + 1, torch.float32) == "dequant_matmul"
+def test_dispatch_rule_follows_the_model_table():
+    from qlora.kernels.dispatch_table import PATHS
+
+    assert set(PATHS) >= {80, 86, 89, 90}
+    for arch, directions in PATHS.items():
+        for direction, transpose_weight in (("forward", True), ("backward", False)):
+            for width, cols in (("narrow", 1024), ("wide", 14336)):
+                buckets = directions[direction].get(width, directions[direction]["wide"])
+                assert [m for m, _ in buckets] == sorted(m for m, _ in buckets)
+                for largest, path in buckets:
+                    assert ops.choose_path(largest, torch.bfloat16, arch, transpose_weight, cols) == path
+                assert ops.choose_path(10**6, torch.bfloat16, arch, transpose_weight, cols) == buckets[-1][1]
+                for m in (1, 17, 300, 5000):  # fp32 never takes the fused path; the GEMV stops at 64 rows
+                    assert ops.choose_path(m, torch.float32, arch, transpose_weight, cols) != "fused"
+                    assert m <= 64 or ops.choose_path(m, torch.bfloat16, arch, transpose_weight, cols) != "gemv"
+    assert ops.path_table(120) == PATHS[max(PATHS)]["forward"]["wide"]  # a newer GPU: the newest arch modelled
+
+
+def test_autocast_rule_in_eager_and_compiled(monkeypatch):
+    # The reference path and the fake implementation (what torch.compile traces) give the same dtype.
+    monkeypatch.setenv("QLORA_BACKEND", "torch")
+    weight = quantized((48, 64))
+    x = torch.randn(3, 64)
+    eager = lambda x: linear_4bit(x, weight, bias=torch.zeros(48))  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(eager, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert eager(x).dtype == compiled(x).dtype == torch.bfloat16
+        assert ops.matmul_4bit_op(x, *weight, None, True, "auto").dtype == torch.float32  # the op itself: a's dtype
+    assert eager(x).dtype == compiled(x).dtype == torch.float32
+
+
+def test_empty_batch_reference():
+    weight = quantized((48, 64))
+    assert linear_4bit(torch.randn(0, 64), weight).shape == (0, 48)
+
+
+def test_tf32_flag_read_through_the_new_api():
+    from qlora.kernels.matmul import input_precision
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"  # after this, reading the legacy allow_tf32 raises on torch 2.13
+        assert input_precision(torch.float32) == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert input_precision(torch.float32) == "ieee"
+        assert input_precision(torch.bfloat16) == "tf32"  # 16-bit operands: Triton's default
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_launch_runs_under_the_tensors_device(monkeypatch):
+    # Triton launches on torch's current device; a tensor on cuda:1 must switch to it for the launch.
+    from qlora.kernels import launch
+
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: entered.append(("launched", grid))
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(launch, "launch_device", lambda args: torch.device("cuda", 1))
+    launch.launch(Kernel(), (4,), torch.empty(1))
+    assert entered == [torch.device("cuda", 1), ("launched", (4,)), "exit"]
+    monkeypatch.undo()
+    entered.clear()
+    launch.launch(Kernel(), (4,), 3, torch.empty(1))  # CPU tensors: no CUDA guard
+    assert entered == [("launched", (4,))]
+    assert launch.launch_device((3, torch.empty(1, device="meta"))) == torch.device("meta")
+
+
+def test_self_check_can_be_switched_off(monkeypatch):
+    from qlora.kernels import selfcheck
+
+    selfcheck.reset()
+    monkeypatch.setenv("QLORA_SELF_CHECK", "0")
+    monkeypatch.setitem(selfcheck.CHECKS, "gemv", lambda device, dtype: pytest.fail("ran a check"))
+    assert selfcheck.passed("gemv", torch.device("cpu"), torch.float16) and selfcheck.results() == {}
 
 
 def test_backend_switch(monkeypatch):

@@ -64,9 +64,40 @@ def test_4bit_kernels_compile_without_spills(arch, dtype):
     assert names.count("_gemv_4bit_partial_kernel") == names.count("_gemv_reduce_kernel") == 3
     for launched in compiled:
         code = check_launchable(launched, arch)
+        # Every path decodes W to the same bits: no kernel may contract the double-quant scale
+        # code * absmax + offset into an FMA (the dequantize kernel rounds twice, as the reference).
+        assert launched.kernel.metadata.enable_fp_fusion is False, launched.name
         if launched.name == "_matmul_4bit_kernel" and dtype != torch.float32:
             # The fused kernel exists to keep the product on the tensor cores while it decodes W.
             assert code.count(TENSOR_CORE_MMAS) > 0, f"{launched.constexprs}: no tensor-core MMA in {code.opcodes}"
+
+
+# The configurations that overflowed shared memory or spilled before tiles followed the arch's
+# limits: blocksize 256 row tiles (64 x 256 decoded, 255 registers), per-element decode at 3
+# stages (120 KB on sm_86/89), both products, every tl.dot M bucket. The full grid (blocksize
+# 32..4096 x decode x M bucket x arch) is compiled by benchmarks/kernels_static.py.
+LIMIT_CASES = [
+    # (blocksize, in_features): in % blocksize == 0 decodes row tiles (up to blocksize 256), else per element
+    (256, 512), (512, 1024),
+]
+
+
+@pytest.mark.parametrize("arch", (80, 86, 90))
+@pytest.mark.parametrize("blocksize, in_features", LIMIT_CASES)
+def test_tiles_follow_the_arch_limits(arch, blocksize, in_features):
+    from qlora.kernels.gemv import gemv_4bit
+    from qlora.kernels.matmul import matmul_4bit_fused
+
+    packed, state = qlora.quantize_4bit(torch.randn(64, in_features) * 0.05, "nf4", blocksize, True)
+    weight = state.packed_view(packed)
+    with launch.compile_only(arch) as compiled:
+        for m in (16, 64):
+            for transpose_weight, features in ((True, in_features), (False, 64)):
+                matmul_4bit_fused(torch.randn(m, features, dtype=torch.bfloat16), weight, transpose_weight)
+        for transpose_weight, features in ((True, in_features), (False, 64)):
+            gemv_4bit(torch.randn(16, features, dtype=torch.bfloat16), weight, transpose_weight)
+    for launched in compiled:
+        check_launchable(launched, arch)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -108,3 +139,24 @@ def test_compile_only_runs_nothing_and_restores_the_driver():
     if not torch.cuda.is_available():  # the driver was put back: a real launch finds no GPU, as before
         with pytest.raises(RuntimeError):
             triton.runtime.driver.active.get_current_target()
+def test_committed_sweeps_are_launchable():
+    # The model's sweep (every Llama shape, blocksize 64..4096, every M bucket, both directions) and
+    # the launchability sweep (blocksize 32, 512, per-element 256) as benchmarks/kernels_static.py
+    # compiled them for the four architectures: no spill, shared memory within the limit.
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).parents[1] / "benchmarks" / "results"
+    rows = json.loads((results / "kernels-static.json").read_text())["kernels"]
+    launches = results / "kernels-launchability.json"
+    if launches.exists():
+        rows = rows + json.loads(launches.read_text())["launches"]
+    assert {row["arch"] for row in rows} == {80, 86, 89, 90}
+    assert {64, 128, 256, 4096} <= {row["blocksize"] for row in rows}
+    bad = {(row["arch"], row["kernel"], row["blocksize"], row["transpose_weight"], row["local_bytes"]) for row in rows
+           if row["local_bytes"] or row["shared_bytes"] > row["shared_limit"] or row["blocks_per_sm"] < 1}
+    # Open defects the sweep found (ptxas keeps 8-24 B on the stack): not yet fixed, listed so that
+    # no new one can appear unnoticed. (arch, kernel, blocksize, forward, local bytes per thread)
+    known = {(86, "fused", 64, False, 16), (89, "fused", 64, False, 16), (80, "gemv", 64, False, 8),
+             (90, "gemv", 4096, False, 24)}
+    assert bad <= known, sorted(bad - known)

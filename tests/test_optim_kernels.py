@@ -151,6 +151,29 @@ def test_interp_matches_reference_special_cases(grad_dtype, hyper):
 
 
 @interpreter_only
+def test_interp_non_finite_gradients_match_reference():
+    # A NaN gradient makes its block's absmax NaN in the reference (amax propagates NaN; tl.max
+    # would drop it), the NaN moment gets code 255 (bucketize puts NaN past every midpoint; the
+    # binary search would stop at 0), and an inf gradient gives inf / inf = NaN the same way.
+    from qlora.kernels.adamw8bit import adamw8bit_update_triton
+
+    n = 1000
+    want = random_state(n, torch.float32)
+    got = {k: v.clone() for k, v in want.items()}
+    grad = torch.randn(n) * 0.1
+    grad[300], grad[600] = float("nan"), float("inf")
+    step_(adamw8bit_update_triton, got, grad, 1)
+    step_(reference.adamw8bit_update_, want, grad, 1)
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(got[name], want[name]), (name, (got[name] != want[name]).nonzero()[:5].tolist())
+        assert torch.equal(got[name + "_absmax"].isnan(), want[name + "_absmax"].isnan()), name
+        assert want[name + "_absmax"][1].isnan() and want[name][300] == 255
+        finite = ~want[name + "_absmax"].isnan()
+        assert torch.equal(got[name + "_absmax"][finite], want[name + "_absmax"][finite]), name
+    assert torch.equal(got["param"].isnan(), want["param"].isnan())
+
+
+@interpreter_only
 def test_interp_nearest_code_is_bucketize():
     # Scaled values exactly on every midpoint (ties go to the lower code), one float either side,
     # on the codes themselves, and at the ends of the range.
@@ -159,7 +182,7 @@ def test_interp_nearest_code_is_bucketize():
     for code in codes():
         mid = 0.5 * (code[:-1] + code[1:])
         x = torch.cat((mid, mid.nextafter(torch.tensor(-2.0)), mid.nextafter(torch.tensor(2.0)), code,
-                       torch.tensor([-1.0, 1.0, 0.0, -0.0, 1.5, -1.5])))
+                       torch.tensor([-1.0, 1.0, 0.0, -0.0, 1.5, -1.5, float("nan"), float("inf"), -float("inf")])))
         x = torch.cat((x, x.new_zeros(2048 - x.numel())))
         out = torch.full((2048,), -1, dtype=torch.int32)
         _nearest_kernel[(1,)](x, code_midpoints(code), out, N=2048)

@@ -1,0 +1,199 @@
+"""`qlora doctor`: verify and measure the 4-bit kernels on this machine, and write what was found.
+
+- prints the environment: torch, CUDA, triton and transformers versions, the GPU, its compute
+  capability, shared memory per block and registers per SM;
+- runs every kernel's self-check (qlora.kernels.selfcheck) and prints PASS/FAIL per path and dtype:
+  on a GPU on the GPU (bf16, fp16, fp32), on a CPU under the Triton interpreter in a child process
+  (fp32, fp16: the interpreter has no bf16 arithmetic);
+- on a GPU times each path against bf16 F.linear (and bitsandbytes when installed) at the
+  Llama-3-8B projections with CUDA events, beside the machine-code model's predictions for its arch
+  (benchmarks/kernels_static.py); on a CPU prints the predictions alone;
+- writes benchmarks/results/doctor-<gpu or cpu>.json (or `out=`);
+- exits 1 if any check fails.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PATHS = ("dequantize", "gemv", "fused", "adamw8bit")
+SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_proj": (14336, 4096), "down_proj": (4096, 14336)}
+TIMED_M = (1, 16, 256, 4096)
+
+
+def environment() -> dict:
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+           "triton": version("triton"), "transformers": version("transformers"), "bitsandbytes": version("bitsandbytes"),
+           "gpu": None}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = {"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
+                      "multiprocessors": props.multi_processor_count,
+                      "shared_memory_per_block_optin": getattr(props, "shared_memory_per_block_optin", None),
+                      "registers_per_multiprocessor": getattr(props, "regs_per_multiprocessor", None),
+                      "memory_gb": round(props.total_memory / 2**30, 1)}
+    return env
+
+
+def run_checks(device: torch.device, dtypes) -> dict:
+    """{"<path> <dtype>": {"pass": bool, "detail": str}} for every path, run here."""
+    from qlora.kernels import selfcheck
+
+    out = {}
+    for path in PATHS:
+        for dtype in dtypes:
+            start = time.perf_counter()
+            try:
+                ok, detail = selfcheck.CHECKS[path](device, dtype)
+            except Exception as error:  # a kernel that cannot run is a failed check
+                ok, detail = False, f"{type(error).__name__}: {error}"
+            out[f"{path} {str(dtype).removeprefix('torch.')}"] = {
+                "pass": bool(ok), "detail": detail, "ms": round((time.perf_counter() - start) * 1e3, 1)}
+    return out
+
+
+def interpreter_checks() -> dict:
+    """The checks on CPU under the Triton interpreter, in a child (the interpreter is chosen when
+    triton first decorates a kernel, so this process cannot switch to it)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "QLORA_BACKEND": "triton"}
+    code = ("import json, torch; from qlora.doctor import run_checks; "
+            "print(json.dumps(run_checks(torch.device('cpu'), (torch.float32, torch.float16))))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200,
+                            cwd=Path(__file__).parent)  # not the repository root: its kernels/ folder would shadow
+    if result.returncode != 0:
+        return {"interpreter": {"pass": False, "detail": result.stderr.strip()[-2000:]}}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def predictions(arch: int) -> dict:
+    """The model's forward estimates for sm_<arch> (or the nearest older arch modelled)."""
+    from qlora.kernels.dispatch_table import PREDICTIONS
+
+    known = sorted(PREDICTIONS)
+    if not known:
+        return {"arch": arch, "us": {}}
+    older = [a for a in known if a <= arch]
+    chosen = older[-1] if older else known[0]
+    return {"arch": chosen, "us": PREDICTIONS[chosen]}
+
+
+def time_paths(repeats: int = 20) -> list:
+    """Forward microseconds per path at the Llama shapes on this GPU (CUDA events, median)."""
+    import torch.nn.functional as F
+
+    from qlora.kernels import ops
+    from qlora.kernels.backend import set_backend
+    from qlora.quant import quantize_4bit
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        bnb = None
+
+    def timed(fn):
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        return round(sorted(times)[len(times) // 2], 2)
+
+    rows = []
+    set_backend("triton")
+    try:
+        for name, (n, k) in SHAPES.items():
+            dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            packed, state = quantize_4bit(dense, "nf4", 64, True)
+            weight = state.packed_view(packed)
+            if bnb is not None:
+                bnb_weight, bnb_state = bnb.functional.quantize_4bit(dense, blocksize=64, quant_type="nf4",
+                                                                     compress_statistics=True)
+            for m in TIMED_M:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                row = {"shape": name, "M": m, "N": n, "K": k, "bf16": timed(lambda: F.linear(x, dense))}
+                for path in ("gemv", "fused", "dequant_matmul"):
+                    if path == "gemv" and m > 64:
+                        continue
+                    row[path] = timed(lambda: ops.matmul(x, weight, None, True, path))
+                if bnb is not None:
+                    row["bitsandbytes"] = timed(lambda: bnb.matmul_4bit(x, bnb_weight.t(), bnb_state))
+                rows.append(row)
+            del dense, packed, weight
+    finally:
+        set_backend(None)
+    return rows
+
+
+def doctor(out: str | None = None) -> int:
+    env = environment()
+    print("environment")
+    for key, value in env.items():
+        print(f"  {key}: {value}")
+    on_gpu = env["gpu"] is not None
+    if on_gpu:
+        from qlora.kernels.backend import set_backend
+
+        set_backend("triton")
+        try:
+            checks = run_checks(torch.device("cuda"), (torch.bfloat16, torch.float16, torch.float32))
+        finally:
+            set_backend(None)
+        major, minor = torch.cuda.get_device_capability(0)
+        arch = 10 * major + minor
+    else:
+        print("\nno CUDA GPU: the kernels run under the Triton interpreter (fp32, fp16)")
+        checks = interpreter_checks()
+        arch = 90
+    print("\nself-checks")
+    for name, result in checks.items():
+        print(f"  {'PASS' if result['pass'] else 'FAIL'}  {name:20} {result.get('ms', 0):8.1f} ms"
+              + ("" if result["pass"] else f"  ({result['detail']})"))
+    model = predictions(arch)
+    timings = time_paths() if on_gpu else []
+    print(f"\nmodel predictions, sm_{model['arch']} (us, forward, NF4 + double quant, blocksize 64;"
+          " benchmarks/kernels_static.py)" + (", measured beside them" if timings else ""))
+    measured = {(row["shape"], row["M"]): row for row in timings}
+    print(f"  {'shape':10} {'M':>5} " + " ".join(f"{p:>16}" for p in ("bf16", "gemv", "fused", "dequant_matmul")))
+    for key, row in model["us"].items():
+        shape, m = key.split(" M=")
+        got = measured.get((shape, int(m)), {})
+        cells = []
+        for p in ("bf16", "gemv", "fused", "dequant_matmul"):
+            predicted = row.get(p)
+            cell = "-" if predicted is None else f"{predicted:.1f}"
+            if p in got:
+                cell += f" / {got[p]:.1f}"
+            cells.append(f"{cell:>16}")
+        print(f"  {shape:10} {m:>5} " + " ".join(cells))
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", env["gpu"]["name"]) if on_gpu else "cpu"
+    path = Path(out) if out else Path("benchmarks") / "results" / f"doctor-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    failed = [n for n, r in checks.items() if not r["pass"]]
+    payload = {"environment": env, "checks": checks, "model": model, "timings_us": timings, "failed": failed}
+    staged = path.with_suffix(".json.tmp")
+    staged.write_text(json.dumps(payload, indent=2) + "\n")
+    staged.replace(path)  # never a half-written report
+    print(f"\nwrote {path}" + (f"\n{len(failed)} check(s) FAILED: {', '.join(failed)}" if failed else "\nall checks passed"))
+    if on_gpu:
+        print("Please share this file (an issue or discussion on the project): it is how the kernels are "
+              "verified and tuned on GPUs the project has no access to.")
+    return 1 if failed else 0
