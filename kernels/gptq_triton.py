@@ -129,7 +129,7 @@ def dequantize_gptq_triton(weight: PackedGPTQ, dtype: torch.dtype) -> torch.Tens
     launch(_dequantize_kernel, (triton.cdiv(k, block_k), triton.cdiv(n, block_n)), weight.qweight, weight.qzeros,
            weight.scales, weight.g_idx, perm, out, k, n, weight.qweight.shape[0], weight.qzeros.shape[1],
            BITS=weight.bits, ZERO_OFFSET=weight.zero_offset, HAS_PERM=weight.perm is not None,
-           BLOCK_K=block_k, BLOCK_N=block_n)
+           BLOCK_K=block_k, BLOCK_N=block_n, enable_fp_fusion=False)  # W decoded as the twin rounds it
     return out
 
 
@@ -148,7 +148,7 @@ def matmul_gptq_forward(a: torch.Tensor, weight: PackedGPTQ, bias: Optional[torc
     launch(_forward_kernel, (triton.cdiv(m, block_m), triton.cdiv(n, block_n)), a, weight.qweight, weight.qzeros,
            weight.scales, weight.g_idx, bias if bias is not None else out, out, m, k, n, weight.qweight.shape[0],
            weight.qzeros.shape[1], a.stride(0), BITS=weight.bits, ZERO_OFFSET=weight.zero_offset,
-           HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+           HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, enable_fp_fusion=False)
     return out
 
 
@@ -164,7 +164,8 @@ def matmul_gptq_backward(grad: torch.Tensor, weight: PackedGPTQ) -> torch.Tensor
     block_m, block_k, block_n = _block_m(m), 64, 32
     launch(_backward_kernel, (triton.cdiv(m, block_m), triton.cdiv(k, block_k)), grad, weight.qweight, weight.qzeros,
            weight.scales, weight.g_idx, out, m, k, n, weight.qweight.shape[0], weight.qzeros.shape[1], grad.stride(0),
-           BITS=weight.bits, ZERO_OFFSET=weight.zero_offset, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n)
+           BITS=weight.bits, ZERO_OFFSET=weight.zero_offset, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+           enable_fp_fusion=False)
     if weight.perm is not None:
         original = torch.empty_like(out)
         original[:, weight.perm] = out

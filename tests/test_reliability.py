@@ -447,7 +447,7 @@ def test_cli_refuses_bad_values_and_wrong_folders(trained, tmp_path, capsys):
          f"error: run_dir={trained.parent} holds 1 training run(s), not one; pass one of them, e.g. run_dir={trained} "
          "(the newest)"),
         (["export", f"run_dir={trained}", "output_dir=o", "format=onnx"], 2,
-         "error: format='onnx' is not one of hf, nf4, gguf"),
+         "error: format='onnx' is not one of hf, nf4, int8, gguf"),
     ]:
         assert main(args) == code, args
         assert capsys.readouterr().err.strip() == message
