@@ -34,21 +34,9 @@ class LinearGPTQ(QuantizedLinear):
     def quant_config(self, skip_modules=None) -> GPTQQuantConfig:
         return GPTQQuantConfig(compute_dtype=self.compute_dtype, skip_modules=skip_modules, **self.current_options())
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # As QuantizedLinear's, with the layout options the tensors' shapes do not carry (v1/v2 zeros).
-        if prefix + "qweight" not in state_dict:
-            missing_keys.append(prefix + "qweight")
-            return
-        tensors = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and k != prefix + "bias"}
-        bias = state_dict.get(prefix + "bias")
-        if self.bias is not None and bias is None:
-            missing_keys.append(prefix + "bias")
-        try:
-            weight = GPTQWeight.from_checkpoint(tensors, device=self.weight.device, where=prefix + "qweight",
-                                                **self.current_options())
-            self.hold(weight, bias)
-        except ValueError as err:
-            error_msgs.append(str(err))
+    def checkpoint_options(self) -> dict:
+        # The layout options the tensors' shapes do not carry (v1/v2 zeros, act-order).
+        return self.current_options()
 
     def extra_repr(self) -> str:
         weight = self._template

@@ -94,6 +94,11 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} holding {type(self._template).__name__} has no config.json "
                                   "form; register a QuantizedLinear subclass for the format that defines quant_config")
 
+    def checkpoint_options(self) -> dict:
+        """Keywords for the weight type's from_checkpoint that the checkpoint tensors do not carry
+        (none for most formats; GPTQ's zero convention)."""
+        return {}
+
     def current_options(self) -> dict:
         """The quantize options that reproduce the held weight's layout (the constructor's by default)."""
         return dict(self.quantize_options)
@@ -171,7 +176,8 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None and bias is None:
             missing_keys.append(prefix + "bias")
         try:
-            self.hold(weight_class.from_checkpoint(tensors, device=self.weight.device, where=data_key), bias)
+            self.hold(weight_class.from_checkpoint(tensors, device=self.weight.device, where=data_key,
+                                                   **self.checkpoint_options()), bias)
         except ValueError as err:
             error_msgs.append(str(err))
 
