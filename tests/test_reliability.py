@@ -15,28 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from qlora.errors import UserError
 from qlora.train.schema import ConfigError, register
-from test_train import ROOT, losses
-from tiny_run import overrides, save_tiny_model_with_tokenizer, write_copy_task
+from test_train import ROOT, assets, compose_run, losses  # noqa: F401  (assets is a fixture)
+from tiny_run import overrides
 
 register()
 TRAIN = str(ROOT / "train.py")
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    base = tmp_path_factory.mktemp("assets")
-    return save_tiny_model_with_tokenizer(base / "model"), write_copy_task(base / "task.jsonl")
-
-
-def compose_run(assets, run_dir, **extra):
-    with initialize_config_dir(config_dir=str(ROOT / "recipes"), version_base="1.3"):
-        return compose(config_name="config", overrides=[o for o in overrides(*assets, run_dir, **extra)
-                                                        if not o.startswith("hydra.")])
 
 
 def train(assets, run_dir, **extra) -> dict:
