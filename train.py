@@ -26,6 +26,16 @@ from qlora.train.schema import register  # noqa: E402
 
 register()
 
+# Ranks other than 0 (torchrun, accelerate launch) write nothing of their own: rank 0's run folder is
+# the run's (qlora.train.runner broadcasts it), so theirs would be a stray outputs/<name>/<time>/
+# holding a copy of .hydra/ and a train.log of warnings. Hydra creates its run folder before main()
+# runs; pointed at the working directory (which exists), it creates nothing, saves no .hydra/ and
+# logs to stdout only.
+_RANK_OVERRIDES = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout")
+if os.environ.get("RANK", "0") != "0":
+    _keys = tuple(o.split("=", 1)[0] + "=" for o in _RANK_OVERRIDES)
+    sys.argv[1:] = [a for a in sys.argv[1:] if not a.lstrip("+~").startswith(_keys)] + list(_RANK_OVERRIDES)
+
 
 def _remove_run_dir_if_nothing_ran() -> None:
     """A run refused before it started (a bad value, nothing left to resume) leaves no run folder: Hydra
@@ -51,7 +61,8 @@ def main(cfg: DictConfig) -> None:
     except UserError as err:
         # Input the user can fix from the message alone: one line, no traceback (QLORA_DEBUG=1 shows it).
         report(err)
-        _remove_run_dir_if_nothing_ran()
+        if os.environ.get("RANK", "0") == "0":  # the others' Hydra folder is the working directory
+            _remove_run_dir_if_nothing_ran()
         sys.exit(130 if isinstance(err, RunInterrupted) else 1)
     except KeyboardInterrupt:
         print("interrupted before training started", file=sys.stderr)

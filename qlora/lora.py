@@ -116,6 +116,17 @@ class LoraQuantizedLinear(nn.Module, LoraLayer):
                              "leave fan_in_fan_out=False")
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # A base still on meta (distributed.low_memory_load fills it after FSDP2 has sharded it): PEFT
+        # would move the freshly initialised adapter to meta as well and lose its values. They are kept
+        # here, after the same dtype cast, until qlora.distributed.low_memory copies them into the shards.
+        weight = getattr(self.get_base_layer(), "weight", None)
+        if device is None and weight is not None and weight.is_meta:
+            super()._move_adapter_to_device_of_base_layer(adapter_name, device=torch.device("cpu"))
+            pending = self.__dict__.setdefault("pending_adapter_values", {})
+            pending.update({name: p.detach().clone() for name, p in self.named_parameters() if not p.is_meta})
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
+
     # ---- merging ------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise NotImplementedError(_MERGE_ERROR)

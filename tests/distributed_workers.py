@@ -3,6 +3,7 @@ re-import the test runner): `python -m torch.distributed.run --nproc_per_node=2 
 gather_bytes OUT_DIR`."""
 import json
 import os
+import pathlib
 import sys
 
 # This folder is on sys.path as the script's own; the repository root must not be (kernels/).
@@ -67,5 +68,57 @@ def gather_bytes(out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def _local_state(model) -> dict:
+    """name -> this rank's tensor: shards of the parameters (packed bytes viewed as bytes), the
+    quantized layers' state buffers and every other buffer."""
+    state = {}
+    for name, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        state[name] = local.detach().clone()
+    for name, buffer in model.named_buffers(remove_duplicate=False):  # code tables may be shared
+        if buffer is not None:
+            state["buffer:" + name] = buffer.detach().clone()
+    return state
+
+
+def build_state(out_dir: str, *overrides: str) -> None:
+    """Build a run's model as the trainer does (runner.build) with `overrides` (distributed=fsdp2
+    ...), then save this rank's local tensors and its RSS growth over the build to OUT_DIR."""
+    from qlora import distributed as qdist
+    from qlora.train.recipes import compose_recipe
+    from qlora.train.runner import build
+
+    torch.set_num_threads(1)
+    cfg = compose_recipe(list(overrides))
+    world = qdist.setup(cfg.distributed.strategy, cfg.trainer.device, cfg.distributed.timeout_s)
+    # What build() imports lazily (PEFT, datasets, the model's code) is imported before the baseline,
+    # so that the RSS growth is the model's.
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    from transformers import AutoConfig
+
+    from qlora.models.loading import build_skeleton
+
+    build_skeleton(AutoConfig.from_pretrained(cfg.model.name_or_path), torch.float32, False)
+    dist.barrier()
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM restarts from the current RSS
+        f.write("5")
+    before = _status_bytes("VmRSS")
+    setup = build(cfg, pathlib.Path(out_dir))
+    peak = _status_bytes("VmHWM")
+    from qlora.distributed.sharding import base_bytes_per_rank
+
+    torch.save({"state": _local_state(setup.model), "rss_before": before, "rss_peak": peak,
+                "shard_bytes": base_bytes_per_rank(setup.model)}, os.path.join(out_dir, f"rank{world.rank}.pt"))
+    qdist.teardown(world)
+
+
+def _status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 if __name__ == "__main__":
-    {"gather_bytes": gather_bytes}[sys.argv[1]](*sys.argv[2:])
+    {"gather_bytes": gather_bytes, "build_state": build_state}[sys.argv[1]](*sys.argv[2:])

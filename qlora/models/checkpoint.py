@@ -172,5 +172,9 @@ class ShardReader(contextlib.AbstractContextManager):
     def get(self, key: str) -> torch.Tensor:
         return self._shard_of[key].read(key)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape from the file's header, without reading it."""
+        return tuple(self._shard_of[key].entries[key]["shape"])
+
     def with_prefix(self, prefix: str) -> Iterator[str]:
         return (k for k in self._shard_of if k.startswith(prefix))

@@ -8,8 +8,10 @@ near the quantized model plus one dense tensor.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -49,7 +51,8 @@ def load_model(
     quantization_config: qlora.QuantConfig or transformers.BitsAndBytesConfig (default NF4 + DQ,
         bf16 compute). A checkpoint that is already bitsandbytes-quantized loads its packed tensors
         as they are; then only the compute dtype of the given config is used.
-    device: where the model goes (default cuda if available, else cpu).
+    device: where the model goes (default cuda if available, else cpu). "meta" returns the skeleton
+        only, nothing read (`model.qlora_unloaded` says what remains): distributed.low_memory_load.
     dtype: dtype of the layers that stay dense (default: the compute dtype).
     attn_implementation: transformers' attention backend ("sdpa", "eager", ...); default: its choice.
     device_map / max_memory / offload_folder: place modules over accelerators, "cpu" and "disk" as
@@ -79,7 +82,19 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or qconfig.compute_dtype
 
-    if not prequantized and getattr(qconfig, "calibrating", False):
+    if device.type == "meta":
+        # The skeleton only (4-bit placeholders and dense parameters on meta, real rotary buffers):
+        # distributed.low_memory_load fills it shard by shard after FSDP2 has sharded it.
+        if plan is not None or (not prequantized and getattr(qconfig, "calibrating", False)):
+            raise ValueError("device='meta' builds an unloaded skeleton; it cannot be combined with device_map or "
+                             "a format that quantizes from calibration activations (GPTQ)")
+        model = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
+        targets = replace_linear_layers(model, qconfig)
+        with ShardReader(directory) as reader:  # the safetensors headers only
+            names = checkpoint_names(model, reader)
+        model.qlora_unloaded = UnloadedCheckpoint(directory, targets, names, prequantized,
+                                                  getattr(qconfig, "checkpoint_options", dict)())
+    elif not prequantized and getattr(qconfig, "calibrating", False):
         # A format whose quantizer needs calibration activations (GPTQ) runs the dense model block by block.
         model = qconfig.load_and_quantize(directory, device, dtype, trust_remote_code, attn_implementation, progress)
     else:
@@ -97,6 +112,17 @@ def load_model(
     if plan is not None:
         plan.dispatch(model, None if offload_folder is None else str(offload_folder))
     return model
+
+
+@dataclasses.dataclass
+class UnloadedCheckpoint:
+    """What a meta skeleton (load_model(device="meta")) still needs read into it."""
+
+    directory: Path
+    targets: list[str]  # the quantized layers' names, in the model's order
+    names: dict[str, str]  # model tensor name -> checkpoint key (checkpoint_names)
+    prequantized: bool
+    checkpoint_options: dict
 
 
 def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool, attn_implementation=None) -> PreTrainedModel:
@@ -175,16 +201,23 @@ def checkpoint_names(model: PreTrainedModel, reader: ShardReader) -> dict[str, s
     return names
 
 
-def layer_checkpoint_tensors(reader: ShardReader, names: dict[str, str], module_name: str,
-                             data_key: str) -> Optional[tuple[str, dict[str, torch.Tensor]]]:
-    """(checkpoint prefix, {key relative to it: tensor}) of one quantized layer's entries, its bias
-    left out; None when the checkpoint has no entry `data_key` for the layer."""
+def layer_checkpoint_prefix(reader: ShardReader, names: dict[str, str], module_name: str,
+                            data_key: str) -> Optional[str]:
+    """The checkpoint prefix of one quantized layer's entries; None when there is no `data_key` entry."""
     key = names.get(f"{module_name}.{data_key}") or names.get(f"{module_name}.weight")
     prefix = key.rpartition(".")[0] + "." if key else None
     if prefix is None or f"{prefix}{data_key}" not in reader:
         # A format whose entries the model has no parameter for (GPTQ's qweight): the same prefix rule.
         candidates = [f"{module_name}.", module_name.partition(".")[2] + "."]
         prefix = next((c for c in candidates if c != "." and f"{c}{data_key}" in reader), None)
+    return prefix
+
+
+def layer_checkpoint_tensors(reader: ShardReader, names: dict[str, str], module_name: str,
+                             data_key: str) -> Optional[tuple[str, dict[str, torch.Tensor]]]:
+    """(checkpoint prefix, {key relative to it: tensor}) of one quantized layer's entries, its bias
+    left out; None when the checkpoint has no entry `data_key` for the layer."""
+    prefix = layer_checkpoint_prefix(reader, names, module_name, data_key)
     if prefix is None:
         return None
     # A linear layer has no submodules: every key under its prefix but the bias is the weight's.

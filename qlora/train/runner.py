@@ -113,7 +113,9 @@ def build(cfg: DictConfig, run_dir: Path) -> TrainingSetup:
     set_seed(cfg.trainer.seed)
     device = cfg.trainer.device or ("cuda" if torch.cuda.is_available() else "cpu")
     accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision, cpu=device == "cpu")
-    tokenizer, model = load_base(cfg, accelerator.device)
+    # distributed.low_memory_load: a meta skeleton now, filled shard by shard once FSDP2 has sharded it.
+    low_memory = cfg.distributed.get("low_memory_load", False)
+    tokenizer, model = load_base(cfg, torch.device("meta") if low_memory else accelerator.device)
     lora = cfg.lora
     if lora.init == "loftq":
         from qlora.loftq import initialize_for_run
@@ -138,6 +140,11 @@ def build(cfg: DictConfig, run_dir: Path) -> TrainingSetup:
         from qlora.distributed.sharding import wrap
 
         model = wrap(model, world, cfg.distributed, cfg.trainer.mixed_precision, accelerator.device)
+    if low_memory:
+        from qlora.distributed.low_memory import load_into_shards
+
+        load_into_shards(model, world, accelerator.device,
+                         torch.device("cpu") if cfg.distributed.cpu_offload else accelerator.device)
 
     source, eval_source = _data_sources(cfg)
     d = cfg.data

@@ -129,6 +129,10 @@ class DistributedConfig:
     hybrid_shard: bool = False  # fsdp2: shard within a node, replicate across nodes (HSDP)
     cpu_offload: bool = False  # fsdp2: keep parameter shards (and their optimizer states) in host memory
     timeout_s: float = 600.0  # longest wait of any collective; a dead peer fails the others after this
+    # fsdp2: rank 0 reads and quantizes the checkpoint one tensor at a time and sends each rank only its
+    # shard (the others never read it): host RAM per rank is its shard plus one streaming tensor, not
+    # the whole 4-bit model N times over (a 70B on 8 ranks of one 128 GB host).
+    low_memory_load: bool = False
 
 
 @dataclass
@@ -245,7 +249,28 @@ def _validate_distributed(cfg: DictConfig) -> None:
         if d[key] and d.strategy != "fsdp2":
             raise ConfigError(f"distributed.{key}=true is an FSDP2 option; set distributed=fsdp2 or "
                               f"distributed.{key}=false")
+    if d.low_memory_load:
+        _validate_low_memory_load(cfg)
     if d.strategy != "none" and cfg.trainer.chunked_loss:
         raise ConfigError(f"trainer.chunked_loss=true calls the LM head outside the {d.strategy} wrapper, which "
                           f"would skip its gradient sync / parameter gathering; set trainer.chunked_loss=false "
                           f"with distributed={d.strategy}")
+
+
+def _validate_low_memory_load(cfg: DictConfig) -> None:
+    if cfg.distributed.strategy != "fsdp2":
+        raise ConfigError(
+            f"distributed.low_memory_load=true loads each rank's FSDP2 shards and applies to distributed=fsdp2 only; "
+            f"with distributed={cfg.distributed.strategy} every process holds the whole base, which the normal "
+            "loader already streams one tensor at a time: set distributed.low_memory_load=false (or distributed=fsdp2)")
+    refused = {
+        "quantization.quant_type=none": cfg.quantization.quant_type == "none",
+        "quantization.method=gptq": cfg.quantization.get("method", "bitsandbytes") == "gptq",
+        "lora.init=loftq": cfg.lora.init == "loftq",
+        "lora.use_dora=true": cfg.lora.use_dora,
+    }
+    for option, applies in refused.items():
+        if applies:
+            raise ConfigError(f"distributed.low_memory_load=true cannot be combined with {option}: it needs the whole "
+                              "dense or quantized base on one process before sharding (calibration, LoftQ's SVD, "
+                              "DoRA's weight norm); set distributed.low_memory_load=false")
