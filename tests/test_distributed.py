@@ -336,3 +336,32 @@ def test_low_memory_load_peaks_near_a_shard_plus_one_streaming_tensor(assets, tm
         # least half of the half it never holds (allocator noise is a few MiB).
         whole = 2 * shard
         assert grown["streamed"] < grown["normal"] - (whole - shard) / 2, (rank, report)
+
+
+# ---- FSDP2 options: CPU offload, and hybrid sharding across nodes --------------------------------
+
+def test_cpu_offload_gives_single_process_losses(single, assets, tmp_path):
+    # CPUOffloadPolicy on a CPU device: shards, gradients and the optimizer step stay in host memory
+    # (no pinning); the arithmetic is the same as without it. Loaded with low_memory_load, whose
+    # shards are then allocated in host memory.
+    single_dir, _ = single
+    run_dir = tmp_path / "offload"
+    torchrun(assets, run_dir, "fsdp2", **{"distributed.cpu_offload": "true", "distributed.low_memory_load": "true",
+                                          "trainer.save_every": 0})
+    assert_same_losses(losses(single_dir), losses(run_dir), range(1, STEPS + 1))
+
+
+def test_hybrid_shard_across_two_nodes_gives_single_process_losses(single, assets, tmp_path):
+    # Two "nodes" of one process each (LOCAL_WORLD_SIZE=1): the HSDP mesh is 2 (replicate) x 1 (shard),
+    # so each rank holds the whole base and gradients are all-reduced across the replicate dimension.
+    # Loaded with low_memory_load: rank 0 sends each rank the shard of its coordinate on the 2-D mesh.
+    single_dir, single_summary = single
+    run_dir = tmp_path / "hybrid"
+    ranks = start_ranks(assets, run_dir, "fsdp2", per_node=1, **{
+        "distributed.hybrid_shard": "true", "distributed.low_memory_load": "true", "trainer.save_every": 0})
+    outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "'replicate': 2, 'shard': 1" in outputs[0], outputs[0][-2000:]
+    assert_same_losses(losses(single_dir), losses(run_dir), range(1, STEPS + 1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["base_bytes_per_rank"] == single_summary["base_bytes_per_rank"]
