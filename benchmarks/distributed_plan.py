@@ -9,15 +9,19 @@ Byte counts per element are measured on the real layer types at small size, on t
 - a PEFT LoRA adapter on it (trainable bytes per r x (in + out));
 - PagedAdamW's state bytes per trainable parameter (32- or 8-bit);
 - one decoder layer of a small Llama (4-bit base, LoRA on every linear, bf16): the bytes autograd
-  saves per token, fitted as a x hidden + b x intermediate over three shapes.
+  saves per token, and the peak bytes its backward allocates per token (gradients, temporaries),
+  each fitted as a x hidden + b x intermediate over three shapes.
 They are scaled to the named architecture. Offload = distributed.cpu_offload (parameter shards,
 gradients and optimizer states in host memory) + trainer.activation_offload (layer inputs in
-host memory). Writes benchmarks/results/distributed_plan.json.
+host memory). The published figure (PEFT's FSDP guide) is for Llama-2-70B, batch 2, r=8 and parameter
+offload only: `model=llama2_70b micro_batch=2 lora_r=8` plans that setup. Writes
+benchmarks/results/distributed_plan.json.
 """
 from __future__ import annotations
 
 import os
 import sys
+import weakref
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +29,7 @@ sys.path[:] = [p for p in sys.path if Path(os.path.abspath(p or os.curdir)) != _
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from common import print_table, versions, write_results  # noqa: E402
 
@@ -34,9 +39,15 @@ MODELS = {
     "llama3_70b": dict(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=128256),
     "llama3_8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256),
     "llama2_7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
+    "llama2_70b": dict(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=32000),
 }
-# 70B QLoRA on 2 x 24 GB GPUs (Answer.AI's FSDP + QLoRA), per GPU.
-PUBLISHED = {"llama3_70b": {"offload": 19.6, "no offload": 35.6}}
+# 70B QLoRA on 2 x 24 GB GPUs, per GPU: PEFT's FSDP guide (docs/source/accelerate/fsdp.md, "Memory
+# usage"): Llama-2-70B, FSDP1 through accelerate with fsdp_offload_params (parameters only; the
+# activations stay on the GPU), seq 2048 x per-device batch 2, LoRA r=8 on all linear layers, NF4 +
+# double quant in bf16 storage, flash attention, gradient checkpointing, AdamW. As read off the GPU
+# (CUDA context and the caching allocator's reserve included), not a count of tensors.
+PUBLISHED = {"model": "llama2_70b", "gpus": 2, "seq": 2048, "micro_batch": 2, "lora_r": 8,
+             "param offload": 19.6, "no offload": 35.6}
 CUDA_CONTEXT_GB = 0.5  # CUDA context + allocator slack: not measurable on CPU; a typical figure
 
 
@@ -120,6 +131,61 @@ def _saved_bytes_per_token(hidden: int, intermediate: int, seq: int = 128) -> fl
     return total / seq, params
 
 
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the storages ops create while it is active and that are still alive, and their peak
+    (each storage counted once, freed when its last tensor goes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.alive: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and not tensor.is_meta:
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.alive:
+                    self.alive.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.alive.discard(key)
+        self.live -= nbytes
+
+
+def _backward_bytes_per_token(hidden: int, intermediate: int, seq: int = 128) -> float:
+    """Peak bytes the backward of one decoder layer allocates (gradients of its activations and
+    temporaries) beyond what existed before it, per token. The saved activations it frees on the
+    way are not subtracted, so this errs high."""
+    model = _small_llama(hidden, intermediate, 8)
+    layer = model.get_base_model().model.layers[0]
+    x = torch.randn(1, seq, hidden, dtype=torch.bfloat16, requires_grad=True)
+    rotary = model.get_base_model().model.rotary_emb(x, torch.arange(seq)[None])
+    out = layer(x, position_embeddings=rotary, attention_mask=None)
+    out = out[0] if isinstance(out, tuple) else out
+    grad = torch.randn_like(out)
+    live = _LiveBytes()
+    with live:
+        out.backward(grad)
+    return live.peak / seq
+
+
+def _fit(measure) -> tuple[float, float]:
+    """(a, b) of bytes per token = a * hidden + b * intermediate, least squares over three shapes."""
+    rows, values = [], []
+    for hidden, intermediate in ((256, 512), (256, 1024), (512, 1024)):
+        rows.append([hidden, intermediate])
+        values.append(measure(hidden, intermediate))
+    solution = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64),
+                                  torch.tensor(values, dtype=torch.float64)[:, None]).solution.flatten()
+    return float(solution[0]), float(solution[1])
+
+
 def measure_activations() -> dict:
     """Saved bytes per token of one decoder layer = a*hidden + b*intermediate (least squares)."""
     rows, values = [], []
@@ -129,7 +195,9 @@ def measure_activations() -> dict:
         values.append(per_token)
     solution = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64),
                                   torch.tensor(values, dtype=torch.float64)[:, None]).solution.flatten()
-    return {"saved_per_token_per_hidden": float(solution[0]), "saved_per_token_per_intermediate": float(solution[1])}
+    backward = _fit(_backward_bytes_per_token)
+    return {"saved_per_token_per_hidden": float(solution[0]), "saved_per_token_per_intermediate": float(solution[1]),
+            "backward_per_token_per_hidden": backward[0], "backward_per_token_per_intermediate": backward[1]}
 
 
 # ---- the plan ----------------------------------------------------------------------------------
@@ -151,7 +219,13 @@ def plan(m: dict, gpus: int, seq: int, micro_batch: int, r: int, measured: dict,
     logits = tokens * vocab * (2 + 4 + 4)  # bf16 logits, their fp32 copy for the loss, its gradient
     layer_gathered = weights_per_layer * (q["packed_per_weight"] + q["scales_per_weight"]) + r * sum(
         i + o for i, o in shapes) * 2  # packed bytes + bf16 LoRA of one layer
-    gather = (2 if reshard else layers) * layer_gathered + vocab * h * 2  # current + prefetched layer, the head
+    # Current + prefetched layer, and the root group (embeddings and head, bf16): FSDP2 keeps the root
+    # gathered from its forward through the backward. With offload each gathered layer's shards are
+    # first copied to the GPU as the all-gather's input.
+    gather = (2 if reshard else layers) * layer_gathered + 2 * vocab * h * 2
+    gather_inputs = 2 * layer_gathered / gpus
+    backward = tokens * (act["backward_per_token_per_hidden"] * h
+                         + act["backward_per_token_per_intermediate"] * m["intermediate"])
     moved = lambda gb: (gb, 0.0, gb)  # noqa: E731  with offload: shards in host memory (CPUOffloadPolicy)
     stays = lambda gb: (gb, gb, 0.0)  # noqa: E731
     rows = [
@@ -162,8 +236,9 @@ def plan(m: dict, gpus: int, seq: int, micro_batch: int, r: int, measured: dict,
         ("optimizer states shard", *moved(lora_params * lo["optimizer_bytes_per_param"] / gpus)),
         ("gradients shard (fp32)", *moved(lora_params * lo["grad_bytes_per_param"] / gpus)),
         ("activations: checkpointed / offloaded", checkpointed, offloaded, checkpointed - offloaded),
+        ("backward of one layer (gradients, temporaries)", *stays(backward)),
         ("logits + loss", *stays(logits)),
-        ("all-gather buffers (2 layers + head)", *stays(gather)),
+        ("all-gather buffers (2 layers + embeddings, head)", gather, gather + gather_inputs, 0.0),
         ("CUDA context (assumed)", *stays(CUDA_CONTEXT_GB * GB)),
     ]
     return [{"part": name, "no offload GB": a / GB, "offload GB": b / GB, "host GB (offload)": c / GB}
@@ -190,10 +265,16 @@ def main(argv: list[str]) -> None:
     for key in ("no offload GB", "offload GB"):
         verdict = "fits" if totals[key] <= memory else "does NOT fit"
         print(f"{key.split(' GB')[0]}: {totals[key]:.1f} GB per GPU of {memory:g} GB -> {verdict}")
-    published = PUBLISHED.get(name)
-    if published and gpus == 2:
-        print(f"published (2 x 24 GB): {published['offload']} GB per GPU with offload, {published['no offload']} GB "
-              "without")
+    moved_activations = next(row["host GB (offload)"] for row in table if row["part"].startswith("activations"))
+    param_offload = totals["offload GB"] + moved_activations
+    print(f"parameter offload only (activations kept on the GPU): {param_offload:.1f} GB per GPU")
+    same = {k: v for k, v in dict(model=name, gpus=gpus, seq=seq, micro_batch=micro, lora_r=r).items()
+            if PUBLISHED[k] != v}
+    published = {**PUBLISHED, "plan param offload": param_offload, "plan no offload": totals["no offload GB"]}
+    print(f"published ({PUBLISHED['model']}, {PUBLISHED['gpus']} x 24 GB, seq {PUBLISHED['seq']} x batch "
+          f"{PUBLISHED['micro_batch']}, r={PUBLISHED['lora_r']}): {PUBLISHED['param offload']} GB per GPU with "
+          f"parameter offload, {PUBLISHED['no offload']} GB without"
+          + (f" (this plan differs in {', '.join(f'{k}={v}' for k, v in same.items())})" if same else ""))
     print("measured per element at small size:", {k: {kk: round(vv, 4) for kk, vv in v.items()}
                                                    for k, v in measured.items()})
     write_results("distributed_plan", {"model": name, "architecture": MODELS[name], "gpus": gpus,
