@@ -33,9 +33,10 @@ CASES = {"b4": (4, False), "b4_act_order": (4, True), "b3": (3, False), "b8": (8
 FP16_UNIT_ROUNDOFF = 2.0**-11
 
 
-def run_worker(jobs: list[dict]) -> None:
+def run_worker(jobs: list[dict], cwd: Path) -> None:
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2")
-    result = subprocess.run([sys.executable, str(WORKER), json.dumps(jobs)], cwd=WORKER.parent, env=env,
+    # cwd: GPTQModel writes a logs/ folder there.
+    result = subprocess.run([sys.executable, str(WORKER), json.dumps(jobs)], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
@@ -74,7 +75,7 @@ def oracle(tmp_path_factory):
             jobs.append({"op": "forward", "checkpoint": str(root / f"{side}_{case}"), "input_ids": str(root / "probe.pt"),
                          "out": str(root / f"forward_{side}_{case}.pt")})
     # Quantize jobs come before the forwards that read qlora's checkpoints: all were written above.
-    run_worker(sorted(jobs, key=lambda job: job["op"] != "quantize"))
+    run_worker(sorted(jobs, key=lambda job: job["op"] != "quantize"), cwd=root)
     return root, dense, windows, probe
 
 
