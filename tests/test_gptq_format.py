@@ -37,6 +37,13 @@ def test_packing_matches_the_golden_vectors(name):
     assert all(torch.equal(weight.checkpoint_tensors()[k], tensors[k]) for k in tensors)
 
 
+def test_the_golden_vectors_cover_every_bit_width_with_and_without_act_order():
+    # They carry the format check where GPTQModel is not installed (tests/test_gptq_oracle.py skips).
+    covered = {(case["bits"], "act_order" in name) for name, case in VECTORS.items()}
+    assert covered == {(bits, act_order) for bits in (2, 3, 4, 8) for act_order in (False, True)}
+    assert {case["bits"] for case in VECTORS.values() if case["group_size"] == -1} == {3, 4}
+
+
 def test_three_bit_values_straddle_words_as_specified():
     values = torch.zeros(32, 1, dtype=torch.int64)
     values[10] = 0b111  # low 2 bits at 30-31 of word 0, high bit at bit 0 of word 1

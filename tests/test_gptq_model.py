@@ -96,6 +96,32 @@ def test_calibration_data_lists_files_and_a_hub_name_offline(tmp_path, monkeypat
         calibration_samples(["abcd"], CharTokenizer(), seqlen=16, max_samples=8)
 
 
+class TwoStepBlock(torch.nn.Module):
+    """Each linear reads a temporary that is freed as soon as the linear returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.second(self.first(x * 2) + 1)
+
+
+def test_true_sequential_groups_the_sublayers_by_the_input_they_share():
+    from qlora.quant.gptq_model import _linear_groups, capture_block_inputs
+    from tiny_models import build_model
+
+    model = build_model("llama")
+    inputs = capture_block_inputs(model, model.model.layers, [torch.randint(0, VOCAB, (1, 32))], "cpu")
+    assert _linear_groups(model.model.layers[0], inputs[0], lambda name: True) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    # `x * 2` is freed when `first` returns and `... + 1` may take its id(): grouping by the ids of
+    # freed tensors put unrelated layers (o_proj with gate/up) together now and then.
+    for _ in range(20):
+        assert _linear_groups(TwoStepBlock(), (torch.randn(3, 8), {}), lambda name: True) == [["first"], ["second"]]
+
+
 @pytest.fixture(scope="module")
 def gptq_checkpoint(tmp_path_factory):
     """A tiny Llama quantized with act-order GPTQ, saved; plus the dense original."""

@@ -27,6 +27,7 @@ _IGNORED_KEYS = {"quant_method", "backend", "use_cuda_fp16", "use_exllama", "exl
                  "quantize_config", "lm_head", "adapter", "rotation", "parallel_packing", "device", "offload_to_disk",
                  "offload_to_disk_path", "buffered_fwd", "fail_safe", "dynamic", "true_sequential_order", "meta",
                  "model_name_or_path", "model_file_base_name", "is_marlin_format", "dataset", "damp_auto_increment",
+                 "method",
                  "use_marlin", "bitblas_config", "zero_point", "desc_act_sort"}
 
 

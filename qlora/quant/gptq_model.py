@@ -127,8 +127,10 @@ def find_blocks(model: nn.Module, name: Optional[str]) -> tuple[str, nn.ModuleLi
 
 def _linear_groups(block: nn.Module, sample: tuple, wanted) -> list[list[str]]:
     """The block's linear layers in execution order, grouped by the input tensor they share."""
-    order: list[tuple[str, int]] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: order.append((name, id(args[0]))))
+    # The inputs themselves are kept until the grouping is done: an input freed during the forward
+    # (o_proj's, before gate/up run) would let a later tensor take its id() and join its group.
+    order: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: order.append((name, args[0])))
              for n, m in block.named_modules() if isinstance(m, nn.Linear) and wanted(n)]
     try:
         with torch.no_grad():
@@ -138,7 +140,8 @@ def _linear_groups(block: nn.Module, sample: tuple, wanted) -> list[list[str]]:
             h.remove()
     groups: list[list[str]] = []
     by_input: dict[int, list[str]] = {}
-    for name, key in order:
+    for name, tensor in order:
+        key = id(tensor)
         if name in (n for g in groups for n in g):
             continue
         if key not in by_input:

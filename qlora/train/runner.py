@@ -84,8 +84,6 @@ def load_base(cfg: DictConfig, device):
         else:
             if cfg.quantization.get("method", "bitsandbytes") == "gptq":
                 # Train on a GPTQ checkpoint of the model, quantized on first use and cached.
-                from omegaconf import OmegaConf
-
                 from qlora.quant.gptq_cache import gptq_base
 
                 directory = gptq_base(directory, OmegaConf.to_container(cfg.quantization.gptq), device=device)

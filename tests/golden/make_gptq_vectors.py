@@ -14,6 +14,8 @@ CASES = [  # (name, bits, K = in_features, N = out_features, group_size, act_ord
     ("b4_per_row", 4, 48, 8, -1, False),
     ("b8_g16", 8, 32, 8, 16, False),
     ("b8_g16_act_order", 8, 32, 8, 16, True),
+    ("b2_g16_act_order", 2, 64, 16, 16, True),
+    ("b3_per_row", 3, 64, 8, -1, False),
 ]
 
 
