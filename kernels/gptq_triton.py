@@ -117,6 +117,87 @@ def _backward_kernel(g_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gemv_kernel(a_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, partial_ptr, M, K, N, zero_words, stride_am,
+                 WORDS_PER_SPLIT, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """partial[split, M, N] = a[M, K of this split] @ W^T (2/4/8 bits): decode GEMV, fp32 throughout.
+
+    One int32 word holds PER_WORD values of consecutive k in one column, so a [BLOCK_W, BLOCK_N]
+    load of words (one load per PER_WORD weights) is expanded by shifts into a [BLOCK_W, PER_WORD,
+    BLOCK_N] tile, against the matching [BLOCK_M, BLOCK_W, PER_WORD] slice of `a` (contiguous).
+    Where every word of the tile lies in one group (g_idx checked per tile; always so when group
+    sizes are multiples of 16, i.e. every GPTQ checkpoint) a word's scale and zero are loaded once
+    and the code becomes a float without a conversion: (q | 0x4B000000) as fp32 is 2^23 + q, so
+    q - z = that - (2^23 + z), exact below 2^24, the same fp32 value the twin forms. Products go
+    into a register array by one explicit FMA each and are summed across it once, after the loop.
+    A tile whose words straddle groups takes a short per-value loop instead. Partial sums go to a
+    workspace that _reduce_kernel adds up (deterministic, no atomics).
+    """
+    PER_WORD: tl.constexpr = 32 // BITS
+    mask_bits: tl.constexpr = (1 << BITS) - 1
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, PER_WORD)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    zword, zshift = (offs_n * BITS) >> 5, ((offs_n * BITS) & 31).to(tl.uint32)
+    a_rows2 = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    a_rows = a_rows2[:, :, None]
+    shifts = (offs_j * BITS).to(tl.uint32)[None, :, None]
+    acc4 = tl.zeros((BLOCK_M, BLOCK_W, PER_WORD, BLOCK_N), dtype=tl.float32)  # products, summed after the loop
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # tiles whose words straddle groups
+    w_start = split * WORDS_PER_SPLIT
+    for w0 in range(w_start, w_start + WORDS_PER_SPLIT, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        offs_k = offs_w[:, None] * PER_WORD + offs_j[None, :]  # [BLOCK_W, PER_WORD]
+        mask_k = offs_k < K
+        words = tl.load(qweight_ptr + offs_w[:, None] * N + offs_n[None, :],
+                        mask=(offs_w * PER_WORD < K)[:, None] & mask_n[None, :], other=0).to(tl.uint32, bitcast=True)
+        groups = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
+        first = tl.load(g_idx_ptr + offs_w * PER_WORD, mask=offs_w * PER_WORD < K, other=0)
+        straddling = tl.sum(tl.where(mask_k & (groups != first[:, None]), 1, 0))
+        if straddling == 0:  # one scale and zero per word
+            zero = tl.load(qzeros_ptr + first[:, None] * zero_words + zword[None, :], mask=mask_n[None, :], other=0)
+            zero = ((zero.to(tl.uint32, bitcast=True) >> zshift[None, :]) & mask_bits) + ZERO_OFFSET
+            biased_zero = (zero + 8388608).to(tl.float32)  # 2^23 + z, exact
+            scale = tl.load(scales_ptr + first[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0)
+            code = ((words[:, None, :] >> shifts) & mask_bits) | 0x4B000000  # [BLOCK_W, PER_WORD, BLOCK_N]
+            w = scale.to(tl.float32)[:, None, :] * (code.to(tl.float32, bitcast=True) - biased_zero[:, None, :])
+            # W rounded to the input dtype first, as on the other paths; products and sums in fp32.
+            w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
+            a = tl.load(a_rows + offs_k[None, :, :], mask=mask_m[:, None, None] & mask_k[None, :, :], other=0.0)
+            acc4 = tl.fma(tl.broadcast_to(a.to(tl.float32)[:, :, :, None], acc4.shape),
+                          tl.broadcast_to(w[None, :, :, :], acc4.shape), acc4)
+        else:  # a group boundary inside a word: scale and zero per value, one word position at a time
+            for j in range(0, PER_WORD):
+                k_j = offs_w * PER_WORD + j
+                group = tl.load(g_idx_ptr + k_j, mask=k_j < K, other=0)
+                zero_j = tl.load(qzeros_ptr + group[:, None] * zero_words + zword[None, :], mask=mask_n[None, :], other=0)
+                zero_j = ((zero_j.to(tl.uint32, bitcast=True) >> zshift[None, :]) & mask_bits).to(tl.int32) + ZERO_OFFSET
+                scale_j = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0)
+                code_j = ((words.to(tl.int64) >> (j * BITS)) & mask_bits).to(tl.int32)  # zero-extended: no sign
+                w_j = (scale_j.to(tl.float32) * (code_j - zero_j).to(tl.float32)).to(a_ptr.dtype.element_ty).to(tl.float32)
+                a_j = tl.load(a_rows2 + k_j[None, :], mask=mask_m[:, None] & (k_j < K)[None, :], other=0.0)
+                acc += tl.sum(a_j.to(tl.float32)[:, :, None] * w_j[None, :, :], axis=1)
+    acc += tl.sum(tl.sum(acc4, axis=2), axis=1)
+    out = partial_ptr + split * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(out, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _reduce_kernel(partial_ptr, bias_ptr, out_ptr, M, N, SPLIT_K, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[M, N] = sum over splits of partial (+ bias), in out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(0, SPLIT_K):
+        acc += tl.load(partial_ptr + split * M * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _block_m(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64  # tl.dot needs >= 16 rows; bucketed so M does not recompile
 
@@ -170,4 +251,59 @@ def matmul_gptq_backward(grad: torch.Tensor, weight: PackedGPTQ) -> torch.Tensor
         original = torch.empty_like(out)
         original[:, weight.perm] = out
         out = original
+    return out
+
+
+GEMV_MAX_M = 16  # rows the GEMV takes in one program tile; the dispatcher's table decides where it pays
+GEMV_BITS = (2, 4, 8)  # widths whose values never straddle a word (3 bits takes the fused kernel)
+REDUCE_BLOCK = 1024
+
+
+def gemv_config(m: int, n: int, k: int, bits: int, sms: int) -> dict:
+    """Tiles and split of the GEMV: BLOCK_N columns of 2 x 128 threads, BLOCK_W words (128 weights
+    of a column per trip at 4 bits) so that BLOCK_M x BLOCK_W x PER_WORD products stay at <= 128
+    per thread (4 warps, 2 columns each), and SPLIT_K for ~2 programs per SM."""
+    per_word = 32 // bits
+    block_m = min(GEMV_MAX_M, triton.next_power_of_2(max(m, 1)))
+    block_n = 256
+    block_w = max(1, 32 // (per_word * block_m))
+    words = triton.cdiv(k, per_word)
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    split_k = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(words, block_w)))
+    words_per_split = triton.cdiv(triton.cdiv(words, split_k), block_w) * block_w
+    return dict(BLOCK_M=block_m, BLOCK_W=block_w, BLOCK_N=block_n, SPLIT_K=triton.cdiv(words, words_per_split),
+                WORDS_PER_SPLIT=words_per_split)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    from qlora.kernels.launch import target_arch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return {80: 108, 86: 72, 89: 58, 90: 132}.get(target_arch(device), 132)
+
+
+def gemv_gptq(a: torch.Tensor, weight: PackedGPTQ, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """a [M, K] @ W^T (+ bias) in a's dtype, for small M and 2/4/8 bits (split-K GEMV + reduction)."""
+    n, k = weight.shape
+    if weight.bits not in GEMV_BITS:
+        raise ValueError(f"gemv_gptq takes {list(GEMV_BITS)} bits, got {weight.bits}; 3 bits takes matmul_gptq_forward")
+    if weight.perm is not None:
+        a = a[:, weight.perm]
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    m = a.shape[0]
+    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    if m == 0:
+        return out
+    config = gemv_config(m, n, k, weight.bits, _multiprocessors(a.device))
+    split_k = config.pop("SPLIT_K")
+    words_per_split = config.pop("WORDS_PER_SPLIT")
+    partial = torch.empty(split_k, m, n, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(n, config["BLOCK_N"]), split_k, triton.cdiv(m, config["BLOCK_M"]))
+    launch(_gemv_kernel, grid, a, weight.qweight, weight.qzeros, weight.scales, weight.g_idx, partial, m, k, n,
+           weight.qzeros.shape[1], a.stride(0), words_per_split, BITS=weight.bits, ZERO_OFFSET=weight.zero_offset,
+           **config, enable_fp_fusion=False)
+    launch(_reduce_kernel, (triton.cdiv(m * n, REDUCE_BLOCK),), partial, bias if bias is not None else out, out, m, n,
+           split_k, HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, enable_fp_fusion=False)
     return out
