@@ -288,12 +288,13 @@ REDUCE_BLOCK = 1024
 def gemv_config(m: int, n: int, k: int, bits: int, sms: int) -> dict:
     """Tiles and split of the GEMV: BLOCK_N = 512 columns (4 a thread over 4 warps, so that the
     values of `a` a thread converts serve 4 columns), BLOCK_W words so that a thread holds 32 K
-    values x rows of the tile per column (sm_90, 4 bits: 122 registers at M = 1, 146 at M = 8, no
+    values (16 at 8 bits) x rows of the tile per column (sm_90, 4 bits: 122 registers at M = 1, 146 at M = 8, no
     spill), and SPLIT_K for ~2 programs per SM."""
     per_word = 32 // bits
     block_m = min(GEMV_BLOCK_M, triton.next_power_of_2(max(m, 1)))
     block_n = 512
-    block_w = max(1, 32 // (per_word * block_m))
+    # 8 bits: 16 K values a column (32 spilled 8 B at M=2 on sm_86/89, where ptxas caps at 128 registers)
+    block_w = max(1, (16 if bits == 8 else 32) // (per_word * block_m))
     words = triton.cdiv(k, per_word)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     split_k = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(words, block_w)))
