@@ -4,7 +4,11 @@
 As in test_kernels.py, the interpreter is chosen when a kernel is decorated, so the `interp_`
 tests run in a child pytest with TRITON_INTERPRET=1 started by `test_gptq_kernels_in_interpreter`.
 """
+import itertools
+import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +69,27 @@ def test_interp_fused_forward_and_backward(bits, n, k, group_size, act_order, sy
         assert rel_err(forward, expected) < tolerance and rel_err(backward, expected_grad) < tolerance
 
 
+GEMV_CASES = [  # bits, out, in, group_size, act_order: group 20 puts tiles across groups (the per-value loop)
+    (4, 37, 96, 32, True), (2, 40, 96, 32, False), (8, 24, 64, 16, True), (4, 40, 100, 20, False),
+]
+
+
+@interpreter_only
+@pytest.mark.parametrize("bits, n, k, group_size, act_order", GEMV_CASES)
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interp_gemv_matches_the_twin(bits, n, k, group_size, act_order, m, dtype):
+    from qlora.kernels.gptq_triton import gemv_gptq
+
+    packed = weight(bits, n, k, group_size, act_order, sym=False)
+    x, bias = torch.randn(m, k, dtype=dtype), torch.randn(n, dtype=dtype)
+    got, expected = gemv_gptq(x, packed, bias), matmul_gptq_torch(x.float(), packed, bias.float(), True)
+    # W exact in fp32 (the twin rounds it to dtype first, 2^-11 in fp16), sums in fp32, one final
+    # rounding to dtype: eps(dtype) x sqrt(K) bounds the difference
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert rel_err(got, expected) < 4 * torch.finfo(dtype).eps * k ** 0.5
+
+
 @interpreter_only
 def test_interp_the_layer_runs_the_kernels_through_the_op():
     from qlora.kernels import set_backend
@@ -93,6 +118,8 @@ def test_gptq_kernels_compile_for_each_architecture(arch):
     from qlora.kernels.gptq_triton import dequantize_gptq_triton, matmul_gptq_backward, matmul_gptq_forward
     from qlora.kernels.machine_code import MAX_SHARED_PER_BLOCK, TENSOR_CORE_MMAS, machine_code
 
+    from qlora.kernels.gptq_triton import GEMV_BITS, gemv_gptq
+
     with launch.compile_only(arch) as compiled:
         # Every width on sm_90; on sm_80/89 the straddling 3-bit decode and 4-bit act-order (compile time is CI time).
         for bits in (2, 3, 4, 8) if arch == 90 else (3, 4):
@@ -102,10 +129,59 @@ def test_gptq_kernels_compile_for_each_architecture(arch):
             for m in (1, 64):  # BLOCK_M 16 and 64
                 matmul_gptq_forward(torch.randn(m, 128, dtype=dtype), packed, torch.randn(64, dtype=dtype))
                 matmul_gptq_backward(torch.randn(m, 64, dtype=dtype), packed)
-    assert len(compiled) == (4 if arch == 90 else 2) * 5
+            if bits in GEMV_BITS:  # the decode GEMV and its reduction
+                gemv_gptq(torch.randn(1, 128, dtype=dtype), packed, torch.randn(64, dtype=dtype))
+    names = [launched.name for launched in compiled]
+    assert names.count("_gemv_kernel") == names.count("_reduce_kernel") == (3 if arch == 90 else 1)
+    assert len(names) == (4 if arch == 90 else 2) * 5 + 2 * names.count("_gemv_kernel")
     for launched in compiled:
         code = machine_code(launched.kernel, arch)
         assert code.local_bytes == 0, (launched.name, launched.constexprs)  # no register spills
         assert code.shared_bytes <= MAX_SHARED_PER_BLOCK[arch] and code.blocks_per_sm >= 1
-        if launched.name != "_dequantize_kernel":  # the products run on the tensor cores
+        if launched.name in ("_forward_kernel", "_backward_kernel"):  # the products run on the tensor cores
             assert code.count(TENSOR_CORE_MMAS) > 0, (launched.name, launched.constexprs)
+
+
+RESULTS = Path(__file__).parents[1] / "benchmarks" / "results" / "gptq-kernels-static.json"
+
+
+@pytest.mark.skipif(INTERPRETED, reason="reads committed results")
+def test_committed_gptq_sweep_is_launchable_and_meets_the_goals():
+    # benchmarks/gptq_kernels_static.py compiled every configuration of its sweep (4 archs x 4 widths x
+    # dequantize / fused M buckets / GEMV M buckets) through the real launchers: no spill, shared
+    # memory within the limit, and the model's goals held when it was committed.
+    result = json.loads(RESULTS.read_text())
+    configurations = result["configurations"]
+    assert {row["arch"] for row in configurations} == {80, 86, 89, 90}
+    assert {row["bits"] for row in configurations} == {2, 3, 4, 8}
+    assert {row["kernel"] for row in configurations} == {"dequantize", "fused", "gemv"}
+    bad = [row for row in configurations if row["local_bytes"] or row["blocks_per_sm"] < 1]
+    bad += [row for row in result["kernels"] if row["shared_bytes"] > row["shared_limit"]]
+    assert not bad, bad
+    decode, training = result["goals"]["decode_sm90_gate_proj_4bit_g128_M1"], result["goals"]["training_M512_up"]
+    assert decode["speedup_over_bf16"] >= decode["goal"] == 2.5
+    assert training["worst_dispatched_over_dequant_cublas"] <= training["goal"] == 1.0
+
+
+@pytest.mark.skipif(INTERPRETED, reason="reads committed results")
+def test_gptq_dispatch_table_is_the_models():
+    sys.path.insert(0, str(RESULTS.parents[1]))
+    from gptq_kernels_static import dispatch_table
+
+    from qlora.kernels.gptq_dispatch_table import PATHS
+    from qlora.kernels.gptq_ops import choose_path, path_table
+
+    dispatch = json.loads(RESULTS.read_text())["dispatch"]
+    expected = {arch: {d: {bits: {width: tuple(map(tuple, buckets)) for width, buckets in widths.items()}
+                           for bits, widths in by_bits.items()} for d, by_bits in directions.items()}
+                for arch, directions in dispatch_table(dispatch).items()}
+    assert PATHS == expected  # regenerate: python benchmarks/gptq_kernels_static.py --from-results ...
+    for row in dispatch:
+        cols = row["N"] if row["transpose_weight"] else row["K"]
+        assert choose_path(row["M"], torch.bfloat16, row["arch"], row["transpose_weight"], row["bits"], cols) == row["path"]
+    for arch in PATHS:
+        for m, bits, cols in itertools.product((1, 16, 300, 5000), (2, 3, 4, 8), (1024, 14336)):
+            assert choose_path(m, torch.float32, arch, True, bits, cols) != "fused"  # no tensor cores for fp32
+            assert choose_path(m, torch.bfloat16, arch, False, bits, cols) != "gemv"  # the GEMV is forward only
+            assert bits != 3 or choose_path(m, torch.bfloat16, arch, True, bits, cols) != "gemv"  # 3-bit straddles
+    assert path_table(120, True, 4) == PATHS[max(PATHS)]["forward"][4]["wide"]  # a newer GPU: the newest arch modelled
