@@ -4,6 +4,12 @@
                                                          # benchmarks/results/kernels-static.json and
                                                          # kernels/dispatch_table.py
     python benchmarks/kernels_static.py --quick          # sm_90, one shape: what CI runs
+    python benchmarks/kernels_static.py --launchability  # only kernels-launchability.json: blocksize
+                                                         # 32..4096 x both decodes x every M bucket x
+                                                         # both products x sm_80/86/89/90 (~800 launches)
+    python benchmarks/kernels_static.py --from-results benchmarks/results/kernels-static.json
+                                                         # the dispatch table, goals and README tables
+                                                         # again from a sweep, compiling nothing
 
 Method. Each distinct launch configuration (arch, kernel, constexprs, warps, stages) is compiled
 once through its real launcher with qlora.kernels.launch.compile_only, on a small problem that

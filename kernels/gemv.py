@@ -49,13 +49,16 @@ def gemv_register_products(whole_blocks: bool) -> int:
     return GEMV_REGISTER_PRODUCTS if whole_blocks else GEMV_REGISTER_PRODUCTS_PER_ELEMENT
 
 
-def gemv_num_warps(block_m: int, block_n: int, block_r: int, whole_blocks: bool) -> int:
-    """Warps of a GEMV program. Tiles that reduce per tile (past the register array) and hold 8192
-    products (8 rows x 64 x 16) spilled 8 B at 4 warps on sm_80 (64 registers, backward); at 2 warps
-    they compile to 96 registers and no spill on every arch, and issue fewer warp instructions per
-    weight (2 x 495 against 4 x 329 on sm_80): the cross-warp part of each tile's sum goes away."""
+def gemv_num_warps(block_m: int, block_n: int, block_r: int, whole_blocks: bool, transpose_weight: bool) -> int:
+    """Warps of a GEMV program. In backward, 8-row tiles that reduce per tile (past the register
+    array) and hold 8192 products (8 x 64 x 16) spilled 8 B at 4 warps on sm_80 (64 registers); at 2
+    warps they compile to 64-127 registers and no spill on every arch, and issue fewer warp
+    instructions per weight (2 x 495 against 4 x 329 on sm_80): the cross-warp part of each tile's
+    sum goes away. Elsewhere 2 warps cost more in the model than they save (2 x 256 x 16 at
+    blocksize 256, the forward 8 x 16 x 64: 1.3-1.9x), so 4."""
     products = block_m * block_n * block_r
-    return 2 if gemv_register_products(whole_blocks) < products <= 8192 else 4
+    per_tile = gemv_register_products(whole_blocks) < products <= 8192
+    return 2 if per_tile and block_m == 8 and not transpose_weight else 4
 
 
 @triton.jit
@@ -236,7 +239,7 @@ def gemv_4bit(
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, WHOLE_BLOCKS=whole_blocks, TRANSPOSED=transpose_weight,
         ACC_IN_REGISTERS=block_m * block_n * block_r <= gemv_register_products(whole_blocks),
-        num_warps=gemv_num_warps(block_m, block_n, block_r, whole_blocks),
+        num_warps=gemv_num_warps(block_m, block_n, block_r, whole_blocks, transpose_weight),
         # No contraction: W decodes to the same bits as in the dequantize kernel; the products are
         # explicit tl.fma, so the inner loop keeps one FFMA per weight and row.
         enable_fp_fusion=False,
