@@ -38,7 +38,27 @@ from qlora.kernels.matmul import weight_strides
 
 GEMV_BLOCK_M = 16  # rows per program
 # Products a program may keep in registers across the loop: 4096 fp32 over 128 threads = 32 each.
+# A per-element decode keeps an index, a byte and a scale chain live per weight besides: at 4096
+# products (1 x 64 x 64, blocksize 4096, backward) sm_90 took 255 registers and spilled 24 B; at
+# 2048 (1 x 64 x 32) 96 registers and no spill, the same instructions per weight.
 GEMV_REGISTER_PRODUCTS = 4096
+GEMV_REGISTER_PRODUCTS_PER_ELEMENT = 2048
+
+
+def gemv_register_products(whole_blocks: bool) -> int:
+    return GEMV_REGISTER_PRODUCTS if whole_blocks else GEMV_REGISTER_PRODUCTS_PER_ELEMENT
+
+
+def gemv_num_warps(block_m: int, block_n: int, block_r: int, whole_blocks: bool, transpose_weight: bool) -> int:
+    """Warps of a GEMV program. In backward, 8-row tiles that reduce per tile (past the register
+    array) and hold 8192 products (8 x 64 x 16) spilled 8 B at 4 warps on sm_80 (64 registers); at 2
+    warps they compile to 64-127 registers and no spill on every arch, and issue fewer warp
+    instructions per weight (2 x 495 against 4 x 329 on sm_80): the cross-warp part of each tile's
+    sum goes away. Elsewhere 2 warps cost more in the model than they save (2 x 256 x 16 at
+    blocksize 256, the forward 8 x 16 x 64: 1.3-1.9x), so 4."""
+    products = block_m * block_n * block_r
+    per_tile = gemv_register_products(whole_blocks) < products <= 8192
+    return 2 if per_tile and block_m == 8 and not transpose_weight else 4
 
 
 @triton.jit
@@ -138,12 +158,13 @@ def gemv_block_sizes(m: int, shape: Sequence[int], blocksize: int, transpose_wei
     # a 4-warp program = 32 registers/thread), shrinking the dimension that is free to shrink.
     # Row tiles of whole blocks fix the tile along W's rows to >= blocksize: BLOCK_R in forward,
     # BLOCK_N in backward.
+    target = gemv_register_products(whole_blocks)
     if whole_blocks and transpose_weight:
         block_r = max(64, blocksize)
-        block_n = max(16, 4096 // (block_m * block_r))
+        block_n = max(16, target // (block_m * block_r))
     else:
         block_n = max(64, blocksize) if whole_blocks else 64
-        block_r = max(16, 4096 // (block_m * block_n))
+        block_r = max(16, target // (block_m * block_n))
     # The product tile must stay within 16384 fp32 values (128 a thread): at blocksize 256, 16 rows
     # x 16 x 256 took 255 registers and spilled 160-376 B on sm_80/86/90. Fewer rows per program
     # then, the rest on further programs (grid axis 2).
@@ -217,7 +238,8 @@ def gemv_4bit(
         m, cols, r, r_per_split, shape[1], a.stride(0), a.stride(1), w_stride_r, w_stride_c,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, WHOLE_BLOCKS=whole_blocks, TRANSPOSED=transpose_weight,
-        ACC_IN_REGISTERS=block_m * block_n * block_r <= GEMV_REGISTER_PRODUCTS,
+        ACC_IN_REGISTERS=block_m * block_n * block_r <= gemv_register_products(whole_blocks),
+        num_warps=gemv_num_warps(block_m, block_n, block_r, whole_blocks, transpose_weight),
         # No contraction: W decodes to the same bits as in the dequantize kernel; the products are
         # explicit tl.fma, so the inner loop keeps one FFMA per weight and row.
         enable_fp_fusion=False,

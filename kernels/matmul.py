@@ -164,9 +164,12 @@ def fused_stages(block_m: int, block_n: int, block_r: int, itemsize: int, whole_
     # Row tiles of 4096 elements: 3 stages spilled 16 B at 128 registers on sm_80 (backward,
     # no double quant); 2 compile to 164 registers and no spill on every arch.
     # fp32 products (CUDA-core FMAs, 16 x 32 x 64 tiles) spill 8 B at 2 stages on sm_89 and none at 3.
-    # 16-row tiles on sm_90 without double quant keep 16 B on the stack at 2 stages, none at 3.
+    # 16-row tiles keep 16 B on the stack at 2 stages and none at 3: on sm_90 without double quant,
+    # and on sm_86/89 in backward at blocksize 64 (80 registers at 2 stages, 92 and no spill at 3).
+    # sm_80 has no such spill at 2, and 3 stages there cost 15% in the model (78 registers, 6 blocks
+    # per SM instead of 7).
     deepest = 1 if block_n * block_r > 4096 or not whole_blocks else 3 if itemsize == 4 or (
-        arch >= 90 and block_m == 16) else 2
+        block_m == 16 and arch != 80) else 2
     return int(max(1, min(deepest, fit)))
 
 

@@ -279,16 +279,49 @@ def test_dispatch_rule_follows_the_model_table():
     assert set(PATHS) >= {80, 86, 89, 90}
     for arch, directions in PATHS.items():
         for direction, transpose_weight in (("forward", True), ("backward", False)):
-            for width, cols in (("narrow", 1024), ("wide", 14336)):
-                buckets = directions[direction].get(width, directions[direction]["wide"])
+            assert directions[direction]
+            for (out_features, in_features, blocksize), buckets in directions[direction].items():
+                shape = (out_features, in_features)
+                cols = out_features if transpose_weight else in_features
                 assert [m for m, _ in buckets] == sorted(m for m, _ in buckets)
                 for largest, path in buckets:
-                    assert ops.choose_path(largest, torch.bfloat16, arch, transpose_weight, cols) == path
-                assert ops.choose_path(10**6, torch.bfloat16, arch, transpose_weight, cols) == buckets[-1][1]
+                    assert ops.choose_path(largest, torch.bfloat16, arch, transpose_weight, cols, shape, blocksize) == path
+                assert ops.choose_path(10**6, torch.bfloat16, arch, transpose_weight, cols, shape, blocksize) == buckets[-1][1]
                 for m in (1, 17, 300, 5000):  # fp32 never takes the fused path; the GEMV stops at 64 rows
-                    assert ops.choose_path(m, torch.float32, arch, transpose_weight, cols) != "fused"
-                    assert m <= 64 or ops.choose_path(m, torch.bfloat16, arch, transpose_weight, cols) != "gemv"
-    assert ops.path_table(120) == PATHS[max(PATHS)]["forward"]["wide"]  # a newer GPU: the newest arch modelled
+                    assert ops.choose_path(m, torch.float32, arch, transpose_weight, cols, shape, blocksize) != "fused"
+                    assert m <= 64 or ops.choose_path(m, torch.bfloat16, arch, transpose_weight, cols, shape, blocksize) != "gemv"
+    newest = PATHS[max(PATHS)]["forward"]
+    assert ops.path_table(120, shape=(14336, 4096)) == newest[(14336, 4096, 64)]  # a newer GPU: the newest arch modelled
+    # A weight the model never saw takes the nearest modelled shape's buckets, then the nearest blocksize.
+    assert ops.path_table(90, shape=(12288, 4096), blocksize=64) == PATHS[90]["forward"][(14336, 4096, 64)]
+    assert ops.path_table(90, shape=(1024, 4096), blocksize=32) == PATHS[90]["forward"][(1024, 4096, 64)]
+    assert ops.path_table(90, False, shape=(4096, 11008), blocksize=4096) == PATHS[90]["backward"][(4096, 14336, 4096)]
+
+
+def test_committed_model_results_agree_with_the_dispatch_table():
+    # benchmarks/results/kernels-static.json and kernels/dispatch_table.py come from one run of
+    # benchmarks/kernels_static.py: every dispatch row's path is what choose_path picks now, it is
+    # within 5% of the fastest path the model knows, and the goals block is read from those rows.
+    import json
+    from pathlib import Path
+
+    result = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "kernels-static.json").read_text())
+    rows = result["dispatch"]
+    assert {row["arch"] for row in rows} == {80, 86, 89, 90}
+    for row in rows:
+        chosen = ops.choose_path(row["M"], torch.bfloat16, row["arch"], row["transpose_weight"],
+                                 row["N"] if row["transpose_weight"] else row["K"], (row["N"], row["K"]), row["blocksize"])
+        assert row["path"] == chosen and row["estimate_us"] == row["estimates"][chosen], row
+        assert row["best_estimate_us"] == min(row["estimates"].values())
+        assert row["estimate_us"] <= 1.05 * row["best_estimate_us"], row
+    goals = result["goals_sm90_gate_proj_bs64_forward"]
+    gate = {row["M"]: row for row in rows if row["arch"] == 90 and row["shape"] == "gate_proj" and row["blocksize"] == 64
+            and row["transpose_weight"]}
+    assert goals["decode_speedup_M1"] == round(gate[1]["bf16_estimate_us"] / gate[1]["estimate_us"], 3)
+    assert goals["worst_M2_16_bf16_over_dispatched"] == round(
+        min(gate[m]["bf16_estimate_us"] / gate[m]["estimate_us"] for m in (2, 4, 8, 16)), 3)
+    assert goals["dispatch_worst_ratio_to_fastest"] == round(max(r["estimate_us"] / r["best_estimate_us"] for r in gate.values()), 3)
+    assert goals["dispatch_worst_ratio_to_fastest_whole_sweep"] <= 1.05
 
 
 def test_autocast_rule_in_eager_and_compiled(monkeypatch):
