@@ -150,8 +150,8 @@ def main(argv=None):
         del model, logprobs
         kl = statistics.fmean(kls)
         stderr = statistics.stdev(kls) / math.sqrt(len(kls)) if len(kls) > 1 else 0.0
-        rows[name] = {"bits_per_weight": bits, "perplexity": round(ppl, 3), "kl_vs_bf16": round(kl, 6),
-                      "kl_stderr": round(stderr, 6), "build_s": round(built, 1)}
+        rows[name] = {"bits_per_weight": bits, "perplexity": round(ppl, 3), "kl_vs_bf16": float(f"{kl:.4g}"),
+                      "kl_stderr": float(f"{stderr:.2g}"), "build_s": round(built, 1)}
         table.append({"weights": name, "bits/w": bits, "perplexity": f"{ppl:.3f}",
                       "KL vs bf16 (nats/token)": f"{kl:.5f} +- {stderr:.5f}", "build s": f"{built:.0f}"})
         print(f"{name:22s} {bits:>6s} bits/w  ppl {ppl:8.3f}  KL {kl:.5f} +- {stderr:.5f}  (built in {built:.0f} s)",

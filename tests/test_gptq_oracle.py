@@ -2,10 +2,10 @@
 and qlora's quantizer's per-layer error on the same calibration is within a stated margin of its.
 
 GPTQModel is not a dependency (it pins numpy to an older release and pulls torchao): these tests
-run where it is installed (`pip install '.[oracle]'`, README "GPTQ bases") and skip elsewhere,
-where tests/golden/gptq_vectors.json still pins the packing. It runs in a child process
-(tests/gptq_oracle_worker.py): importing it patches transformers, which must not leak into the
-rest of the suite.
+run where it is installed (the `oracle` extra, in an environment of its own: README "GPTQ bases")
+and skip elsewhere, where tests/golden/gptq_vectors.json still pins the packing. It runs in a
+child process (tests/gptq_oracle_worker.py): importing it patches transformers, which must not
+leak into the rest of the suite.
 """
 import importlib.util
 import json
