@@ -1,16 +1,16 @@
 """The GPTQ Triton kernels (kernels/gptq_triton.py) in the machine-code performance model of
 benchmarks/kernels_static.py, for GPUs this project has never run on.
 
-    python benchmarks/gptq_kernels_static.py --workers 2   # the full sweep: ~150 compiles, writes
+    python benchmarks/gptq_kernels_static.py --workers 2   # the full sweep: 160 compiles (3-4 min), writes
                                                            # benchmarks/results/gptq-kernels-static.json
                                                            # and kernels/gptq_dispatch_table.py
     python benchmarks/gptq_kernels_static.py --quick       # sm_90, gate_proj, 4 bits only
     python benchmarks/gptq_kernels_static.py --from-results benchmarks/results/gptq-kernels-static.json
 
 Method: kernels_static.py's (read its docstring), imported rather than restated: the architecture
-constants (ARCHS, SCHEDULERS, BANDWIDTH_FRACTION, LAUNCH_US), the Llama-3-8B projections (SHAPES),
-the M sweep (MS), the four bounds of one launch (kernel_bounds: bytes, issue with occupancy, tensor
-cores, launch) and cuBLAS bf16 (cublas_us). What is GPTQ's own:
+constants (ARCHS, BANDWIDTH_FRACTION, LAUNCH_US; SCHEDULERS inside kernel_bounds), the Llama-3-8B
+projections (SHAPES), the M sweep (MS), the four bounds of one launch (kernel_bounds: bytes, issue
+with occupancy, tensor cores, launch) and cuBLAS bf16 (cublas_us). What is GPTQ's own:
 
 - Compiling. Each distinct launch configuration (arch, kernel, bits, direction, M bucket) is
   compiled once through its real launcher under qlora.kernels.launch.compile_only, on a 4096 x 4096
