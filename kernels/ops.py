@@ -46,14 +46,18 @@ def path_table(arch: int, transpose_weight: bool = True, cols: int = 4096, shape
     entries = TABLE[older[-1] if older else known[0]]["forward" if transpose_weight else "backward"]
     if shape is None:
         shape = (cols, 4096) if transpose_weight else (4096, cols)
-    out_features, in_features = shape
-
     def distance(key):
         n, k, bs = key
-        shape_distance = abs(math.log2(max(n, 1) / max(out_features, 1))) + abs(math.log2(max(k, 1) / max(in_features, 1)))
-        return shape_distance, abs(math.log2(bs / max(blocksize, 1))), key
+        return shape_distance((n, k), shape), abs(math.log2(bs / max(blocksize, 1))), key
 
     return entries[min(entries, key=distance)]
+
+
+def shape_distance(modelled: tuple, shape: tuple) -> float:
+    """How far a modelled weight shape [out, in] is from `shape`: the log2 distance of the output
+    widths plus that of the reduction lengths (the two things a kernel's tiling sees)."""
+    (n, k), (out_features, in_features) = modelled, shape
+    return abs(math.log2(max(n, 1) / max(out_features, 1))) + abs(math.log2(max(k, 1) / max(in_features, 1)))
 
 
 def choose_path(m: int, dtype: torch.dtype = torch.bfloat16, arch: int = 90, transpose_weight: bool = True,

@@ -172,16 +172,19 @@ def test_gptq_dispatch_table_is_the_models():
     from qlora.kernels.gptq_ops import choose_path, path_table
 
     dispatch = json.loads(RESULTS.read_text())["dispatch"]
-    expected = {arch: {d: {bits: {width: tuple(map(tuple, buckets)) for width, buckets in widths.items()}
-                           for bits, widths in by_bits.items()} for d, by_bits in directions.items()}
+    expected = {arch: {d: {bits: {shape: tuple(map(tuple, buckets)) for shape, buckets in shapes.items()}
+                           for bits, shapes in by_bits.items()} for d, by_bits in directions.items()}
                 for arch, directions in dispatch_table(dispatch).items()}
     assert PATHS == expected  # regenerate: python benchmarks/gptq_kernels_static.py --from-results ...
     for row in dispatch:
-        cols = row["N"] if row["transpose_weight"] else row["K"]
-        assert choose_path(row["M"], torch.bfloat16, row["arch"], row["transpose_weight"], row["bits"], cols) == row["path"]
+        shape = (row["N"], row["K"])
+        assert choose_path(row["M"], torch.bfloat16, row["arch"], row["transpose_weight"], row["bits"], shape) == row["path"]
+        if row["group_size"] == 128:  # the table's own group size: the model's fastest path at every M
+            assert row["estimate_us"] <= 1.05 * row["best_estimate_us"], row
     for arch in PATHS:
-        for m, bits, cols in itertools.product((1, 16, 300, 5000), (2, 3, 4, 8), (1024, 14336)):
-            assert choose_path(m, torch.float32, arch, True, bits, cols) != "fused"  # no tensor cores for fp32
-            assert choose_path(m, torch.bfloat16, arch, False, bits, cols) != "gemv"  # the GEMV is forward only
-            assert bits != 3 or choose_path(m, torch.bfloat16, arch, True, bits, cols) != "gemv"  # 3-bit straddles
-    assert path_table(120, True, 4) == PATHS[max(PATHS)]["forward"][4]["wide"]  # a newer GPU: the newest arch modelled
+        for m, bits, shape in itertools.product((1, 16, 300, 5000), (2, 3, 4, 8), ((1024, 4096), (14336, 4096))):
+            assert choose_path(m, torch.float32, arch, True, bits, shape) != "fused"  # no tensor cores for fp32
+            assert choose_path(m, torch.bfloat16, arch, False, bits, shape) != "gemv"  # the GEMV is forward only
+            assert bits != 3 or choose_path(m, torch.bfloat16, arch, True, bits, shape) != "gemv"  # 3-bit straddles
+    assert path_table(120, True, 4) == PATHS[max(PATHS)]["forward"][4][(4096, 4096)]  # a newer GPU: the newest arch modelled
+    assert path_table(90, True, 4, (12288, 4096)) == PATHS[90]["forward"][4][(14336, 4096)]  # the nearest modelled shape
