@@ -37,7 +37,14 @@ class MetricsLogger:
     def close(self, failed: bool = False) -> None:
         self._file.close()
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish(exit_code=1 if failed else 0)
+            # finish() returns before wandb's service has written the run file: offline, the .wandb file
+            # right after finish() held only its 7-byte header, and was complete 1-3 s later. teardown()
+            # waits for the service, so the run folder is whole when training returns (a `wandb sync`
+            # in the next notebook cell uploads everything); the next wandb.init starts a new service.
+            wandb.teardown()
 
     @property
     def wandb_dir(self) -> Optional[str]:
