@@ -10,7 +10,7 @@ Every variant computes in fp32, so the table shows what the weight format costs,
 activations; "bf16" is the shipped checkpoint's own weights (stored in bf16), the reference.
 
 Two figures per variant:
-- perplexity on the held-out windows (what the issue asks for);
+- perplexity on the held-out windows (the headline measure);
 - KL(bf16 || variant), mean nats per predicted token: how far the quantized model's next-token
   distribution moved from the reference's. A perplexity of ~163 swings by more than the formats
   differ (NF4 can land below bf16 by chance), while the KL is zero only for the reference itself and
