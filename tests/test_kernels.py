@@ -109,6 +109,30 @@ MATMUL_CASES = [
 
 
 @interpreter_only
+@pytest.mark.parametrize("quant_type, blocksize, double_quant", (("nf4", 64, True), ("fp4", 32, False)))
+@pytest.mark.parametrize("kernel", ("fused", "gemv"))
+def test_interp_row_tile_decode_is_bit_exact(kernel, quant_type, blocksize, double_quant):
+    # W as the matmul kernels decode it must be the dequantized W bit for bit. With fp32 one-hot
+    # rows a product is one code * scale plus exact zeros (the fused fp32 dot is "ieee"), so the
+    # output must be W itself, with every byte value 0..255 in the packing.
+    from qlora.kernels.gemv import gemv_4bit
+    from qlora.kernels.matmul import matmul_4bit_fused
+
+    weight = quantized((48, 64), quant_type, blocksize, double_quant)
+    packed = torch.randint(0, 256, weight.packed.shape, dtype=torch.uint8)
+    packed.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    weight = weight._replace(packed=packed)
+    w = reference.dequantize_4bit_torch(weight, torch.float32)
+    for transpose_weight, expected in ((True, w.T), (False, w)):
+        eye = torch.eye(expected.shape[0], dtype=torch.float32)
+        if kernel == "fused":
+            out = matmul_4bit_fused(eye, weight, transpose_weight)
+        else:
+            out = gemv_4bit(eye, weight, transpose_weight)
+        assert torch.equal(out, expected), (transpose_weight, (out - expected).abs().max())
+
+
+@interpreter_only
 @pytest.mark.parametrize("m, out_features, in_features, quant_type, blocksize, double_quant", MATMUL_CASES)
 @pytest.mark.parametrize("kernel", ("fused", "gemv"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
