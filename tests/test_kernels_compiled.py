@@ -164,7 +164,7 @@ def test_committed_sweeps_are_launchable():
                     for kernel, buckets in (("gemv", (1, 2, 4, 8, 16)), ("fused", (16, 32, 64))):
                         for m in buckets:
                             assert (arch, kernel, blocksize, decode, transpose_weight, m) in covered
-    bad = sorted({(row["arch"], row["kernel"], row["blocksize"], row.get("decode"), row["transpose_weight"], row["M"],
+    bad = sorted({(row["arch"], row["kernel"], row["blocksize"], row.get("decode", ""), row["transpose_weight"], row["M"],
                    row["local_bytes"], row["shared_bytes"], row["blocks_per_sm"]) for row in rows + launches
                   if row["local_bytes"] or row["shared_bytes"] > row["shared_limit"] or row["blocks_per_sm"] < 1})
     assert not bad, bad
