@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import versions, write_results  # noqa: E402
 from kernels_static import (  # noqa: E402
-    ARCHS, BANDWIDTH_FRACTION, LAUNCH_US, MS, SHAPES, cublas_us, kernel_bounds,
+    ARCHS, BANDWIDTH_FRACTION, LAUNCH_US, MS, SHAPES, cublas_us, kernel_bounds, path_table_lines,
 )
 
 ROOT = Path(__file__).parents[1]
@@ -235,18 +235,7 @@ def write_dispatch_table(table: dict, path: Path) -> None:
              'else the nearest modelled shape\'s). Regenerate; do not edit."""',
              "", "# arch -> direction -> bits -> (out_features, in_features) -> ((largest M of the bucket, path), ...),",
              "# M ascending; past the last bucket the last path. forward: Y = X W^T; backward: dX = dY W.", "PATHS = {"]
-    for arch, directions in table.items():
-        lines.append(f"    {arch}: {{")
-        for direction, by_bits in directions.items():
-            lines.append(f"        {direction!r}: {{")
-            for bits, shapes in by_bits.items():
-                lines.append(f"            {bits}: {{")
-                for shape, buckets in shapes.items():
-                    lines.append(f"                {shape!r}: (" + ", ".join(f"({m}, {p!r})" for m, p in buckets) + ",),")
-                lines.append("            },")
-            lines.append("        },")
-        lines.append("    },")
-    lines.append("}")
+    lines += path_table_lines(table) + ["}"]
     path.write_text("\n".join(lines) + "\n")
 
 
