@@ -36,13 +36,11 @@ def path_table(arch: int, transpose_weight: bool, bits: int, shape: tuple = (409
     of `shape` [out, in] (from `table`, by default the generated one): the arch's own table, else the
     nearest older arch's (a newer GPU runs the code of the newest arch modelled); within it this
     shape's entry, else the nearest modelled shape's (ops.shape_distance)."""
-    from qlora.kernels.ops import shape_distance
+    from qlora.kernels.ops import modelled_arch, shape_distance
 
     if table is None:
         from qlora.kernels.gptq_dispatch_table import PATHS as table
-    known = sorted(table)
-    older = [a for a in known if a <= arch]
-    entries = table[older[-1] if older else known[0]]["forward" if transpose_weight else "backward"][bits]
+    entries = table[modelled_arch(table, arch)]["forward" if transpose_weight else "backward"][bits]
     return entries[min(entries, key=lambda modelled: (shape_distance(modelled, shape), modelled))]
 
 

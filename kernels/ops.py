@@ -32,6 +32,15 @@ from qlora.kernels.packed import OP_SCHEMA, Packed4bit
 PATHS = ("auto", "gemv", "fused", "dequant_matmul")
 
 
+def modelled_arch(modelled, arch: int) -> int:
+    """The arch whose model entries sm_<arch> takes among `modelled` (a generated table's keys): its
+    own, else the nearest older one (a newer GPU runs the code of the newest arch modelled), else
+    the oldest."""
+    known = sorted(modelled)
+    older = [a for a in known if a <= arch]
+    return older[-1] if older else known[0]
+
+
 def path_table(arch: int, transpose_weight: bool = True, cols: int = 4096, shape=None, blocksize: int = 64) -> tuple:
     """The model's ((largest M, path), ...) buckets for sm_<arch>, the direction (forward when
     transpose_weight) and the weight: the arch's own table, else the nearest older arch's (a newer
@@ -41,11 +50,10 @@ def path_table(arch: int, transpose_weight: bool = True, cols: int = 4096, shape
     outputs over 4096 inputs."""
     from qlora.kernels.dispatch_table import PATHS as TABLE
 
-    known = sorted(TABLE)
-    older = [a for a in known if a <= arch]
-    entries = TABLE[older[-1] if older else known[0]]["forward" if transpose_weight else "backward"]
+    entries = TABLE[modelled_arch(TABLE, arch)]["forward" if transpose_weight else "backward"]
     if shape is None:
         shape = (cols, 4096) if transpose_weight else (4096, cols)
+
     def distance(key):
         n, k, bs = key
         return shape_distance((n, k), shape), abs(math.log2(bs / max(blocksize, 1))), key

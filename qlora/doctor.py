@@ -83,11 +83,11 @@ def predictions(arch: int) -> dict:
     """The model's forward estimates for sm_<arch> (or the nearest older arch modelled)."""
     from qlora.kernels.dispatch_table import PREDICTIONS
 
-    known = sorted(PREDICTIONS)
-    if not known:
+    from qlora.kernels.ops import modelled_arch
+
+    if not PREDICTIONS:
         return {"arch": arch, "us": {}}
-    older = [a for a in known if a <= arch]
-    chosen = older[-1] if older else known[0]
+    chosen = modelled_arch(PREDICTIONS, arch)
     return {"arch": chosen, "us": PREDICTIONS[chosen]}
 
 
