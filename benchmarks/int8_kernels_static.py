@@ -42,8 +42,8 @@ def estimate(m: int, threshold: bool) -> dict:
 def compile_all(arch: int):
     import qlora
     from qlora.kernels import launch
-    from qlora.kernels.int8_dequantize import int8_dequantize_triton
-    from qlora.kernels.int8_matmul import int8_linear_triton
+    from qlora.kernels.int8.dequantize import int8_dequantize_triton
+    from qlora.kernels.int8.matmul import int8_linear_triton
 
     weight = qlora.Weight8bit.quantize(torch.randn(N, K) * 0.02)
     with launch.compile_only(arch) as compiled:

@@ -91,7 +91,7 @@ def measure_ceilings(timer: Timer) -> dict:
 
 
 def bench_dequantize(timer, ceilings, bnb_f, shapes) -> list[dict]:
-    from qlora.kernels.dequantize import dequantize_4bit_triton
+    from qlora.kernels.nf4.dequantize import dequantize_4bit_triton
 
     rows = []
     for n, k in shapes:
@@ -172,7 +172,7 @@ def bench_linear(timer, ceilings, bnb, m_values, shapes, backward: bool) -> list
 
 
 def _chosen(m: int) -> str:
-    from qlora.kernels.ops import choose_path
+    from qlora.kernels.nf4.ops import choose_path
 
     major, minor = torch.cuda.get_device_capability()
     return choose_path(m, torch.bfloat16, 10 * major + minor)
@@ -216,7 +216,7 @@ def main() -> int:
     crossovers = dispatch_crossovers(sweep)
     print(crossovers)
 
-    from qlora.kernels import ops
+    from qlora.kernels.nf4 import ops
 
     name = torch.cuda.get_device_name()
     major, minor = torch.cuda.get_device_capability()

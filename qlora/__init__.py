@@ -1,16 +1,16 @@
 """qlora: QLoRA fine-tuning with bitsandbytes-compatible 4-bit and 8-bit weights, without bitsandbytes."""
 from qlora import hub
-from qlora.config import QuantConfig
+from qlora.quant.nf4.config import QuantConfig
 from qlora.hub import push_to_hub
 from qlora.memory import memory_footprint
 from qlora.models import load_model, save_model
 from qlora.nn import Linear4bit, Linear8bit, QuantizedLinear
 from qlora.nn.linear_gptq import LinearGPTQ
-from qlora.quant.gptq_config import GPTQQuantConfig
-from qlora.quant.gptq_weight import GPTQWeight
+from qlora.quant.gptq.config import GPTQQuantConfig
+from qlora.quant.gptq.weight import GPTQWeight
 from qlora.quant import QuantizedWeight, QuantState, Weight4bit, dequantize_4bit, quantize_4bit
-from qlora.quant.int8 import Weight8bit, int8_vectorwise_quant
-from qlora.quant.int8_config import Int8Config
+from qlora.quant.int8.weight import Weight8bit, int8_vectorwise_quant
+from qlora.quant.int8.config import Int8Config
 
 __version__ = "0.1.0"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from qlora.errors import UserError, report
+from qlora.options import UsageError, as_bool, as_choice, as_number, help_text, parse_options
 from qlora.quantize_cli import QUANTIZE_OPTIONS, cmd_quantize
 
 # Each command: {key: (default, help)}; a default of None with "required" in the help must be given.
@@ -50,6 +51,7 @@ GENERATE_OPTIONS = {
 USAGE = """usage: qlora <command> key=value ...
 
 commands:
+  train      fine-tune: `qlora train <overrides>` is `python train.py <overrides>` (Hydra; --help lists groups)
   export     merge a trained LoRA adapter into its base and write it (hf | nf4 | int8 | gguf)
   generate   generate text from a merged model, a 4-bit model, or a run (base + adapter)
   eval       held-out loss, perplexity and exact match (eval.json); lm-eval tasks with tasks=
@@ -68,74 +70,6 @@ An error caused by input prints one line, `error: ...`; QLORA_DEBUG=1 adds the t
 """
 
 
-class UsageError(UserError):
-    """A wrong command line: unknown key, missing or malformed value (exit status 2)."""
-
-
-def _help(name: str, options: dict) -> str:
-    width = max(len(k) for k in options) + 2
-    def shown(key, default, text):
-        return f"{key}=..." if text.startswith("required") else f"[{key}={'...' if default is None else default}]"
-
-    lines = [f"usage: qlora {name} " + " ".join(shown(k, d, t) for k, (d, t) in options.items()),
-             "", "options:"]
-    for key, (default, text) in options.items():
-        lines.append(f"  {key:<{width}}{text}" + ("" if default is None else f" (default: {default})"))
-    return "\n".join(lines)
-
-
-def parse_options(name: str, args: list[str], options: dict) -> dict:
-    values = {k: d for k, (d, _) in options.items()}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise UsageError(f"qlora {name}: argument {arg!r} is not key=value; see `qlora {name} --help`")
-        key = key.lstrip("-")
-        if key in RENAMED_KEYS.get(name, {}):
-            new = RENAMED_KEYS[name][key]
-            print(f"warning: qlora {name}: {key}= is deprecated; use {new}=", file=sys.stderr)
-            key = new
-        if key not in options:
-            raise UsageError(f"qlora {name}: unknown key {key!r}; known keys: {', '.join(options)} "
-                             f"(see `qlora {name} --help`)")
-        values[key] = value
-    missing = [k for k, v in values.items() if v is None and options[k][1].startswith("required")]
-    if missing:
-        raise UsageError(f"qlora {name}: missing {', '.join(f'{k}=...' for k in missing)}; see `qlora {name} --help`")
-    return values
-
-
-def _bool(key: str, value: str) -> bool:
-    text = str(value).lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise UsageError(f"{key}={value!r} must be true or false")
-
-
-def _number(key: str, value: str, kind: Callable, minimum=None, maximum=None, low_open=False):
-    """`value` as `kind`, in [minimum, maximum] (or (minimum, maximum] with low_open)."""
-    try:
-        number = kind(value)
-    except ValueError:
-        raise UsageError(f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise UsageError(f"{key}={value!r} must be a finite number")
-    low_bad = minimum is not None and (number <= minimum if low_open else number < minimum)
-    if low_bad or (maximum is not None and number > maximum):
-        low = "" if minimum is None else f"{'>' if low_open else '>='} {minimum}"
-        high = "" if maximum is None else f"<= {maximum}"
-        raise UsageError(f"{key}={value} must be {' and '.join(x for x in (low, high) if x)}")
-    return number
-
-
-def _choice(key: str, value: str, choices) -> str:
-    if value not in choices:
-        raise UsageError(f"{key}={value!r} is not one of {', '.join(choices)}")
-    return value
-
-
 def _command_from(module: str, options: str, function: str) -> tuple[dict, Callable]:
     """A command defined in its own module (which imports torch and the rest only when it runs)."""
     import importlib
@@ -148,16 +82,16 @@ def cmd_export(values: dict) -> int:
     from qlora.export import BASES, FORMATS, GGUF_TYPES, check_output_dir, export_merged
     from qlora.export.merge import DTYPES
 
-    fmt = _choice("format", values["format"], FORMATS)
-    base = _choice("base", values["base"], BASES)
-    _choice("gguf_type", values["gguf_type"], GGUF_TYPES)
-    _choice("dtype", values["dtype"], list(DTYPES))
-    overwrite = _bool("overwrite", values["overwrite"])
+    fmt = as_choice("format", values["format"], FORMATS)
+    base = as_choice("base", values["base"], BASES)
+    as_choice("gguf_type", values["gguf_type"], GGUF_TYPES)
+    as_choice("dtype", values["dtype"], list(DTYPES))
+    overwrite = as_bool("overwrite", values["overwrite"])
     output_dir = Path(values["output_dir"]).expanduser()
     check_output_dir(output_dir, overwrite, "output_dir", "overwrite=true")  # spelled as on this command line
     path = export_merged(values["run_dir"], output_dir, base=base, original=values["original"], format=fmt,
                          dtype=values["dtype"], overwrite=overwrite, max_shard_size=values["max_shard_size"],
-                         progress=_bool("progress", values["progress"]), gguf_type=values["gguf_type"])
+                         progress=as_bool("progress", values["progress"]), gguf_type=values["gguf_type"])
     print(f"wrote {path}")
     if values["push_to_hub"]:
         from qlora.hub import push_to_hub
@@ -226,14 +160,14 @@ def cmd_generate(values: dict) -> int:
     import torch
     from transformers import TextStreamer
 
-    max_new_tokens = _number("max_new_tokens", values["max_new_tokens"], int, minimum=0, low_open=True)
-    temperature = _number("temperature", values["temperature"], float, minimum=0)
-    top_p = _number("top_p", values["top_p"], float, minimum=0, maximum=1, low_open=True)
-    seed = _number("seed", values["seed"], int, minimum=0)
+    max_new_tokens = as_number("max_new_tokens", values["max_new_tokens"], int, minimum=0, low_open=True)
+    temperature = as_number("temperature", values["temperature"], float, minimum=0)
+    top_p = as_number("top_p", values["top_p"], float, minimum=0, maximum=1, low_open=True)
+    seed = as_number("seed", values["seed"], int, minimum=0)
     chat = values["chat"].lower()
     if chat not in ("auto", "true", "false"):
         raise UsageError(f"chat={values['chat']!r} must be auto, true or false")
-    device = _choice("device", values["device"], ("auto", "cpu", "cuda")) if not values["device"].startswith("cuda:") \
+    device = as_choice("device", values["device"], ("auto", "cpu", "cuda")) if not values["device"].startswith("cuda:") \
         else values["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -278,18 +212,23 @@ COMMANDS["doctor"] = (DOCTOR_OPTIONS, cmd_doctor)
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE + "\n" + "\n\n".join(_help(n, o) for n, (o, _) in COMMANDS.items()))
+        print(USAGE + "\n" + "\n\n".join(help_text(n, o) for n, (o, _) in COMMANDS.items()))
         return 0
     name, args = argv[0], argv[1:]
+    if name == "train":  # Hydra overrides, not key=value options: Hydra parses them (and its --help)
+        from qlora.train.command import main as train
+
+        train(args)
+        return 0
     if name not in COMMANDS:
         print(f"qlora: unknown command {name!r}; commands: {', '.join(COMMANDS)} (see `qlora --help`)", file=sys.stderr)
         return 2
     options, command = COMMANDS[name]
     if any(a in ("-h", "--help", "help") for a in args):
-        print(_help(name, options))
+        print(help_text(name, options))
         return 0
     try:
-        return command(parse_options(name, args, options))
+        return command(parse_options(name, args, options, RENAMED_KEYS.get(name)))
     except UserError as err:
         # Input the user can fix from the message alone: one line (QLORA_DEBUG=1 adds the traceback).
         report(err)

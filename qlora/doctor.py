@@ -81,9 +81,9 @@ def interpreter_checks() -> dict:
 
 def predictions(arch: int) -> dict:
     """The model's forward estimates for sm_<arch> (or the nearest older arch modelled)."""
-    from qlora.kernels.dispatch_table import PREDICTIONS
+    from qlora.kernels.nf4.dispatch_table import PREDICTIONS
 
-    from qlora.kernels.ops import modelled_arch
+    from qlora.kernels.nf4.ops import modelled_arch
 
     if not PREDICTIONS:
         return {"arch": arch, "us": {}}
@@ -95,7 +95,7 @@ def time_paths(repeats: int = 20) -> list:
     """Forward microseconds per path at the Llama shapes on this GPU (CUDA events, median)."""
     import torch.nn.functional as F
 
-    from qlora.kernels import ops
+    from qlora.kernels.nf4 import ops
     from qlora.kernels.backend import set_backend
     from qlora.quant import quantize_4bit
 

@@ -243,20 +243,20 @@ EVAL_OPTIONS = {
 def cmd_eval(values: dict) -> int:
     import torch
 
-    from qlora.cli import UsageError, _bool, _number
+    from qlora.options import UsageError, as_bool, as_number
 
     target = values["run_dir"] or values["model"]
     if not target or (values["run_dir"] and values["model"]):
         raise UsageError("qlora eval: pass exactly one of run_dir=... or model=...; see `qlora eval --help`")
-    progress = _bool("progress", values["progress"])
+    progress = as_bool("progress", values["progress"])
     if not progress:
         import datasets
 
         datasets.disable_progress_bars()  # tokenization and file loading show their own bars
-    batch_size = _number("batch_size", values["batch_size"], int)
-    max_new_tokens = _number("max_new_tokens", values["max_new_tokens"], int)
-    max_seq_len = _number("max_seq_len", values["max_seq_len"], int) if values["max_seq_len"] else None
-    limit = _number("limit", values["limit"], int) if values["limit"] else None
+    batch_size = as_number("batch_size", values["batch_size"], int)
+    max_new_tokens = as_number("max_new_tokens", values["max_new_tokens"], int)
+    max_seq_len = as_number("max_seq_len", values["max_seq_len"], int) if values["max_seq_len"] else None
+    limit = as_number("limit", values["limit"], int) if values["limit"] else None
     tasks = [t.strip() for t in (values["tasks"] or "").split(",") if t.strip()]
     device = values["device"]
     if device == "auto":

@@ -27,19 +27,13 @@ QUANTIZE_OPTIONS = {
 METHODS = ("gptq",)
 
 
-def embedded_calibration_texts(count: int = 256) -> list[str]:
-    """The embedded model's pretraining documents (pydoc topics first): calibration that needs no download."""
-    from qlora.embedded import corpus
-
-    return corpus.documents(include_docstrings=False)[:count]
-
-
 def cmd_quantize(values: dict) -> int:
-    from qlora.cli import UsageError, _bool, _number
+    from qlora.options import UsageError, as_bool, as_number
 
     import qlora
+    from qlora.embedded import corpus
     from qlora.models.loading import default_device
-    from qlora.quant.gptq_config import GPTQQuantConfig
+    from qlora.quant.gptq.config import GPTQQuantConfig
 
     if values["method"] not in METHODS:
         raise UsageError(f"method={values['method']!r} is not supported; methods: {', '.join(METHODS)} (NF4/FP4 need no "
@@ -51,18 +45,18 @@ def cmd_quantize(values: dict) -> int:
         model = str(BASE_MODEL_DIR)
     dataset = values["dataset"]
     if dataset == "embedded":
-        dataset = embedded_calibration_texts()
-    seqlen = None if values["model_seqlen"] == "auto" else _number("model_seqlen", values["model_seqlen"], int)
+        dataset = corpus.calibration_texts()
+    seqlen = None if values["model_seqlen"] == "auto" else as_number("model_seqlen", values["model_seqlen"], int)
     config = GPTQQuantConfig(
-        bits=_number("bits", values["bits"], int), group_size=_number("group_size", values["group_size"], int),
-        desc_act=_bool("desc_act", values["desc_act"]), static_groups=_bool("static_groups", values["static_groups"]),
-        sym=_bool("sym", values["sym"]), true_sequential=_bool("true_sequential", values["true_sequential"]),
-        damp_percent=_number("damp_percent", values["damp_percent"], float), dataset=dataset, model_seqlen=seqlen,
-        max_calibration_samples=_number("samples", values["samples"], int))
+        bits=as_number("bits", values["bits"], int), group_size=as_number("group_size", values["group_size"], int),
+        desc_act=as_bool("desc_act", values["desc_act"]), static_groups=as_bool("static_groups", values["static_groups"]),
+        sym=as_bool("sym", values["sym"]), true_sequential=as_bool("true_sequential", values["true_sequential"]),
+        damp_percent=as_number("damp_percent", values["damp_percent"], float), dataset=dataset, model_seqlen=seqlen,
+        max_calibration_samples=as_number("samples", values["samples"], int))
     device = default_device() if values["device"] == "auto" else values["device"]
     quantized = qlora.load_model(model, quantization_config=config, device=device,
-                                 progress=_bool("progress", values["progress"]))
-    path = qlora.save_model(quantized, values["out"], overwrite=_bool("overwrite", values["overwrite"]))
+                                 progress=as_bool("progress", values["progress"]))
+    path = qlora.save_model(quantized, values["out"], overwrite=as_bool("overwrite", values["overwrite"]))
     print(f"wrote {path} (GPTQ {config.bits}-bit, group_size {config.group_size}"
           f"{', act-order' if config.desc_act else ''}, checkpoint_format gptq)")
     return 0

@@ -57,8 +57,9 @@ def test_quantize_command_rejects_bad_options(tmp_path, capsys):
 def test_gptq_recipes_compose_and_the_cache_is_keyed_by_the_options(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from qlora.quant.gptq_cache import cache_path, gptq_base, gptq_options
-    from qlora.train.schema import register, validate
+    from qlora.models.gptq_base import cache_path, gptq_base, gptq_options
+    from qlora.train.schema import register
+    from qlora.train.recipe_checks import validate
 
     register()
     recipes = str(Path(__file__).resolve().parents[1] / "recipes")

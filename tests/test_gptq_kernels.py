@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import qlora
-from qlora.kernels.gptq_reference import dequantize_gptq_torch, matmul_gptq_torch
-from qlora.quant.gptq_solver import gptq_quantize
+from qlora.kernels.gptq.reference import dequantize_gptq_torch, matmul_gptq_torch
+from qlora.quant.gptq.solver import gptq_quantize
 from helpers import rel_err, run_interpreter_child
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -44,7 +44,7 @@ CASES = [  # bits, out, in, group_size, act_order, sym
 @interpreter_only
 @pytest.mark.parametrize("bits, n, k, group_size, act_order, sym", CASES)
 def test_interp_dequantize_is_bit_exact(bits, n, k, group_size, act_order, sym):
-    from qlora.kernels.gptq_triton import dequantize_gptq_triton
+    from qlora.kernels.gptq.triton import dequantize_gptq_triton
 
     packed = weight(bits, n, k, group_size, act_order, sym)
     for dtype in (torch.float32, torch.float16):
@@ -56,7 +56,7 @@ def test_interp_dequantize_is_bit_exact(bits, n, k, group_size, act_order, sym):
 @pytest.mark.parametrize("m", [0, 1, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_interp_fused_forward_and_backward(bits, n, k, group_size, act_order, sym, m, dtype):
-    from qlora.kernels.gptq_triton import matmul_gptq_backward, matmul_gptq_forward
+    from qlora.kernels.gptq.triton import matmul_gptq_backward, matmul_gptq_forward
 
     packed = weight(bits, n, k, group_size, act_order, sym)
     x, grad, bias = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype), torch.randn(n, dtype=dtype)
@@ -79,7 +79,7 @@ GEMV_CASES = [  # bits, out, in, group_size, act_order: group 20 puts tiles acro
 @pytest.mark.parametrize("m", [1, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_interp_gemv_matches_the_twin(bits, n, k, group_size, act_order, m, dtype):
-    from qlora.kernels.gptq_triton import gemv_gptq
+    from qlora.kernels.gptq.triton import gemv_gptq
 
     packed = weight(bits, n, k, group_size, act_order, sym=False)
     x, bias = torch.randn(m, k, dtype=dtype), torch.randn(n, dtype=dtype)
@@ -115,10 +115,10 @@ triton = pytest.importorskip("triton")
 @pytest.mark.parametrize("arch", [80, 89, 90])
 def test_gptq_kernels_compile_for_each_architecture(arch):
     from qlora.kernels import launch
-    from qlora.kernels.gptq_triton import dequantize_gptq_triton, matmul_gptq_backward, matmul_gptq_forward
+    from qlora.kernels.gptq.triton import dequantize_gptq_triton, matmul_gptq_backward, matmul_gptq_forward
     from qlora.kernels.machine_code import MAX_SHARED_PER_BLOCK, TENSOR_CORE_MMAS, machine_code
 
-    from qlora.kernels.gptq_triton import GEMV_BITS, gemv_gptq
+    from qlora.kernels.gptq.triton import GEMV_BITS, gemv_gptq
 
     with launch.compile_only(arch) as compiled:
         # Every width on sm_90; on sm_80/89 the straddling 3-bit decode and 4-bit act-order (compile time is CI time).
@@ -168,8 +168,8 @@ def test_gptq_dispatch_table_is_the_models():
     sys.path.insert(0, str(RESULTS.parents[1]))
     from gptq_kernels_static import dispatch_table
 
-    from qlora.kernels.gptq_dispatch_table import PATHS
-    from qlora.kernels.gptq_ops import choose_path, path_table
+    from qlora.kernels.gptq.dispatch_table import PATHS
+    from qlora.kernels.gptq.ops import choose_path, path_table
 
     dispatch = json.loads(RESULTS.read_text())["dispatch"]
     expected = {arch: {d: {bits: {shape: tuple(map(tuple, buckets)) for shape, buckets in shapes.items()}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import qlora
-from qlora.quant.gptq_model import calibration_samples, calibration_texts
-from qlora.quant.gptq_solver import HessianAccumulator, NotPositiveDefiniteError, gptq_quantize, quantization_error
+from qlora.models.gptq_calibration import calibration_samples, calibration_texts
+from qlora.quant.gptq.solver import HessianAccumulator, NotPositiveDefiniteError, gptq_quantize, quantization_error
 from helpers import rel_err
 from tiny_models import VOCAB, save_tiny
 
@@ -108,7 +108,7 @@ class TwoStepBlock(torch.nn.Module):
 
 
 def test_true_sequential_groups_the_sublayers_by_the_input_they_share():
-    from qlora.quant.gptq_model import _linear_groups, capture_block_inputs
+    from qlora.models.gptq_calibration import _linear_groups, capture_block_inputs
     from tiny_models import build_model
 
     model = build_model("llama")

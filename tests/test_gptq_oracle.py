@@ -22,8 +22,8 @@ if importlib.util.find_spec("gptqmodel") is None:  # not importorskip: the impor
                 allow_module_level=True)
 
 import qlora  # noqa: E402
-from qlora.quant.gptq_model import calibration_samples  # noqa: E402
-from qlora.quant.gptq_solver import HessianAccumulator, quantization_error  # noqa: E402
+from qlora.models.gptq_calibration import calibration_samples  # noqa: E402
+from qlora.quant.gptq.solver import HessianAccumulator, quantization_error  # noqa: E402
 from helpers import rel_err  # noqa: E402
 from tiny_run import WORDS, save_tiny_model_with_tokenizer  # noqa: E402
 

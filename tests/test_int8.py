@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import qlora
-from qlora.config import quant_config_from_any
-from qlora.kernels import int8_ops, set_backend
-from qlora.kernels.int8_reference import int8_linear_torch
+from qlora.quant.config import quant_config_from_any
+from qlora.kernels.int8 import ops as int8_ops
+from qlora.kernels import set_backend
+from qlora.kernels.int8.reference import int8_linear_torch
 from qlora.nn.quantized import layer_class
 from qlora.quant import get_format
 from helpers import rel_err, requires_bnb

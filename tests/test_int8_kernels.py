@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qlora
-from qlora.kernels import int8_reference as reference
+from qlora.kernels.int8 import reference as reference
 from qlora.kernels import launch, set_backend
 from helpers import rel_err, run_interpreter_child
 
@@ -43,7 +43,7 @@ def _activations(m, k, dtype, outliers=True):
 @pytest.mark.parametrize("shape", [(1, 1), (37, 95), (16, 256), (64, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_interp_dequantize_bit_exact(shape, dtype):
-    from qlora.kernels.int8_dequantize import int8_dequantize_triton
+    from qlora.kernels.int8.dequantize import int8_dequantize_triton
 
     weight = _weight(*shape)
     assert torch.equal(int8_dequantize_triton(weight.codes, weight.scb, dtype),
@@ -55,7 +55,7 @@ def test_interp_dequantize_bit_exact(shape, dtype):
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_interp_activation_quantization_is_the_twin_byte_for_byte(m, k, threshold, dtype):
-    from qlora.kernels.int8_matmul import quantize_rows_triton
+    from qlora.kernels.int8.matmul import quantize_rows_triton
 
     a = _activations(m, k, dtype)
     codes, sca, cols = reference.int8_vectorwise_quant_torch(a, threshold)
@@ -72,7 +72,7 @@ def test_interp_activation_quantization_is_the_twin_byte_for_byte(m, k, threshol
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_interp_linear_matches_the_twin(m, n, k, threshold, dtype):
-    from qlora.kernels.int8_matmul import int8_linear_triton
+    from qlora.kernels.int8.matmul import int8_linear_triton
 
     weight = _weight(n, k)
     a = _activations(m, k, dtype)
@@ -105,8 +105,8 @@ def test_interp_the_layer_forward_and_backward_run_the_kernels():
 
 # ---- compiled for the GPUs ------------------------------------------------------------------------
 def compile_int8_launches(arch, dtype):
-    from qlora.kernels.int8_dequantize import int8_dequantize_triton
-    from qlora.kernels.int8_matmul import int8_linear_triton
+    from qlora.kernels.int8.dequantize import int8_dequantize_triton
+    from qlora.kernels.int8.matmul import int8_linear_triton
 
     weight = _weight(96, 320)
     bias = torch.randn(96, dtype=dtype)

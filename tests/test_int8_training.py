@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 import qlora
 from qlora.export import export_merged
 from qlora.train.recipes import quant_config
-from qlora.train.schema import ConfigError, register, validate
+from qlora.train.schema import ConfigError, register
+from qlora.train.recipe_checks import validate
 from tiny_run import overrides, save_tiny_model_with_tokenizer, write_copy_task
 
 ROOT = Path(__file__).resolve().parents[1]

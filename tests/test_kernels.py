@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import qlora
-from qlora.kernels import linear_4bit, ops, reference, set_backend
+from qlora.kernels import linear_4bit, set_backend
+from qlora.kernels.nf4 import ops, reference
 from qlora.kernels import backend
 from qlora.kernels.backend import use_triton
 from helpers import rel_err, run_interpreter_child
@@ -71,7 +72,7 @@ DEQUANT_CASES = [
 @interpreter_only
 @pytest.mark.parametrize("shape, quant_type, blocksize, double_quant, storage", DEQUANT_CASES)
 def test_interp_dequantize_bit_exact(shape, quant_type, blocksize, double_quant, storage):
-    from qlora.kernels.dequantize import dequantize_4bit_triton
+    from qlora.kernels.nf4.dequantize import dequantize_4bit_triton
 
     weight = quantized(shape, quant_type, blocksize, double_quant, storage)
     for dtype in (torch.float32, torch.float16):
@@ -83,7 +84,7 @@ def test_interp_dequantize_bit_exact(shape, quant_type, blocksize, double_quant,
 def test_interp_dequantize_float_storage_with_nan_bit_patterns():
     # Every byte value, fp16 storage: some 16-bit words are NaNs, which float arithmetic would
     # canonicalise. Reinterpreted as bytes they must decode exactly like the uint8 packing.
-    from qlora.kernels.dequantize import dequantize_4bit_triton
+    from qlora.kernels.nf4.dequantize import dequantize_4bit_triton
 
     shape = (40, 64)
     weight = quantized(shape, "nf4", 64, True)
@@ -115,8 +116,8 @@ def test_interp_row_tile_decode_is_bit_exact(kernel, quant_type, blocksize, doub
     # W as the matmul kernels decode it must be the dequantized W bit for bit. With fp32 one-hot
     # rows a product is one code * scale plus exact zeros (the fused fp32 dot is "ieee"), so the
     # output must be W itself, with every byte value 0..255 in the packing.
-    from qlora.kernels.gemv import gemv_4bit
-    from qlora.kernels.matmul import matmul_4bit_fused
+    from qlora.kernels.nf4.gemv import gemv_4bit
+    from qlora.kernels.nf4.matmul import matmul_4bit_fused
 
     weight = quantized((48, 64), quant_type, blocksize, double_quant)
     packed = torch.randint(0, 256, weight.packed.shape, dtype=torch.uint8)
@@ -137,8 +138,8 @@ def test_interp_row_tile_decode_is_bit_exact(kernel, quant_type, blocksize, doub
 @pytest.mark.parametrize("kernel", ("fused", "gemv"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
 def test_interp_kernel_forward_and_grad_input(kernel, dtype, m, out_features, in_features, quant_type, blocksize, double_quant):
-    from qlora.kernels.gemv import gemv_4bit, gemv_workspace_shape
-    from qlora.kernels.matmul import matmul_4bit_fused
+    from qlora.kernels.nf4.gemv import gemv_4bit, gemv_workspace_shape
+    from qlora.kernels.nf4.matmul import matmul_4bit_fused
 
     weight = quantized((out_features, in_features), quant_type, blocksize, double_quant)
     w = dense(weight, dtype)
@@ -197,7 +198,7 @@ def test_interp_layer_triton_matches_torch_backend(triton_backend):
 
 @interpreter_only
 def test_interp_dequantize_op_dispatches_to_triton(triton_backend, monkeypatch):
-    from qlora.kernels import dequantize
+    from qlora.kernels.nf4 import dequantize
 
     calls = []
     original = dequantize.dequantize_4bit_triton
@@ -239,8 +240,8 @@ def test_interp_row_offsets_past_int32(kernel):
     # Three rows 2**30 + 64 elements apart: row 2 starts past element 2**31, where an int32
     # offs_m * stride wraps negative. The buffer is reserved, never touched past these rows, so the
     # OS backs only the pages written here.
-    from qlora.kernels.gemv import gemv_4bit
-    from qlora.kernels.matmul import matmul_4bit_fused
+    from qlora.kernels.nf4.gemv import gemv_4bit
+    from qlora.kernels.nf4.matmul import matmul_4bit_fused
 
     in_features, stride = 128, 2**30 + 64
     weight = quantized((64, in_features), "nf4", 64, False)
@@ -262,7 +263,8 @@ def test_interp_self_check_catches_a_wrong_kernel_and_falls_back(triton_backend,
     import logging
     import warnings
 
-    from qlora.kernels import gemv, selfcheck
+    from qlora.kernels.nf4 import gemv
+    from qlora.kernels import selfcheck
 
     selfcheck.reset()
     original = gemv.gemv_4bit
@@ -298,7 +300,7 @@ def test_interp_self_checks_pass_on_the_real_kernels(path, dtype):
 
 # ---- CPU: dispatch, errors, torch.compile ---------------------------------------------------------
 def test_dispatch_rule_follows_the_model_table():
-    from qlora.kernels.dispatch_table import PATHS
+    from qlora.kernels.nf4.dispatch_table import PATHS
 
     assert set(PATHS) >= {80, 86, 89, 90}
     for arch, directions in PATHS.items():
@@ -323,7 +325,7 @@ def test_dispatch_rule_follows_the_model_table():
 
 
 def test_committed_model_results_agree_with_the_dispatch_table():
-    # benchmarks/results/kernels-static.json and kernels/dispatch_table.py come from one run of
+    # benchmarks/results/kernels-static.json and kernels/nf4/dispatch_table.py come from one run of
     # benchmarks/kernels_static.py: every dispatch row's path is what choose_path picks now, it is
     # within 5% of the fastest path the model knows, and the goals block is read from those rows.
     import json
@@ -368,7 +370,7 @@ def test_empty_batch_reference():
 
 
 def test_tf32_flag_read_through_the_new_api():
-    from qlora.kernels.matmul import input_precision
+    from qlora.kernels.nf4.matmul import input_precision
 
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
@@ -502,7 +504,7 @@ def test_compile_fullgraph_forward_and_backward(monkeypatch):
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
 @pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", False)])
 def test_gpu_dequantize_bit_exact(dtype, quant_type, double_quant):
-    from qlora.kernels.dequantize import dequantize_4bit_triton
+    from qlora.kernels.nf4.dequantize import dequantize_4bit_triton
 
     shape = (4097, 4095)  # odd numel
     weight = quantized(shape, quant_type, 64, double_quant, device="cuda")
@@ -530,7 +532,7 @@ def test_gpu_linear_4bit_paths(dtype, path, m):
 
 @requires_cuda
 def test_gpu_gemv_cuda_graph_replay():
-    from qlora.kernels.gemv import gemv_4bit, gemv_workspace_shape
+    from qlora.kernels.nf4.gemv import gemv_4bit, gemv_workspace_shape
 
     weight = quantized((4096, 4096), "nf4", 64, True, device="cuda")
     x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")

@@ -28,9 +28,9 @@ def quantized(shape, double_quant=True):
 
 def compile_4bit_launches(arch, dtype, double_quant=True):
     """Compile each launcher at the M values that select each of its block configurations."""
-    from qlora.kernels.dequantize import dequantize_4bit_triton
-    from qlora.kernels.gemv import gemv_4bit
-    from qlora.kernels.matmul import matmul_4bit_fused
+    from qlora.kernels.nf4.dequantize import dequantize_4bit_triton
+    from qlora.kernels.nf4.gemv import gemv_4bit
+    from qlora.kernels.nf4.matmul import matmul_4bit_fused
 
     out_features, in_features = 96, 320
     weight = quantized((out_features, in_features), double_quant)
@@ -85,8 +85,8 @@ LIMIT_CASES = [
 @pytest.mark.parametrize("arch", (80, 86, 90))
 @pytest.mark.parametrize("blocksize, in_features", LIMIT_CASES)
 def test_tiles_follow_the_arch_limits(arch, blocksize, in_features):
-    from qlora.kernels.gemv import gemv_4bit
-    from qlora.kernels.matmul import matmul_4bit_fused
+    from qlora.kernels.nf4.gemv import gemv_4bit
+    from qlora.kernels.nf4.matmul import matmul_4bit_fused
 
     packed, state = qlora.quantize_4bit(torch.randn(64, in_features) * 0.05, "nf4", blocksize, True)
     weight = state.packed_view(packed)
@@ -109,23 +109,25 @@ def test_4bit_kernels_compile_without_double_quant(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("grad_dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_adamw8bit_kernel_compiles_without_spills(arch, grad_dtype):
-    from qlora.kernels.adamw8bit import adamw8bit_update_triton
-    from qlora.quant.codes import dynamic_map
+    from qlora.kernels.optim import AdamW8bitHyper, AdamW8bitTensors
+    from qlora.kernels.optim.adamw8bit import adamw8bit_update_triton
+    from qlora.quant.nf4.codes import dynamic_map
 
     numel, blocksize = 4113, 256
     blocks = -(-numel // blocksize)
     param = torch.randn(numel)
     with launch.compile_only(arch) as compiled:
-        adamw8bit_update_triton(param, torch.randn(numel, dtype=grad_dtype), torch.zeros(numel, dtype=torch.uint8),
-                          torch.ones(blocks), torch.zeros(numel, dtype=torch.uint8), torch.ones(blocks),
-                          dynamic_map("cpu", signed=True), dynamic_map("cpu", signed=False),
-                          step=3, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, blocksize=blocksize)
+        adamw8bit_update_triton(
+            AdamW8bitTensors(param, torch.randn(numel, dtype=grad_dtype), torch.zeros(numel, dtype=torch.uint8),
+                             torch.ones(blocks), torch.zeros(numel, dtype=torch.uint8), torch.ones(blocks),
+                             dynamic_map("cpu", signed=True), dynamic_map("cpu", signed=False)),
+            AdamW8bitHyper(step=3, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, blocksize=blocksize))
     assert [launched.name for launched in compiled] == ["_adamw8bit_kernel"]
     check_launchable(compiled[0], arch)
 
 
 def test_compile_only_runs_nothing_and_restores_the_driver():
-    from qlora.kernels.dequantize import dequantize_4bit_triton
+    from qlora.kernels.nf4.dequantize import dequantize_4bit_triton
 
     weight = quantized((8, 64))
     out = torch.full((8, 64), 7.0)
@@ -179,10 +181,10 @@ def test_dequantize_bounds_and_indices_are_int64_near_2_31(monkeypatch):
     # 2**31 - 1: the tensors are allocated but never touched, so no memory is used.
     import re
 
-    from qlora.kernels import dequantize
-    from qlora.kernels.checks import MAX_TRITON_NUMEL
-    from qlora.kernels.packed import Packed4bit
-    from qlora.quant.codes import get_4bit_code
+    from qlora.kernels.nf4 import dequantize
+    from qlora.kernels.nf4.checks import MAX_TRITON_NUMEL
+    from qlora.kernels.nf4.packed import Packed4bit
+    from qlora.quant.nf4.codes import get_4bit_code
 
     numel, blocksize = MAX_TRITON_NUMEL, 4096
     blocks = triton.cdiv(numel, blocksize)

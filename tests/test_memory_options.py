@@ -7,7 +7,8 @@ import qlora
 from qlora.lora import attach_lora
 from qlora.train.loss import ChunkedLossError, check_chunked_loss, token_loss_sum
 from qlora.train.offload import ActivationOffloader
-from qlora.train.schema import ConfigError, validate
+from qlora.train.schema import ConfigError
+from qlora.train.recipe_checks import validate
 from helpers import rel_err
 from tiny_models import VOCAB, save_tiny
 

@@ -119,7 +119,7 @@ def test_8bit_optimizer_loads_a_32bit_state_within_quantization_error():
     train(model, reference, batches(3))
     eight = PagedAdamW8bit(model.parameters(), lr=1e-3)
     eight.load_state_dict(reference.state_dict())
-    from qlora.kernels.reference import dequantize_blockwise_8bit
+    from qlora.kernels.optim.reference import dequantize_blockwise_8bit
     from qlora.quant import dynamic_map
 
     for index, state in reference.state_dict()["state"].items():

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import qlora.kernels
-from qlora.kernels import reference, set_backend
+from qlora.kernels.optim import reference
+from qlora.kernels import set_backend
+from qlora.kernels.optim import AdamW8bitHyper, AdamW8bitTensors
 from qlora.quant import dynamic_map
 from helpers import rel_err, run_interpreter_child
 
@@ -62,8 +64,15 @@ def assert_guards_intact(state, buffers):
 
 
 def step_(update, state, grad, step, **hyper):
-    update(state["param"], grad, state["exp_avg"], state["exp_avg_absmax"], state["exp_avg_sq"],
-           state["exp_avg_sq_absmax"], *codes(grad.device), step=step, **{**HYPER, **hyper})
+    """One step of `update`, an implementation taking (AdamW8bitTensors, AdamW8bitHyper)."""
+    signed, unsigned = codes(grad.device)
+    update(AdamW8bitTensors(grad=grad, **state, signed_code=signed, unsigned_code=unsigned),
+           AdamW8bitHyper(step=step, **{**HYPER, **hyper}))
+
+
+def public_op(tensors, hyper):
+    """qlora.kernels.adamw8bit_update_ (the op users call, with its keyword form) as an implementation."""
+    qlora.kernels.adamw8bit_update_(*tensors, **hyper._asdict())
 
 
 def assert_param_close(got, want, before):
@@ -111,7 +120,7 @@ if INTERPRETED:  # a jit kernel resolves names in its module's globals; the pare
     import triton
     import triton.language as tl
 
-    from qlora.kernels.adamw8bit import _nearest_code
+    from qlora.kernels.optim.adamw8bit import _nearest_code
 
     @triton.jit
     def _nearest_kernel(x_ptr, midpoints_ptr, out_ptr, N: tl.constexpr):
@@ -128,7 +137,7 @@ def test_optim_kernels_in_interpreter():
 @pytest.mark.parametrize("n", (1, 255, 256, 257, 1000, 4096 + 17))
 @pytest.mark.parametrize("param_dtype, grad_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16)])
 def test_interp_matches_reference(n, param_dtype, grad_dtype):
-    from qlora.kernels.adamw8bit import adamw8bit_update_triton
+    from qlora.kernels.optim.adamw8bit import adamw8bit_update_triton
 
     compare_steps(adamw8bit_update_triton, n, param_dtype, grad_dtype)
 
@@ -140,7 +149,7 @@ def test_interp_matches_reference(n, param_dtype, grad_dtype):
     (torch.float16, dict(weight_decay=0.0, lr=1e-3, beta2=0.95)),  # fp16 grad into an fp32 param
 ])
 def test_interp_matches_reference_special_cases(grad_dtype, hyper):
-    from qlora.kernels.adamw8bit import adamw8bit_update_triton
+    from qlora.kernels.optim.adamw8bit import adamw8bit_update_triton
 
     got, _ = compare_steps(adamw8bit_update_triton, 1000, torch.float32, grad_dtype, steps=2, **hyper)
     if "zero_block" in hyper:
@@ -155,7 +164,7 @@ def test_interp_non_finite_gradients_match_reference():
     # A NaN gradient makes its block's absmax NaN in the reference (amax propagates NaN; tl.max
     # would drop it), the NaN moment gets code 255 (bucketize puts NaN past every midpoint; the
     # binary search would stop at 0), and an inf gradient gives inf / inf = NaN the same way.
-    from qlora.kernels.adamw8bit import adamw8bit_update_triton
+    from qlora.kernels.optim.adamw8bit import adamw8bit_update_triton
 
     n = 1000
     want = random_state(n, torch.float32)
@@ -177,7 +186,7 @@ def test_interp_non_finite_gradients_match_reference():
 def test_interp_nearest_code_is_bucketize():
     # Scaled values exactly on every midpoint (ties go to the lower code), one float either side,
     # on the codes themselves, and at the ends of the range.
-    from qlora.kernels.adamw8bit import code_midpoints
+    from qlora.kernels.optim.adamw8bit import code_midpoints
 
     for code in codes():
         mid = 0.5 * (code[:-1] + code[1:])
@@ -191,7 +200,7 @@ def test_interp_nearest_code_is_bucketize():
 
 @interpreter_only
 def test_interp_midpoints_cache_follows_in_place_edits():
-    from qlora.kernels.adamw8bit import code_midpoints
+    from qlora.kernels.optim.adamw8bit import code_midpoints
 
     code = dynamic_map(signed=False).clone()
     table = code_midpoints(code)
@@ -202,14 +211,14 @@ def test_interp_midpoints_cache_follows_in_place_edits():
 
 @interpreter_only
 def test_interp_dispatch_runs_the_kernel(monkeypatch):
-    from qlora.kernels import adamw8bit
+    from qlora.kernels.optim import adamw8bit
 
     calls = []
     original = adamw8bit.adamw8bit_update_triton
     monkeypatch.setattr(adamw8bit, "adamw8bit_update_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
     set_backend("triton")
     try:
-        compare_steps(qlora.kernels.adamw8bit_update_, 300, torch.float32, torch.float32, steps=1)
+        compare_steps(public_op, 300, torch.float32, torch.float32, steps=1)
     finally:
         set_backend(None)
     assert calls
@@ -219,9 +228,9 @@ def test_interp_dispatch_runs_the_kernel(monkeypatch):
 @pytest.mark.parametrize("backend", ("torch", "auto"))
 def test_dispatch_uses_the_reference_on_cpu(monkeypatch, backend):
     monkeypatch.setenv("QLORA_BACKEND", backend)
-    monkeypatch.delitem(sys.modules, "qlora.kernels.adamw8bit", raising=False)
-    compare_steps(qlora.kernels.adamw8bit_update_, 257, torch.float32, torch.float32, steps=2)
-    assert "qlora.kernels.adamw8bit" not in sys.modules  # the CPU path never imports the kernel
+    monkeypatch.delitem(sys.modules, "qlora.kernels.optim.adamw8bit", raising=False)
+    compare_steps(public_op, 257, torch.float32, torch.float32, steps=2)
+    assert "qlora.kernels.optim.adamw8bit" not in sys.modules  # the CPU path never imports the kernel
 
 
 def test_dispatch_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
@@ -229,7 +238,7 @@ def test_dispatch_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     state = random_state(10, torch.float32)
     with pytest.raises(RuntimeError, match="cannot run on cpu tensors.*TRITON_INTERPRET=1"):
-        step_(qlora.kernels.adamw8bit_update_, state, torch.randn(10), 1)
+        step_(public_op, state, torch.randn(10), 1)
 
 
 def test_dispatch_updates_a_leaf_that_requires_grad(monkeypatch):
@@ -238,7 +247,7 @@ def test_dispatch_updates_a_leaf_that_requires_grad(monkeypatch):
     state = random_state(10, torch.float32)
     state["param"].requires_grad_(True)
     before = state["param"].detach().clone()
-    step_(qlora.kernels.adamw8bit_update_, state, torch.randn(10), 1)
+    step_(public_op, state, torch.randn(10), 1)
     assert not torch.equal(state["param"].detach(), before)
 
 
@@ -289,7 +298,7 @@ def test_input_errors(monkeypatch, break_args, error, message):
 @pytest.mark.parametrize("param_dtype, grad_dtype", [
     (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.float32, torch.bfloat16)])
 def test_gpu_matches_reference(param_dtype, grad_dtype):
-    from qlora.kernels.adamw8bit import adamw8bit_update_triton
+    from qlora.kernels.optim.adamw8bit import adamw8bit_update_triton
 
     n = (1 << 24) + 17  # a partial last block
     want = random_state(n, param_dtype, "cuda")

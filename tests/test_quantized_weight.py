@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import qlora
 from qlora.kernels import set_backend
-from qlora.config import register_quant_config
+from qlora.quant.config import register_quant_config
 from qlora.lora import attach_lora
 from qlora.nn import QuantizedLinear
 from qlora.quant import QuantizedWeight, Weight4bit, get_format, register_format, registered_formats

@@ -6,7 +6,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from qlora.train.schema import ConfigError, register, validate
+from qlora.train.schema import ConfigError, register
+from qlora.train.recipe_checks import validate
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 register()

@@ -93,3 +93,9 @@ if __name__ == "__main__":
     print(f"pydoc topics: {len(topics)} docs, {sum(map(len, topics)):,} chars")
     print(f"stdlib docstrings: {len(stdlib)} files, {sum(map(len, stdlib)):,} chars")
     print(f"total: {len(text):,} chars, sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}")
+
+
+def calibration_texts(count: int = 256) -> list[str]:
+    """The embedded model's pretraining documents (pydoc topics first): GPTQ calibration that needs no
+    download (`qlora quantize dataset=embedded`, `quantization.gptq.dataset=embedded`)."""
+    return documents(include_docstrings=False)[:count]

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from qlora.config import QuantConfig
+from qlora.quant.nf4.config import QuantConfig
 from qlora.data.formats import PROMPT_FORMAT_FILE
 from qlora.errors import OptionError, OutputExistsError
 from qlora.export.merge import BASES, AdapterMismatchError, merge_to_hf_dir, parse_dtype_option, read_merge_record
@@ -151,7 +151,7 @@ def _requantization_config(q: dict, format: str, compute_dtype):
     """How format="nf4" / "int8" re-quantize the merge: the base's own settings when it was in that
     format (NF4 double quant and blocksize; the int8 threshold), else the format's defaults."""
     if format == "int8":
-        from qlora.quant.int8_config import Int8Config
+        from qlora.quant.int8.config import Int8Config
 
         threshold = q.get("quantization_config", {}).get("llm_int8_threshold", 6.0) if q["format"] == "int8" else 6.0
         return Int8Config(threshold=threshold, skip_modules=q["skip_modules"], compute_dtype=compute_dtype)

@@ -26,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 
-from qlora.config import QuantConfig, quant_config_from_any
+from qlora.quant.nf4.config import QuantConfig
+from qlora.quant.config import quant_config_from_any
 from qlora.errors import DamagedFileError, InputPathError, OptionError, UserError
 from qlora.export.source import AdapterSource
 from qlora.export.writer import ShardWriter

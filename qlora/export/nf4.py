@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from qlora.config import QuantConfig
+from qlora.quant.nf4.config import QuantConfig
 from qlora.models import load_model, save_model
 
 # Fixed sequences: deterministic token ids spread over the vocabulary (no tokenizer needed).

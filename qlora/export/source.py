@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from qlora.config import QuantConfig
+from qlora.quant.nf4.config import QuantConfig
 from qlora.errors import InputPathError, OptionError
 from qlora.train.recipes import dense_dtype, model_path, quant_config
 
@@ -109,7 +109,7 @@ def resolve_source(run_or_adapter_dir: str | Path, base_model: Optional[str] = N
         # A LoftQ run trained against its own quantized base (saved with the run), not against Q(W).
         base = base_model or run_base_dir(run_dir) or model_path(cfg.model.name_or_path)
         if q.get("method", "bitsandbytes") == "gptq" and base_model is None:  # the GPTQ checkpoint it trained on
-            from qlora.quant.gptq_cache import gptq_base
+            from qlora.models.gptq_base import gptq_base
 
             base = gptq_base(base, q["gptq"], create=False)
         return AdapterSource(

@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from qlora.config import quant_config_from_any
-from qlora.quant.gptq_config import read_quantize_config
+from qlora.quant.config import quant_config_from_any
+from qlora.quant.gptq.config import read_quantize_config
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
 from qlora.nn.quantized import layer_class
 
@@ -96,7 +96,10 @@ def load_model(
                                                   getattr(qconfig, "checkpoint_options", dict)())
     elif not prequantized and getattr(qconfig, "calibrating", False):
         # A format whose quantizer needs calibration activations (GPTQ) runs the dense model block by block.
-        model = qconfig.load_and_quantize(directory, device, dtype, trust_remote_code, attn_implementation, progress)
+        from qlora.models.gptq_calibration import load_and_quantize
+
+        model = load_and_quantize(Path(directory), qconfig, torch.device(device), dtype, trust_remote_code,
+                                  attn_implementation, progress)
     else:
         model = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
         if plan is not None:

@@ -5,10 +5,10 @@ from typing import Optional
 
 import torch
 
-from qlora.config import QuantConfig
+from qlora.quant.nf4.config import QuantConfig
 from qlora.nn.quantized import QuantizedLinear
 from qlora.quant import QuantState
-from qlora.quant.weight4bit import Weight4bit
+from qlora.quant.nf4.weight import Weight4bit
 
 
 class Linear4bit(QuantizedLinear):

@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 
 from qlora.nn.quantized import QuantizedLinear
-from qlora.quant.int8 import DEFAULT_THRESHOLD, Weight8bit, check_threshold
-from qlora.quant.int8_config import Int8Config
+from qlora.quant.int8.weight import DEFAULT_THRESHOLD, Weight8bit, check_threshold
+from qlora.quant.int8.config import Int8Config
 
 
 class Linear8bit(QuantizedLinear):

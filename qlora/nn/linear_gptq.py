@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 
 from qlora.nn.quantized import QuantizedLinear
-from qlora.quant.gptq_config import GPTQQuantConfig
-from qlora.quant.gptq_weight import GPTQWeight
+from qlora.quant.gptq.config import GPTQQuantConfig
+from qlora.quant.gptq.weight import GPTQWeight
 
 
 class LinearGPTQ(QuantizedLinear):

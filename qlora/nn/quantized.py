@@ -89,7 +89,7 @@ class QuantizedLinear(nn.Module):
         self.hold(type(self._template).quantize(weight, **self.current_options()), bias)
 
     def quant_config(self, skip_modules=None):
-        """The registered quantization config (qlora.config) that describes this layer's format in
+        """The registered quantization config (qlora.quant.nf4.config) that describes this layer's format in
         config.json; the format's layer class defines it."""
         raise NotImplementedError(f"{type(self).__name__} holding {type(self._template).__name__} has no config.json "
                                   "form; register a QuantizedLinear subclass for the format that defines quant_config")

@@ -20,10 +20,10 @@ from typing import Iterable, Optional
 
 import torch
 
-from qlora.kernels import reference
-from qlora.kernels.optim import adamw8bit_update_
+from qlora.kernels.optim import reference
+from qlora.kernels.optim.ops import adamw8bit_update_
 from qlora.optim.pages import DevicePager, Segment, StateLayout, StateSpec, local_tensor
-from qlora.quant.codes import dynamic_map
+from qlora.quant.nf4.codes import dynamic_map
 
 BLOCKSIZE = 256
 _FP32_STATES = (StateSpec("exp_avg", torch.float32), StateSpec("exp_avg_sq", torch.float32))

@@ -1,4 +1,5 @@
-"""Recipe checks Hydra's structured config cannot make: keys added with `+`, and `_target_` nodes.
+"""Recipe checks: ranges and choices (`validate`, run before anything loads), and what Hydra's
+structured config cannot check: keys added with `+`, and `_target_` nodes.
 
 Hydra refuses an unknown key given plainly (`trainer.max_step=10`), but `+trainer.max_step=10`, as
 Hydra's own hint suggests, adds it even to a structured node, and the run then ignores it. The
@@ -17,6 +18,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, ListConfig
 
+from qlora.kernels.nf4.format import check_blocksize
 from qlora.train.schema import ConfigError, RunConfig
 
 # Hydra's own keys on a _target_ node; never passed to the target.
@@ -142,3 +144,120 @@ def _check_target_keys(node_key: str, node: DictConfig) -> None:
             valid = [f"{node_key}.{name}" for name in accepted if name not in _PASSED_BY_TRAINER[node_key]]
             raise ConfigError(f"unknown recipe key {node_key}.{key}: {target} takes no argument {key!r}; "
                               f"{_closest(f'{node_key}.{key}', valid)}")
+
+
+# ---- ranges and choices: `validate` runs every check ------------------------------------------
+_CHOICES = {
+    "quantization.quant_type": ("nf4", "fp4", "int8", "none"),
+    "quantization.method": ("bitsandbytes", "gptq"),
+    "quantization.compute_dtype": ("bfloat16", "float16", "float32"),
+    "quantization.quant_storage": ("uint8", "bfloat16", "float16", "float32"),
+    "lora.bias": ("none", "all", "lora_only"),
+    "lora.init": ("default", "loftq"),
+    "trainer.mixed_precision": ("no", "bf16", "fp16"),
+    "logger.backend": ("jsonl", "wandb"),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
+    "distributed.strategy": ("none", "ddp", "fsdp2"),
+}
+_POSITIVE = ("lora.r", "data.max_seq_len", "trainer.max_steps", "trainer.micro_batch_size",
+             "trainer.gradient_accumulation_steps", "trainer.keep_last", "trainer.max_new_tokens",
+             "trainer.log_every")
+_NON_NEGATIVE = ("lora.dropout", "trainer.max_grad_norm", "trainer.eval_every", "trainer.save_every",
+                 "trainer.eval_batches", "trainer.eval_samples", "trainer.exact_match_examples",
+                 "quantization.threshold")
+
+
+def _get(cfg: DictConfig, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and choice checks; raises ConfigError naming the key, the value and the fix."""
+    check_unknown_keys(cfg)
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}; set {key}=<one of them>")
+    for key in _POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
+    try:
+        check_blocksize(cfg.quantization.blocksize)
+    except ValueError as err:
+        raise ConfigError(f"quantization.{err}") from None
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.trainer.activation_offload and not cfg.trainer.gradient_checkpointing:
+        raise ConfigError("trainer.activation_offload=true offloads the inputs of checkpointed layers and needs "
+                          "trainer.gradient_checkpointing=true; set it, or set trainer.activation_offload=false")
+    if cfg.trainer.loss_chunk_size is not None and cfg.trainer.loss_chunk_size <= 0:
+        raise ConfigError(f"trainer.loss_chunk_size must be > 0 or null, got {cfg.trainer.loss_chunk_size}")
+    _validate_lora_init(cfg)
+    _validate_distributed(cfg)
+    for key in ("optimizer", "scheduler", "data.format"):
+        node = _get(cfg, key)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"{key} must be a node with a _target_ (an importable class or function), got {node!r}")
+    if cfg.trainer.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"trainer.nonfinite={cfg.trainer.nonfinite!r} is not one of stop, skip; "
+                          "set trainer.nonfinite=stop or trainer.nonfinite=skip")
+    if cfg.trainer.max_nonfinite_skips < 0:
+        raise ConfigError(f"trainer.max_nonfinite_skips must be >= 0, got {cfg.trainer.max_nonfinite_skips}")
+    check_targets(cfg)
+
+
+def _validate_lora_init(cfg: DictConfig) -> None:
+    if cfg.lora.init != "loftq":
+        return
+    if cfg.lora.loftq_iter < 1:
+        raise ConfigError(f"lora.loftq_iter must be >= 1 (LoftQ alternations of quantize and SVD), got "
+                          f"{cfg.lora.loftq_iter}")
+    if cfg.quantization.quant_type == "none":
+        raise ConfigError("lora.init=loftq corrects the quantization error, and quantization=none has none; "
+                          "set quantization=nf4 (or fp4), or lora.init=default")
+    if cfg.lora.use_dora:
+        raise ConfigError("lora.init=loftq with lora.use_dora=true is not supported (DoRA's magnitude is taken from "
+                          "the base before LoftQ rewrites it); set lora.use_dora=false or lora.init=default")
+
+
+def _validate_distributed(cfg: DictConfig) -> None:
+    d = cfg.distributed
+    if d.timeout_s <= 0:
+        raise ConfigError(f"distributed.timeout_s must be > 0, got {d.timeout_s}")
+    for key in ("hybrid_shard", "cpu_offload"):
+        if d[key] and d.strategy != "fsdp2":
+            raise ConfigError(f"distributed.{key}=true is an FSDP2 option; set distributed=fsdp2 or "
+                              f"distributed.{key}=false")
+    if d.low_memory_load:
+        _validate_low_memory_load(cfg)
+    if d.strategy != "none" and cfg.trainer.chunked_loss:
+        raise ConfigError(f"trainer.chunked_loss=true calls the LM head outside the {d.strategy} wrapper, which "
+                          f"would skip its gradient sync / parameter gathering; set trainer.chunked_loss=false "
+                          f"with distributed={d.strategy}")
+
+
+def _validate_low_memory_load(cfg: DictConfig) -> None:
+    if cfg.distributed.strategy != "fsdp2":
+        raise ConfigError(
+            f"distributed.low_memory_load=true loads each rank's FSDP2 shards and applies to distributed=fsdp2 only; "
+            f"with distributed={cfg.distributed.strategy} every process holds the whole base, which the normal "
+            "loader already streams one tensor at a time: set distributed.low_memory_load=false (or distributed=fsdp2)")
+    refused = {
+        "quantization.quant_type=none": cfg.quantization.quant_type == "none",
+        "quantization.method=gptq": cfg.quantization.get("method", "bitsandbytes") == "gptq",
+        "lora.init=loftq": cfg.lora.init == "loftq",
+        "lora.use_dora=true": cfg.lora.use_dora,
+    }
+    for option, applies in refused.items():
+        if applies:
+            raise ConfigError(f"distributed.low_memory_load=true cannot be combined with {option}: it needs the whole "
+                              "dense or quantized base on one process before sharding (calibration, LoftQ's SVD, "
+                              "DoRA's weight norm); set distributed.low_memory_load=false")

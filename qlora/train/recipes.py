@@ -7,15 +7,17 @@ from typing import TYPE_CHECKING, Iterable, Optional
 
 from omegaconf import DictConfig
 
-from qlora.train.schema import register, validate
+import qlora.recipes
+from qlora.train.schema import register
+from qlora.train.recipe_checks import validate
 
 if TYPE_CHECKING:
     import torch
 
-    from qlora.config import QuantConfig
+    from qlora.quant.nf4.config import QuantConfig
 
-# recipes/ sits beside the package in the repository (an editable install keeps it there).
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+# The repository's recipes/, installed as the package qlora.recipes (an editable install keeps it in place).
+RECIPES_DIR = Path(qlora.recipes.__file__).resolve().parent
 
 
 def compose_recipe(overrides: Iterable[str] = (), recipes_dir: Optional[Path] = None) -> DictConfig:
@@ -50,14 +52,14 @@ def quant_config(quantization):
     skip = q.get("skip_modules")
     skip = list(skip) if skip is not None else None
     if q.get("method", "bitsandbytes") == "gptq":  # the checkpoint's own quantize_config describes the rest
-        from qlora.quant.gptq_config import GPTQQuantConfig
+        from qlora.quant.gptq.config import GPTQQuantConfig
 
         return GPTQQuantConfig(compute_dtype=q["compute_dtype"])
     if q["quant_type"] == "int8":
-        from qlora.quant.int8_config import Int8Config
+        from qlora.quant.int8.config import Int8Config
 
         return Int8Config(threshold=q.get("threshold", 6.0), compute_dtype=q["compute_dtype"], skip_modules=skip)
-    from qlora.config import QuantConfig
+    from qlora.quant.nf4.config import QuantConfig
 
     return QuantConfig(quant_type=q["quant_type"], double_quant=q["double_quant"], compute_dtype=q["compute_dtype"],
                        blocksize=q["blocksize"], quant_storage=q["quant_storage"], skip_modules=skip)

@@ -1,11 +1,10 @@
 """run(cfg): build everything a recipe describes and train. Called by train.py under Hydra."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from hydra.utils import instantiate
@@ -16,30 +15,16 @@ from qlora.errors import DamagedFileError, UserError
 from qlora.train import checkpoint as ckpt
 from qlora.train.recipes import dense_dtype, model_path, quant_config
 from qlora.train.report import format_summary, plot_loss_curve, write_summary
-from qlora.train.schema import ConfigError, validate
+from qlora.train.schema import ConfigError
+from qlora.train.recipe_checks import validate
 from qlora.train.tracking import MetricsLogger
-from qlora.train.trainer import Trainer, peak_memory_bytes
+from qlora.train.trainer import Trainer, TrainingSetup, peak_memory_bytes
 
 log = logging.getLogger("qlora.train")
 
 
 class RunInterrupted(UserError):
     """Ctrl-C: the message says where the run stopped and how to continue it."""
-
-
-@dataclasses.dataclass
-class TrainingSetup:
-    """What build() makes from a recipe: the trainer's inputs."""
-
-    accelerator: Any  # accelerate.Accelerator
-    model: torch.nn.Module  # the 4-bit base with LoRA, prepared by accelerate
-    tokenizer: Any
-    train_data: Any  # datasets.Dataset of tokenized (maybe packed) examples
-    eval_data: Any  # datasets.Dataset or None
-    collator: Any  # qlora.data.Collator
-    optimizer: torch.optim.Optimizer
-    scheduler: Any  # torch LR scheduler
-    prompt_format: dict  # the resolved data.format node, recorded with every adapter for generation
 
 
 def _hydra_run_dir() -> Path:
@@ -84,7 +69,7 @@ def load_base(cfg: DictConfig, device):
         else:
             if cfg.quantization.get("method", "bitsandbytes") == "gptq":
                 # Train on a GPTQ checkpoint of the model, quantized on first use and cached.
-                from qlora.quant.gptq_cache import gptq_base
+                from qlora.models.gptq_base import gptq_base
 
                 directory = gptq_base(directory, OmegaConf.to_container(cfg.quantization.gptq), device=device)
             model = qlora.load_model(directory, quant_config(cfg.quantization), device=device,

@@ -2,13 +2,14 @@
 accumulation, clipping, evaluation, atomic checkpoints and exact resume."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -24,10 +25,22 @@ from qlora.train.loss import check_chunked_loss, token_loss_sum
 from qlora.train.offload import ActivationOffloader
 from qlora.train.state import TrainerState
 
-if TYPE_CHECKING:
-    from qlora.train.runner import TrainingSetup
-
 log = logging.getLogger("qlora.train")
+
+
+@dataclasses.dataclass
+class TrainingSetup:
+    """What runner.build() makes from a recipe: the trainer's inputs."""
+
+    accelerator: Any  # accelerate.Accelerator
+    model: torch.nn.Module  # the 4-bit base with LoRA, prepared by accelerate
+    tokenizer: Any
+    train_data: Any  # datasets.Dataset of tokenized (maybe packed) examples
+    eval_data: Any  # datasets.Dataset or None
+    collator: Any  # qlora.data.Collator
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # torch LR scheduler
+    prompt_format: dict  # the resolved data.format node, recorded with every adapter for generation
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -62,7 +75,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg, run_dir: Path, setup: "TrainingSetup", metrics):
+    def __init__(self, cfg, run_dir: Path, setup: TrainingSetup, metrics):
         self.cfg, self.t = cfg, cfg.trainer
         self.run_dir, self.accelerator = run_dir, setup.accelerator
         self.model, self.tokenizer = setup.model, setup.tokenizer

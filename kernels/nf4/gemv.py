@@ -1,0 +1,253 @@
+"""Triton: decode GEMV (M = 1 and small batches), split-K over the weight, fp32 partial sums.
+
+At M <= 16 the product is bound by reading W: 4096x4096 NF4+DQ is 8.65 MB, ~3 us at 3 TB/s, and
+every row of the batch must reuse the same bytes. So one program owns a [BLOCK_N, R / SPLIT_K]
+slab of W, decodes each tile once and multiplies it against all M rows (a broadcast product and a
+sum over R; tl.dot would pad M to 16). With only cols / BLOCK_N = 64 column tiles for N = 4096,
+the K dimension is split to give the 132 SMs of an H100 enough programs.
+
+At this size the decode, not DRAM, is what can limit it: 4096x4096 is 16.8M elements, and at one
+load instruction per element an H100 spends about as long issuing loads (~2.3 us) as reading the
+bytes. When rows of W hold whole quantization blocks (in_features % blocksize == 0, every Llama-
+family shape) tiles are decoded by decode_row_tile: contiguous bytes, both nibbles of a byte from
+one load, one scale per block. Compiled for sm_90 that is 42 global loads per 32 elements a
+thread decodes (1.3 per element) where the per-element decode_4bit took 165 (5.2); see
+benchmarks/kernels_static.py.
+
+The split partial sums go to an fp32 workspace [SPLIT_K, M, cols] and a second kernel adds them,
+the bias, and casts: deterministic (atomics would reorder the sum run to run) and fp32 throughout
+(bf16 atomics do not exist). For M=1, N=4096 and SPLIT_K=4 the workspace is 64 KB, <1% of W.
+
+`gemv_4bit` takes preallocated `out` and `workspace` and does no host sync (no .item(), the
+offset is read through a pointer), so a decode step built on it can be captured in a CUDA graph,
+which removes the 10-20 us of Python launch overhead per layer that would otherwise dominate.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
+from qlora.kernels.nf4.packed import Packed4bit
+from qlora.kernels.nf4.dequantize import decode_4bit, decode_row_tile, weight_pointers, whole_block_tiles
+from qlora.kernels.launch import launch
+from qlora.kernels.nf4.matmul import weight_strides
+
+GEMV_BLOCK_M = 16  # rows per program
+# Products a program may keep in registers across the loop: 4096 fp32 over 128 threads = 32 each.
+# A per-element decode keeps an index, a byte and a scale chain live per weight besides: at 4096
+# products (1 x 64 x 64, blocksize 4096, backward) sm_90 took 255 registers and spilled 24 B; at
+# 2048 (1 x 64 x 32) 96 registers and no spill, the same instructions per weight.
+GEMV_REGISTER_PRODUCTS = 4096
+GEMV_REGISTER_PRODUCTS_PER_ELEMENT = 2048
+
+
+def gemv_register_products(whole_blocks: bool) -> int:
+    return GEMV_REGISTER_PRODUCTS if whole_blocks else GEMV_REGISTER_PRODUCTS_PER_ELEMENT
+
+
+def gemv_num_warps(block_m: int, block_n: int, block_r: int, whole_blocks: bool, transpose_weight: bool) -> int:
+    """Warps of a GEMV program. In backward, 8-row tiles that reduce per tile (past the register
+    array) and hold 8192 products (8 x 64 x 16) spilled 8 B at 4 warps on sm_80 (64 registers); at 2
+    warps they compile to 64-127 registers and no spill on every arch, and issue fewer warp
+    instructions per weight (2 x 495 against 4 x 329 on sm_80): the cross-warp part of each tile's
+    sum goes away. Elsewhere 2 warps cost more in the model than they save (2 x 256 x 16 at
+    blocksize 256, the forward 8 x 16 x 64: 1.3-1.9x), so 4."""
+    products = block_m * block_n * block_r
+    per_tile = gemv_register_products(whole_blocks) < products <= 8192
+    return 2 if per_tile and block_m == 8 and not transpose_weight else 4
+
+
+@triton.jit
+def _gemv_4bit_partial_kernel(
+    a_ptr, partial_ptr,
+    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+    M, COLS, R, R_PER_SPLIT, IN_FEATURES,
+    stride_am, stride_ar, w_stride_r, w_stride_c,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr, ACC_IN_REGISTERS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < COLS
+    # int64 row offsets: a strided view's M * stride may pass 2**31.
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    # Small tiles (M <= 2: BLOCK_M * BLOCK_N * BLOCK_R <= 4096, 32 fp32 registers a thread) keep
+    # the products element-wise in a register array and sum across lanes once, after the loop:
+    # summing inside the loop cost a shuffle-tree reduction per tile (the sm_90 SASS of the M=1
+    # forward was 812 instructions per 4096-weight tile, most of them that reduction). Larger
+    # tiles would need 128+ registers for that array and spill, so they reduce per tile.
+    if WHOLE_BLOCKS and TRANSPOSED:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_R) if ACC_IN_REGISTERS else (1, 1, 1), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N) if ACC_IN_REGISTERS else (1, 1, 1), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    r_start = split * R_PER_SPLIT
+    for r0 in range(r_start, r_start + R_PER_SPLIT, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :],
+                    other=0.0).to(tl.float32)
+        # W is rounded to the input dtype first, as in the other paths; products and sums in fp32,
+        # the register array's product-and-add one explicit FMA (the launch disables contraction
+        # elsewhere, so W's decode rounds exactly as in the dequantize kernel).
+        if WHOLE_BLOCKS and TRANSPOSED:  # forward: W[cols tile, r tile] decoded along its rows
+            w = decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
+            if ACC_IN_REGISTERS:
+                acc3 = tl.fma(tl.broadcast_to(a[:, None, :], acc3.shape), tl.broadcast_to(w[None, :, :], acc3.shape),
+                              acc3)
+            else:
+                acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+        else:
+            if WHOLE_BLOCKS:  # backward: W[r tile, cols tile] as stored
+                w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
+                                    nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
+                                    NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            else:  # any shape: element by element
+                index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
+                w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
+                                nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE,
+                                DOUBLE_QUANT)
+            w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
+            if ACC_IN_REGISTERS:
+                acc3 = tl.fma(tl.broadcast_to(a[:, :, None], acc3.shape), tl.broadcast_to(w[None, :, :], acc3.shape),
+                              acc3)
+            else:
+                acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
+    if ACC_IN_REGISTERS:
+        if WHOLE_BLOCKS and TRANSPOSED:
+            acc = tl.sum(acc3, axis=2)
+        else:
+            acc = tl.sum(acc3, axis=1)
+    partial = partial_ptr + split.to(tl.int64) * M * COLS
+    tl.store(partial + offs_m[:, None] * COLS + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _gemv_reduce_kernel(partial_ptr, out_ptr, bias_ptr, M, COLS, SPLIT_K, stride_om, stride_oc,
+                        HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * COLS
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(0, SPLIT_K):
+        acc += tl.load(partial_ptr + split * M * COLS + offs, mask=mask, other=0.0)
+    row = offs // COLS
+    col = offs % COLS
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row.to(tl.int64) * stride_om + col.to(tl.int64) * stride_oc, acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def gemv_block_sizes(m: int, shape: Sequence[int], blocksize: int, transpose_weight: bool) -> tuple[int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, BLOCK_R, whole-block row tiles) for an m-row product with this weight."""
+    whole_blocks = whole_block_tiles(shape, blocksize)
+    # Rows past 16 go to further programs (grid axis 2), each decoding the same W tiles again (from
+    # L2): a 64-row tile would make the broadcast product 4x larger and spill.
+    block_m = min(GEMV_BLOCK_M, triton.next_power_of_2(max(m, 1)))  # m = 0: an empty batch
+    # The broadcast product holds BLOCK_M * BLOCK_N * BLOCK_R fp32 values: aim at 4096 (16 KB over
+    # a 4-warp program = 32 registers/thread), shrinking the dimension that is free to shrink.
+    # Row tiles of whole blocks fix the tile along W's rows to >= blocksize: BLOCK_R in forward,
+    # BLOCK_N in backward.
+    target = gemv_register_products(whole_blocks)
+    if whole_blocks and transpose_weight:
+        block_r = max(64, blocksize)
+        block_n = max(16, target // (block_m * block_r))
+    else:
+        block_n = max(64, blocksize) if whole_blocks else 64
+        block_r = max(16, target // (block_m * block_n))
+    # The product tile must stay within 16384 fp32 values (128 a thread): at blocksize 256, 16 rows
+    # x 16 x 256 took 255 registers and spilled 160-376 B on sm_80/86/90. Fewer rows per program
+    # then, the rest on further programs (grid axis 2).
+    while block_m > 1 and block_m * block_n * block_r > 16384:
+        block_m //= 2
+    return block_m, block_n, block_r, whole_blocks
+
+
+def _multiprocessors(device: torch.device) -> int:
+    # Cached by torch; a property query, not a sync. CPU (interpreter): pretend 4 so splits get tested.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def gemv_split(m: int, cols: int, r: int, block_n: int, block_r: int, device: torch.device) -> tuple[int, int]:
+    """(SPLIT_K, R per split): about two programs per SM, never a split smaller than one tile.
+    `device` may be anything with an `sms` attribute (the machine-code model's GPUs)."""
+    tiles_n = triton.cdiv(cols, block_n)
+    sms = getattr(device, "sms", None) or _multiprocessors(device)
+    split_k = max(1, min(triton.cdiv(2 * sms, tiles_n), triton.cdiv(r, block_r)))
+    r_per_split = triton.cdiv(triton.cdiv(r, split_k), block_r) * block_r
+    return triton.cdiv(r, r_per_split), r_per_split
+
+
+def gemv_workspace_shape(m: int, shape: Sequence[int], blocksize: int, transpose_weight: bool,
+                         device: torch.device) -> tuple[int, int, int]:
+    r, cols, _, _ = weight_strides(shape, transpose_weight)
+    _, block_n, block_r, _ = gemv_block_sizes(m, shape, blocksize, transpose_weight)
+    split_k, _ = gemv_split(m, cols, r, block_n, block_r, device)
+    return split_k, m, cols
+
+
+def gemv_4bit(
+    a: torch.Tensor,
+    weight: Packed4bit,
+    transpose_weight: bool = True,
+    bias: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    workspace: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """a [M, R] @ (W^T if transpose_weight else W) (+ bias) for small M; graph-safe with `out`/`workspace`.
+
+    `workspace` is fp32 of gemv_workspace_shape(M, shape, blocksize, transpose_weight, device); its contents
+    need no initialisation (every element is written before it is read).
+    """
+    check_weight(weight)
+    check_matmul_input(a, weight, transpose_weight, bias)
+    shape, blocksize = weight.shape, weight.blocksize
+    check_triton_size(shape)
+    m = a.shape[0]
+    if m > 64:
+        raise ValueError(f"gemv_4bit is for decode batches of at most 64 rows, got {m}; use matmul_4bit_fused")
+    r, cols, w_stride_r, w_stride_c = weight_strides(shape, transpose_weight)
+    block_m, block_n, block_r, whole_blocks = gemv_block_sizes(m, shape, blocksize, transpose_weight)
+    split_k, r_per_split = gemv_split(m, cols, r, block_n, block_r, a.device)
+    if out is None:
+        out = torch.empty((m, cols), dtype=a.dtype, device=a.device)
+    elif tuple(out.shape) != (m, cols) or out.dtype != a.dtype or out.device != a.device:
+        raise ValueError(f"out must be a [{m}, {cols}] {a.dtype} tensor on {a.device}, got {list(out.shape)} {out.dtype} on {out.device}")
+    if m == 0:
+        return out  # an empty batch: nothing to launch (block sizes below divide by next_power_of_2(m))
+    if workspace is None:
+        workspace = torch.empty((split_k, m, cols), dtype=torch.float32, device=a.device)
+    elif (tuple(workspace.shape) != (split_k, m, cols) or workspace.dtype != torch.float32
+          or not workspace.is_contiguous() or workspace.device != a.device):
+        raise ValueError(f"workspace must be a contiguous fp32 {[split_k, m, cols]} tensor on {a.device} "
+                         f"(gemv_workspace_shape), got {list(workspace.shape)} {workspace.dtype} on {workspace.device}")
+    packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(weight)
+    launch(
+        _gemv_4bit_partial_kernel, (triton.cdiv(cols, block_n), split_k, triton.cdiv(m, block_m)),
+        a, workspace, packed, absmax, weight.code.contiguous(), nested_absmax, nested_code, offset,
+        m, cols, r, r_per_split, shape[1], a.stride(0), a.stride(1), w_stride_r, w_stride_c,
+        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, WHOLE_BLOCKS=whole_blocks, TRANSPOSED=transpose_weight,
+        ACC_IN_REGISTERS=block_m * block_n * block_r <= gemv_register_products(whole_blocks),
+        num_warps=gemv_num_warps(block_m, block_n, block_r, whole_blocks, transpose_weight),
+        # No contraction: W decodes to the same bits as in the dequantize kernel; the products are
+        # explicit tl.fma, so the inner loop keeps one FFMA per weight and row.
+        enable_fp_fusion=False,
+    )
+    reduce_block = 1024
+    launch(
+        _gemv_reduce_kernel, (triton.cdiv(m * cols, reduce_block),),
+        workspace, out, bias if bias is not None else out, m, cols, split_k, out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, BLOCK=reduce_block, enable_fp_fusion=False,  # adds only
+    )
+    return out

@@ -1,0 +1,229 @@
+"""Triton: the fused 4-bit matmul, W tiles dequantized inside the K loop, fp32 accumulation in tl.dot.
+
+One kernel serves both products of the frozen linear, C [M, cols] = A [M, R] @ B [R, cols]:
+- forward  Y  = X  @ W^T: R = in,  cols = out, B[r, c] = W[c, r] at element c * in + r;
+- backward dX = dY @ W:   R = out, cols = in,  B[r, c] = W[r, c] at element r * in + c.
+Only the two element strides of B differ, so the kernel takes them as arguments. The weight never
+exists dense in memory: the kernel reads ~0.53 byte/param (packed + scales) where dequantize-then-
+cuBLAS writes and re-reads 2 bytes/param of bf16 on top, which is what wins when M is small and
+the product is bound by reading W (M below a few hundred on an H100; see ops.FUSED_MAX_M).
+
+W tiles are decoded by decode_row_tile (whole bytes, one scale per block) when rows of W hold
+whole quantization blocks, else element by element. Compiled for sm_90 at 4096x4096, M=256, the
+row-tile decode takes 44 KB of shared memory (3 blocks per SM) where the per-element one took
+132 KB (1 per SM; 120 KB on sm_86/89, above their 99 KB limit: it could not launch on an RTX
+3090/4090, A10 or L4), and 85 global-load instructions per tile instead of 493.
+
+The twin is reference.linear_4bit / linear_4bit_grad_input on reference.dequantize_4bit.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
+from qlora.kernels.nf4.packed import Packed4bit
+from qlora.kernels.nf4.dequantize import decode_4bit, decode_row_tile, weight_pointers, whole_block_tiles
+from qlora.kernels.launch import launch, target_arch
+
+
+@triton.jit
+def _matmul_4bit_kernel(
+    a_ptr, out_ptr, bias_ptr,
+    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+    M, COLS, R, IN_FEATURES,
+    stride_am, stride_ar, stride_om, stride_oc, w_stride_r, w_stride_c,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr,
+):
+    # Grouped program order: GROUP_M row tiles share each W column tile while it is in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(COLS, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < COLS
+    # int64 row offsets: M * stride passes 2**31 at M = 150K for a 14336-wide input (or any strided
+    # view of a larger buffer). W's own indices stay int32: check_triton_size bounds its numel.
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        if WHOLE_BLOCKS and TRANSPOSED:  # B = W^T: decode W[cols tile, r tile] along its rows, transpose
+            w = tl.trans(decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
+                                         nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
+                                         NESTED_BLOCKSIZE, DOUBLE_QUANT))
+        elif WHOLE_BLOCKS:  # B = W: the tile is W[r tile, cols tile] as stored
+            w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
+                                nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE,
+                                DOUBLE_QUANT)
+        else:  # any shape: element by element
+            index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
+            w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
+                            nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+        # W rounded to the input dtype once, as the dequantize-then-matmul path does; fp32 accumulate.
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_oc,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def weight_strides(shape: Sequence[int], transpose_weight: bool) -> tuple[int, int, int, int]:
+    """(R, cols, element stride along R, element stride along cols) of B = W^T or W."""
+    out_features, in_features = shape
+    if transpose_weight:
+        return in_features, out_features, 1, in_features
+    return out_features, in_features, in_features, 1
+
+
+def tf32_allowed() -> bool:
+    """torch's own switch for TF32 in fp32 matmuls, read through the non-legacy API.
+
+    `torch.backends.cuda.matmul.allow_tf32` is the legacy flag: on torch 2.9+ reading it raises
+    once `fp32_precision` has been set (mixing the two APIs is an error), so it is read only where
+    the new one does not exist.
+    """
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        precision = matmul.fp32_precision
+        if precision == "none":  # unset for matmuls: the global setting applies
+            precision = getattr(torch.backends, "fp32_precision", "none")
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products unless torch itself allows TF32 (torch's default: it does not),
+    # so the fused path matches torch.matmul's numerics. fp16/bf16 keep Triton's default ("tf32",
+    # meaningless for 16-bit operands): "ieee" there could keep the compiler off the tensor cores.
+    if dtype == torch.float32 and not tf32_allowed():
+        return "ieee"
+    return "tf32"
+
+
+def matmul_block_sizes(m: int, dtype: torch.dtype, min_r: int = 0, min_n: int = 0) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_R), BLOCK_R >= min_r and BLOCK_N >= min_n (powers of two, so a
+    multiple: decode_row_tile needs its tile along W's rows to hold whole quantization blocks)."""
+    # tl.dot needs BLOCK_M >= 16; decode-sized M pads to 16 rows rather than wasting 64.
+    # 16-bit: 64x64x64 tiles keep a 4096x4096 product at 4096 programs for M=4096 and compile
+    # without spills (tests/test_kernels_compiled.py). fp32 products run on the CUDA cores (FMA,
+    # unrolled per thread): 64x64x64 spills there, and so does 32x32x64 once a tile must hold a
+    # 64-element quantization block; 16x32x32 (widened to 64 either way) fits in registers.
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_m, block_n, block_r = (16, 32, 32) if dtype == torch.float32 else (block_m, 64, 64)
+    block_n, block_r = max(block_n, min_n), max(block_r, min_r)
+    # A decoded tile of more than 8192 elements (64 x 256 at blocksize 256) takes 255 registers and
+    # spills on every arch: the dimension not fixed by the blocksize shrinks to keep 8192.
+    if block_n * block_r > 8192:
+        if min_r:
+            block_n = max(16, 8192 // block_r)
+        else:
+            block_r = max(16, 8192 // block_n)
+    return block_m, block_n, block_r
+
+
+# Shared memory per block each arch lets a kernel take (opt-in maximum, CUDA C Programming Guide,
+# table "Technical Specifications per Compute Capability"): 8.0 163 KB, 8.6/8.9 99 KB, 9.0 227 KB.
+SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def fused_stages(block_m: int, block_n: int, block_r: int, itemsize: int, whole_blocks: bool, arch: int) -> int:
+    """Software-pipeline depth that fits the arch's shared memory, 1..3.
+
+    Each stage buffers the A tile and W's loads. Compiled (sm_86, 64x64x64 bf16): a per-element
+    decode gathers the byte, code and scale of every element, 40 KB a stage (3 stages = 120 KB,
+    past the 99 KB of an RTX 3090/4090, A10 or L4); a row-tile decode loads bytes and one scale per
+    block, ~10 KB a stage. On top, the decoded tile is moved into the tensor-core operand layout
+    through shared memory: up to 4 bytes an element (64 KB at 64 x 256).
+    """
+    a_bytes = block_m * block_r * itemsize
+    w_bytes = block_n * block_r * (1 if whole_blocks else 8)
+    scratch = block_n * block_r * 4
+    limit = SHARED_PER_BLOCK.get(arch, 99 * 1024) - 8 * 1024  # margin for the epilogue and reductions
+    fit = (limit - scratch) // (a_bytes + w_bytes)
+    # Per-element decode: the gathers are dependent loads a deeper pipeline barely hides, and at 2
+    # stages sm_86 spills 8 B (16 x 64 x 64, blocksize 512, backward): 1 stage, 10 KB, no spill.
+    # A decoded tile past 4096 elements (blocksize 256: 32 x 256) holds its prefetched bytes and
+    # scales in registers across stages: 255 registers and 136 B of spill at 3 stages on sm_80,
+    # 138 registers and none at 1.
+    # Row tiles of 4096 elements: 3 stages spilled 16 B at 128 registers on sm_80 (backward,
+    # no double quant); 2 compile to 164 registers and no spill on every arch.
+    # fp32 products (CUDA-core FMAs, 16 x 32 x 64 tiles) spill 8 B at 2 stages on sm_89 and none at 3.
+    # 16-row tiles keep 16 B on the stack at 2 stages and none at 3: on sm_90 without double quant,
+    # and on sm_86/89 in backward at blocksize 64 (80 registers at 2 stages, 92 and no spill at 3).
+    # sm_80 has no such spill at 2, and 3 stages there cost 15% in the model (78 registers, 6 blocks
+    # per SM instead of 7).
+    deepest = 1 if block_n * block_r > 4096 or not whole_blocks else 3 if itemsize == 4 or (
+        block_m == 16 and arch != 80) else 2
+    return int(max(1, min(deepest, fit)))
+
+
+def fused_config(m: int, dtype: torch.dtype, shape: Sequence[int], blocksize: int, transpose_weight: bool,
+                 arch: int) -> dict:
+    """The fused kernel's tile constexprs and launch options for this product on sm_<arch>."""
+    whole_blocks = whole_block_tiles(shape, blocksize)
+    # W's rows run along R in forward (B = W^T) and along the output columns in backward (B = W).
+    min_r, min_n = ((blocksize, 0) if transpose_weight else (0, blocksize)) if whole_blocks else (0, 0)
+    block_m, block_n, block_r = matmul_block_sizes(m, dtype, min_r, min_n)
+    stages = fused_stages(block_m, block_n, block_r, dtype.itemsize, whole_blocks, arch)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, WHOLE_BLOCKS=whole_blocks,
+                num_warps=4, num_stages=stages)
+
+
+def matmul_4bit_fused(
+    a: torch.Tensor,
+    weight: Packed4bit,
+    transpose_weight: bool,
+    bias: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """a [M, R] (any strides) @ (W^T if transpose_weight else W) (+ bias) -> [M, cols] in a's dtype."""
+    check_weight(weight)
+    check_matmul_input(a, weight, transpose_weight, bias)
+    shape, blocksize = weight.shape, weight.blocksize
+    check_triton_size(shape)
+    r, cols, w_stride_r, w_stride_c = weight_strides(shape, transpose_weight)
+    m = a.shape[0]
+    out = _output(out, (m, cols), a)
+    if m == 0:
+        return out  # nothing to launch: a grid of 0 programs is an error on CUDA
+    packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(weight)
+    config = fused_config(m, a.dtype, shape, blocksize, transpose_weight, target_arch(a.device))
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]),)
+    launch(
+        _matmul_4bit_kernel, grid,
+        a, out, bias if bias is not None else out,
+        packed, absmax, weight.code.contiguous(), nested_absmax, nested_code, offset,
+        m, cols, r, shape[1], a.stride(0), a.stride(1), out.stride(0), out.stride(1), w_stride_r, w_stride_c,
+        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
+        GROUP_M=8, INPUT_PRECISION=input_precision(a.dtype), TRANSPOSED=transpose_weight, **config,
+        # No contraction: W must decode to the same bits here as in the dequantize kernel (the
+        # double-quant scale code * absmax + offset is a multiply, then an add). The products run
+        # on tensor cores (tl.dot), which fp fusion does not touch.
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+def _output(out: Optional[torch.Tensor], shape: tuple[int, int], a: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=a.dtype, device=a.device)
+    if tuple(out.shape) != shape or out.dtype != a.dtype or out.device != a.device:
+        raise ValueError(f"out must be a {list(shape)} {a.dtype} tensor on {a.device}, "
+                         f"got {list(out.shape)} {out.dtype} on {out.device}")
+    return out

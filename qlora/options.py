@@ -1,0 +1,81 @@
+"""The command line of every `qlora <command>`: key=value arguments checked against the command's
+options table ({key: (default, help)}), and the typed readers of their values. Each error is a
+UsageError, one line naming the key and what it must be (exit status 2).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+from qlora.errors import UserError
+
+
+class UsageError(UserError):
+    """A wrong command line: unknown key, missing or malformed value (exit status 2)."""
+
+
+def help_text(name: str, options: dict) -> str:
+    width = max(len(k) for k in options) + 2
+    def shown(key, default, text):
+        return f"{key}=..." if text.startswith("required") else f"[{key}={'...' if default is None else default}]"
+
+    lines = [f"usage: qlora {name} " + " ".join(shown(k, d, t) for k, (d, t) in options.items()),
+             "", "options:"]
+    for key, (default, text) in options.items():
+        lines.append(f"  {key:<{width}}{text}" + ("" if default is None else f" (default: {default})"))
+    return "\n".join(lines)
+
+
+def parse_options(name: str, args: list[str], options: dict, renamed: Optional[dict] = None) -> dict:
+    """{key: value} of `qlora <name> key=value ...`: every key known, every required one given. `renamed`
+    maps former key names to current ones: still accepted, with a deprecation warning."""
+    renamed = renamed or {}
+    values = {k: d for k, (d, _) in options.items()}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise UsageError(f"qlora {name}: argument {arg!r} is not key=value; see `qlora {name} --help`")
+        key = key.lstrip("-")
+        if key in renamed:
+            new = renamed[key]
+            print(f"warning: qlora {name}: {key}= is deprecated; use {new}=", file=sys.stderr)
+            key = new
+        if key not in options:
+            raise UsageError(f"qlora {name}: unknown key {key!r}; known keys: {', '.join(options)} "
+                             f"(see `qlora {name} --help`)")
+        values[key] = value
+    missing = [k for k, v in values.items() if v is None and options[k][1].startswith("required")]
+    if missing:
+        raise UsageError(f"qlora {name}: missing {', '.join(f'{k}=...' for k in missing)}; see `qlora {name} --help`")
+    return values
+
+
+def as_bool(key: str, value: str) -> bool:
+    text = str(value).lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise UsageError(f"{key}={value!r} must be true or false")
+
+
+def as_number(key: str, value: str, kind: Callable, minimum=None, maximum=None, low_open=False):
+    """`value` as `kind`, in [minimum, maximum] (or (minimum, maximum] with low_open)."""
+    try:
+        number = kind(value)
+    except ValueError:
+        raise UsageError(f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise UsageError(f"{key}={value!r} must be a finite number")
+    low_bad = minimum is not None and (number <= minimum if low_open else number < minimum)
+    if low_bad or (maximum is not None and number > maximum):
+        low = "" if minimum is None else f"{'>' if low_open else '>='} {minimum}"
+        high = "" if maximum is None else f"<= {maximum}"
+        raise UsageError(f"{key}={value} must be {' and '.join(x for x in (low, high) if x)}")
+    return number
+
+
+def as_choice(key: str, value: str, choices) -> str:
+    if value not in choices:
+        raise UsageError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    return value
