@@ -17,6 +17,24 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 NO_QUANTIZATION = "none"
 
 
+class FrozenLinear(nn.Linear):
+    """A frozen linear layer held in its compute dtype that, like the quantized layers, casts its input
+    to that dtype and its output back to the input's. Without the casts a bf16 linear inside an fp32
+    model (the default model.dtype on a CPU) fails on its first matmul. Still an nn.Linear: PEFT
+    adapts and merges it as one, and its state dict is the checkpoint's (weight, bias)."""
+
+    @classmethod
+    def holding(cls, linear: nn.Linear) -> "FrozenLinear":
+        """A FrozenLinear around `linear`'s own parameters (no copy)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
 def _is_kept_dense(name: str, skip_modules: list[str]) -> bool:
     return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip_modules)
 
@@ -41,9 +59,11 @@ def load_dense_model(name_or_path: str | os.PathLike, compute_dtype: torch.dtype
                          f"({getattr(config, 'quant_method', config)}); pass the unquantized checkpoint as "
                          "model.name_or_path, or pick a quantization (quantization=nf4)")
     head = model.get_output_embeddings()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not head and not _is_kept_dense(name, list(skip_modules)):
-            module.to(compute_dtype)
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and module is not head and not _is_kept_dense(name, list(skip_modules))]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        model.get_submodule(parent_name).set_submodule(child, FrozenLinear.holding(module.to(compute_dtype)))
     model.to(device)
     model.eval()
     return model

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import qlora
 from qlora.baseline import load_dense_model
+from qlora.lora import attach_lora
 from quality_runs import logits, relative_error, train_tiny
 from tiny_run import save_tiny_model_with_tokenizer, write_copy_task
 from tiny_models import save_tiny
@@ -30,6 +31,24 @@ def test_dense_model_holds_the_checkpoint_weights(tmp_path):
     mixed = load_dense_model(directory, torch.bfloat16, dense_dtype=torch.float32, device="cpu")
     assert mixed.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
     assert mixed.lm_head.weight.dtype == torch.float32 and mixed.model.embed_tokens.weight.dtype == torch.float32
+
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dense_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("compute_dtype", DTYPES, ids=str)
+def test_every_dtype_pair_a_recipe_allows_runs_forward_and_backward(tmp_path, compute_dtype, dense_dtype):
+    # `python train.py quantization=none` pairs an fp32 model (model.dtype on a CPU) with bf16 linears:
+    # the linears cast their input and output as the quantized layers do, for every pair.
+    directory = save_tiny("llama", tmp_path / "bf16", dtype=torch.bfloat16)
+    model = attach_lora(load_dense_model(directory, compute_dtype, dense_dtype, device="cpu"), r=4)
+    tokens = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=tokens, labels=tokens)
+    assert out.logits.dtype == dense_dtype and torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_quantized_checkpoint_is_refused(tmp_path):

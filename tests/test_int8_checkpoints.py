@@ -118,3 +118,17 @@ def test_lora_trains_on_the_8bit_base_and_saves_a_plain_peft_adapter(dense_dir, 
     reloaded = PeftModel.from_pretrained(dense, tmp_path / "adapter")
     with torch.no_grad():
         assert rel_err(reloaded(TOKENS).logits, peft_model(TOKENS).logits) < 3e-2
+
+
+@torch.no_grad()
+def test_a_prequantized_checkpoint_computes_in_its_own_dtype_unless_told_otherwise(dense_dir, tmp_path):
+    # transformers computes an 8-bit checkpoint in the dtype it was saved in (its config has no compute
+    # dtype); an fp16 checkpoint computed in bf16 sits further from bitsandbytes' own logits than its
+    # two modes sit from each other.
+    saved = qlora.save_model(qlora.load_model(dense_dir, qlora.Int8Config(compute_dtype=torch.float16),
+                                              device="cpu", dtype=torch.float16, progress=False), tmp_path / "fp16")
+    layers = [m for m in qlora.load_model(saved, device="cpu", progress=False).modules()
+              if isinstance(m, qlora.QuantizedLinear)]
+    assert layers and {layer.compute_dtype for layer in layers} == {torch.float16}
+    told = qlora.load_model(saved, qlora.Int8Config(compute_dtype=torch.float32), device="cpu", progress=False)
+    assert {m.compute_dtype for m in told.modules() if isinstance(m, qlora.QuantizedLinear)} == {torch.float32}

@@ -28,6 +28,14 @@ from qlora.nn.quantized import layer_class
 logger = logging.getLogger(__name__)
 
 
+def checkpoint_dtype(config) -> Optional[torch.dtype]:
+    """The float dtype config.json records for the checkpoint's weights (`dtype`, formerly
+    `torch_dtype`), or None when it records none (or "auto", or a non-float one)."""
+    recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(recorded).removeprefix("torch.") if recorded is not None else ""
+    return getattr(torch, name) if name in ("float32", "float16", "bfloat16") else None
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -67,6 +75,8 @@ def load_model(
         qconfig = quant_config_from_any(saved.to_dict() if hasattr(saved, "to_dict") else saved)
         if quantization_config is not None:
             qconfig.compute_dtype = quant_config_from_any(quantization_config).compute_dtype
+        elif getattr(qconfig, "compute_dtype_from_checkpoint", False):
+            qconfig.compute_dtype = checkpoint_dtype(config) or qconfig.compute_dtype
     else:
         qconfig = quant_config_from_any(quantization_config)
     plan = None

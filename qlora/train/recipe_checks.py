@@ -191,6 +191,9 @@ def validate(cfg: DictConfig) -> None:
         check_blocksize(cfg.quantization.blocksize)
     except ValueError as err:
         raise ConfigError(f"quantization.{err}") from None
+    if cfg.model.get("dtype") not in (None, "bfloat16", "float16", "float32"):
+        raise ConfigError(f"model.dtype={cfg.model.dtype!r} is not one of bfloat16, float16, float32, null; set "
+                          "model.dtype=<one of them> (null: the compute dtype)")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     if not 0.0 <= cfg.lora.dropout < 1.0:

@@ -51,6 +51,9 @@ class Int8Config:
     has_fp16_weight: bool = False
 
     format = "int8"
+    # transformers' 8-bit layers compute in the model's dtype, and the config has no key for it: a
+    # prequantized checkpoint loaded with no compute dtype given computes in the checkpoint's dtype.
+    compute_dtype_from_checkpoint = True
 
     def __post_init__(self):
         self.threshold = check_threshold(self.threshold)
@@ -77,10 +80,10 @@ class Int8Config:
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "Int8Config":
-        """transformers' 8-bit computes in the model's dtype and has no compute-dtype key: bf16 here,
-        or the compute_dtype of the config load_model is given."""
+        """transformers' 8-bit computes in the model's dtype and has no compute-dtype key: bf16 here;
+        load_model then takes the checkpoint's dtype, or the compute_dtype of the config it is given."""
         skip = d.get("llm_int8_skip_modules")
-        return cls(threshold=d.get("llm_int8_threshold", DEFAULT_THRESHOLD), 
+        return cls(threshold=d.get("llm_int8_threshold", DEFAULT_THRESHOLD),
                    skip_modules=None if skip is None else list(skip),
                    enable_fp32_cpu_offload=bool(d.get("llm_int8_enable_fp32_cpu_offload", False)),
                    has_fp16_weight=bool(d.get("llm_int8_has_fp16_weight", False)))
