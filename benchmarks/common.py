@@ -143,3 +143,50 @@ class ForkedProcess:
                 os.kill(self.pid, 9)
             except ProcessLookupError:
                 pass
+
+
+def model_arguments(description: str, quick: str, results: str, table: str):
+    """The command line the machine-code model benchmarks share (kernels_static.py, gptq_kernels_static.py):
+    --quick (the subset `quick` describes), --out, --no-table, --workers, --from-results."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", default=None, help=f"results path (default benchmarks/results/{results})")
+    parser.add_argument("--no-table", action="store_true", help=f"do not rewrite {table}")
+    parser.add_argument("--workers", type=int, default=1, help="compiling processes")
+    parser.add_argument("--from-results", default=None,
+                        help=f"rebuild {table} from a {results}, compiling nothing")
+    return parser
+
+
+def compile_missing(keys, workers: int, compile_one, cache: dict) -> None:
+    """Compile every key of `keys` not in `cache` with `compile_one(key) -> (key, constexprs, code)`,
+    in `workers` processes (compiling is CPU-bound ptxas; spawned, so each process imports afresh),
+    and store (constexprs, code) under the key."""
+    todo = sorted(set(keys) - set(cache))
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for i, (key, constexprs, code) in enumerate(pool.imap_unordered(compile_one, todo), 1):
+                cache[key] = (constexprs, code)
+                print(f"compiled {i}/{len(todo)}: {key}", file=sys.stderr, flush=True)
+    else:
+        for key in todo:
+            cache[key] = compile_one(key)[1:]
+
+
+def cached_code(key, compile_one, cache: dict):
+    """(constexprs, code) of `key`, compiled on first use."""
+    if key not in cache:
+        compile_missing([key], 1, compile_one, cache)
+    return cache[key]
+
+
+def compiled_record(key, compiled: list, arch: int) -> tuple:
+    """(key, the tile constexprs, MachineCode) of the one launch a compile_only block recorded."""
+    from qlora.kernels.machine_code import machine_code
+
+    launched = compiled[0]
+    return key, {k: v for k, v in launched.constexprs.items() if k.isupper()}, machine_code(launched.kernel, arch)

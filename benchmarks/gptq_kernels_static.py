@@ -32,7 +32,6 @@ with occupancy, tensor cores, launch) and cuBLAS bf16 (cublas_us). What is GPTQ'
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -43,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import versions, write_results  # noqa: E402
+from common import cached_code, compile_missing, compiled_record, model_arguments, versions, write_results  # noqa: E402
 from kernels_static import (  # noqa: E402
     ARCHS, BANDWIDTH_FRACTION, LAUNCH_US, MS, SHAPES, cublas_us, kernel_bounds,
 )
@@ -91,7 +90,6 @@ def compile_one(key):
     """(key, constexprs, MachineCode) of the main kernel of one configuration."""
     from qlora.kernels.gptq import triton as gptq_triton
     from qlora.kernels import launch
-    from qlora.kernels.machine_code import machine_code
 
     arch, kernel, bits, rows, transpose_weight = key
     weight = representative(bits)
@@ -106,29 +104,12 @@ def compile_one(key):
             gptq_triton.matmul_gptq_forward(a, weight, None)
         else:
             gptq_triton.matmul_gptq_backward(a, weight)
-    launched = compiled[0]
-    return key, {k: v for k, v in launched.constexprs.items() if k.isupper()}, machine_code(launched.kernel, arch)
-
-
-def compile_all(keys, workers: int) -> None:
-    todo = sorted(set(keys) - set(_CODE))
-    if workers > 1 and len(todo) > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for i, (key, constexprs, code) in enumerate(pool.imap_unordered(compile_one, todo), 1):
-                _CODE[key] = (constexprs, code)
-                print(f"compiled {i}/{len(todo)}: {key}", file=sys.stderr, flush=True)
-    else:
-        for key in todo:
-            _CODE[key] = compile_one(key)[1:]
+    return compiled_record(key, compiled, arch)
 
 
 def code_for(arch: int, kernel: str, bits: int, m: int, transpose_weight: bool):
     key = compile_key(arch, kernel, bits, m, transpose_weight)
-    if key not in _CODE:
-        compile_all([key], 1)
-    return _CODE[key]
+    return cached_code(key, compile_one, _CODE)
 
 
 # ---- the model ---------------------------------------------------------------------------------------
@@ -190,7 +171,7 @@ def sweep(archs, shapes, bits_list, group_sizes, ms, workers: int = 1) -> tuple[
     keys = [compile_key(arch, kernel, bits, m, transpose_weight) for arch in archs for bits in bits_list
             for kernel in ("dequantize", "fused", "gemv") for m in ms for _, transpose_weight in DIRECTIONS
             if kernel != "gemv" or (bits in GEMV_BITS and transpose_weight)]
-    compile_all(keys, workers)
+    compile_missing(keys, workers, compile_one, _CODE)
     kernels, dispatch, seen = [], [], set()
 
     def record(row):
@@ -291,13 +272,8 @@ def markdown(dispatch: list) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="sm_90, gate_proj, 4 bits, group size 128 only")
-    parser.add_argument("--out", default=None, help="results path (default benchmarks/results/gptq-kernels-static.json)")
-    parser.add_argument("--no-table", action="store_true", help="do not rewrite kernels/gptq/dispatch_table.json")
-    parser.add_argument("--workers", type=int, default=1, help="compiling processes")
-    parser.add_argument("--from-results", default=None,
-                        help="rebuild kernels/gptq/dispatch_table.json from a gptq-kernels-static.json, compiling nothing")
+    parser = model_arguments(__doc__.split("\n\n")[0], "sm_90, gate_proj, 4 bits, group size 128 only",
+                             "gptq-kernels-static.json", "kernels/gptq/dispatch_table.json")
     args = parser.parse_args()
     table_path = ROOT / "kernels" / "gptq" / "dispatch_table.json"
     if args.from_results:

@@ -52,7 +52,6 @@ Architecture constants (spec sheets; 'dense' = without structured sparsity):
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -64,7 +63,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import versions, write_results  # noqa: E402
+from common import cached_code, compile_missing, compiled_record, model_arguments, versions, write_results  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 
@@ -125,7 +124,6 @@ def compile_key(arch: int, kernel: str, m: int, blocksize: int, transpose_weight
 def compile_one(key):
     """Compile one configuration: (key, constexprs, MachineCode)."""
     from qlora.kernels import launch
-    from qlora.kernels.machine_code import machine_code
 
     arch, kernel, rows, blocksize, transpose_weight, per_element = key
     weight = representative(blocksize, per_element)
@@ -144,32 +142,13 @@ def compile_one(key):
             from qlora.kernels.nf4.matmul import matmul_4bit_fused
 
             matmul_4bit_fused(a, weight, transpose_weight)
-    launched = compiled[0]
-    return key, {k: v for k, v in launched.constexprs.items() if k.isupper()}, machine_code(launched.kernel, arch)
-
-
-def compile_all(keys, workers: int) -> None:
-    """Compile every key not compiled yet, in `workers` processes (compiling is CPU-bound ptxas)."""
-    todo = sorted(set(keys) - set(_CODE))
-    if workers > 1 and len(todo) > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            results = pool.imap_unordered(compile_one, todo)
-            for i, (key, constexprs, code) in enumerate(results, 1):
-                _CODE[key] = (constexprs, code)
-                print(f"compiled {i}/{len(todo)}: {key}", file=sys.stderr, flush=True)
-    else:
-        for key in todo:
-            _CODE[key] = compile_one(key)[1:]
+    return compiled_record(key, compiled, arch)
 
 
 def machine_code_for(arch: int, kernel: str, m: int, blocksize: int, transpose_weight: bool):
     """(constexprs, MachineCode) of the main kernel `kernel` at this configuration, compiled once."""
     key = compile_key(arch, kernel, m, blocksize, transpose_weight)
-    if key not in _CODE:
-        compile_all([key], 1)
-    return _CODE[key]
+    return cached_code(key, compile_one, _CODE)
 
 
 # ---- the model ---------------------------------------------------------------------------------------
@@ -277,7 +256,7 @@ def sweep(archs, shapes, blocksizes, ms, workers: int = 1) -> tuple[list, list]:
     keys = [compile_key(arch, kernel, m, blocksize, transpose_weight) for arch in archs for blocksize in blocksizes
             for kernel in ("dequantize", "gemv", "fused") for m in ms for transpose_weight in (True, False)
             if kernel != "gemv" or m <= GEMV_MAX_ROWS]
-    compile_all(keys, workers)
+    compile_missing(keys, workers, compile_one, _CODE)
     kernels, dispatch = [], []
     seen = set()
 
@@ -399,7 +378,7 @@ def launchability(archs, blocksizes=LAUNCH_BLOCKSIZES, workers: int = 1) -> list
     from qlora.kernels.machine_code import MAX_SHARED_PER_BLOCK
 
     keys = launch_keys(archs, blocksizes)
-    compile_all([key for key, _ in keys], workers)
+    compile_missing([key for key, _ in keys], workers, compile_one, _CODE)
     rows = []
     for key, decode in keys:
         arch, kernel, m, bs, transpose_weight, per_element = key
@@ -450,13 +429,8 @@ def markdown(dispatch: list, kernels: list) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="sm_90, gate_proj, blocksize 64 only (CI)")
-    parser.add_argument("--out", default=None, help="results path (default benchmarks/results/kernels-static.json)")
-    parser.add_argument("--no-table", action="store_true", help="do not rewrite kernels/nf4/dispatch_table.json")
-    parser.add_argument("--workers", type=int, default=1, help="compiling processes")
-    parser.add_argument("--from-results", default=None,
-                        help="rebuild kernels/nf4/dispatch_table.json from a kernels-static.json, compiling nothing")
+    parser = model_arguments(__doc__.split("\n\n")[0], "sm_90, gate_proj, blocksize 64 only (CI)", "kernels-static.json",
+                             "kernels/nf4/dispatch_table.json")
     parser.add_argument("--launchability", action="store_true",
                         help="only the launchability sweep (blocksize 32..4096, both decodes, every M bucket, "
                              "both products, every arch): benchmarks/results/kernels-launchability.json")

@@ -101,22 +101,23 @@ def logits_tolerance() -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_a_gptqmodel_checkpoint_loads_in_qlora_with_the_same_weights_and_logits(oracle, case):
-    root, dense, _, probe = oracle
-    theirs = torch.load(root / f"forward_theirs_{case}.pt")
-    logits, weights = qlora_forward(root / f"theirs_{case}", probe)
-    assert len(weights) == len(theirs["weights"]) == 14
-    for name, weight in weights.items():  # W^T as GPTQModel decodes it, fp16: the same values exactly
-        assert torch.equal(weight.t().to(torch.float16), theirs["weights"][name]), name
-    assert rel_err(logits, theirs["logits"]) < logits_tolerance()
+    assert_both_decode_alike(oracle, f"theirs_{case}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_a_qlora_checkpoint_loads_in_gptqmodel_with_the_same_weights_and_logits(oracle, case):
-    root, dense, _, probe = oracle
-    theirs = torch.load(root / f"forward_ours_{case}.pt")
-    logits, weights = qlora_forward(root / f"ours_{case}", probe)
-    assert len(theirs["weights"]) == 14
+    assert_both_decode_alike(oracle, f"ours_{case}")
+
+
+def assert_both_decode_alike(oracle, checkpoint: str) -> None:
+    """The checkpoint `checkpoint` (written by GPTQModel: theirs_*, or by qlora: ours_*) read by both
+    tools: every layer's W^T as GPTQModel decodes it, fp16, the same values exactly; the logits within
+    the tolerance above."""
+    root, _, _, probe = oracle
+    theirs = torch.load(root / f"forward_{checkpoint}.pt")
+    logits, weights = qlora_forward(root / checkpoint, probe)
+    assert len(weights) == len(theirs["weights"]) == 14
     for name, weight in weights.items():
         assert torch.equal(weight.t().to(torch.float16), theirs["weights"][name]), name
     assert rel_err(logits, theirs["logits"]) < logits_tolerance()

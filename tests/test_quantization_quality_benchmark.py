@@ -1,20 +1,15 @@
 """benchmarks/quantization_quality.py on a slice of the embedded model's held-out windows: the
 results file, the reference row, and its refusal of bad arguments."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quantization_quality.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("quantization_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quantization_quality")
 
 
 @pytest.mark.slow

@@ -83,7 +83,8 @@ def test_every_public_dequantize_goes_through_the_dispatching_op():
 @register_format("test_rowwise_int8")
 @dataclasses.dataclass
 class RowwiseInt8Weight(QuantizedWeight):
-    """A toy format (per-row absmax int8) standing in for the 8-bit and GPTQ formats to come."""
+    """A toy format (per-row absmax int8) declared as every real format is (qlora/quant/*/weight.py):
+    its fields are the interface's contract, so the declaration parallels theirs on purpose."""
 
     data_name = "codes"
     data_key = "weight"

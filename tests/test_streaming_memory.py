@@ -1,17 +1,12 @@
 """Peak host memory of a streaming load stays near the quantized model plus one dense tensor."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "streaming_load.py"
+from helpers import load_benchmark
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("streaming_load", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("streaming_load")
 
 
 @pytest.mark.slow

@@ -38,14 +38,6 @@ class PackedGPTQ(NamedTuple):
     def device(self) -> torch.device:
         return self.qweight.device
 
-    @classmethod
-    def from_op_args(cls, fields) -> "PackedGPTQ":
-        *rest, shape = fields
-        return cls(*rest, tuple(shape))
-
-
-OP_SCHEMA = ("Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, Tensor? perm, SymInt bits, "
-             "SymInt zero_offset, SymInt[] shape")
 
 
 def check_bits(bits) -> int:

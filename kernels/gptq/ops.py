@@ -24,11 +24,9 @@ import torch
 
 from qlora.kernels.backend import use_triton
 from qlora.kernels.nf4.checks import check_compute_dtype
-from qlora.kernels.gptq.format import OP_SCHEMA, PackedGPTQ, check_packed
+from qlora.kernels.gptq.format import PackedGPTQ, check_packed
+from qlora.kernels.packed_args import fake_product, from_op_args, op_schema, save_weight, saved_weight
 from qlora.kernels.gptq.reference import dequantize_gptq_torch, matmul_gptq_torch
-
-_FIELDS = len(PackedGPTQ._fields)
-
 
 def path_table(arch: int, transpose_weight: bool, bits: int, shape: tuple = (4096, 4096),
                table: Optional[dict] = None) -> tuple:
@@ -70,10 +68,9 @@ def matmul(a: torch.Tensor, weight: PackedGPTQ, bias: Optional[torch.Tensor], tr
     return matmul_gptq_op(a, *weight, bias, transpose_weight)
 
 
-@torch.library.custom_op("qlora::dequantize_gptq", mutates_args=(), schema=f"({OP_SCHEMA}, ScalarType dtype) -> Tensor")
+@torch.library.custom_op("qlora::dequantize_gptq", mutates_args=(), schema=f"({op_schema(PackedGPTQ)}, ScalarType dtype) -> Tensor")
 def dequantize_gptq_op(*fields_and_dtype) -> torch.Tensor:
-    *fields, dtype = fields_and_dtype
-    weight = PackedGPTQ.from_op_args(fields)
+    weight, (dtype,) = from_op_args(PackedGPTQ, fields_and_dtype)
     check_packed(weight)
     check_compute_dtype(dtype, "dequantize_gptq's output dtype")
     if use_triton(weight.device):
@@ -85,16 +82,14 @@ def dequantize_gptq_op(*fields_and_dtype) -> torch.Tensor:
 
 @dequantize_gptq_op.register_fake
 def _(*fields_and_dtype):
-    *fields, dtype = fields_and_dtype
-    weight = PackedGPTQ.from_op_args(fields)
+    weight, (dtype,) = from_op_args(PackedGPTQ, fields_and_dtype)
     return weight.qweight.new_empty(weight.shape, dtype=dtype)
 
 
 @torch.library.custom_op("qlora::matmul_gptq", mutates_args=(),
-                         schema=f"(Tensor a, {OP_SCHEMA}, Tensor? bias, bool transpose_weight) -> Tensor")
+                         schema=f"(Tensor a, {op_schema(PackedGPTQ)}, Tensor? bias, bool transpose_weight) -> Tensor")
 def matmul_gptq_op(a: torch.Tensor, *fields_and_options) -> torch.Tensor:
-    weight = PackedGPTQ.from_op_args(fields_and_options[:_FIELDS])
-    bias, transpose_weight = fields_and_options[_FIELDS:]
+    weight, (bias, transpose_weight) = from_op_args(PackedGPTQ, fields_and_options)
     check_packed(weight)
     check_matmul_input(a, weight, transpose_weight, bias)
     if not use_triton(a.device):
@@ -115,9 +110,8 @@ def matmul_gptq_op(a: torch.Tensor, *fields_and_options) -> torch.Tensor:
 
 @matmul_gptq_op.register_fake
 def _(a, *fields_and_options):
-    weight = PackedGPTQ.from_op_args(fields_and_options[:_FIELDS])
-    transpose_weight = fields_and_options[_FIELDS + 1]
-    return a.new_empty((a.shape[0], weight.shape[0] if transpose_weight else weight.shape[1]))
+    weight, (_, transpose_weight) = from_op_args(PackedGPTQ, fields_and_options)
+    return fake_product(a, weight, transpose_weight)
 
 
 def check_matmul_input(a: torch.Tensor, weight: PackedGPTQ, transpose_weight: bool, bias: Optional[torch.Tensor]) -> None:
@@ -140,19 +134,13 @@ class LinearGPTQFunction(torch.autograd.Function):
     def forward(ctx, x, bias, weight: PackedGPTQ):
         rows = x.reshape(-1, x.shape[-1])
         y = matmul(rows, weight, None if bias is None else bias.to(x.dtype), True)
-        tensors = [t for t in weight if isinstance(t, torch.Tensor)]
-        ctx.save_for_backward(*tensors)
-        ctx.slots = tuple(i for i, t in enumerate(weight) if isinstance(t, torch.Tensor))
-        ctx.fields = tuple(None if isinstance(t, torch.Tensor) else t for t in weight)
+        save_weight(ctx, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_output):
-        fields = list(ctx.fields)
-        for slot, tensor in zip(ctx.slots, ctx.saved_tensors):
-            fields[slot] = tensor
-        weight = PackedGPTQ(*fields)
+        weight = saved_weight(ctx, PackedGPTQ)
         grad_x = grad_bias = None
         rows = grad_output.reshape(-1, grad_output.shape[-1])
         if ctx.needs_input_grad[0]:

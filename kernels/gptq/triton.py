@@ -78,6 +78,14 @@ def _dequantize_kernel(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
 
 
 @triton.jit
+def _store_rows(ptr, acc, offs_m, offs_c, M, C):
+    """acc into rows offs_m, columns offs_c of a contiguous [M, C] output, in its dtype: the end of
+    both products."""
+    mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
+    tl.store(ptr + offs_m[:, None].to(tl.int64) * C + offs_c[None, :], acc.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _forward_kernel(a_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, out_ptr, M, K, N, weight_words,
                     zero_words, stride_am, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -94,15 +102,19 @@ def _forward_kernel(a_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_
         acc += tl.dot(a, w.to(a.dtype))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_rows(out_ptr, acc, offs_m, offs_n, M, N)
 
 
 @triton.jit
 def _backward_kernel(g_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, M, K, N, weight_words, zero_words,
                      stride_gm, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out [M, K] = g [M, N] @ W [N, K], reducing over N with W^T tiles decoded and transposed."""
+    """out [M, K] = g [M, N] @ W [N, K], reducing over N with W^T tiles decoded and transposed.
+
+    The loop mirrors _forward_kernel's with the roles of K and N swapped, and stays written out:
+    sharing the operand load through an inlined @triton.jit helper changed this kernel's machine
+    code (sm_80 and sm_90, BLOCK_M 16: 552 SASS instructions instead of 544, measured), where the
+    output store is shared (_store_rows) without changing a single instruction of either kernel."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -113,8 +125,7 @@ def _backward_kernel(g_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_
         w = _decode_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, K, N, weight_words,
                          zero_words, BITS, ZERO_OFFSET)
         acc += tl.dot(g, tl.trans(w.to(g.dtype)))
-    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_rows(out_ptr, acc, offs_m, offs_k, M, K)
 
 
 @triton.jit
@@ -240,15 +251,21 @@ def dequantize_gptq_triton(weight: PackedGPTQ, dtype: torch.dtype) -> torch.Tens
     return out
 
 
+def _operand_and_output(a: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The product's row operand with unit column stride (the kernels step columns by 1), and its
+    empty [M, width] output in the operand's dtype."""
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    return a, torch.empty(a.shape[0], width, dtype=a.dtype, device=a.device)
+
+
 def matmul_gptq_forward(a: torch.Tensor, weight: PackedGPTQ, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """a [M, K] @ W^T (+ bias) in a's dtype."""
     n, k = weight.shape
     if weight.perm is not None:
         a = a[:, weight.perm]  # held channel order
-    if a.stride(1) != 1:
-        a = a.contiguous()
+    a, out = _operand_and_output(a, n)
     m = a.shape[0]
-    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0:
         return out
     block_m, block_n, block_k = _block_m(m), 64, 32
@@ -262,10 +279,8 @@ def matmul_gptq_forward(a: torch.Tensor, weight: PackedGPTQ, bias: Optional[torc
 def matmul_gptq_backward(grad: torch.Tensor, weight: PackedGPTQ) -> torch.Tensor:
     """grad [M, N] @ W [N, K] in grad's dtype, channels in the checkpoint order."""
     n, k = weight.shape
-    if grad.stride(1) != 1:
-        grad = grad.contiguous()
+    grad, out = _operand_and_output(grad, k)
     m = grad.shape[0]
-    out = torch.empty(m, k, dtype=grad.dtype, device=grad.device)
     if m == 0:
         return out
     block_m, block_k, block_n = _block_m(m), 64, 32

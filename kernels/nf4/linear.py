@@ -16,6 +16,7 @@ import torch
 
 from qlora.kernels.nf4 import ops
 from qlora.kernels.nf4.packed import Packed4bit
+from qlora.kernels.packed_args import save_weight, saved_weight
 
 
 class Linear4bitFunction(torch.autograd.Function):
@@ -24,21 +25,14 @@ class Linear4bitFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, weight: Packed4bit, path: str = "auto"):
         y = _matmul(x, weight, None if bias is None else bias.to(x.dtype), path, transpose_weight=True)
-        # The tensors are saved through save_for_backward (autograd's bookkeeping); the layout travels
-        # as plain attributes. The packed bytes are saved, never a dense copy of W.
-        ctx.save_for_backward(*(t for t in weight if isinstance(t, torch.Tensor)))
-        ctx.tensor_slots = tuple(i for i, t in enumerate(weight) if isinstance(t, torch.Tensor))
-        ctx.weight_fields = tuple(None if isinstance(t, torch.Tensor) else t for t in weight)
+        save_weight(ctx, weight)  # the packed bytes, never a dense copy of W
         ctx.path = path
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
-        fields = list(ctx.weight_fields)
-        for slot, tensor in zip(ctx.tensor_slots, ctx.saved_tensors):
-            fields[slot] = tensor
-        weight = Packed4bit(*fields)
+        weight = saved_weight(ctx, Packed4bit)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = _matmul(grad_output, weight, None, ctx.path, transpose_weight=False)

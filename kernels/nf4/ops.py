@@ -29,7 +29,8 @@ from qlora.kernels import selfcheck
 from qlora.kernels.nf4 import selfcheck as _checks  # noqa: F401  (registers the 4-bit paths' self-checks)
 from qlora.kernels.backend import use_triton
 from qlora.kernels.nf4.checks import check_compute_dtype, check_matmul_input, check_weight
-from qlora.kernels.nf4.packed import OP_SCHEMA, Packed4bit
+from qlora.kernels.nf4.packed import Packed4bit
+from qlora.kernels.packed_args import fake_product, from_op_args, op_schema
 
 PATHS = ("auto", "gemv", "fused", "dequant_matmul")
 
@@ -115,11 +116,10 @@ def autocast_inputs(a: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torc
 
 
 # ---- qlora::dequantize_4bit -------------------------------------------------------------------
-@torch.library.custom_op("qlora::dequantize_4bit", mutates_args=(), schema=f"({OP_SCHEMA}, ScalarType dtype) -> Tensor")
+@torch.library.custom_op("qlora::dequantize_4bit", mutates_args=(), schema=f"({op_schema(Packed4bit)}, ScalarType dtype) -> Tensor")
 def dequantize_4bit_op(*weight_fields_and_dtype) -> torch.Tensor:
     """(*Packed4bit fields, dtype) -> dequant(W) [out, in] in dtype."""
-    *fields, dtype = weight_fields_and_dtype
-    weight = Packed4bit.from_op_args(fields)
+    weight, (dtype,) = from_op_args(Packed4bit, weight_fields_and_dtype)
     check_weight(weight)
     check_compute_dtype(dtype, "dequantize_4bit's output dtype")
     if use_triton(weight.device) and selfcheck.passed("dequantize", weight.device, dtype):
@@ -131,24 +131,19 @@ def dequantize_4bit_op(*weight_fields_and_dtype) -> torch.Tensor:
 
 @dequantize_4bit_op.register_fake
 def _(*weight_fields_and_dtype):
-    *fields, dtype = weight_fields_and_dtype
-    weight = Packed4bit.from_op_args(fields)
+    weight, (dtype,) = from_op_args(Packed4bit, weight_fields_and_dtype)
     return weight.packed.new_empty(weight.shape, dtype=dtype)
 
 
 # ---- qlora::matmul_4bit -------------------------------------------------------------------------
-_WEIGHT_FIELDS = len(Packed4bit._fields)
-
-
 @torch.library.custom_op(
     "qlora::matmul_4bit", mutates_args=(),
-    schema=f"(Tensor a, {OP_SCHEMA}, Tensor? bias, bool transpose_weight, str path) -> Tensor",
+    schema=f"(Tensor a, {op_schema(Packed4bit)}, Tensor? bias, bool transpose_weight, str path) -> Tensor",
 )
 def matmul_4bit_op(a: torch.Tensor, *weight_fields_and_options) -> torch.Tensor:
     """(a, *Packed4bit fields, bias, transpose_weight, path): a [M, in] @ W^T (+ bias) if
     transpose_weight, else a [M, out] @ W; in a's dtype."""
-    weight = Packed4bit.from_op_args(weight_fields_and_options[:_WEIGHT_FIELDS])
-    bias, transpose_weight, path = weight_fields_and_options[_WEIGHT_FIELDS:]
+    weight, (bias, transpose_weight, path) = from_op_args(Packed4bit, weight_fields_and_options)
     check_weight(weight)
     check_matmul_input(a, weight, transpose_weight, bias)
     if path not in PATHS:
@@ -194,6 +189,5 @@ def _dense_product(a: torch.Tensor, dense: torch.Tensor, bias: Optional[torch.Te
 
 @matmul_4bit_op.register_fake
 def _(a, *weight_fields_and_options):
-    weight = Packed4bit.from_op_args(weight_fields_and_options[:_WEIGHT_FIELDS])
-    transpose_weight = weight_fields_and_options[_WEIGHT_FIELDS + 1]
-    return a.new_empty((a.shape[0], weight.shape[0] if transpose_weight else weight.shape[1]))
+    weight, (_, transpose_weight, _) = from_op_args(Packed4bit, weight_fields_and_options)
+    return fake_product(a, weight, transpose_weight)

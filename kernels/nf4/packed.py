@@ -1,12 +1,12 @@
 """Packed4bit: one packed 4-bit weight as every kernel, check and twin takes it.
 
-The custom ops (ops.py) are the only place it is flattened into arguments, in its field order;
-everything on either side of that boundary passes this one object.
+The custom ops (ops.py, through kernels/packed_args.py) are the only place it is flattened into
+arguments, in its field order; everything on either side of that boundary passes this one object.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, get_type_hints
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -41,15 +41,3 @@ class Packed4bit(NamedTuple):
     @property
     def device(self) -> torch.device:
         return self.packed.device
-
-    @classmethod
-    def from_op_args(cls, fields) -> "Packed4bit":
-        """Back from the custom ops' flat arguments (the shape arrives as a list)."""
-        *rest, shape = fields
-        return cls(*rest, tuple(shape))
-
-
-# The fields as a torch.library schema fragment, in field order: both custom ops (ops.py) are
-# declared with it, so the argument list is written here once.
-_SCHEMA_TYPES = {torch.Tensor: "Tensor", Optional[torch.Tensor]: "Tensor?", int: "SymInt", tuple[int, int]: "SymInt[]"}
-OP_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[hint]} {name}" for name, hint in get_type_hints(Packed4bit).items())

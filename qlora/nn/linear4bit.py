@@ -11,6 +11,23 @@ from qlora.quant import QuantState
 from qlora.quant.nf4.weight import Weight4bit
 
 
+class _HeldLayout:
+    """A read-only attribute of the layer that is a field of its held weight's layout (the
+    checkpoint's own once one is loaded, see set_quantized)."""
+
+    def __init__(self, field: str):
+        self.field = field
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, layer, owner=None):
+        return self if layer is None else getattr(layer._template, self.field)
+
+    def __set__(self, layer, value):
+        raise AttributeError(f"Linear4bit.{self.name} is the held weight's layout; quantize again to change it")
+
+
 class Linear4bit(QuantizedLinear):
     """y = x @ dequant(W).T + b in `compute_dtype`; W frozen in NF4/FP4, gradients flow to x (and b).
 
@@ -71,26 +88,11 @@ class Linear4bit(QuantizedLinear):
     def quant_state(self) -> QuantState:
         return self.quantized_weight.state
 
-    @property
-    def quant_type(self) -> str:
-        return self._template.quant_type
-
-    @property
-    def blocksize(self) -> int:
-        return self._template.blocksize
-
-    @property
-    def double_quant(self) -> bool:
-        return self._template.double_quant
-
-    @property
-    def nested_blocksize(self) -> int:
-        return self._template.nested_blocksize
-
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        """The dtype the weight had before quantization."""
-        return self._template.dtype
+    quant_type = _HeldLayout("quant_type")  # "nf4" | "fp4"
+    blocksize = _HeldLayout("blocksize")
+    double_quant = _HeldLayout("double_quant")
+    nested_blocksize = _HeldLayout("nested_blocksize")
+    weight_dtype = _HeldLayout("dtype")  # the dtype the weight had before quantization
 
     def extra_repr(self) -> str:
         return (

@@ -40,6 +40,15 @@ def quant_config_from_any(config):
         return default_quant_config_class()()
     if isinstance(config, tuple(_CONFIG_CLASSES)):
         return config
+    config = as_config_dict(config)
+    for cls in _CONFIG_CLASSES:
+        if cls.matches(config):
+            return cls.from_hf_dict(config)
+    return default_quant_config_class().from_hf_dict(config)  # names what is unsupported
+
+
+def as_config_dict(config) -> dict:
+    """A transformers quantization config object (anything with to_dict) or a dict, as a dict."""
     if hasattr(config, "to_dict") and not isinstance(config, dict):
         config = config.to_dict()
     if not isinstance(config, dict):
@@ -47,9 +56,4 @@ def quant_config_from_any(config):
             f"quantization_config must be a qlora config, a transformers quantization config (BitsAndBytesConfig, "
             f"...) or a dict, got {type(config).__name__}"
         )
-    for cls in _CONFIG_CLASSES:
-        if cls.matches(config):
-            return cls.from_hf_dict(config)
-    return default_quant_config_class().from_hf_dict(config)  # names what is unsupported
-
-
+    return config

@@ -167,26 +167,19 @@ _NON_NEGATIVE = ("lora.dropout", "trainer.max_grad_norm", "trainer.eval_every", 
                  "quantization.threshold")
 
 
-def _get(cfg: DictConfig, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
 def validate(cfg: DictConfig) -> None:
     """Range and choice checks; raises ConfigError naming the key, the value and the fix."""
     check_unknown_keys(cfg)
     for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
+        value = _select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}; set {key}=<one of them>")
     for key in _POSITIVE:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")
+        if _select(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {_select(cfg, key)}")
     for key in _NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
+        if _select(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_select(cfg, key)}")
     try:
         check_blocksize(cfg.quantization.blocksize)
     except ValueError as err:
@@ -206,7 +199,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_lora_init(cfg)
     _validate_distributed(cfg)
     for key in ("optimizer", "scheduler", "data.format"):
-        node = _get(cfg, key)
+        node = _select(cfg, key)
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ConfigError(f"{key} must be a node with a _target_ (an importable class or function), got {node!r}")
     if cfg.trainer.nonfinite not in ("stop", "skip"):

@@ -11,7 +11,7 @@ import torch
 
 from qlora.kernels.nf4.format import check_blocksize, check_storage_dtype
 from qlora.kernels.dtypes import dtype_name, parse_dtype
-from qlora.quant.config import DEFAULT_SKIP_MODULES, register_quant_config
+from qlora.quant.config import DEFAULT_SKIP_MODULES, as_config_dict, register_quant_config
 from qlora.quant.nf4.quantize import check_quant_type
 
 
@@ -95,16 +95,7 @@ class QuantConfig:
         """Accept a QuantConfig, a transformers BitsAndBytesConfig, or a config.json-style dict."""
         if isinstance(config, cls):
             return config
-        if config is None:
-            return cls()
-        if hasattr(config, "to_dict") and not isinstance(config, dict):
-            config = config.to_dict()
-        if not isinstance(config, dict):
-            raise TypeError(
-                f"quantization_config must be a qlora.QuantConfig, a transformers BitsAndBytesConfig or a dict, "
-                f"got {type(config).__name__}"
-            )
-        return cls._from_bnb_dict(config)
+        return cls() if config is None else cls._from_bnb_dict(as_config_dict(config))
 
     @classmethod
     def _from_bnb_dict(cls, d: dict) -> "QuantConfig":
