@@ -209,6 +209,9 @@ RULES = [
     Rule("hub-data", SKIP, "downloads its training data from the Hub; its overrides are composed by "
                            "test_training_overrides_compose",
          lambda c: c.is_training and _hub_data(c)),
+    Rule("loftq", SKIP, "LoftQ's SVD of every layer per iteration makes even a 2-step run take 20-40 s on 2 "
+                        "cores; tests/test_loftq.py covers it, and its overrides are composed",
+         lambda c: c.is_training and "lora.init=loftq" in (c.training_overrides or [])),
     Rule("embedded-training", RUN, "trains the embedded default on the CPU, cut to 2 steps by SHORT_RUN",
          lambda c: c.is_training, timeout_s=420),
     Rule("doctor", SKIP, "checks and times every kernel path: minutes without a GPU, and writes a report file",
