@@ -297,7 +297,7 @@ def test_training_overrides_compose():
 
 def test_qlora_command_options_exist():
     """Every key of a `qlora <command> key=value ...` line is an option of that command, under its
-    current name (a deprecated spelling fails too)."""
+    current name (a deprecated spelling fails too), and the options the command requires are given."""
     from qlora.cli import COMMANDS as CLI_COMMANDS
     from qlora.cli import RENAMED_KEYS
 
@@ -310,6 +310,11 @@ def test_qlora_command_options_exist():
             failures.append(f"{', '.join(command.where)}: unknown command {name!r}")
             continue
         options = CLI_COMMANDS[name][0]
+        given = {w.strip("[]").split("=", 1)[0] for w in command.argv[2:] if "=" in w}
+        if "--help" not in command.argv:
+            missing = [k for k, (_, text) in options.items() if text.startswith("required") and k not in given]
+            if missing:
+                failures.append(f"{', '.join(command.where)}: qlora {name} needs {', '.join(missing)}")
         for word in command.argv[2:]:
             key = word.strip("[]").split("=", 1)[0]
             if "=" not in word or word.startswith("-"):
