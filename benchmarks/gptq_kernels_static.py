@@ -251,7 +251,7 @@ def goals(dispatch: list) -> dict:
 
 
 def markdown(dispatch: list) -> str:
-    """The README's table: gate_proj (14336 x 4096), group size 128; sm_90 4 bits by M in both
+    """The table of docs/kernels.md: gate_proj (14336 x 4096), group size 128; sm_90 4 bits by M in both
     directions, sm_90 2/3/8 bits and the other archs at M = 1 and 4096."""
     def wanted(row):
         if row["arch"] == 90 and row["bits"] == 4:

@@ -8,7 +8,7 @@
                                                          # 32..4096 x both decodes x every M bucket x
                                                          # both products x sm_80/86/89/90 (~800 launches)
     python benchmarks/kernels_static.py --from-results benchmarks/results/kernels-static.json
-                                                         # the dispatch table, goals and README tables
+                                                         # the dispatch table, goals and docs' tables (docs/kernels.md)
                                                          # again from a sweep, compiling nothing
 
 Method. Each distinct launch configuration (arch, kernel, constexprs, warps, stages) is compiled
@@ -407,7 +407,7 @@ def apply_dispatch(dispatch: list) -> None:
 
 
 def markdown(dispatch: list, kernels: list) -> str:
-    """The README's tables: per arch, the forward gate_proj (14336x4096) estimates by M, and sm_90's
+    """The tables of docs/kernels.md: per arch, the forward gate_proj (14336x4096) estimates by M, and sm_90's
     kernels at M = 1 and 4096."""
     lines = ["| arch | M | bf16 cuBLAS | GEMV | fused | dequant + cuBLAS | dispatch picks | vs bf16 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

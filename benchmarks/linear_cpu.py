@@ -5,7 +5,7 @@ backend and a dense F.linear, in the same run. Writes benchmarks/results/linear_
 
 NF4 + double quant, blocksize 64, the same random weight for every layer. Each compute dtype is a
 separate row: the layers compute in it (bitsandbytes' CPU matmul rounds through bf16 even when
-asked for fp32, see the README's format section). Ratios are bitsandbytes time / qlora time
+asked for fp32, see docs/formats.md). Ratios are bitsandbytes time / qlora time
 (> 1: qlora is faster) and qlora time / dense time (the cost of 4 bits over a dense layer).
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ from qlora.quantize_cli import QUANTIZE_OPTIONS, cmd_quantize
 
 # Each command: {key: (default, help)}; a default of None with "required" in the help must be given.
 # Former key names: still accepted, with a deprecation warning.
-RENAMED_KEYS = {"export": {"out": "output_dir"}}
+RENAMED_KEYS = {"export": {"out": "output_dir"}, "quantize": {"out": "output_dir"}}
 EXPORT_OPTIONS = {
     "run_dir": (None, "required: a training run directory (outputs/<run>/<date_time>) or a PEFT adapter directory"),
     "output_dir": (None, "required: output directory (must be empty or absent unless overwrite=true)"),

@@ -1,13 +1,13 @@
 """`qlora quantize`: quantize a dense checkpoint with GPTQ (calibrated) and save it in the GPTQ v1
 layout that transformers + optimum/GPTQModel load, and qlora.load_model too.
 
-    qlora quantize model=PATH method=gptq bits=4 group_size=128 dataset=wikitext2 out=DIR
+    qlora quantize model=PATH method=gptq bits=4 group_size=128 dataset=wikitext2 output_dir=DIR
 """
 from __future__ import annotations
 
 QUANTIZE_OPTIONS = {
     "model": (None, "required: a dense checkpoint directory, a Hub repo id, or 'embedded'"),
-    "out": (None, "required: output directory (must be empty or absent unless overwrite=true)"),
+    "output_dir": (None, "required: output directory (must be empty or absent unless overwrite=true)"),
     "method": ("gptq", "quantization method: gptq"),
     "bits": ("4", "2 | 3 | 4 | 8"),
     "group_size": ("128", "input channels per scale/zero group; -1: one group per row"),
@@ -56,7 +56,7 @@ def cmd_quantize(values: dict) -> int:
     device = default_device() if values["device"] == "auto" else values["device"]
     quantized = qlora.load_model(model, quantization_config=config, device=device,
                                  progress=as_bool("progress", values["progress"]))
-    path = qlora.save_model(quantized, values["out"], overwrite=as_bool("overwrite", values["overwrite"]))
+    path = qlora.save_model(quantized, values["output_dir"], overwrite=as_bool("overwrite", values["overwrite"]))
     print(f"wrote {path} (GPTQ {config.bits}-bit, group_size {config.group_size}"
           f"{', act-order' if config.desc_act else ''}, checkpoint_format gptq)")
     return 0

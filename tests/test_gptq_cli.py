@@ -32,7 +32,7 @@ def test_quantize_command_writes_a_gptq_checkpoint(tmp_path, capsys):
     calibration = tmp_path / "calib.txt"
     calibration.write_text("\n\n".join(["The with statement wraps a block with methods of a context manager."] * 20))
     code = main(["quantize", f"model={dense}", "method=gptq", "bits=4", "group_size=32", f"dataset={calibration}",
-                 f"out={tmp_path / 'gptq'}", "model_seqlen=64", "samples=2", "device=cpu", "progress=true"])
+                 f"output_dir={tmp_path / 'gptq'}", "model_seqlen=64", "samples=2", "device=cpu", "progress=true"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "GPTQ" in captured.err and "err=" in captured.err  # the progress bar names each layer's error
@@ -51,7 +51,8 @@ def test_quantize_command_rejects_bad_options(tmp_path, capsys):
     assert main(["quantize", "model=embedded", "bits=5", "dataset=embedded", f"out={tmp_path}"]) == 1
     assert "GPTQ bits must be one of [2, 3, 4, 8], got 5" in capsys.readouterr().err
     assert main(["quantize", "model=embedded", "bits=4", f"out={tmp_path}"]) == 2
-    assert "dataset" in capsys.readouterr().err
+    err = capsys.readouterr().err  # out= is the former name of output_dir=: accepted, with a warning
+    assert "dataset" in err and "out= is deprecated; use output_dir=" in err
 
 
 def test_gptq_recipes_compose_and_the_cache_is_keyed_by_the_options(tmp_path):

@@ -2,7 +2,7 @@
 and qlora's quantizer's per-layer error on the same calibration is within a stated margin of its.
 
 GPTQModel is not a dependency (it pins numpy to an older release and pulls torchao): these tests
-run where it is installed (the `oracle` extra, in an environment of its own: README "GPTQ bases")
+run where it is installed (the `oracle` extra, in an environment of its own: docs/formats.md, "GPTQ bases")
 and skip elsewhere, where tests/golden/gptq_vectors.json still pins the packing. It runs in a
 child process (tests/gptq_oracle_worker.py): importing it patches transformers, which must not
 leak into the rest of the suite.

@@ -6,7 +6,6 @@ of optimizer steps (recorded in TRAINING.md; pass --steps to replay a run exactl
 
     python qlora/embedded/pretrain.py --out qlora/embedded/base --minutes 8
 
-Run it by path, not with the repository root as the working directory (see README, *Layout*).
 """
 from __future__ import annotations
 

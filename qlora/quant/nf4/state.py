@@ -1,6 +1,6 @@
 """QuantState: everything needed to dequantize one packed 4-bit tensor, and its serialized form.
 
-The serialized form is bitsandbytes' (README, "The format"): per quantized weight, the tensors `absmax`,
+The serialized form is bitsandbytes' (docs/formats.md, "NF4/FP4: the format"): per quantized weight, the tensors `absmax`,
 `quant_map`, `nested_absmax`, `nested_quant_map` (the last two with double quantization) and
 `quant_state.bitsandbytes__<type>`, the uint8 bytes of a JSON dict of the scalar fields.
 """
