@@ -91,4 +91,4 @@ def test_export_usage_errors(run_dir, tmp_path, capsys, monkeypatch):
     assert main(["export", "run_dir", "output_dir=y"]) == 2 and "not key=value" in capsys.readouterr().err
     assert main(["generate", "model=m", "prompt=p", "temperature=hot"]) == 2
     assert "temperature='hot' must be a number" in capsys.readouterr().err
-    assert main(["train"]) == 2 and "unknown command 'train'" in capsys.readouterr().err
+    assert main(["fly"]) == 2 and "unknown command 'fly'" in capsys.readouterr().err

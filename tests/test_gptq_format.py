@@ -149,18 +149,18 @@ def test_bad_input_gets_one_clear_line():
     with pytest.raises(ValueError, match="g_idx holds groups outside"):
         qlora.GPTQWeight.from_checkpoint({**tensors, "g_idx": tensors["g_idx"] + 5})
     with pytest.raises(NotImplementedError, match="checkpoint_format='marlin' is a repacked layout"):
-        qlora.quant.nf4.config.quant_config_from_any({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"})
+        qlora.quant.config.quant_config_from_any({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"})
     with pytest.raises(NotImplementedError, match="'gptq_p' is a repacked layout"):
-        qlora.quant.nf4.config.quant_config_from_any({"quant_method": "gptq", "bits": 4, "format": "gptq_p"})
+        qlora.quant.config.quant_config_from_any({"quant_method": "gptq", "bits": 4, "format": "gptq_p"})
 
 
 def test_config_reads_transformers_gptqconfig_and_writes_both_files():
     from transformers import GPTQConfig
 
     hf = GPTQConfig(bits=3, group_size=64, desc_act=True, sym=False, dataset=["some text"], damp_percent=0.05)
-    assert qlora.quant.nf4.config.quant_config_from_any(hf).bits == 3  # the object itself
+    assert qlora.quant.config.quant_config_from_any(hf).bits == 3  # the object itself
     # (transformers checks for optimum when modules_in_block_to_quantize is set: pass it in the dict form)
-    config = qlora.quant.nf4.config.quant_config_from_any(
+    config = qlora.quant.config.quant_config_from_any(
         {**hf.to_dict(), "modules_in_block_to_quantize": [["self_attn.q_proj"], ["mlp.down_proj"]]})
     assert isinstance(config, qlora.GPTQQuantConfig)
     assert (config.bits, config.group_size, config.desc_act, config.sym, config.damp_percent) == (3, 64, True, False, 0.05)
@@ -169,6 +169,6 @@ def test_config_reads_transformers_gptqconfig_and_writes_both_files():
     written = config.to_hf_dict()
     # transformers' own keys are all there (its from_dict needs optimum installed, which tests do not)
     assert set(hf.to_dict()) - {"backend", "act_group_aware", "max_input_length"} <= set(written)
-    assert qlora.quant.nf4.config.quant_config_from_any(written).to_hf_dict() == written
+    assert qlora.quant.config.quant_config_from_any(written).to_hf_dict() == written
     side = json.loads(config.extra_files()["quantize_config.json"])
     assert side["checkpoint_format"] == "gptq" and side["desc_act"] is True and side["bits"] == 3

@@ -125,8 +125,9 @@ def test_each_format_is_a_folder():
         assert formats <= {p.name for p in folder.iterdir() if (p / "__init__.py").is_file()}, folder
         flat = [p.name for p in folder.glob("*.py") if p.name.split("_")[0] in formats | {"int8", "gptq"}]
         assert flat == [], f"format files outside their folder in {folder}: {flat}"
-    # The registry is what every layer, loader and exporter sees; each registered name lives in a folder.
-    assert set(qlora.quant.registered_formats()) == {"nf4", "fp4", "int8", "gptq"}
-    for name in qlora.quant.registered_formats():
+    # The registry is what every layer, loader and exporter sees; each shipped format lives in a folder
+    # (tests may register toy formats of their own).
+    assert set(qlora.quant.registered_formats()) >= {"nf4", "fp4", "int8", "gptq"}
+    for name in ("nf4", "fp4", "int8", "gptq"):
         module = qlora.quant.get_format(name).__module__
         assert module.split(".")[2] in formats, (name, module)

@@ -118,6 +118,14 @@ def test_the_wheel_is_complete_and_imports_from_itself(wheel_env):
     composed = run([str(venv / "bin" / "qlora"), "train", "distributed=fsdp2", "recipe=llama3_8b_nf4", "--cfg", "job"],
                    cwd=empty).stdout
     assert "strategy: fsdp2" in composed and "Meta-Llama-3-8B" in composed
+    # A user's own recipe folder composes with the shipped recipes (Hydra's search path).
+    mine = empty.parent / "my_recipes" / "recipe"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - override /quantization: fp4\n"
+                                    "trainer:\n  run_name: mine\n  max_steps: 7\n")
+    composed = run([str(venv / "bin" / "qlora"), "train", f"hydra.searchpath=[file://{mine.parent}]", "recipe=mine",
+                    "--cfg", "job"], cwd=empty).stdout
+    assert "run_name: mine" in composed and "max_steps: 7" in composed and "quant_type: fp4" in composed
 
 
 @pytest.mark.slow
