@@ -7,7 +7,9 @@ there is no moment at which neither the old nor the new one exists.
 A staging folder is named `.<output name>.qlora-<pid>-<host tag>.<random>`: a writer killed with
 SIGKILL cannot clean up, so the next write into the same parent folder removes the staging folders
 that are provably ours and dead (our prefix, this host, a pid that no longer runs). Folders are made
-with mode 0o777 minus the umask, like a plain mkdir (tempfile.mkdtemp would give 0700).
+with mode 0o777 minus the umask, like a plain mkdir (tempfile.mkdtemp would give 0700), and before
+the swap every file written into one gets 0o666 minus the umask, like a plain open(): safetensors
+writes its files 0600, which would make a shared checkpoint unreadable to the rest of a team.
 """
 from __future__ import annotations
 
@@ -102,12 +104,28 @@ def staged_directory(output_dir: Path) -> Iterator[Path]:
         raise OutputWriteError(f"could not write {output_dir}: {err.strerror or err}") from err
     try:
         yield staging
+        _apply_umask(staging)
         _move_into_place(staging, output_dir)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError) and not isinstance(err, UserError):
             raise OutputWriteError(f"could not write {output_dir}: {err.strerror or err}") from err
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(staging: Path) -> None:
+    """Every regular file under `staging` gets the mode a plain open() would give it (0o666 minus the
+    umask), keeping any execute bits it has."""
+    mode = 0o666 & ~_current_umask()
+    for path in staging.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode | (path.stat().st_mode & 0o111 & ~_current_umask()))
 
 
 def _move_into_place(staging: Path, output_dir: Path) -> None:

@@ -394,13 +394,19 @@ def test_outputs_follow_the_umask_and_write_errors_name_the_output(tmp_path):
 
     from qlora.staging import OutputWriteError, staged_directory
 
+    from safetensors.torch import save_file
+
     previous = os.umask(0o022)
     try:
         with staged_directory(tmp_path / "out") as staging:
             (staging / "f").write_text("x")
+            (staging / "sub").mkdir()
+            save_file({"w": torch.zeros(2)}, staging / "sub" / "model.safetensors")  # safetensors writes 0600
     finally:
         os.umask(previous)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").rglob("*")}
+    assert modes == {"f": 0o644, "sub": 0o755, "model.safetensors": 0o644}
     with pytest.raises(OutputWriteError, match=rf"could not write {tmp_path / 'full'}: No space left on device$"):
         with staged_directory(tmp_path / "full") as staging:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(staging / "model.safetensors"))
