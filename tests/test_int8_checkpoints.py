@@ -132,3 +132,10 @@ def test_a_prequantized_checkpoint_computes_in_its_own_dtype_unless_told_otherwi
     assert layers and {layer.compute_dtype for layer in layers} == {torch.float16}
     told = qlora.load_model(saved, qlora.Int8Config(compute_dtype=torch.float32), device="cpu", progress=False)
     assert {m.compute_dtype for m in told.modules() if isinstance(m, qlora.QuantizedLinear)} == {torch.float32}
+
+
+def test_the_load_bar_names_the_format_it_loads(dense_dir, capsys):
+    qlora.load_model(dense_dir, FP32, device="cpu", progress=True)
+    assert "loading (int8)" in capsys.readouterr().err
+    qlora.load_model(dense_dir, qlora.QuantConfig(quant_type="fp4", compute_dtype=torch.float32), device="cpu")
+    assert "loading (fp4)" in capsys.readouterr().err

@@ -238,6 +238,13 @@ def layer_checkpoint_tensors(reader: ShardReader, names: dict[str, str], module_
     return prefix, pieces
 
 
+def _format_label(entries) -> str:
+    """What the load bar says the base is loaded as: "nf4", "int8", "gptq", ... (the layers' formats)."""
+    formats = sorted({getattr(layer.quantized_weight, "quant_type", None) or type(layer.quantized_weight).format_names[0]
+                      for _, layer in entries})
+    return "/".join(formats) if formats else "16-bit"
+
+
 def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequantized: bool, progress: bool,
                   checkpoint_options: Optional[dict] = None):
     names = checkpoint_names(model, reader)
@@ -247,7 +254,8 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
     entries = [(n, m) for n, m in model.named_modules() if n in target_set]
     dense = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)
              if n.rsplit(".", 1)[0] not in target_set or n.endswith(".bias")]
-    bar = tqdm(total=len(entries) + len(dense), desc="loading (4-bit)", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(entries) + len(dense), desc=f"loading ({_format_label(entries)})", unit="tensor",
+               disable=not progress)
 
     for name, layer in entries:
         if prequantized:

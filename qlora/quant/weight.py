@@ -36,6 +36,7 @@ def register_format(*names: str):
             if name in _FORMATS and _FORMATS[name] is not cls:
                 raise ValueError(f"quantized format {name!r} is already registered by {_FORMATS[name].__name__}")
             _FORMATS[name] = cls
+        cls.format_names = names
         return cls
 
     return register
