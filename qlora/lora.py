@@ -9,8 +9,10 @@ onto a dense or a bitsandbytes base with stock `PeftModel.from_pretrained`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Optional
+import warnings
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -268,6 +270,16 @@ def register(config: LoraConfig) -> LoraConfig:
 
 # ---- model preparation --------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _peft_reading_deprecated_attributes() -> Iterator[None]:
+    """PEFT 0.21 reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a
+    FutureWarning on every run; the call is PEFT's, so there is nothing for a user to change. Only that
+    warning, only around PEFT's own wrapping."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def attach_lora(model: nn.Module, *, r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
                 target_modules: str | list[str] = "all-linear", use_rslora: bool = False, use_dora: bool = False,
                 bias: str = "none", init_lora_weights: bool | str = True, gradient_checkpointing: bool = True,
@@ -287,7 +299,8 @@ def attach_lora(model: nn.Module, *, r: int = 8, lora_alpha: int = 16, lora_drop
     config = lora_config(model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          target_modules=target_modules, use_rslora=use_rslora, use_dora=use_dora,
                          bias=bias, init_lora_weights=init_lora_weights, **extra_lora_kwargs)
-    peft_model = get_peft_model(model, config)
+    with _peft_reading_deprecated_attributes():
+        peft_model = get_peft_model(model, config)
     if getattr(model, "hf_device_map", None):  # dispatched with offloaded modules (qlora.models.offload)
         from qlora.models.offload import place_offloaded_adapters
 
@@ -299,8 +312,9 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: st
               is_trainable: bool = False) -> PeftModel:
     """PeftModel.from_pretrained for a quantized model: the saved config, with QuantizedLinear registered."""
     config = register(LoraConfig.from_pretrained(str(adapter_dir)))
-    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name,
-                                     is_trainable=is_trainable, config=config)
+    with _peft_reading_deprecated_attributes():
+        return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name,
+                                         is_trainable=is_trainable, config=config)
 
 
 def base_model(model: nn.Module) -> nn.Module:

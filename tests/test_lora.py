@@ -223,3 +223,14 @@ def test_unsupported_options(checkpoints, options, message):
 def test_all_linear_needs_the_model():
     with pytest.raises(ValueError, match="needs the model"):
         lora_config(target_modules="all-linear")
+
+
+def test_attaching_and_loading_an_adapter_warns_nothing(checkpoints, tmp_path):
+    # PEFT reads an attribute transformers 5 deprecates; a user saw its FutureWarning on every run.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = attach_lora(load(checkpoints), r=4)
+        model.save_pretrained(tmp_path / "adapter")
+        load_lora(load(checkpoints), tmp_path / "adapter")
