@@ -25,6 +25,15 @@ MIN_AUTO_CAPABILITY = (8, 0)
 _override: Optional[str] = None
 
 
+class BackendError(RuntimeError):
+    """QLORA_BACKEND (or set_backend) names a backend that cannot run here; the message says what to
+    set instead. The commands print it as one line, like every other error caused by input."""
+
+
+class UnknownBackendError(BackendError, ValueError):
+    """QLORA_BACKEND is not one of the backends (a ValueError, as a bad value is)."""
+
+
 def set_backend(backend: Optional[str]) -> None:
     """Force a backend for this process; None goes back to the QLORA_BACKEND environment variable."""
     if backend is not None and backend not in BACKENDS:
@@ -36,7 +45,7 @@ def set_backend(backend: Optional[str]) -> None:
 def get_backend() -> str:
     backend = _override if _override is not None else os.environ.get("QLORA_BACKEND", DEFAULT_BACKEND).strip().lower() or DEFAULT_BACKEND
     if backend not in BACKENDS:
-        raise ValueError(f"QLORA_BACKEND must be one of auto, torch, triton, got {backend!r}")
+        raise UnknownBackendError(f"QLORA_BACKEND must be one of auto, torch, triton, got {backend!r}")
     return backend
 
 
@@ -53,12 +62,12 @@ def use_triton(device: torch.device) -> bool:
         return (device.type == "cuda" and importlib.util.find_spec("triton") is not None
                 and compute_capability(device) >= MIN_AUTO_CAPABILITY)
     if importlib.util.find_spec("triton") is None:
-        raise RuntimeError("QLORA_BACKEND=triton but triton is not installed; pip install triton or use QLORA_BACKEND=torch")
+        raise BackendError("QLORA_BACKEND=triton but triton is not installed; pip install triton or use QLORA_BACKEND=torch")
     if device.type == "cuda":
         return True
     if device.type == "cpu" and interpreter_enabled():
         return True
-    raise RuntimeError(
+    raise BackendError(
         f"QLORA_BACKEND=triton cannot run on {device.type} tensors: the kernels need CUDA, or on CPU the "
         "Triton interpreter (set TRITON_INTERPRET=1 before importing triton); or use QLORA_BACKEND=torch"
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from qlora.errors import UserError, report
+from qlora.kernels.backend import BackendError
 from qlora.options import UsageError, as_bool, as_choice, as_number, help_text, parse_options
 from qlora.quantize_cli import QUANTIZE_OPTIONS, cmd_quantize
 
@@ -229,7 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     try:
         return command(parse_options(name, args, options, RENAMED_KEYS.get(name)))
-    except UserError as err:
+    except (UserError, BackendError) as err:
         # Input the user can fix from the message alone: one line (QLORA_DEBUG=1 adds the traceback).
         report(err)
         return 2 if isinstance(err, UsageError) else 1

@@ -110,6 +110,25 @@ def test_train_py_reports_one_line_and_tracebacks_only_on_request(tmp_path, caps
         monkeypatch.delenv(variable)
 
 
+def test_a_backend_that_cannot_run_here_is_one_line(assets, tmp_path):
+    # QLORA_BACKEND=triton on a CPU without the interpreter: the first 4-bit product refuses; the user saw
+    # a 171-line traceback whose last line was the message.
+    args = overrides(*assets, tmp_path / "run", **{"trainer.max_steps": 1, "trainer.eval_every": 0})
+    proc = train_py(args, tmp_path, {"QLORA_BACKEND": "triton", "TRITON_INTERPRET": "0"})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert last_line(err).startswith("error: QLORA_BACKEND=triton cannot run on cpu tensors")
+    import qlora
+
+    four_bit = qlora.save_model(qlora.load_model(assets[0], device="cpu", progress=False), tmp_path / "nf4")
+    for backend in ("triton", "banana"):
+        proc = subprocess.run([sys.executable, "-m", "qlora.cli", "generate", f"model={four_bit}", "prompt=x",
+                               "max_new_tokens=2", "device=cpu"], capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, QLORA_BACKEND=backend, TRITON_INTERPRET="0"))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert last_line(proc.stderr).startswith("error: QLORA_BACKEND"), proc.stderr[-500:]
+
+
 # ---- data ----------------------------------------------------------------------------------
 def test_malformed_empty_and_incomplete_data(tmp_path):
     from qlora.data import DataError, InstructionFormat, load_records

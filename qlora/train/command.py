@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from qlora.errors import UserError, report
+from qlora.kernels.backend import BackendError
 from qlora.train.schema import register
 
 # Ranks other than 0 (torchrun, accelerate launch) write nothing of their own: rank 0's run folder is
@@ -45,7 +46,7 @@ def _task(cfg: DictConfig) -> None:
 
     try:
         run(cfg)
-    except UserError as err:
+    except (UserError, BackendError) as err:
         # Input the user can fix from the message alone: one line, no traceback (QLORA_DEBUG=1 shows it).
         report(err)
         if os.environ.get("RANK", "0") == "0":  # the others' Hydra folder is the working directory
