@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from qlora.errors import UserError, report
 from qlora.kernels.backend import BackendError
-from qlora.options import UsageError, as_bool, as_choice, as_number, help_text, parse_options
+from qlora.options import UsageError, as_bool, as_choice, as_device, as_number, help_text, parse_options
 from qlora.quantize_cli import QUANTIZE_OPTIONS, cmd_quantize
 
 # Each command: {key: (default, help)}; a default of None with "required" in the help must be given.
@@ -168,10 +168,7 @@ def cmd_generate(values: dict) -> int:
     chat = values["chat"].lower()
     if chat not in ("auto", "true", "false"):
         raise UsageError(f"chat={values['chat']!r} must be auto, true or false")
-    device = as_choice("device", values["device"], ("auto", "cpu", "cuda")) if not values["device"].startswith("cuda:") \
-        else values["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = as_device("device", values["device"])
 
     model, tokenizer, prompt_format = load_for_generation(values["model"], device)
     has_template = bool(getattr(tokenizer, "chat_template", None))

@@ -241,9 +241,7 @@ EVAL_OPTIONS = {
 
 
 def cmd_eval(values: dict) -> int:
-    import torch
-
-    from qlora.options import UsageError, as_bool, as_number
+    from qlora.options import UsageError, as_bool, as_device, as_number
 
     target = values["run_dir"] or values["model"]
     if not target or (values["run_dir"] and values["model"]):
@@ -258,9 +256,7 @@ def cmd_eval(values: dict) -> int:
     max_seq_len = as_number("max_seq_len", values["max_seq_len"], int) if values["max_seq_len"] else None
     limit = as_number("limit", values["limit"], int) if values["limit"] else None
     tasks = [t.strip() for t in (values["tasks"] or "").split(",") if t.strip()]
-    device = values["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = as_device("device", values["device"])
 
     model, tokenizer, described, run_cfg = load_for_eval(target, device, values["base"])
     if tokenizer.pad_token is None:

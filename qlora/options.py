@@ -79,3 +79,25 @@ def as_choice(key: str, value: str, choices) -> str:
     if value not in choices:
         raise UsageError(f"{key}={value!r} is not one of {', '.join(choices)}")
     return value
+
+
+def as_device(key: str, value: str) -> str:
+    """A `device=` value as torch takes it: cpu, cuda, cuda:N, or auto (cuda when available). A CUDA
+    device this machine does not have is refused here, before any model is read."""
+    import torch
+
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return text
+    index = text.removeprefix("cuda").removeprefix(":")
+    if not text.startswith("cuda") or (index and not index.isdigit()) or text == "cuda:":
+        raise UsageError(f"{key}={value!r} is not a device; use cpu, cuda, cuda:<index> or auto")
+    if not torch.cuda.is_available():
+        raise UsageError(f"{key}={value} but this machine has no CUDA device torch can use; use {key}=cpu "
+                         f"(or {key}=auto)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise UsageError(f"{key}={value} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         f"use an index below that")
+    return text

@@ -28,11 +28,10 @@ METHODS = ("gptq",)
 
 
 def cmd_quantize(values: dict) -> int:
-    from qlora.options import UsageError, as_bool, as_number
+    from qlora.options import UsageError, as_bool, as_device, as_number
 
     import qlora
     from qlora.embedded import corpus
-    from qlora.models.loading import default_device
     from qlora.quant.gptq.config import GPTQQuantConfig
 
     if values["method"] not in METHODS:
@@ -53,7 +52,7 @@ def cmd_quantize(values: dict) -> int:
         sym=as_bool("sym", values["sym"]), true_sequential=as_bool("true_sequential", values["true_sequential"]),
         damp_percent=as_number("damp_percent", values["damp_percent"], float), dataset=dataset, model_seqlen=seqlen,
         max_calibration_samples=as_number("samples", values["samples"], int))
-    device = default_device() if values["device"] == "auto" else values["device"]
+    device = as_device("device", values["device"])
     quantized = qlora.load_model(model, quantization_config=config, device=device,
                                  progress=as_bool("progress", values["progress"]))
     path = qlora.save_model(quantized, values["output_dir"], overwrite=as_bool("overwrite", values["overwrite"]))

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from qlora.train.schema import register
@@ -92,3 +93,11 @@ def test_export_usage_errors(run_dir, tmp_path, capsys, monkeypatch):
     assert main(["generate", "model=m", "prompt=p", "temperature=hot"]) == 2
     assert "temperature='hot' must be a number" in capsys.readouterr().err
     assert main(["fly"]) == 2 and "unknown command 'fly'" in capsys.readouterr().err
+    # A device that does not exist here is refused before any model is read, by every command that takes one.
+    for command in (["generate", "model=m", "prompt=p"], ["eval", "run_dir=r"], ["quantize", "model=m", "dataset=d",
+                                                                                  "output_dir=o"]):
+        assert main([*command, "device=banana"]) == 2
+        assert capsys.readouterr().err.strip() == "error: device='banana' is not a device; use cpu, cuda, cuda:<index> or auto"
+        if not torch.cuda.is_available():
+            assert main([*command, "device=cuda"]) == 2
+            assert "device=cuda but this machine has no CUDA device" in capsys.readouterr().err
