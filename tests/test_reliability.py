@@ -89,6 +89,23 @@ def test_bad_recipe_values_and_keys_are_refused(override, message):
         compose_recipe([override])
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer.device=banana"], r"trainer\.device='banana' is not a device; set trainer\.device=cpu"),
+    (["model.dtype=banana"], r"model\.dtype='banana' is not one of bfloat16, float16, float32, null"),
+    (["trainer.device=cpu", "trainer.mixed_precision=fp16"], r"trainer\.mixed_precision=fp16 cannot run on a CPU"),
+    *([(["trainer.device=cuda"], r"trainer\.device=cuda but this machine has no CUDA device")]
+      if not torch.cuda.is_available() else []),
+])
+def test_settings_this_machine_cannot_honour_are_refused_before_loading(overrides, message, tmp_path):
+    # trainer.device=banana and =cuda on a CPU trained on the CPU with exit 0; fp16 autocast on a CPU
+    # trained in fp32: each is refused with one line, before the model loads, leaving no run folder.
+    from qlora.train import compose_recipe, run
+
+    with pytest.raises(ConfigError, match=message):
+        run(compose_recipe(overrides), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_py_reports_one_line_and_tracebacks_only_on_request(tmp_path, capsys, monkeypatch):
     proc = train_py(["+trainer.max_step=10", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     _, err = proc.communicate(timeout=120)

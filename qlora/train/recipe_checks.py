@@ -257,3 +257,27 @@ def _validate_low_memory_load(cfg: DictConfig) -> None:
             raise ConfigError(f"distributed.low_memory_load=true cannot be combined with {option}: it needs the whole "
                               "dense or quantized base on one process before sharding (calibration, LoftQ's SVD, "
                               "DoRA's weight norm); set distributed.low_memory_load=false")
+
+
+def check_device(cfg: DictConfig) -> str:
+    """trainer.device as this machine can honour it ("cpu", "cuda" or "cuda:N"; null = cuda when there
+    is one), checked before anything loads: a device that is not one, or CUDA where there is none, is
+    refused; so is fp16 autocast on a CPU, which accelerate silently runs in fp32 (the loss came out
+    identical to trainer.mixed_precision=no)."""
+    import torch
+
+    value = cfg.trainer.device
+    device = str(value).strip().lower() if value is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    index = device.removeprefix("cuda").removeprefix(":")
+    if device != "cpu" and (not device.startswith("cuda") or (index and not index.isdigit()) or device == "cuda:"):
+        raise ConfigError(f"trainer.device={value!r} is not a device; set trainer.device=cpu, cuda, cuda:<index>, "
+                          "or null (cuda when there is one)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={value} but this machine has no CUDA device torch can use; set "
+                          "trainer.device=cpu (or null)")
+    if device.startswith("cuda") and index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"trainer.device={value} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device == "cpu" and cfg.trainer.mixed_precision == "fp16":
+        raise ConfigError("trainer.mixed_precision=fp16 cannot run on a CPU (it would train in fp32 without a word); "
+                          "set trainer.mixed_precision=bf16 or no")
+    return device

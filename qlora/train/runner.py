@@ -16,7 +16,7 @@ from qlora.train import checkpoint as ckpt
 from qlora.train.recipes import dense_dtype, model_path, quant_config
 from qlora.train.report import format_summary, plot_loss_curve, write_summary
 from qlora.train.schema import ConfigError
-from qlora.train.recipe_checks import validate
+from qlora.train.recipe_checks import check_device, validate
 from qlora.train.tracking import MetricsLogger
 from qlora.train.trainer import Trainer, TrainingSetup, peak_memory_bytes
 
@@ -162,6 +162,7 @@ def _check_resume_leaves_work(resume: Optional[Path], max_steps: int) -> None:
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
     """Train as `cfg` says; returns the run summary. Outputs go to run_dir (Hydra's by default)."""
     validate(cfg)
+    check_device(cfg)
     # distributed: join the launcher's process group; rank 0's run folder and resume choice hold
     # for all (Hydra's timestamped folder can differ by a second between ranks).
     world = qdist.setup(cfg.distributed.strategy, cfg.trainer.device, cfg.distributed.timeout_s)
