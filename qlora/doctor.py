@@ -1,4 +1,5 @@
-"""`qlora doctor`: verify and measure the 4-bit kernels on this machine, and write what was found.
+"""`qlora doctor`: verify and measure the kernels on this machine (4-bit, LLM.int8, GPTQ, 8-bit
+AdamW), and write what was found.
 
 - prints the environment: torch, CUDA, triton and transformers versions, the GPU, its compute
   capability, shared memory per block and registers per SM;
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-PATHS = ("dequantize", "gemv", "fused", "adamw8bit")
+# Every registered self-check: the 4-bit paths, LLM.int8's, GPTQ's, and the 8-bit AdamW step.
+PATHS = ("dequantize", "gemv", "fused", "int8_dequantize", "int8_matmul", "gptq_dequantize", "gptq_fused", "gptq_gemv",
+         "adamw8bit")
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_proj": (14336, 4096), "down_proj": (4096, 14336)}
 TIMED_M = (1, 16, 256, 4096)
 

@@ -289,10 +289,14 @@ def test_interp_self_check_catches_a_wrong_kernel_and_falls_back(triton_backend,
 
 
 @interpreter_only
-@pytest.mark.parametrize("path", ("dequantize", "gemv", "fused", "adamw8bit"))
+@pytest.mark.parametrize("path", ("dequantize", "gemv", "fused", "int8_dequantize", "int8_matmul", "gptq_dequantize",
+                                  "gptq_fused", "gptq_gemv", "adamw8bit"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
 def test_interp_self_checks_pass_on_the_real_kernels(path, dtype):
+    from qlora import doctor
     from qlora.kernels import selfcheck
+
+    assert set(doctor.PATHS) == set(selfcheck.CHECKS)  # qlora doctor runs every registered check
 
     ok, detail = selfcheck.CHECKS[path](torch.device("cpu"), dtype)
     assert ok, detail

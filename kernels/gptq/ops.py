@@ -22,11 +22,17 @@ from typing import Optional
 
 import torch
 
+from qlora.kernels import selfcheck
 from qlora.kernels.backend import use_triton
+from qlora.kernels.gptq import selfcheck as _checks  # noqa: F401  (registers the GPTQ paths' self-checks)
 from qlora.kernels.nf4.checks import check_compute_dtype
 from qlora.kernels.gptq.format import PackedGPTQ, check_packed
 from qlora.kernels.packed_args import fake_product, from_op_args, op_schema, save_weight, saved_weight
 from qlora.kernels.gptq.reference import dequantize_gptq_torch, matmul_gptq_torch
+
+# The self-check that covers each path (kernels/gptq/selfcheck.py).
+SELF_CHECKS = {"dequant_matmul": "gptq_dequantize", "gemv": "gptq_gemv", "fused": "gptq_fused"}
+
 
 def path_table(arch: int, transpose_weight: bool, bits: int, shape: tuple = (4096, 4096),
                table: Optional[dict] = None) -> tuple:
@@ -73,7 +79,7 @@ def dequantize_gptq_op(*fields_and_dtype) -> torch.Tensor:
     weight, (dtype,) = from_op_args(PackedGPTQ, fields_and_dtype)
     check_packed(weight)
     check_compute_dtype(dtype, "dequantize_gptq's output dtype")
-    if use_triton(weight.device):
+    if use_triton(weight.device) and selfcheck.passed("gptq_dequantize", weight.device, dtype):
         from qlora.kernels.gptq.triton import dequantize_gptq_triton
 
         return dequantize_gptq_triton(weight, dtype)
@@ -98,6 +104,8 @@ def matmul_gptq_op(a: torch.Tensor, *fields_and_options) -> torch.Tensor:
     from qlora.kernels.launch import target_arch
 
     path = choose_path(a.shape[0], a.dtype, target_arch(a.device), transpose_weight, weight.bits, tuple(weight.shape))
+    if not selfcheck.passed(SELF_CHECKS[path], a.device, a.dtype):  # wrong on this GPU: the twin, warned once
+        return matmul_gptq_torch(a, weight, bias, transpose_weight)
     if path == "dequant_matmul":
         dense = gptq_triton.dequantize_gptq_triton(weight, a.dtype)
         return torch.nn.functional.linear(a, dense, bias) if transpose_weight else a @ dense

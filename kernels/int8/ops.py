@@ -14,7 +14,9 @@ from typing import Optional
 import torch
 
 from qlora.kernels.int8 import reference as reference
+from qlora.kernels import selfcheck
 from qlora.kernels.backend import use_triton
+from qlora.kernels.int8 import selfcheck as _checks  # noqa: F401  (registers the int8 paths' self-checks)
 from qlora.kernels.dtypes import FLOAT_DTYPES
 
 
@@ -37,7 +39,7 @@ def int8_dequantize(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) 
     """dequant(W) = CB * SCB / 127, [out, in] in `dtype`."""
     check_int8_weight(codes, scb)
     _check_dtype(dtype, "int8_dequantize's output dtype")
-    if use_triton(codes.device):
+    if use_triton(codes.device) and selfcheck.passed("int8_dequantize", codes.device, dtype):
         from qlora.kernels.int8.dequantize import int8_dequantize_triton
 
         return int8_dequantize_triton(codes, scb, dtype)
@@ -64,7 +66,7 @@ def int8_linear(a: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, bias: O
         raise ValueError(f"threshold must be >= 0 (0 disables the outlier decomposition), got {threshold}")
     if a.shape[0] == 0:
         return a.new_empty((0, codes.shape[0]))
-    if use_triton(a.device):
+    if use_triton(a.device) and selfcheck.passed("int8_matmul", a.device, a.dtype):
         from qlora.kernels.int8.matmul import int8_linear_triton
 
         return int8_linear_triton(a, codes, scb, bias, threshold)
