@@ -14,16 +14,25 @@ import torch
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where checkpoints go and stay (default: a temporary folder, removed at the end)")
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args(argv)
 
+    if args.workdir is not None:
+        run(args.workdir, args.layers)
+        return
+    with tempfile.TemporaryDirectory(prefix="qlora-demo-") as scratch:  # ~50 MB of checkpoints: not left behind
+        run(Path(scratch), args.layers)
+        print("(the checkpoints were in a temporary folder, now removed; pass --workdir DIR to keep them)")
+
+
+def run(workdir: Path, layers: int) -> None:
     import qlora
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qlora-demo-"))
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=args.layers,
+    config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=layers,
                          num_attention_heads=8, num_key_value_heads=4, vocab_size=4096)
     dense = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
     dense.save_pretrained(workdir / "dense")
