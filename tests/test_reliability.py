@@ -536,3 +536,27 @@ def test_output_dir_is_the_name_and_out_dir_still_works():
         assert deprecated_alias(None, "merged", "output_dir", "out_dir", "export_merged") == "merged"
     with pytest.raises(UserError, match="both output_dir=a and out_dir=b given"):
         deprecated_alias("a", "b", "output_dir", "out_dir", "export_merged")
+
+
+def test_an_edited_adapter_config_is_a_note_and_a_changed_shape_is_refused(trained, tmp_path, caplog):
+    # Users edit adapter_config.json (base_model_name_or_path after moving the base): that adapter is good.
+    import logging
+
+    from qlora.export.source import verify_adapter
+    from qlora.train.checkpoint import CheckpointError
+
+    run = shutil.copytree(trained, tmp_path / "run")
+    config_path = run / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = "/moved/base/model-with-a-longer-name"
+    config_path.write_text(json.dumps(config, indent=4))
+    with caplog.at_level(logging.WARNING, logger="qlora.train"):
+        verify_adapter(run / "adapter")
+    assert "was edited after training (changed: base_model_name_or_path" in caplog.text
+    config["r"] = config["r"] * 2
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"edited in keys that no longer match the trained weights \(r 4 -> 8\)"):
+        verify_adapter(run / "adapter")
+    config_path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="adapter_config.json is not valid JSON any more"):
+        verify_adapter(run / "adapter")

@@ -68,11 +68,13 @@ def find_adapter_dir(path: str | Path, option: str = "run_dir") -> Path:
 
 def verify_adapter(adapter_dir: Path) -> None:
     """Check the adapter against its manifest (its own, or its checkpoint's); a damaged one is refused."""
-    from qlora.train.checkpoint import MANIFEST_FILE, CheckpointError, verify
+    from qlora.train.checkpoint import EDITABLE_CONFIGS, MANIFEST_FILE, CheckpointError, verify
 
     for folder in (adapter_dir, adapter_dir.parent):
         if (folder / MANIFEST_FILE).is_file():
             problem = verify(folder)
+            if problem is not None and problem.startswith(tuple(EDITABLE_CONFIGS)):  # an edit, not damage
+                raise CheckpointError(f"adapter {adapter_dir} cannot be used as it is: {problem}")
             if problem is not None:
                 raise CheckpointError(f"adapter {adapter_dir} is damaged: {problem}; use another checkpoint or "
                                       "re-run the training")

@@ -76,13 +76,25 @@ def write_manifest(directory: Path) -> Path:
     """Record every file under `directory` (size, sha256); written last, it marks the folder complete."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
     entries = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    for name, entry in entries.items():  # what an edit of a config file is compared with (see verify)
+        if Path(name).name in EDITABLE_CONFIGS:
+            entry["json"] = json.loads((directory / name).read_text())
     path = directory / MANIFEST_FILE
     path.write_text(json.dumps({"files": entries}, indent=1, sort_keys=True) + "\n")
     return path
 
 
+# Files users edit by hand and that training only records: an edit that leaves the adapter's shape
+# as the weights have it is a note, not damage (moving the base changes base_model_name_or_path).
+EDITABLE_CONFIGS = {"adapter_config.json"}
+# The adapter_config.json keys that decide which tensors the weights hold and how they combine.
+ADAPTER_SHAPE_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora",
+                      "use_rslora", "fan_in_fan_out", "modules_to_save", "layers_to_transform", "target_parameters")
+
+
 def verify(directory: Path) -> Optional[str]:
-    """None if every file of the manifest is there with its size and hash; else what is wrong."""
+    """None if every file of the manifest is there with its size and hash (or is a config edited
+    within the adapter's shape, logged as a note); else what is wrong."""
     manifest = directory / MANIFEST_FILE
     if not manifest.is_file():
         return f"no {MANIFEST_FILE} (the write did not finish)"
@@ -94,12 +106,54 @@ def verify(directory: Path) -> Optional[str]:
         path = directory / name
         if not path.is_file():
             return f"{name} is missing"
+        if path.stat().st_size == expected["size"] and _sha256(path) == expected["sha256"]:
+            continue
+        if Path(name).name in EDITABLE_CONFIGS:
+            problem, note = _edited_config(path, expected.get("json"))
+            if problem is None:
+                log.warning("%s was edited after training (%s); the adapter's shape is unchanged, so it is used",
+                            path, note)
+                continue
+            return problem
         size = path.stat().st_size
         if size != expected["size"]:
             return f"{name} has {size} bytes, the manifest says {expected['size']}"
-        if _sha256(path) != expected["sha256"]:
-            return f"{name} does not match its sha256 in the manifest"
+        return f"{name} does not match its sha256 in the manifest"
     return None
+
+
+def _lora_ranks(weights: Path) -> set[int]:
+    """The ranks of the LoRA A matrices in an adapter's safetensors file (its header only)."""
+    from safetensors import safe_open
+
+    if not weights.is_file():
+        return set()
+    with safe_open(str(weights), framework="pt") as f:
+        return {f.get_slice(k).get_shape()[0] for k in f.keys() if ".lora_A." in k and k.endswith(".weight")}
+
+
+def _edited_config(path: Path, recorded: Optional[dict]) -> tuple[Optional[str], str]:
+    """(problem or None, what changed) of a config file whose bytes differ from what training wrote."""
+    try:
+        edited = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"{path.name} is not valid JSON any more ({err}); restore it, e.g. from a checkpoint's adapter/", ""
+    if not isinstance(edited, dict):
+        return f"{path.name} is not a JSON object any more; restore it, e.g. from a checkpoint's adapter/", ""
+    if recorded is None:  # written before configs were recorded: the ranks the weights hold must still fit
+        ranks = _lora_ranks(path.parent / "adapter_model.safetensors")
+        allowed = {edited.get("r")} | set((edited.get("rank_pattern") or {}).values())
+        if ranks - allowed:
+            return (f"{path.name} says r={edited.get('r')} but the weights have rank {sorted(ranks)}; set r back to "
+                    "what the adapter was trained with"), ""
+        return None, "its manifest predates recorded configs, so what changed is not known; the rank matches"
+    changed = sorted(k for k in set(edited) | set(recorded) if edited.get(k) != recorded.get(k))
+    shape = [k for k in changed if k in ADAPTER_SHAPE_KEYS]
+    if shape:
+        details = ", ".join(f"{k} {recorded.get(k)!r} -> {edited.get(k)!r}" for k in shape)
+        return (f"{path.name} was edited in keys that no longer match the trained weights ({details}); set them "
+                "back to the recorded values"), ""
+    return None, "changed: " + ", ".join(f"{k} {recorded.get(k)!r} -> {edited.get(k)!r}" for k in changed)
 
 
 def _is_legacy(path: Path) -> bool:
