@@ -241,6 +241,7 @@ EVAL_OPTIONS = {
 
 
 def cmd_eval(values: dict) -> int:
+    from qlora.data.loading import check_sources
     from qlora.options import UsageError, as_bool, as_device, as_number
 
     target = values["run_dir"] or values["model"]
@@ -257,6 +258,7 @@ def cmd_eval(values: dict) -> int:
     limit = as_number("limit", values["limit"], int) if values["limit"] else None
     tasks = [t.strip() for t in (values["tasks"] or "").split(",") if t.strip()]
     device = as_device("device", values["device"])
+    check_sources(values.get("data"))  # a missing data file is named before the model loads
 
     model, tokenizer, described, run_cfg = load_for_eval(target, device, values["base"])
     if tokenizer.pad_token is None:

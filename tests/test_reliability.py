@@ -560,3 +560,20 @@ def test_an_edited_adapter_config_is_a_note_and_a_changed_shape_is_refused(train
     config_path.write_text("{not json")
     with pytest.raises(CheckpointError, match="adapter_config.json is not valid JSON any more"):
         verify_adapter(run / "adapter")
+
+
+def test_a_missing_data_file_is_one_line_before_the_model_loads_and_leaves_no_run_folder(assets, trained, tmp_path):
+    # It was a 26-line traceback after the model had loaded, and left an empty run folder behind.
+    missing = tmp_path / "nowhere" / "train.jsonl"
+    args = overrides(*assets, tmp_path / "run")
+    args = [a for a in args if not a.startswith("data.source=")] + [f"data.source={missing}"]
+    proc = train_py(args, tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert last_line(err) == f"error: data source '{missing}' does not exist; check the path (relative paths are " \
+                             f"resolved from {tmp_path})"
+    assert "loading (" not in err and not (tmp_path / "run").exists()
+    proc = subprocess.run([sys.executable, "-m", "qlora.cli", "eval", f"run_dir={trained}", f"data={missing}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "loading (" not in proc.stderr, proc.stderr[-3000:]
+    assert last_line(proc.stderr).startswith(f"error: data source '{missing}' does not exist")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import datasets
 
-from qlora.data.errors import DataError
+from qlora.data.errors import DataError, MissingSourceError
 
 # File suffix -> the `datasets` builder that reads it (.jsonl is JSON Lines, which "json" handles).
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -29,7 +29,7 @@ def _looks_local(source: str) -> bool:
 def _local_data_files(path: Path) -> tuple[str, list[str]]:
     """The builder name and the sorted data files of a file or of a directory of same-type files."""
     if not path.exists():
-        raise FileNotFoundError(f"data source {str(path)!r} does not exist; check the path (relative paths "
+        raise MissingSourceError(f"data source {str(path)!r} does not exist; check the path (relative paths "
                                 f"are resolved from {Path.cwd()})")
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     files = [p for p in files if p.suffix.lower() in LOCAL_BUILDERS]
@@ -41,6 +41,14 @@ def _local_data_files(path: Path) -> tuple[str, list[str]]:
         raise DataError(f"data directory {str(path)!r} mixes file types ({', '.join(sorted(builders))}); "
                         f"keep one format per directory")
     return builders.pop(), [str(p) for p in files]
+
+
+def check_sources(*sources) -> None:
+    """Refuse a local data source that is missing or holds no readable file, reading no record: what
+    a run checks before it loads the model (a typo in a path then costs seconds, not a model load)."""
+    for source in sources:
+        if source is not None and (isinstance(source, Path) or _looks_local(str(source))):
+            _local_data_files(Path(str(source)).expanduser())
 
 
 def _load_one(source: str | Path, split: str) -> datasets.Dataset:

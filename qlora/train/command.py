@@ -29,13 +29,19 @@ from qlora.train.schema import register
 _RANK_OVERRIDES = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout")
 
 
+# What a run folder holds before its first step: Hydra's .hydra/ and train.log, the run's config.yaml.
+_BEFORE_TRAINING = {".hydra", "train.log", "config.yaml"}
+
+
 def _remove_run_dir_if_nothing_ran() -> None:
-    """A run refused before it started (a bad value, nothing left to resume) leaves no run folder: Hydra
-    made it before the task ran, holding only its own .hydra/ and train.log."""
+    """A run that ended before training started (a bad value, a missing data file, nothing left to
+    resume, Ctrl-C while loading) leaves no run folder: it would hold only what the start wrote, and
+    count as a run in every later "this folder holds N training runs"."""
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+    if run_dir.is_dir() and run_dir.resolve() != Path.cwd().resolve() and \
+            {p.name for p in run_dir.iterdir()} <= _BEFORE_TRAINING:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -54,6 +60,8 @@ def _task(cfg: DictConfig) -> None:
         sys.exit(130 if isinstance(err, RunInterrupted) else 1)
     except KeyboardInterrupt:
         print("interrupted before training started", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            _remove_run_dir_if_nothing_ran()
         sys.exit(130)
 
 

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from qlora import distributed as qdist
+from qlora.data.loading import check_sources
 from qlora.errors import DamagedFileError, UserError
 from qlora.train import checkpoint as ckpt
 from qlora.train.recipes import dense_dtype, model_path, quant_config
@@ -163,6 +164,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
     """Train as `cfg` says; returns the run summary. Outputs go to run_dir (Hydra's by default)."""
     validate(cfg)
     check_device(cfg)
+    check_sources(*_data_sources(cfg))  # a missing data file is named before the model loads
     # distributed: join the launcher's process group; rank 0's run folder and resume choice hold
     # for all (Hydra's timestamped folder can differ by a second between ranks).
     world = qdist.setup(cfg.distributed.strategy, cfg.trainer.device, cfg.distributed.timeout_s)
