@@ -13,7 +13,9 @@ installed package in any folder. Recipes live in recipes/ (installed as qlora.re
 is documented in qlora/train/schema.py. An error caused by input prints one line, `error: ...`;
 QLORA_DEBUG=1 (or HYDRA_FULL_ERROR=1) adds the traceback.
 """
+import sys
+
 from qlora.train.command import main
 
 if __name__ == "__main__":
-    main(program="train.py")
+    main(program=sys.argv[0])  # as invoked, so that messages can give the exact command again

@@ -6,6 +6,8 @@ tiny model of tiny_run.py (seconds); the NaN case uses the embedded default as a
 """
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -15,9 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from qlora.errors import UserError
+from qlora.train import checkpoint as ckpt
 from qlora.train.schema import ConfigError, register
 from test_train import ROOT, assets, compose_run, losses  # noqa: F401  (assets is a fixture)
 from tiny_run import overrides
@@ -463,7 +467,38 @@ def test_ctrl_c_says_how_to_continue(assets, tmp_path):
     assert "Traceback" not in err
     line = last_line(err)
     assert line.startswith("error: interrupted at step ") and "newest checkpoint: " in line
-    assert line.endswith("Run the same command with trainer.resume=true to continue from it")
+    # The exact command that continues this run: the same overrides, trainer.resume= this run's checkpoint.
+    command = line.split("To continue this run: ", 1)[1]
+    checkpoint = line.split("newest checkpoint: ", 1)[1].split(". To continue", 1)[0]
+    assert Path(checkpoint).parent == run_dir / "checkpoints"
+    assert shlex.split(command) == ["python", TRAIN, *args, f"trainer.resume={checkpoint}"]
+
+
+def test_resume_true_continues_the_run_written_last_not_the_one_that_got_furthest(trained, tmp_path):
+    # An older run of the same name reached step 4; the interrupted one wrote step 2 after it.
+    runs = tmp_path / "runs"
+    older = copy_run(trained, tmp_path)
+    interrupted = runs / "second" / "checkpoints" / "step-000002"
+    shutil.copytree(older / "checkpoints" / "step-000002", interrupted)
+    for path in (interrupted / "manifest.json",):
+        os.utime(path, (time.time() + 5, time.time() + 5))
+    assert ckpt.find_resume_checkpoint(True, runs / "third") == interrupted
+
+
+def test_a_resume_that_changes_the_model_is_refused_naming_the_keys(trained):
+    # quantization=int8 on an NF4 run trained the adapter on another base without a word; another lora.r
+    # died in a 106-line traceback of size mismatches.
+    from qlora.train.checkpoint import CheckpointError
+
+    checkpoint = trained / "checkpoints" / "step-000002"
+    recorded = OmegaConf.load(trained / "config.yaml")
+    for override, named in (("lora.r=16", f"lora.r: {recorded.lora.r} -> 16"),
+                            ("quantization.quant_type=int8", "quantization.quant_type: 'nf4' -> 'int8'")):
+        with pytest.raises(CheckpointError, match=re.escape(named)):
+            ckpt.check_resume_compatible(checkpoint, OmegaConf.merge(recorded, OmegaConf.from_dotlist([override])))
+    schedule = OmegaConf.merge(recorded, OmegaConf.from_dotlist(["trainer.max_steps=9", "optimizer.lr=0.0123"]))
+    assert ckpt.check_resume_compatible(checkpoint, schedule) == [
+        f"optimizer.lr: {recorded.optimizer.lr!r} -> 0.0123", f"trainer.max_steps: {recorded.trainer.max_steps} -> 9"]
 
 
 # ---- the CLI ---------------------------------------------------------------------------------
@@ -577,3 +612,11 @@ def test_a_missing_data_file_is_one_line_before_the_model_loads_and_leaves_no_ru
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "loading (" not in proc.stderr, proc.stderr[-3000:]
     assert last_line(proc.stderr).startswith(f"error: data source '{missing}' does not exist")
+
+
+def test_an_interrupt_before_the_first_checkpoint_says_there_is_nothing_to_continue():
+    from qlora.train.invocation import interrupted_message
+
+    message = interrupted_message(3, None)
+    assert message.startswith("interrupted at step 3, before any checkpoint was written: there is nothing to continue")
+    assert "trainer.resume" not in message

@@ -208,10 +208,19 @@ def intact_checkpoints(root: Path) -> list[Path]:
 
 
 # ---- resume ----------------------------------------------------------------------------------
+def written_at(path: Path) -> float:
+    """When a checkpoint was finished: its manifest is written last (a legacy one: its state file)."""
+    for name in (MANIFEST_FILE, STATE_FILE):
+        if (path / name).is_file():
+            return (path / name).stat().st_mtime
+    return path.stat().st_mtime
+
+
 def _first_intact(candidates: list[Path], what: str) -> Path:
-    """The newest candidate that verifies; logs each damaged one it passes over."""
+    """The newest candidate that verifies, newest by when it was written (across the runs of one name,
+    the highest step may be an older experiment's); logs each damaged one it passes over."""
     damaged = []
-    for path in sorted(candidates, key=lambda p: (step_of(p), p.stat().st_mtime), reverse=True):
+    for path in sorted(candidates, key=lambda p: (written_at(p), step_of(p)), reverse=True):
         problem = None if _is_legacy(path) else verify(path)
         if problem is None:
             if damaged:
@@ -234,8 +243,9 @@ def _all_step_folders(root: Path) -> list[Path]:
 
 def find_resume_checkpoint(resume, run_dir: Path) -> Optional[Path]:
     """The checkpoint `trainer.resume` points at: a checkpoint path (used only if intact), a run folder
-    (its newest intact checkpoint), or true: the newest intact checkpoint among this run name's earlier
-    runs (sibling folders of run_dir). Damaged checkpoints are named in the log and skipped."""
+    (its newest intact checkpoint), or true: the intact checkpoint written last among this run name's
+    earlier runs (sibling folders of run_dir), so an interrupted run is the one continued, not an older
+    run that got further. Damaged checkpoints are named in the log and skipped."""
     if resume in (False, None, "false", "False"):
         return None
     if resume not in (True, "true", "True"):
@@ -310,3 +320,44 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
                               f"({err}); resume with the recipe that wrote it") from err
     set_rng_state(rng)
     return read_state(path)
+
+
+# ---- what a resume may change ------------------------------------------------------------------
+# Recipe keys that decide the trained function: the base and its format, the adapter's shape and the
+# objective. A resume that changes one would train the saved adapter on another base (an int8 base
+# under an NF4 adapter) or fail deep in PEFT with size mismatches (another lora.r).
+MODEL_KEYS = ("model.name_or_path", "model.revision", "quantization.quant_type", "quantization.method",
+              "quantization.double_quant", "quantization.blocksize", "quantization.gptq", "quantization.skip_modules",
+              "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora", "lora.use_dora", "lora.bias",
+              "lora.init", "objective")
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def check_resume_compatible(checkpoint: Path, cfg) -> list[str]:
+    """Compare the recipe the checkpoint's run recorded (its config.yaml) with `cfg`: raise naming the
+    keys when one that changes the model differs; return "key: old -> new" for the rest that differ
+    (the schedule, the data, the logging), which the caller reports. A checkpoint outside a run folder has no recipe to
+    compare, and is taken as it is."""
+    from omegaconf import OmegaConf
+
+    recorded_path = checkpoint.parent.parent / "config.yaml"
+    if not recorded_path.is_file():
+        return []
+    recorded = _flatten(OmegaConf.to_container(OmegaConf.load(recorded_path), resolve=True))
+    current = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+    model = [k for k in changed if any(k == m or k.startswith(m + ".") for m in MODEL_KEYS)]
+    if model:
+        details = "; ".join(f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in model)
+        raise CheckpointError(f"trainer.resume: {checkpoint} was trained with another model ({details}); a resume "
+                              "continues the same base, format, adapter and objective: set these back, or start a "
+                              "new run without trainer.resume")
+    return [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in changed if k != "trainer.resume"]

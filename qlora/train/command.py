@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from qlora.errors import UserError, report
 from qlora.kernels.backend import BackendError
+from qlora.train.invocation import record
 from qlora.train.schema import register
 
 # Ranks other than 0 (torchrun, accelerate launch) write nothing of their own: rank 0's run folder is
@@ -72,6 +73,7 @@ def main(argv: Optional[list[str]] = None, program: str = "qlora train") -> None
         keys = tuple(o.split("=", 1)[0] + "=" for o in _RANK_OVERRIDES)
         args = [a for a in args if not a.lstrip("+~").startswith(keys)] + list(_RANK_OVERRIDES)
     register()
+    record(program, args)  # for the message that says how to continue an interrupted run
     # Hydra reads its overrides from sys.argv, and names the program from argv[0] in --help.
     sys.argv = [program, *args]
     _task()

@@ -14,6 +14,7 @@ from qlora import distributed as qdist
 from qlora.data.loading import check_sources
 from qlora.errors import DamagedFileError, UserError
 from qlora.train import checkpoint as ckpt
+from qlora.train.invocation import interrupted_message
 from qlora.train.recipes import dense_dtype, model_path, quant_config
 from qlora.train.report import format_summary, plot_loss_curve, write_summary
 from qlora.train.schema import ConfigError
@@ -173,6 +174,10 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
         logging.getLogger("qlora").setLevel(logging.WARNING)
     resume = world.broadcast(ckpt.find_resume_checkpoint(cfg.trainer.resume, run_dir) if world.is_main else None)
     _check_resume_leaves_work(resume, cfg.trainer.max_steps)
+    if resume is not None:
+        changed = ckpt.check_resume_compatible(Path(resume), cfg)
+        log.info("continuing run %s from step %d (%s)%s", Path(resume).parent.parent, ckpt.step_of(Path(resume)),
+                 resume, "; changed since: " + "; ".join(changed) if changed else "")
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -213,9 +218,9 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
         failed = False
         return summary
     except KeyboardInterrupt:
-        raise RunInterrupted(
-            f"interrupted at step {trainer.state.step}; newest checkpoint: {trainer.newest_good_checkpoint()}. "
-            "Run the same command with trainer.resume=true to continue from it") from None
+        newest = trainer.newest_good_checkpoint()
+        raise RunInterrupted(interrupted_message(trainer.state.step, None if newest == "none yet" else Path(newest))) \
+            from None
     except Exception as err:  # distributed: a dead peer surfaces inside FSDP2/DDP collectives as well
         lost = world.peer_lost(err)
         if lost is None:
