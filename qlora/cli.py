@@ -12,7 +12,8 @@ from typing import Callable, Optional
 
 from qlora.errors import UserError, report
 from qlora.kernels.backend import BackendError
-from qlora.options import UsageError, as_bool, as_choice, as_device, as_number, help_text, parse_options
+from qlora.options import (UsageError, as_bool, as_choice, as_device, as_existing_path, as_number, as_output_file,
+                           help_text, parse_options)
 from qlora.quantize_cli import QUANTIZE_OPTIONS, cmd_quantize
 
 # Each command: {key: (default, help)}; a default of None with "required" in the help must be given.
@@ -82,6 +83,7 @@ def _command_from(module: str, options: str, function: str) -> tuple[dict, Calla
 def cmd_export(values: dict) -> int:
     from qlora.export import BASES, FORMATS, GGUF_TYPES, check_output_dir, export_merged
     from qlora.export.merge import DTYPES
+    from qlora.models.saving import parse_size
 
     fmt = as_choice("format", values["format"], FORMATS)
     base = as_choice("base", values["base"], BASES)
@@ -90,6 +92,16 @@ def cmd_export(values: dict) -> int:
     overwrite = as_bool("overwrite", values["overwrite"])
     output_dir = Path(values["output_dir"]).expanduser()
     check_output_dir(output_dir, overwrite, "output_dir", "overwrite=true")  # spelled as on this command line
+    as_existing_path("run_dir", values["run_dir"])
+    if values["original"]:
+        as_existing_path("original", values["original"])
+    try:
+        parse_size(values["max_shard_size"])
+    except ValueError:
+        raise UsageError(f"max_shard_size={values['max_shard_size']!r} must be bytes or a size like 5GB or 500MB") from None
+    repo = values["push_to_hub"]
+    if repo is not None and (repo.count("/") != 1 or not all(repo.split("/")) or " " in repo):
+        raise UsageError(f"push_to_hub={repo!r} must be a Hub repo id '<user or organisation>/<name>'")
     path = export_merged(values["run_dir"], output_dir, base=base, original=values["original"], format=fmt,
                          dtype=values["dtype"], overwrite=overwrite, max_shard_size=values["max_shard_size"],
                          progress=as_bool("progress", values["progress"]), gguf_type=values["gguf_type"])
@@ -198,7 +210,7 @@ DOCTOR_OPTIONS = {
 def cmd_doctor(values: dict) -> int:
     from qlora.doctor import doctor  # the kernel checks and timings live there
 
-    return doctor(values["out"])
+    return doctor(as_output_file("out", values["out"]) if values["out"] else None)
 
 
 COMMANDS = {"export": (EXPORT_OPTIONS, cmd_export), "generate": (GENERATE_OPTIONS, cmd_generate),

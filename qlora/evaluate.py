@@ -242,7 +242,7 @@ EVAL_OPTIONS = {
 
 def cmd_eval(values: dict) -> int:
     from qlora.data.loading import check_sources
-    from qlora.options import UsageError, as_bool, as_device, as_number
+    from qlora.options import UsageError, as_bool, as_device, as_existing_path, as_number, as_output_file
 
     target = values["run_dir"] or values["model"]
     if not target or (values["run_dir"] and values["model"]):
@@ -252,10 +252,15 @@ def cmd_eval(values: dict) -> int:
         import datasets
 
         datasets.disable_progress_bars()  # tokenization and file loading show their own bars
-    batch_size = as_number("batch_size", values["batch_size"], int)
-    max_new_tokens = as_number("max_new_tokens", values["max_new_tokens"], int)
-    max_seq_len = as_number("max_seq_len", values["max_seq_len"], int) if values["max_seq_len"] else None
-    limit = as_number("limit", values["limit"], int) if values["limit"] else None
+    batch_size = as_number("batch_size", values["batch_size"], int, minimum=1)
+    max_new_tokens = as_number("max_new_tokens", values["max_new_tokens"], int, minimum=1)
+    max_seq_len = as_number("max_seq_len", values["max_seq_len"], int, minimum=1) if values["max_seq_len"] else None
+    limit = as_number("limit", values["limit"], int, minimum=1) if values["limit"] else None
+    as_existing_path("run_dir" if values["run_dir"] else "model", target)
+    if values["base"]:
+        as_existing_path("base", values["base"])
+    if values["out"]:
+        as_output_file("out", values["out"])
     tasks = [t.strip() for t in (values["tasks"] or "").split(",") if t.strip()]
     device = as_device("device", values["device"])
     check_sources(values.get("data"))  # a missing data file is named before the model loads

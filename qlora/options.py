@@ -101,3 +101,30 @@ def as_device(key: str, value: str) -> str:
         raise UsageError(f"{key}={value} but this machine has {torch.cuda.device_count()} CUDA device(s); "
                          f"use an index below that")
     return text
+
+
+def as_existing_path(key: str, value: str) -> str:
+    """`value` unchanged when it exists or does not look like a local path (a Hub id, "embedded");
+    a local-looking path that does not exist is refused here, naming the key, before anything loads."""
+    from pathlib import Path
+
+    text = str(value)
+    looks_local = text.startswith(("/", "./", "../", "~")) or Path(text).suffix != "" or text.count("/") > 1
+    if looks_local and not Path(text).expanduser().exists():
+        raise UsageError(f"{key}={value}: no such file or directory")
+    return text
+
+
+def as_output_file(key: str, value: str) -> str:
+    """A file to write: its folder must exist (or be creatable: its parents hold no file in the way)."""
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{key}={value}: {parent} is a file, not a folder; choose another path")
+            break
+    if path.is_dir():
+        raise UsageError(f"{key}={value} is a directory; give a file path, e.g. {path / 'report.json'}")
+    return str(path)

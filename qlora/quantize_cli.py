@@ -28,7 +28,10 @@ METHODS = ("gptq",)
 
 
 def cmd_quantize(values: dict) -> int:
-    from qlora.options import UsageError, as_bool, as_device, as_number
+    from pathlib import Path
+
+    from qlora.export import check_output_dir
+    from qlora.options import UsageError, as_bool, as_device, as_existing_path, as_number
 
     import qlora
     from qlora.embedded import corpus
@@ -37,12 +40,14 @@ def cmd_quantize(values: dict) -> int:
     if values["method"] not in METHODS:
         raise UsageError(f"method={values['method']!r} is not supported; methods: {', '.join(METHODS)} (NF4/FP4 need no "
                          "separate step: qlora.load_model quantizes while loading)")
-    model = values["model"]
+    model = as_existing_path("model", values["model"])
+    overwrite = as_bool("overwrite", values["overwrite"])
+    check_output_dir(Path(values["output_dir"]).expanduser(), overwrite, "output_dir", "overwrite=true")
     if model == "embedded":
         from qlora.embedded import BASE_MODEL_DIR
 
         model = str(BASE_MODEL_DIR)
-    dataset = values["dataset"]
+    dataset = values["dataset"] if values["dataset"] == "embedded" else as_existing_path("dataset", values["dataset"])
     if dataset == "embedded":
         dataset = corpus.calibration_texts()
     seqlen = None if values["model_seqlen"] == "auto" else as_number("model_seqlen", values["model_seqlen"], int)
@@ -51,11 +56,11 @@ def cmd_quantize(values: dict) -> int:
         desc_act=as_bool("desc_act", values["desc_act"]), static_groups=as_bool("static_groups", values["static_groups"]),
         sym=as_bool("sym", values["sym"]), true_sequential=as_bool("true_sequential", values["true_sequential"]),
         damp_percent=as_number("damp_percent", values["damp_percent"], float), dataset=dataset, model_seqlen=seqlen,
-        max_calibration_samples=as_number("samples", values["samples"], int))
+        max_calibration_samples=as_number("samples", values["samples"], int, minimum=1))
     device = as_device("device", values["device"])
     quantized = qlora.load_model(model, quantization_config=config, device=device,
                                  progress=as_bool("progress", values["progress"]))
-    path = qlora.save_model(quantized, values["output_dir"], overwrite=as_bool("overwrite", values["overwrite"]))
+    path = qlora.save_model(quantized, values["output_dir"], overwrite=overwrite)
     print(f"wrote {path} (GPTQ {config.bits}-bit, group_size {config.group_size}"
           f"{', act-order' if config.desc_act else ''}, checkpoint_format gptq)")
     return 0
