@@ -106,6 +106,11 @@ def split_prompt(prompt, chosen, rejected, index: int, tokenizer=None) -> tuple[
             # Keep at least one character of each completion: a completion that is a prefix of the other
             # would otherwise be empty.
             prompt = prompt[:min(len(prompt), len(chosen) - 1, len(rejected) - 1)]
+            # Whole words only ("... w3" vs "... w4" share "... w"), and the space before the first
+            # differing word goes with the completions, where BPE vocabularies keep it (" yes").
+            if prompt and not prompt[-1].isspace() and not chosen[len(prompt)].isspace():
+                prompt = prompt[:len(prompt) - len(prompt.split()[-1])] if prompt.split() else ""
+            prompt = prompt.rstrip()
             if not prompt:
                 raise DataError(f"record {index}: no 'prompt' field, and 'chosen' and 'rejected' share no "
                                 f"leading text to serve as the prompt; add a 'prompt' field")
