@@ -81,6 +81,15 @@ def test_dpo_from_a_zero_adapter_starts_at_ln2_with_zero_rewards(assets, tmp_pat
     assert summary["final_eval_loss"] == final["eval_loss"]
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "reference").exists()
+    # qlora eval on the run's held-out pairs: the trainer's own reward metrics, from a fresh load
+    from qlora.cli import main
+
+    assert main(["eval", f"run_dir={run_dir}", "max_new_tokens=4", "progress=false"]) == 0
+    scored = json.loads((run_dir / "eval.json").read_text())["metrics"]
+    assert scored["pairs"] == 5 and scored["reward"] == "dpo, beta=0.1"
+    assert scored["reward_accuracy"] == pytest.approx(final["eval_rewards/accuracies"])
+    assert scored["reward_margin"] == pytest.approx(final["eval_rewards/margins"], rel=1e-4, abs=1e-6)
+    assert "exact_match" in scored and "loss" not in scored
 
 
 def test_sft_then_dpo_uses_the_starting_adapter_as_the_reference(assets, tmp_path):
