@@ -184,3 +184,26 @@ def test_fsdp2_losses_equal_one_process_and_the_adapter_exports(tmp_path):
         assert got[step]["rewards/margins"] == pytest.approx(expected[step]["rewards/margins"], rel=1e-5, abs=1e-7)
     merged = export_merged(sharded, tmp_path / "merged", progress=False)
     assert any(Path(merged).glob("*.safetensors"))
+
+
+def test_memory_plan_counts_two_sequences_and_the_reference_forward():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from distributed_plan import MODELS, plan
+
+    measured = {"quantized": {"packed_per_weight": 0.5, "scales_per_weight": 0.03, "scales_per_layer": 1e3},
+                "lora": {"lora_bytes_per_r_in_out": 4, "optimizer_bytes_per_param": 8, "grad_bytes_per_param": 4},
+                "activations": {"saved_per_token_per_hidden": 20, "saved_per_token_per_intermediate": 6,
+                                "backward_per_token_per_hidden": 8, "backward_per_token_per_intermediate": 4}}
+    rows = {o: {r["part"]: r["no offload GB"] for r in plan(MODELS["llama3_8b"], 1, 1024, 2, 64, measured, objective=o)}
+            for o in ("sft", "dpo", "orpo", "kto")}
+    for part in ("activations: checkpointed / offloaded", "logits + loss", "backward of one layer (gradients, temporaries)"):
+        assert rows["dpo"][part] == pytest.approx(2 * rows["sft"][part]) == pytest.approx(rows["orpo"][part])
+        assert rows["kto"][part] == pytest.approx(rows["sft"][part])
+    reference = "reference forward (no gradients: one layer + logits)"
+    assert rows["sft"][reference] == rows["orpo"][reference] == 0
+    assert rows["dpo"][reference] == pytest.approx(2 * rows["kto"][reference]) and rows["kto"][reference] > 0
+    # llama3_8b, seq 1024 x 2 pairs: the reference logits alone are 4096 tokens x 128256 x 6 bytes
+    assert rows["dpo"][reference] > 4096 * 128256 * 6 / 1e9
+    assert rows["dpo"]["quantized base shard (packed, sharded)"] == rows["sft"]["quantized base shard (packed, sharded)"]
