@@ -139,6 +139,7 @@ def test_pair_batch_is_chosen_rows_then_rejected_rows_with_completion_labels_onl
     (["objective=dpo", "data=embedded_preferences", "model.adapter=/nonexistent"],
      r"model.adapter=/nonexistent: no adapter_config.json there"),
     (["data.format._target_=qlora.data.UnpairedFormat"], r"objective=sft would train on KTO's undesirable"),
+    (["objective=orpo", "data=embedded_preferences", "objective.sft_weight=1"], r"orpo has its own NLL term"),
 ])
 def test_objective_values_are_refused_before_the_model_loads(overrides, message):
     from qlora.train.recipes import compose_recipe

@@ -50,7 +50,7 @@ def _stub_model(log_probs: torch.Tensor):
     return lambda **kwargs: outputs
 
 
-def trl_dpo(x, beta, loss_type, label_smoothing=0.0):
+def trl_dpo(x, beta, loss_type, label_smoothing=0.0, sft_weight=0.0):
     """TRL's DPOTrainer loss (and metrics) on our log-probs, with the reference given as precomputed."""
     from trl import DPOTrainer
 
@@ -60,7 +60,8 @@ def trl_dpo(x, beta, loss_type, label_smoothing=0.0):
     completion_mask = torch.cat([torch.zeros(2 * B, 1, dtype=torch.long), mask], dim=1)  # position 0: prompt
     this = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False,
                            ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-                           loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing,
+                           loss_types=[loss_type] + ["sft"] * bool(sft_weight), loss_weights=[1.0, sft_weight][
+                               :1 + bool(sft_weight)], beta=beta, label_smoothing=label_smoothing,
                            use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)),
                            _total_train_tokens=0, _tp_size=1, args=SimpleNamespace())
     inputs = {"input_ids": torch.zeros(2 * B, width + 1, dtype=torch.long), "attention_mask": completion_mask * 0 + 1,
@@ -85,6 +86,20 @@ def test_dpo_losses_and_metrics_equal_trl(loss_type):
         accuracy = (ours.chosen_rewards > ours.rejected_rewards).double().mean().item()
         assert accuracy == pytest.approx(metrics["rewards/accuracies"], rel=1e-7)  # TRL averages in fp32
         assert 0 < accuracy < 1  # the data hold both kinds of pair
+
+
+def test_dpo_with_the_chosen_nll_equals_trl_sigmoid_plus_sft():
+    """objective.sft_weight: the PreferenceObjective adds the chosen NLL per chosen token, weighted; TRL's
+    loss_type=[sigmoid, sft] with loss_weights=[1, alpha] is the same sum."""
+    pytest.importorskip("trl")
+    from qlora.objectives import PreferenceObjective
+
+    x = logps(7)
+    loss, _ = trl_dpo(x, 0.1, "sigmoid", sft_weight=0.5)
+    objective = PreferenceObjective("dpo", beta=0.1, sft_weight=0.5)
+    pair = dpo_loss(x.chosen, x.rejected, x.ref_chosen, x.ref_rejected, beta=0.1)
+    ours = pair.losses.mean() + objective.nll_weight * -x.chosen.sum() / x.chosen_tokens.sum()
+    assert ours.item() == pytest.approx(loss.item(), rel=1e-12)
 
 
 def test_dpo_label_smoothing_equals_trl_conservative_sigmoid():
@@ -253,7 +268,7 @@ def kto_batch(seed: int = 1):
 
 @pytest.mark.parametrize("name, options", [
     ("dpo", {"loss_type": "sigmoid", "label_smoothing": 0.1}), ("dpo", {"loss_type": "ipo"}),
-    ("dpo", {"loss_type": "hinge"}), ("orpo", {}), ("simpo", {}), ("kto", {}),
+    ("dpo", {"loss_type": "hinge", "sft_weight": 0.5}), ("orpo", {}), ("simpo", {}), ("kto", {}),
 ])
 def test_gradients_match_finite_differences(name, options):
     from qlora.objectives import KTOObjective, PreferenceObjective

@@ -144,9 +144,11 @@ class PreferenceObjective(Objective):
     reference_width = 2
 
     def __init__(self, name: str, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 orpo_lambda: float = 0.1, gamma: float = 0.5):
+                 orpo_lambda: float = 0.1, gamma: float = 0.5, sft_weight: float = 0.0):
         self.name, self.beta, self.loss_type, self.label_smoothing = name, beta, loss_type, label_smoothing
         self.orpo_lambda, self.gamma = orpo_lambda, gamma
+        # The chosen NLL's weight: ORPO's own term (weight 1), or DPO/SimPO's optional one (RPO).
+        self.nll_weight = 1.0 if name == "orpo" else sft_weight
         self.needs_reference = name == "dpo"
         self.reference_table: Optional[torch.Tensor] = None  # [examples, 2] when precomputed
 
@@ -155,7 +157,7 @@ class PreferenceObjective(Objective):
 
     def counts(self, batch):
         pairs = int(batch["example_index"].numel())
-        if self.name == "orpo":
+        if self.nll_weight:
             chosen_labels = batch["labels"][:pairs, 1:]
             return {"pairs": pairs, "chosen_tokens": int((chosen_labels != IGNORE_INDEX).sum())}
         return {"pairs": pairs}
@@ -184,15 +186,16 @@ class PreferenceObjective(Objective):
             rejected_mean = rejected / rejected_tokens.clamp(min=1)
             if self.name == "orpo":
                 pair = L.orpo_odds_ratio(chosen_mean, rejected_mean, orpo_lambda=self.orpo_lambda)
-                nll = -chosen.sum()
-                terms["chosen_tokens"] = nll
-                stats.sums["nll_loss"] += float(nll.detach())
-                stats.counts["nll_loss"] += float(chosen_tokens.sum())
             else:
                 pair = L.simpo_loss(chosen_mean, rejected_mean, beta=self.beta, gamma=self.gamma,
                                     label_smoothing=self.label_smoothing)
             shown_chosen, shown_rejected = chosen_mean, rejected_mean
         terms["pairs"] = pair.losses.sum()
+        if self.nll_weight:  # summed over chosen tokens; the trainer divides by the step's chosen tokens
+            nll = -chosen.sum()
+            terms["chosen_tokens"] = self.nll_weight * nll
+            stats.sums["nll_loss"] += float(nll.detach())
+            stats.counts["nll_loss"] += float(chosen_tokens.sum())
         record_pairs(stats, pair, shown_chosen, shown_rejected)
         return terms
 
@@ -259,7 +262,8 @@ def build_objective(cfg, loss_sum=None) -> Objective:
         return SFTObjective(loss_sum, cfg.trainer.chunked_loss, cfg.trainer.loss_chunk_size)
     if o.name == "kto":
         return KTOObjective(o.beta, o.desirable_weight, o.undesirable_weight)
-    return PreferenceObjective(o.name, o.beta, o.loss_type, o.label_smoothing, o.orpo_lambda, o.gamma)
+    return PreferenceObjective(o.name, o.beta, o.loss_type, o.label_smoothing, o.orpo_lambda, o.gamma,
+                               o.get("sft_weight", 0.0))
 
 
 def lookup_reference(objective: Objective, batch: dict) -> Optional[torch.Tensor]:

@@ -33,6 +33,12 @@ def check_objective(cfg: DictConfig) -> None:
             raise ConfigError(f"objective.{key} must be a finite number > 0, got {o[key]!r}")
     if not (_finite(o.gamma) and o.gamma >= 0):
         raise ConfigError(f"objective.gamma must be a finite number >= 0, got {o.gamma!r}")
+    if not (_finite(o.sft_weight) and o.sft_weight >= 0):
+        raise ConfigError(f"objective.sft_weight must be a finite number >= 0, got {o.sft_weight!r}")
+    if o.sft_weight and name not in ("dpo", "simpo"):
+        raise ConfigError(f"objective.sft_weight={o.sft_weight} adds the chosen NLL to DPO or SimPO; objective={name} "
+                          f"{'has its own NLL term' if name == 'orpo' else 'has no chosen answers to imitate'}: set "
+                          "objective.sft_weight=0")
     if o.loss_type not in DPO_LOSS_TYPES:
         raise ConfigError(f"objective.loss_type={o.loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
     if o.loss_type != "sigmoid" and name != "dpo":

@@ -149,6 +149,9 @@ class ObjectiveConfig:
     label_smoothing: float = 0.0  # DPO sigmoid and SimPO: probability a preference is flipped, in [0, 0.5)
     orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term beside the chosen NLL
     gamma: float = 0.5  # SimPO: target reward margin
+    # DPO and SimPO: weight of the chosen answers' NLL (per chosen token) added to the loss; RPO's alpha
+    # (Pang et al. 2024), SimPO's sft_weight, TRL's loss_type=[sigmoid, sft]. 0 = the published losses.
+    sft_weight: float = 0.0
     desirable_weight: float = 1.0  # KTO: weight of desirable examples' losses
     undesirable_weight: float = 1.0  # KTO: weight of undesirable examples' losses
     # DPO/KTO: reference log-probs computed once over the training set before the first step and kept
