@@ -111,11 +111,12 @@ def eval_dataset(tokenizer, data: Optional[str], record_format: Optional[str], r
 
     fmt = _record_format(record_format, run_cfg)
     length = max_seq_len or (run_cfg.data.max_seq_len if run_cfg is not None else 512)
-    if isinstance(fmt, PreferenceFormat):  # pairs: scored by reward accuracy and margin
-        prepare_datasets = lambda tokenizer, **kw: prepare_preference_datasets(  # noqa: E731
-            tokenizer, **{k: v for k, v in kw.items() if k != "completion_only_loss"})
+    def prepare(tokenizer, completion_only_loss=True, **options):
+        if isinstance(fmt, PreferenceFormat):  # pairs: scored by reward accuracy and margin
+            return prepare_preference_datasets(tokenizer, **options)
+        return prepare_datasets(tokenizer, completion_only_loss=completion_only_loss, **options)
     if data is not None:
-        examples, _ = prepare_datasets(tokenizer, source=data, format=fmt, max_seq_len=length, eval_fraction=0.0)
+        examples, _ = prepare(tokenizer, source=data, format=fmt, max_seq_len=length, eval_fraction=0.0)
         return examples, str(data)
     if run_cfg is None:
         raise EvalError("no data=: pass data=<file or Hub dataset> (a merged or quantized model has no run whose "
@@ -130,7 +131,7 @@ def eval_dataset(tokenizer, data: Optional[str], record_format: Optional[str], r
         from qlora.embedded.preferences import PREFERENCE_EVAL, PREFERENCE_TRAIN
 
         source, eval_source = str(PREFERENCE_TRAIN), str(PREFERENCE_EVAL)
-    _, held_out = prepare_datasets(tokenizer, source=source, format=fmt, max_seq_len=length, split=d.split,
+    _, held_out = prepare(tokenizer, source=source, format=fmt, max_seq_len=length, split=d.split,
                                    eval_source=eval_source, eval_fraction=d.eval_fraction, truncation=d.truncation,
                                    completion_only_loss=d.completion_only_loss, seed=d.seed)
     if held_out is None or not len(held_out):

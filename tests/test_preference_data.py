@@ -5,7 +5,6 @@ import warnings
 
 import datasets
 import pytest
-import torch
 
 from qlora.data import DataError, PreferenceFormat, UnpairedFormat
 from qlora.data.preference import (PairCollator, UnpairedCollator, fit_to_length, prepare_preference_datasets,
