@@ -1,7 +1,7 @@
 """Preference objectives through the real trainer on a tiny model: DPO's first step from a zero adapter
 is ln 2 with zero rewards; TRL's metric names; the reference from a starting adapter; precomputed
-reference log-probs kept with the checkpoints across a resume; memory options, NaN guard, FSDP2 and
-export unchanged."""
+reference log-probs kept with the checkpoints across a resume; gradient checkpointing, the NaN guard,
+FSDP2, the memory plan and export."""
 import json
 import logging
 import math
@@ -135,9 +135,9 @@ def test_precomputed_reference_is_stored_with_checkpoints_and_resume_does_not_re
 @pytest.mark.parametrize("objective, own_metric", [("orpo", "nll_loss"), ("simpo", "logps/chosen"), ("kto", "kl")])
 def test_reference_free_and_unpaired_objectives_train(assets, tmp_path, objective, own_metric):
     run_dir = tmp_path / objective
-    train(assets, run_dir, objective=objective, **{"trainer.max_steps": 3})
+    train(assets, run_dir, objective=objective)
     rows = metrics(run_dir)
-    assert all(math.isfinite(rows[s]["loss"]) for s in rows) and rows[3]["loss"] != rows[1]["loss"]
+    assert all(math.isfinite(rows[s]["loss"]) for s in rows) and rows[2]["loss"] != rows[1]["loss"]
     assert own_metric in rows[1] and "rewards/chosen" in rows[1] and "rewards/margins" in rows[1]
     if objective == "kto":
         assert rows[1]["loss"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0) for every example
@@ -148,13 +148,12 @@ def test_memory_options_and_the_nan_guard_work_unchanged(assets, tmp_path):
     from qlora.train.trainer import NonFiniteLossError
 
     plain, options = tmp_path / "plain", tmp_path / "options"
-    train(assets, plain, **{"trainer.max_steps": 3})
-    train(assets, options, **{"trainer.max_steps": 3, "trainer.gradient_checkpointing": "true",
-                              "optimizer": "paged_adamw_8bit", "optimizer.min_8bit_size": 0})
+    train(assets, plain)
+    train(assets, options, **{"trainer.gradient_checkpointing": "true"})
     expected, got = metrics(plain), metrics(options)
-    assert got[1]["loss"] == pytest.approx(expected[1]["loss"], rel=1e-6)  # before the optimizers differ
-    assert got[1]["rewards/margins"] == expected[1]["rewards/margins"] == 0
-    assert math.isfinite(got[3]["loss"]) and got[3]["rewards/margins"] != 0
+    for step in (1, 2):  # the reference forward skips checkpointing (eval mode, no gradients)
+        assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-6), step
+        assert got[step]["rewards/margins"] == pytest.approx(expected[step]["rewards/margins"], rel=1e-5, abs=1e-9)
     with pytest.raises(NonFiniteLossError, match=r"at step \d+; the update was not applied"):
         train(assets, tmp_path / "nan", **{"optimizer.lr": 1.0e30, "trainer.max_grad_norm": 0,
                                            "trainer.max_steps": 20})
