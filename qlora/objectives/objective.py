@@ -16,6 +16,7 @@ target, and no RNG is drawn, so a resumed run replays the same dropout masks.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 from collections import defaultdict
@@ -108,7 +109,7 @@ class Stats:
         return out
 
 
-class Objective:
+class Objective(abc.ABC):
     """What the trainer asks of every objective. `counts` and `loss_terms` share their keys."""
 
     name = "sft"
@@ -118,11 +119,13 @@ class Objective:
     def collator(self, pad_token_id: int):
         return Collator(pad_token_id)
 
+    @abc.abstractmethod
     def counts(self, batch: dict) -> dict[str, int]:
-        raise NotImplementedError
+        """The micro-batch's normalisers: {"tokens" | "pairs" | "chosen_tokens" | "examples": count}."""
 
+    @abc.abstractmethod
     def loss_terms(self, model: nn.Module, batch: dict, stats: Optional[Stats] = None) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The loss numerators under the same keys (sums: the trainer divides by the step's totals)."""
 
 
 class SFTObjective(Objective):
