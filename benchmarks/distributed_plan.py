@@ -1,7 +1,7 @@
 """Per-rank memory of a QLoRA run under FSDP2, for model sizes we cannot run here.
 
     python benchmarks/distributed_plan.py model=llama3_70b gpus=2 gpu_memory_gb=24 seq=2048
-    (options: micro_batch=1 lora_r=64 optim_bits=32 reshard=true)
+    (options: micro_batch=1 lora_r=64 optim_bits=32 reshard=true objective=sft)
 
 Byte counts per element are measured on the real layer types at small size, on this machine:
 - a Linear4bit (NF4, double quant, blocksize 64) at two shapes: packed bytes per weight (sharded)
@@ -16,6 +16,13 @@ gradients and optimizer states in host memory) + trainer.activation_offload (lay
 host memory). The published figure (PEFT's FSDP guide) is for Llama-2-70B, batch 2, r=8 and parameter
 offload only: `model=llama2_70b micro_batch=2 lora_r=8` plans that setup. Writes
 benchmarks/results/distributed_plan.json.
+
+objective=dpo|orpo|simpo (pairs) puts two sequences through the model per example (chosen and
+rejected, one concatenated forward), so activations, backward and logits double; DPO adds the
+reference forward (no gradients, eval mode): nothing of it is saved, but while it runs one layer's
+forward temporaries and the reference logits sit beside everything the policy forward saved.
+objective=kto has one sequence per example plus two no-gradient forwards of the mismatched
+sequences (policy and reference, for the KL estimate) and the reference forward.
 """
 from __future__ import annotations
 
@@ -202,11 +209,19 @@ def measure_activations() -> dict:
 
 # ---- the plan ----------------------------------------------------------------------------------
 
-def plan(m: dict, gpus: int, seq: int, micro_batch: int, r: int, measured: dict, reshard: bool = True) -> list[dict]:
+# objective -> (sequences through the policy per example, tokens of a no-gradient forward per example
+# token at the peak: the reference's, alongside the policy's saved activations). The no-gradient forwards
+# run one after the other, so only one is alive at a time.
+OBJECTIVES = {"sft": (1, 0), "orpo": (2, 0), "simpo": (2, 0), "dpo": (2, 2), "kto": (1, 1)}
+
+
+def plan(m: dict, gpus: int, seq: int, micro_batch: int, r: int, measured: dict, reshard: bool = True,
+         objective: str = "sft") -> list[dict]:
     q, lo, act = measured["quantized"], measured["lora"], measured["activations"]
     shapes = linear_shapes(m)
     weights_per_layer = sum(i * o for i, o in shapes)
-    layers, tokens, h, vocab = m["layers"], seq * micro_batch, m["hidden"], m["vocab"]
+    sequences, reference_sequences = OBJECTIVES[objective]
+    layers, tokens, h, vocab = m["layers"], seq * micro_batch * sequences, m["hidden"], m["vocab"]
     packed = layers * weights_per_layer * q["packed_per_weight"]
     scales = layers * (weights_per_layer * q["scales_per_weight"] + 7 * q["scales_per_layer"])
     dense = (2 * vocab * h + (2 * layers + 1) * h) * 2  # bf16 embeddings, head, norms (not quantized)
@@ -226,6 +241,10 @@ def plan(m: dict, gpus: int, seq: int, micro_batch: int, r: int, measured: dict,
     gather_inputs = 2 * layer_gathered / gpus
     backward = tokens * (act["backward_per_token_per_hidden"] * h
                          + act["backward_per_token_per_intermediate"] * m["intermediate"])
+    # The reference forward saves nothing (no gradients): its peak is one layer's forward temporaries (at
+    # most what that layer would save) and its logits with their fp32 copy, reduced to log-probs at once.
+    reference_tokens = seq * micro_batch * reference_sequences
+    reference = reference_tokens * (per_token_layer + vocab * (2 + 4))
     moved = lambda gb: (gb, 0.0, gb)  # noqa: E731  with offload: shards in host memory (CPUOffloadPolicy)
     stays = lambda gb: (gb, gb, 0.0)  # noqa: E731
     rows = [
@@ -238,6 +257,7 @@ def plan(m: dict, gpus: int, seq: int, micro_batch: int, r: int, measured: dict,
         ("activations: checkpointed / offloaded", checkpointed, offloaded, checkpointed - offloaded),
         ("backward of one layer (gradients, temporaries)", *stays(backward)),
         ("logits + loss", *stays(logits)),
+        ("reference forward (no gradients: one layer + logits)", *stays(reference)),
         ("all-gather buffers (2 layers + embeddings, head)", gather, gather + gather_inputs, 0.0),
         ("CUDA context (assumed)", *stays(CUDA_CONTEXT_GB * GB)),
     ]
@@ -253,13 +273,17 @@ def main(argv: list[str]) -> None:
     gpus, memory = int(args.get("gpus", 2)), float(args.get("gpu_memory_gb", 24))
     seq, micro, r = int(args.get("seq", 2048)), int(args.get("micro_batch", 1)), int(args.get("lora_r", 64))
     bits, reshard = int(args.get("optim_bits", 32)), args.get("reshard", "true") == "true"
+    objective = args.get("objective", "sft")
+    if objective not in OBJECTIVES:
+        raise SystemExit(f"objective={objective} is not one of {', '.join(OBJECTIVES)}")
     measured = {"quantized": measure_quantized(), "lora": measure_lora_and_optimizer(8, bits),
                 "activations": measure_activations()}
-    table = plan(MODELS[name], gpus, seq, micro, r, measured, reshard)
+    table = plan(MODELS[name], gpus, seq, micro, r, measured, reshard, objective)
     totals = {k: sum(row[k] for row in table) for k in ("no offload GB", "offload GB", "host GB (offload)")}
     table.append({"part": "total per GPU", **totals})
     print(f"{name} QLoRA (NF4 + double quant, LoRA r={r} on all linear layers, {bits}-bit paged AdamW), "
-          f"FSDP2 over {gpus} GPUs of {memory:g} GB, seq {seq} x micro-batch {micro}, gradient checkpointing")
+          f"FSDP2 over {gpus} GPUs of {memory:g} GB, seq {seq} x micro-batch {micro}, gradient checkpointing, "
+          f"objective {objective}")
     print_table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()} for row in table],
                 ["part", "no offload GB", "offload GB", "host GB (offload)"])
     for key in ("no offload GB", "offload GB"):
@@ -277,9 +301,10 @@ def main(argv: list[str]) -> None:
           + (f" (this plan differs in {', '.join(f'{k}={v}' for k, v in same.items())})" if same else ""))
     print("measured per element at small size:", {k: {kk: round(vv, 4) for kk, vv in v.items()}
                                                    for k, v in measured.items()})
-    write_results("distributed_plan", {"model": name, "architecture": MODELS[name], "gpus": gpus,
+    write_results("distributed_plan" if objective == "sft" else f"distributed_plan_{objective}", {"model": name, "architecture": MODELS[name], "gpus": gpus,
                                        "gpu_memory_gb": memory, "seq": seq, "micro_batch": micro, "lora_r": r,
-                                       "optim_bits": bits, "measured": measured, "table": table,
+                                       "optim_bits": bits, "objective": objective, "measured": measured,
+                                       "table": table,
                                        "published": published, "versions": versions()})
 
 

@@ -10,6 +10,10 @@ What it evaluates (the `model=` / `run_dir=` argument):
 On what: `data=` (any source and record format the trainer reads), or by default the run's own
 held-out set, split exactly as training split it. The loss is the trainer's: mean over completion
 tokens. Exact match greedy-decodes each prompt and compares with the completion (whitespace-trimmed).
+Preference pairs (`format=preference`, or a run trained on them) are scored by the implicit reward
+of the run's objective instead of loss and perplexity: reward accuracy (the share of held-out pairs
+whose chosen answer out-scores the rejected one) and reward margin, as TRL logs them; DPO/KTO's
+reward is beta * (log-prob - the base's log-prob), so it needs the adapter, not a merged model.
 
 `tasks=` runs lm-evaluation-harness tasks (the optional extra `pip install "qlora[eval]"`) on the
 same model object through lm-eval's Hugging Face wrapper.
@@ -27,9 +31,10 @@ from qlora.errors import OptionError
 
 log = logging.getLogger("qlora.eval")
 
-METRICS = ("loss", "ppl", "exact_match")
+METRICS = ("loss", "ppl", "exact_match", "rewards")
 FORMATS = {"instruction": "qlora.data.InstructionFormat", "prompt_completion": "qlora.data.PromptCompletionFormat",
-           "chat": "qlora.data.ChatFormat", "text": "qlora.data.TextFormat"}
+           "chat": "qlora.data.ChatFormat", "text": "qlora.data.TextFormat",
+           "preference": "qlora.data.PreferenceFormat"}
 
 
 class EvalError(OptionError):
@@ -101,12 +106,17 @@ def _record_format(name: Optional[str], run_cfg):
 
 def eval_dataset(tokenizer, data: Optional[str], record_format: Optional[str], run_cfg, max_seq_len: Optional[int]):
     """(tokenized examples, description): `data` as a whole, or the run's own held-out split."""
-    from qlora.data import prepare_datasets
+    from qlora.data import PreferenceFormat, prepare_datasets
+    from qlora.data.preference import prepare_preference_datasets
 
     fmt = _record_format(record_format, run_cfg)
     length = max_seq_len or (run_cfg.data.max_seq_len if run_cfg is not None else 512)
+    def prepare(tokenizer, completion_only_loss=True, **options):
+        if isinstance(fmt, PreferenceFormat):  # pairs: scored by reward accuracy and margin
+            return prepare_preference_datasets(tokenizer, **options)
+        return prepare_datasets(tokenizer, completion_only_loss=completion_only_loss, **options)
     if data is not None:
-        examples, _ = prepare_datasets(tokenizer, source=data, format=fmt, max_seq_len=length, eval_fraction=0.0)
+        examples, _ = prepare(tokenizer, source=data, format=fmt, max_seq_len=length, eval_fraction=0.0)
         return examples, str(data)
     if run_cfg is None:
         raise EvalError("no data=: pass data=<file or Hub dataset> (a merged or quantized model has no run whose "
@@ -117,7 +127,11 @@ def eval_dataset(tokenizer, data: Optional[str], record_format: Optional[str], r
         from qlora.embedded import TASK_EVAL, TASK_TRAIN
 
         source, eval_source = str(TASK_TRAIN), str(TASK_EVAL)
-    _, held_out = prepare_datasets(tokenizer, source=source, format=fmt, max_seq_len=length, split=d.split,
+    if source == "embedded_preferences":
+        from qlora.embedded.preferences import PREFERENCE_EVAL, PREFERENCE_TRAIN
+
+        source, eval_source = str(PREFERENCE_TRAIN), str(PREFERENCE_EVAL)
+    _, held_out = prepare(tokenizer, source=source, format=fmt, max_seq_len=length, split=d.split,
                                    eval_source=eval_source, eval_fraction=d.eval_fraction, truncation=d.truncation,
                                    completion_only_loss=d.completion_only_loss, seed=d.seed)
     if held_out is None or not len(held_out):
@@ -135,9 +149,37 @@ def parse_metrics(text: str) -> list[str]:
     return names
 
 
+def preference_rewards(model, tokenizer, pairs, run_cfg, batch_size: int = 16) -> dict:
+    """Reward accuracy and margin of the run's objective on tokenized pairs (TRL's metric names too)."""
+    import torch
+
+    from qlora.data.preference import PairCollator
+    from qlora.objectives import PreferenceObjective, evaluate_preferences
+    from qlora.objectives.objective import peft_model_of
+
+    o = run_cfg.get("objective") if run_cfg is not None else None
+    name = o.name if o is not None and o.name in ("orpo", "simpo") else "dpo"  # KTO's reward is DPO's
+    objective = PreferenceObjective(name, beta=o.beta if o is not None else 0.1, gamma=o.gamma if o is not None else 0.5)
+    if name == "dpo":
+        try:
+            peft_model_of(model)
+        except TypeError:
+            raise EvalError("metrics=rewards: the implicit reward compares the model with its base, so pass the run "
+                            "or adapter directory rather than a merged model") from None
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size, collate_fn=PairCollator(
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id))
+    batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
+    scored = evaluate_preferences(objective, model, batches)
+    out = {"reward_accuracy": scored["eval_rewards/accuracies"], "reward_margin": scored["eval_rewards/margins"],
+           "reward": f"{name}, beta={objective.beta}", "pairs": scored["eval_pairs"]}
+    out.update({k[len("eval_"):]: v for k, v in scored.items() if "/" in k})
+    return out
+
+
 def evaluate(model, tokenizer, examples, metrics: list[str], batch_size: int = 16, max_new_tokens: int = 32,
-             progress: bool = True) -> dict:
-    """{metric: value} on tokenized `examples` (input_ids, labels, prompt, completion)."""
+             progress: bool = True, run_cfg=None) -> dict:
+    """{metric: value} on tokenized `examples` (input_ids, labels, prompt, completion; or preference pairs)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -145,6 +187,15 @@ def evaluate(model, tokenizer, examples, metrics: list[str], batch_size: int = 1
     from qlora.train.evaluation import evaluate_loss, exact_match
 
     results = {"examples": len(examples)}
+    pairs = "chosen_ids" in examples.column_names
+    if pairs and {"loss", "ppl"} & set(metrics):
+        raise EvalError("metrics=loss/ppl score prompt/completion examples, and the data are preference pairs; "
+                        "use metrics=rewards,exact_match")
+    if "rewards" in metrics:
+        if not pairs:
+            raise EvalError("metrics=rewards scores preference pairs; pass format=preference (fields prompt, chosen, "
+                            "rejected) or drop rewards from metrics=")
+        results.update(preference_rewards(model, tokenizer, examples, run_cfg, batch_size))
     if {"loss", "ppl"} & set(metrics):
         device = next(model.parameters()).device
         loader = torch.utils.data.DataLoader(examples.remove_columns(
@@ -225,10 +276,10 @@ EVAL_OPTIONS = {
     "model": (None, "a run or adapter directory, a merged model (qlora export) or a 4-bit checkpoint"),
     "base": (None, "the base checkpoint of a bare adapter directory (default: the run's, or the adapter's own record)"),
     "data": (None, "a .json/.jsonl/.csv/.parquet file or Hub dataset, evaluated whole (default: the run's held-out set)"),
-    "format": (None, "record format of data=: instruction | prompt_completion | chat | text | a class path "
-                     "(default: the run's format, else instruction)"),
-    "metrics": ("auto", "comma-separated from loss,ppl,exact_match; auto: all three when there is data, none "
-                        "with tasks= alone"),
+    "format": (None, "record format of data=: instruction | prompt_completion | chat | text | preference | a class "
+                     "path (default: the run's format, else instruction)"),
+    "metrics": ("auto", "comma-separated from loss,ppl,exact_match,rewards; auto: loss,ppl,exact_match when there is "
+                        "data (rewards,exact_match for preference pairs), none with tasks= alone"),
     "tasks": (None, "lm-evaluation-harness tasks, comma-separated (needs pip install \"qlora[eval]\")"),
     "limit": (None, "lm-eval: examples per task at most (for a quick look)"),
     "batch_size": ("16", "examples per batch"),
@@ -269,23 +320,27 @@ def cmd_eval(values: dict) -> int:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # as training does: padding is masked out anyway
     has_data = values["data"] is not None or run_cfg is not None
-    metrics = (list(METRICS) if has_data and not (tasks and values["data"] is None) else []) \
+    metrics = (["loss", "ppl", "exact_match"] if has_data and not (tasks and values["data"] is None) else []) \
         if values["metrics"] == "auto" else parse_metrics(values["metrics"])
     if not metrics and not tasks:
         raise EvalError("nothing to evaluate: pass data=<dataset> (or a run_dir) for loss/ppl/exact_match, or tasks=")
     payload = {"model": described, "metrics": {}}
     if metrics:
         examples, data_described = eval_dataset(tokenizer, values["data"], values["format"], run_cfg, max_seq_len)
+        if "chosen_ids" in examples.column_names and values["metrics"] == "auto":
+            metrics = ["rewards", "exact_match"]  # pairs: the objective's reward instead of loss/perplexity
         payload["data"] = data_described
-        payload["metrics"] = evaluate(model, tokenizer, examples, metrics, batch_size, max_new_tokens, progress)
+        payload["metrics"] = evaluate(model, tokenizer, examples, metrics, batch_size, max_new_tokens, progress,
+                                      run_cfg)
     if tasks:
         payload.update(run_lm_eval(model, tokenizer, tasks, batch_size=batch_size, limit=limit))
     out = Path(values["out"]).expanduser() if values["out"] else Path(target).expanduser() / "eval.json"
     write_json(out, payload)
-    for key in ("loss", "ppl", "exact_match"):
+    for key in ("loss", "ppl", "exact_match", "reward_accuracy", "reward_margin"):
         if key in payload["metrics"]:
             value = payload["metrics"][key]
-            print(f"{key:<12} {100 * value:.1f}%" if key == "exact_match" else f"{key:<12} {value:.4f}")
+            shown = f"{100 * value:.1f}%" if key in ("exact_match", "reward_accuracy") else f"{value:.4f}"
+            print(f"{key:<12} {shown}")
     for task, scores in payload.get("lm_eval", {}).items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
         print(f"{task:<12} {shown}")

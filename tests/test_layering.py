@@ -1,7 +1,7 @@
 """The package's structure: no import circles, imports only go down the floors, one folder per format.
 
-Floors, lowest first: kernels < quant < nn < models < lora/optim/data < train, export, eval < the
-command line. A module imports its own floor or a lower one, never a higher one; within a floor,
+Floors, lowest first: kernels < quant < nn < models < lora/optim/data/objectives < train, export, eval <
+the command line. A module imports its own floor or a lower one, never a higher one; within a floor,
 no module imports one that imports it back, directly or around a loop. Every import counts, also
 the ones inside functions: a lazy import that closes a circle still makes two modules that cannot
 be understood (or moved) apart. Read from the source with `ast`; nothing is imported.
@@ -19,7 +19,7 @@ FLOORS = [
     (2, ["qlora.quant"]),
     (3, ["qlora.nn"]),
     (4, ["qlora.models", "qlora.baseline", "qlora.memory", "qlora.hub"]),
-    (5, ["qlora.lora", "qlora.loftq", "qlora.optim", "qlora.data"]),
+    (5, ["qlora.lora", "qlora.loftq", "qlora.optim", "qlora.data", "qlora.objectives"]),
     (6, ["qlora.train", "qlora.export", "qlora.evaluate", "qlora.distributed"]),
     (7, ["qlora.cli", "qlora.quantize_cli", "qlora.doctor", "qlora.demo", "qlora"]),
 ]

@@ -37,7 +37,9 @@ def test_every_folder_is_covered():
 
 @pytest.mark.parametrize("group,option", options())
 def test_option_composes_and_validates(group, option):
-    cfg = compose_with(f"{group}={option}")
+    # The preference objectives need pairs: alone, validation refuses the default instruction data.
+    pairs = ["data=embedded_preferences"] if group == "objective" and option != "sft" else []
+    cfg = compose_with(f"{group}={option}", *pairs)
     if group == "data" and cfg.data.source == "???":
         cfg.data.source = "my_chat.jsonl"  # chat.yaml asks the user for a source
     validate(cfg)

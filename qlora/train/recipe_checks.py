@@ -19,6 +19,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, ListConfig
 
 from qlora.kernels.nf4.format import check_blocksize
+from qlora.train.objective_checks import check_objective
 from qlora.train.schema import ConfigError, RunConfig
 
 # Hydra's own keys on a _target_ node; never passed to the target.
@@ -194,6 +195,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.activation_offload and not cfg.trainer.gradient_checkpointing:
         raise ConfigError("trainer.activation_offload=true offloads the inputs of checkpointed layers and needs "
                           "trainer.gradient_checkpointing=true; set it, or set trainer.activation_offload=false")
+    check_objective(cfg)
     if cfg.trainer.loss_chunk_size is not None and cfg.trainer.loss_chunk_size <= 0:
         raise ConfigError(f"trainer.loss_chunk_size must be > 0 or null, got {cfg.trainer.loss_chunk_size}")
     _validate_lora_init(cfg)

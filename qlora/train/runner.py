@@ -14,6 +14,7 @@ from qlora import distributed as qdist
 from qlora.data.loading import check_sources
 from qlora.errors import DamagedFileError, UserError
 from qlora.train import checkpoint as ckpt
+from qlora.train import preference
 from qlora.train.invocation import interrupted_message
 from qlora.train.recipes import dense_dtype, model_path, quant_config
 from qlora.train.report import format_summary, plot_loss_curve, write_summary
@@ -40,6 +41,10 @@ def _data_sources(cfg: DictConfig) -> tuple[str, Optional[str]]:
         from qlora.embedded import TASK_EVAL, TASK_TRAIN
 
         return str(TASK_TRAIN), str(TASK_EVAL)
+    if cfg.data.source == "embedded_preferences":
+        from qlora.embedded.preferences import PREFERENCE_EVAL, PREFERENCE_TRAIN
+
+        return str(PREFERENCE_TRAIN), str(PREFERENCE_EVAL)
     return cfg.data.source, cfg.data.eval_source
 
 
@@ -92,7 +97,7 @@ def build(cfg: DictConfig, run_dir: Path) -> TrainingSetup:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from qlora.data import Collator, prepare_datasets
+    from qlora.data import prepare_datasets
     from qlora.lora import attach_lora, describe_trainable
 
     set_seed(cfg.trainer.seed)
@@ -107,15 +112,19 @@ def build(cfg: DictConfig, run_dir: Path) -> TrainingSetup:
 
         loftq = initialize_for_run(cfg, model, model_path(cfg.model.name_or_path), run_dir, tokenizer)
     target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-    try:
-        model = attach_lora(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
-                            use_rslora=lora.use_rslora, use_dora=lora.use_dora, bias=lora.bias,
-                            init_lora_weights=lora.init_lora_weights,
-                            gradient_checkpointing=cfg.trainer.gradient_checkpointing)
-    except (ValueError, NotImplementedError) as err:  # PEFT's and qlora's refusals of a LoRA option
-        if isinstance(err, UserError):
-            raise
-        raise ConfigError(f"lora: {err}") from err
+    if cfg.model.get("adapter"):  # continue from a trained adapter (SFT-then-DPO); also DPO/KTO's reference
+        model = preference.load_starting_adapter(model, cfg.model.adapter, cfg.objective.name,
+                                                 cfg.trainer.gradient_checkpointing)
+    else:
+        try:
+            model = attach_lora(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
+                                use_rslora=lora.use_rslora, use_dora=lora.use_dora, bias=lora.bias,
+                                init_lora_weights=lora.init_lora_weights,
+                                gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+        except (ValueError, NotImplementedError) as err:  # PEFT's and qlora's refusals of a LoRA option
+            if isinstance(err, UserError):
+                raise
+            raise ConfigError(f"lora: {err}") from err
     if lora.init == "loftq":
         loftq.apply(model)
     log.info(describe_trainable(model))
@@ -133,11 +142,15 @@ def build(cfg: DictConfig, run_dir: Path) -> TrainingSetup:
 
     source, eval_source = _data_sources(cfg)
     d = cfg.data
-    train_data, eval_data = prepare_datasets(
-        tokenizer, source=source, format=instantiate(d.format), max_seq_len=d.max_seq_len, split=d.split,
-        eval_source=eval_source, eval_fraction=d.eval_fraction, truncation=d.truncation,
-        completion_only_loss=d.completion_only_loss, packing=d.packing, seed=d.seed,
-    )
+    objective = preference.objective_for(cfg)
+    if objective.name != "sft":  # pairs (or KTO's unpaired examples) instead of prompt/completion examples
+        train_data, eval_data = preference.prepare_data(cfg, tokenizer, source, eval_source, instantiate(d.format))
+    else:
+        train_data, eval_data = prepare_datasets(
+            tokenizer, source=source, format=instantiate(d.format), max_seq_len=d.max_seq_len, split=d.split,
+            eval_source=eval_source, eval_fraction=d.eval_fraction, truncation=d.truncation,
+            completion_only_loss=d.completion_only_loss, packing=d.packing, seed=d.seed,
+        )
     log.info("data: %d training sequences, %d held-out examples", len(train_data), len(eval_data or []))
     optimizer = instantiate(cfg.optimizer)(params=[p for p in model.parameters() if p.requires_grad])
     scheduler = instantiate(cfg.scheduler)(optimizer=optimizer, num_training_steps=cfg.trainer.max_steps)
@@ -148,8 +161,9 @@ def build(cfg: DictConfig, run_dir: Path) -> TrainingSetup:
     else:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return TrainingSetup(accelerator=accelerator, model=model, tokenizer=tokenizer, train_data=train_data,
-                         eval_data=eval_data, collator=Collator(tokenizer.pad_token_id), optimizer=optimizer,
-                         scheduler=scheduler, prompt_format=OmegaConf.to_container(d.format, resolve=True))
+                         eval_data=eval_data, collator=objective.collator(tokenizer.pad_token_id), optimizer=optimizer,
+                         scheduler=scheduler, prompt_format=OmegaConf.to_container(d.format, resolve=True),
+                         objective=objective)
 
 
 def _check_resume_leaves_work(resume: Optional[Path], max_steps: int) -> None:
@@ -189,6 +203,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
     try:
         if resume is not None:
             trainer.resume_from(resume)
+        preference.prepare_reference(trainer, resume)  # DPO/KTO with objective.precompute_reference only
         if trainer.state.exact_match_before is None:
             trainer.state.exact_match_before = trainer.exact_match_score(trainer.state.step, "before")
         state = trainer.train()

@@ -25,6 +25,10 @@ class ModelConfig:
     dtype: Optional[str] = None
     # transformers attention implementation ("sdpa", "eager", "flash_attention_2"); null = default.
     attn_implementation: Optional[str] = None
+    # A PEFT adapter directory to start from (e.g. an SFT run's adapter/): trained on instead of a fresh
+    # adapter (the lora.* shape options are then the adapter's own). For DPO and KTO it is also the
+    # reference policy, loaded a second time, frozen.
+    adapter: Optional[str] = None
 
 
 @dataclass
@@ -135,6 +139,26 @@ class DistributedConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    # "sft" (next-token loss), "dpo", "orpo", "simpo" or "kto"; recipes/objective/ holds each one's
+    # published defaults, documented in docs/preference.md.
+    name: str = "sft"
+    beta: float = 0.1  # DPO/KTO: strength of the pull to the reference; SimPO: reward scale
+    loss_type: str = "sigmoid"  # DPO: "sigmoid" (DPO), "ipo" or "hinge"
+    label_smoothing: float = 0.0  # DPO sigmoid and SimPO: probability a preference is flipped, in [0, 0.5)
+    orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term beside the chosen NLL
+    gamma: float = 0.5  # SimPO: target reward margin
+    # DPO and SimPO: weight of the chosen answers' NLL (per chosen token) added to the loss; RPO's alpha
+    # (Pang et al. 2024), SimPO's sft_weight, TRL's loss_type=[sigmoid, sft]. 0 = the published losses.
+    sft_weight: float = 0.0
+    desirable_weight: float = 1.0  # KTO: weight of desirable examples' losses
+    undesirable_weight: float = 1.0  # KTO: weight of undesirable examples' losses
+    # DPO/KTO: reference log-probs computed once over the training set before the first step and kept
+    # beside the checkpoints (a resumed run reads them back) instead of a reference forward every step.
+    precompute_reference: bool = False
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     quantization: QuantizationConfig = MISSING
@@ -145,6 +169,7 @@ class RunConfig:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 def register() -> None:

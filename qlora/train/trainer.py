@@ -21,7 +21,8 @@ from qlora.errors import UserError
 from qlora.staging import staged_directory
 from qlora.train import checkpoint as ckpt
 from qlora.train.evaluation import evaluate_loss, exact_match, generate
-from qlora.train.loss import check_chunked_loss, token_loss_sum
+from qlora.train.loss import check_chunked_loss
+from qlora.train import preference
 from qlora.train.offload import ActivationOffloader
 from qlora.train.state import TrainerState
 
@@ -41,6 +42,7 @@ class TrainingSetup:
     optimizer: torch.optim.Optimizer
     scheduler: Any  # torch LR scheduler
     prompt_format: dict  # the resolved data.format node, recorded with every adapter for generation
+    objective: Any = None  # qlora.objectives.Objective; None = SFT
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -82,6 +84,8 @@ class Trainer:
         self.train_data, self.eval_data, self.collator = setup.train_data, setup.eval_data, setup.collator
         self.optimizer, self.scheduler, self.metrics = setup.optimizer, setup.scheduler, metrics
         self.prompt_format = setup.prompt_format
+        # SFT unless the recipe names a preference objective (qlora.objectives); a setup built by hand is SFT.
+        self.objective = setup.objective or preference.sft_objective(cfg)
         self.state = TrainerState()
         self.resumed_from: Path | None = None
         accelerator, model, optimizer = setup.accelerator, setup.model, setup.optimizer
@@ -133,6 +137,8 @@ class Trainer:
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, step: int) -> dict:
         results = {}
+        if self.objective.name != "sft" and self.eval_data is not None and len(self.eval_data):
+            return preference.evaluate(self, step)
         if self.eval_data is not None and len(self.eval_data):
             results = evaluate_loss(self.model, self._loader(self.eval_data), self.t.eval_batches, self.accelerator.autocast,
                                     self.t.chunked_loss, self.t.loss_chunk_size)
@@ -152,9 +158,10 @@ class Trainer:
     def exact_match_score(self, step: int, label: str) -> float | None:
         if not self.t.exact_match_examples or self.eval_data is None:
             return None
-        count = min(self.t.exact_match_examples, len(self.eval_data))
-        score, rows = exact_match(self.accelerator.unwrap_model(self.model), self.tokenizer,
-                                  [self.eval_data[i] for i in range(count)], self.t.max_new_tokens)
+        examples = preference.exact_match_examples(self.eval_data, self.t.exact_match_examples)
+        count = len(examples)
+        score, rows = exact_match(self.accelerator.unwrap_model(self.model), self.tokenizer, examples,
+                                  self.t.max_new_tokens)
         self.metrics.log({f"exact_match_{label}": score}, step)
         log.info("exact match %s training: %.1f%% of %d held-out prompts", label, 100 * score, count)
         return score
@@ -180,7 +187,9 @@ class Trainer:
         `state_dict`: the adapter's full tensors when they are sharded across ranks (gathered first)."""
         from qlora.distributed.sharding import unwrap
 
-        unwrap(self.accelerator.unwrap_model(self.model)).save_pretrained(directory, state_dict=state_dict)
+        # Only the trained adapter: a frozen reference copy (qlora.objectives) is the starting adapter.
+        unwrap(self.accelerator.unwrap_model(self.model)).save_pretrained(directory, state_dict=state_dict,
+                                                                          selected_adapters=["default"])
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
         save_prompt_format(directory, self.prompt_format)
@@ -259,16 +268,21 @@ class Trainer:
             # distributed: the step's supervised tokens over all ranks; DDP and FSDP2 average the
             # gradients over ranks, so each rank's loss is scaled by the world size (exact for 2^k).
             supervised = int(self.world.sum(sum(count_supervised_tokens(b["labels"]) for b in micro)))
-            loss_total = 0.0
+            # What normalises the loss, summed over the step: supervised tokens for SFT, pairs (and for
+            # ORPO chosen tokens) or examples for the preference objectives.
+            totals = {"tokens": supervised} if self.objective.name == "sft" else \
+                preference.step_totals(self.objective, micro, self.world)
+            numerators, stats = dict.fromkeys(totals, 0.0), preference.Stats()
             for i, batch in enumerate(micro):
                 # The step's loss is the sum over all its supervised tokens / their count, so
                 # every token weighs the same whatever micro-batch it fell in.
                 sync = acc.no_sync(self.model) if i < len(micro) - 1 else nullcontext()
                 with sync, acc.autocast(), self.offloader or nullcontext():
-                    loss_sum, _ = token_loss_sum(self.model, batch, t.chunked_loss, t.loss_chunk_size)
-                acc.backward(loss_sum * self.world.size / max(supervised, 1))
-                loss_total += loss_sum.item()
-            loss = self.world.sum(loss_total) / max(supervised, 1)
+                    terms = preference.loss_terms(self.objective, self.model, batch, stats)
+                acc.backward(sum(terms[key] * self.world.size / max(totals[key], 1) for key in terms))
+                for key, value in terms.items():
+                    numerators[key] += value.item()
+            loss = sum(self.world.sum(numerators[key]) / max(totals[key], 1) for key in totals)
             self.state.step = step
             local_tokens = sum(int(b["attention_mask"].sum()) if b["attention_mask"].dim() == 2
                                else int(b["input_ids"].numel()) for b in micro)
@@ -297,6 +311,7 @@ class Trainer:
                       "peak_memory_gb": peak_memory_bytes(acc.device) / 2**30}
             if t.max_grad_norm > 0:
                 record["grad_norm"] = grad_norm
+            record.update(stats.means(self.world.sum))  # rewards/..., logps/... under TRL's names
             self.state.history.append({"step": step, "loss": loss})
             if self.offloader is not None and step == first_step:
                 log.info("activation offload: %d layer inputs, %.2f GiB in host memory per micro-batch",
@@ -304,8 +319,8 @@ class Trainer:
             if step % t.log_every == 0 or step == t.max_steps:
                 self.metrics.log(record, step)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            mem=f"{record['peak_memory_gb']:.2f}G")
+            bar.set_postfix({"loss": f"{loss:.4f}", **preference.progress_fields(record), "lr": f"{record['lr']:.2e}",
+                             "tok_s": f"{record['tokens_per_s']:.0f}", "mem": f"{record['peak_memory_gb']:.2f}G"})
             if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
                 self.evaluate(step)
             if t.save_every and step % t.save_every == 0 and step != t.max_steps:
