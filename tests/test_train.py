@@ -144,3 +144,23 @@ def test_8bit_optimizer_run_saves_8bit_states(assets, tmp_path):
     state = load_state(run_dir / "checkpoints" / "step-000004", "optimizer")["state"]
     assert state and all(s["exp_avg"].dtype == torch.uint8 and "exp_avg_sq_absmax" in s for s in state.values())
     assert all(torch.isfinite(torch.tensor(loss)) for loss in losses(run_dir).values())
+
+
+def test_the_base_score_is_remembered_for_the_next_run_of_the_same_base_and_prompts(assets, tmp_path, caplog):
+    # Two greedy passes over 100 prompts dominated short runs; the one before training is the base's.
+    import logging
+
+    from qlora.train import run
+
+    scored = {"trainer.max_steps": 1, "trainer.eval_every": 0, "trainer.exact_match_examples": 3, "trainer.max_new_tokens": 4}
+    with caplog.at_level(logging.INFO, logger="qlora.train"):
+        first = run(compose_run(assets, tmp_path / "first", **scored), run_dir=tmp_path / "first")
+        assert "remembered from an earlier run" not in caplog.text
+        second = run(compose_run(assets, tmp_path / "second", **scored), run_dir=tmp_path / "second")
+    assert "remembered from an earlier run" in caplog.text
+    assert second["exact_match_before"] == first["exact_match_before"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qlora.train"):  # other prompts: scored again
+        run(compose_run(assets, tmp_path / "third", **{**scored, "trainer.exact_match_examples": 2}),
+            run_dir=tmp_path / "third")
+    assert "remembered from an earlier run" not in caplog.text

@@ -18,11 +18,12 @@ from qlora import distributed as qdist
 from qlora.data.collate import count_supervised_tokens
 from qlora.data.formats import save_prompt_format
 from qlora.errors import UserError
+from qlora.lora import base_model
 from qlora.staging import staged_directory
 from qlora.train import checkpoint as ckpt
 from qlora.train.evaluation import evaluate_loss, exact_match, generate
 from qlora.train.loss import check_chunked_loss
-from qlora.train import preference
+from qlora.train import base_score, preference
 from qlora.train.offload import ActivationOffloader
 from qlora.train.state import TrainerState
 
@@ -88,6 +89,9 @@ class Trainer:
         self.objective = setup.objective or preference.sft_objective(cfg)
         self.state = TrainerState()
         self.resumed_from: Path | None = None
+        # The base's checkpoint folder, which keys the remembered before-training score (base_score).
+        self.base_checkpoint = getattr(base_model(setup.accelerator.unwrap_model(setup.model)), "qlora_checkpoint_dir",
+                                       None)
         accelerator, model, optimizer = setup.accelerator, setup.model, setup.optimizer
         self.world = qdist.current()  # distributed: ranks, sums over them (a single process without)
         if self.t.chunked_loss:
@@ -160,8 +164,17 @@ class Trainer:
             return None
         examples = preference.exact_match_examples(self.eval_data, self.t.exact_match_examples)
         count = len(examples)
+        entry = base_score.key(self.cfg, self.base_checkpoint, self.accelerator.device.type, examples,
+                               self.t.max_new_tokens) if label == "before" and self.base_checkpoint else None
+        score = base_score.recall(entry)
+        if score is not None:
+            self.metrics.log({f"exact_match_{label}": score}, step)
+            log.info("exact match %s training: %.1f%% of %d held-out prompts (the base's score on these prompts, "
+                     "remembered from an earlier run; QLORA_CACHE_DIR holds it)", label, 100 * score, count)
+            return score
         score, rows = exact_match(self.accelerator.unwrap_model(self.model), self.tokenizer, examples,
                                   self.t.max_new_tokens)
+        base_score.remember(entry, score)
         self.metrics.log({f"exact_match_{label}": score}, step)
         log.info("exact match %s training: %.1f%% of %d held-out prompts", label, 100 * score, count)
         return score
