@@ -58,17 +58,18 @@ commands:
   generate   generate text from a merged model, a 4-bit model, or a run (base + adapter)
   eval       held-out loss, perplexity and exact match (eval.json); lm-eval tasks with tasks=
   quantize   GPTQ-quantize a dense model with calibration text and save it (GPTQ v1 layout)
-  doctor     check and time the 4-bit kernels on this machine; writes a report to share
+  doctor     check and time the kernels on this machine (4-bit, int8, GPTQ, 8-bit AdamW); writes a report
 
 `qlora <command> --help` lists every option of a command. Examples:
+  qlora train recipe=llama7b_nf4 lora.r=16 trainer.max_steps=500
   qlora export run_dir=outputs/embedded/2025-01-01_00-00-00 output_dir=merged/
   qlora export run_dir=outputs/run output_dir=merged-nf4/ format=nf4 overwrite=true
   qlora export run_dir=outputs/run output_dir=merged-int8/ format=int8 push_to_hub=me/model-int8
-
-An error caused by input prints one line, `error: ...`; QLORA_DEBUG=1 adds the traceback.
   qlora generate model=merged/ prompt="Hello" max_new_tokens=64 temperature=0
   qlora eval run_dir=outputs/embedded/2025-01-01_00-00-00
   qlora quantize model=embedded method=gptq bits=4 group_size=128 dataset=embedded output_dir=gptq4/
+
+An error caused by input prints one line, `error: ...`; QLORA_DEBUG=1 adds the traceback.
 """
 
 

@@ -101,3 +101,21 @@ def test_export_usage_errors(run_dir, tmp_path, capsys, monkeypatch):
         if not torch.cuda.is_available():
             assert main([*command, "device=cuda"]) == 2
             assert "device=cuda but this machine has no CUDA device" in capsys.readouterr().err
+
+
+def test_every_example_qlora_help_prints_uses_current_keys(capsys):
+    # `qlora --help` showed `quantize ... output_dir=gptq4/`, which quantize then refused.
+    import shlex
+
+    from qlora.cli import COMMANDS, RENAMED_KEYS, USAGE, parse_options
+    from qlora.train import compose_recipe
+
+    examples = [shlex.split(line) for line in USAGE.splitlines() if line.startswith("  qlora ")]
+    assert {words[1] for words in examples} == {"train", *COMMANDS} - {"doctor"}
+    for words in examples:
+        name, args = words[1], words[2:]
+        if name == "train":
+            compose_recipe(args)  # the overrides compose and validate
+            continue
+        parse_options(name, args, COMMANDS[name][0], RENAMED_KEYS.get(name))
+        assert "deprecated" not in capsys.readouterr().err, words  # no former key names in the examples
