@@ -9,6 +9,7 @@ def test_demo_runs_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
     demo.main(["--layers", "1"])
     printed = capsys.readouterr().out
     assert "identical logits = True" in printed and "now removed" in printed
+    assert "expected to be large here: the weights are random" in printed  # a figure with its sense of normal
     assert list(tmp_path.iterdir()) == []
 
 

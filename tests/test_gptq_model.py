@@ -219,3 +219,19 @@ def test_export_merges_into_the_dequantized_gptq_weights(gptq_checkpoint, tmp_pa
     ids = torch.randint(0, VOCAB, (2, 16))
     with torch.no_grad():
         assert rel_err(merged(ids).logits, peft_model(input_ids=ids).logits) < 1e-5
+
+
+def test_the_logged_figures_are_output_errors_and_round_to_nearest_is_the_formats_own():
+    from qlora.models.gptq_calibration import output_error, round_to_nearest_error
+
+    x = correlated_inputs()
+    hessian = 2 * x.T @ x / x.shape[0]
+    w = torch.randn(48, 128)
+    for sym in (True, False):
+        config = qlora.GPTQQuantConfig(bits=4, group_size=32, sym=sym)
+        rtn = qlora.GPTQWeight.quantize(w, bits=4, group_size=32, sym=sym).dequantize(torch.float32)
+        assert round_to_nearest_error(w, hessian, config) == pytest.approx(output_error(w - rtn, hessian), rel=1e-5)
+    result = gptq_quantize(w, hessian, bits=4, group_size=32)
+    # GPTQ's accumulated loss is the output error it causes on the damped Hessian it inverts.
+    damped = hessian + result.damp_percent * hessian.diagonal().mean() * torch.eye(128)
+    assert result.loss == pytest.approx(output_error(w - result.dequantized, damped), rel=0.02)

@@ -86,6 +86,9 @@ def export_merged(
             err = record[f"{format}_added_logit_error"]
             print(f"{format} re-quantization adds a logit error of max {err['max_abs']:.4g}, mean {err['mean_abs']:.4g} "
                   f"(logit std {err['reference_logit_std']:.4g}, top-1 agreement {err['top1_agreement']:.1%})")
+            print(f"  top-1 agreement: the share of positions where the re-quantized model's most likely next token is "
+                  "the merged model's. For scale: NF4 on the embedded 6.9M-parameter model gives about 92%; a mean "
+                  "error above the logit std, or agreement near chance, means the merge or the base is wrong.")
     return output_dir
 
 
