@@ -5,6 +5,8 @@ layout that transformers + optimum/GPTQModel load, and qlora.load_model too.
 """
 from __future__ import annotations
 
+# {key: (default, help)}, the form of every command's options table (qlora/cli.py, qlora/evaluate.py):
+# parsed and checked by qlora.options, listed by `qlora quantize --help`.
 QUANTIZE_OPTIONS = {
     "model": (None, "required: a dense checkpoint directory, a Hub repo id, or 'embedded'"),
     "output_dir": (None, "required: output directory (must be empty or absent unless overwrite=true)"),

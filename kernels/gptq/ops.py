@@ -74,6 +74,9 @@ def matmul(a: torch.Tensor, weight: PackedGPTQ, bias: Optional[torch.Tensor], tr
     return matmul_gptq_op(a, *weight, bias, transpose_weight)
 
 
+# The same steps as qlora::dequantize_4bit (nf4/ops.py), on purpose: each format declares its own op
+# (its own schema and fake), checks its own layout, and falls back to its own twin; what they share
+# (argument flattening, the self-check registry, the backend switch) is already shared.
 @torch.library.custom_op("qlora::dequantize_gptq", mutates_args=(), schema=f"({op_schema(PackedGPTQ)}, ScalarType dtype) -> Tensor")
 def dequantize_gptq_op(*fields_and_dtype) -> torch.Tensor:
     weight, (dtype,) = from_op_args(PackedGPTQ, fields_and_dtype)
