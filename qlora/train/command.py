@@ -66,6 +66,38 @@ def _task(cfg: DictConfig) -> None:
         sys.exit(130)
 
 
+def check_overrides(args: list[str]) -> None:
+    """Compose the recipe `args` ask for with Hydra's compose API, and turn what Hydra refuses (a value of
+    the wrong type, an unknown key, an unknown group option, an override it cannot parse) into one
+    ConfigError line naming the override; Hydra itself would print a multi-line report. Command-line
+    flags (--cfg, --help, -m) and hydra.* settings other than the search path are left to Hydra."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from qlora.errors import one_line
+    from qlora.train.schema import ConfigError
+
+    if any(a.startswith("-") for a in args):
+        return
+    overrides = [a for a in args if not a.lstrip("+~").startswith("hydra.") or a.startswith("hydra.searchpath")]
+    try:
+        with initialize_config_module("qlora.recipes", version_base="1.3"):
+            compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
+        # OmegaConf's messages end with lines about its own types (full_key, reference_type, object_type);
+        # the rest says what is wrong (Hydra adds the available options of a group), and the override it
+        # came from names the key.
+        lines = [line.strip() for line in str(cause or err).strip().splitlines()
+                 if not line.strip().startswith(("full_key:", "reference_type", "object_type"))]
+        if "Config search path:" in lines:  # Hydra's own search path, after the available options
+            lines = lines[:lines.index("Config search path:")]
+        detail = " ".join(line for line in lines if line)
+        where = str(err).strip().splitlines()[0].rstrip(".") if cause is not None else ""
+        raise ConfigError(one_line(f"{where}: {detail}" if where and where != detail else detail)) from err
+
+
 def main(argv: Optional[list[str]] = None, program: str = "qlora train") -> None:
     """Train with the recipe that `argv` (Hydra overrides, `--cfg job`, `--help`, ...) composes."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -73,6 +105,11 @@ def main(argv: Optional[list[str]] = None, program: str = "qlora train") -> None
         keys = tuple(o.split("=", 1)[0] + "=" for o in _RANK_OVERRIDES)
         args = [a for a in args if not a.lstrip("+~").startswith(keys)] + list(_RANK_OVERRIDES)
     register()
+    try:
+        check_overrides(args)
+    except UserError as err:
+        report(err)
+        sys.exit(1)
     record(program, args)  # for the message that says how to continue an interrupted run
     # Hydra reads its overrides from sys.argv, and names the program from argv[0] in --help.
     sys.argv = [program, *args]

@@ -199,6 +199,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.loss_chunk_size is not None and cfg.trainer.loss_chunk_size <= 0:
         raise ConfigError(f"trainer.loss_chunk_size must be > 0 or null, got {cfg.trainer.loss_chunk_size}")
     _validate_lora_init(cfg)
+    _validate_init_lora_weights(cfg.lora.get("init_lora_weights", True))
     _validate_distributed(cfg)
     for key in ("optimizer", "scheduler", "data.format"):
         node = _select(cfg, key)
@@ -210,6 +211,18 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.max_nonfinite_skips < 0:
         raise ConfigError(f"trainer.max_nonfinite_skips must be >= 0, got {cfg.trainer.max_nonfinite_skips}")
     check_targets(cfg)
+
+
+# PEFT's LoraConfig.init_lora_weights: a bool or one of its named initialisations (checked here, before
+# the model loads; PEFT would only refuse it when the adapter is attached).
+_INIT_LORA_WEIGHTS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal")
+
+
+def _validate_init_lora_weights(value) -> None:
+    if isinstance(value, bool) or value in _INIT_LORA_WEIGHTS or str(value).startswith("pissa_niter_"):
+        return
+    raise ConfigError(f"lora.init_lora_weights={value!r} is not one of true, false, {', '.join(_INIT_LORA_WEIGHTS)}, "
+                      "pissa_niter_<n>; set lora.init_lora_weights=true (LoRA's default)")
 
 
 def _validate_lora_init(cfg: DictConfig) -> None:
