@@ -260,6 +260,5 @@ def run_base_dir(run_dir: Path) -> Optional[Path]:
     return path if (path / "config.json").is_file() else None
 
 
-__all__ = ["BASE_DIR", "Decomposition", "LoftQError", "LoftQFormat", "LoftQResult", "checkpoint_weights",
-           "decompose", "format_of", "format_report", "initialize_for_run", "loftq_model", "register_format",
-           "run_base_dir"]
+__all__ = ["BASE_DIR", "Decomposition", "LoftQError", "LoftQResult", "checkpoint_weights", "decompose", "format_report",
+           "initialize_for_run", "loftq_model", "quantize_roundtrip", "run_base_dir", "store"]
