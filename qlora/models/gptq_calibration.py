@@ -115,7 +115,7 @@ def calibration_samples(texts: list[str], tokenizer, seqlen: int, max_samples: i
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     """1/2 tr(dW H dW^T): the layer's squared output error on the calibration inputs (H = 2 X X^T / n),
     the quantity GPTQ's loss accumulates."""
-    delta = delta.float()
+    delta = delta.detach().float()  # a figure for the log: no graph (the layer's weight may require grad)
     return 0.5 * float((delta @ hessian.float().to(delta.device) * delta).sum())
 
 
