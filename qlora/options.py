@@ -81,6 +81,24 @@ def as_choice(key: str, value: str, choices) -> str:
     return value
 
 
+def device_problem(device: str) -> Optional[str]:
+    """Why `device` ("cpu", "cuda", "cuda:N", lower-case) cannot be used on this machine: "not a device",
+    "no cuda" or "no such index"; None when it can. One rule for every device option (the commands'
+    device=, the recipe's trainer.device), each of which words its own message."""
+    import torch
+
+    if device == "cpu":
+        return None
+    index = device.removeprefix("cuda").removeprefix(":")
+    if not device.startswith("cuda") or (index and not index.isdigit()) or device == "cuda:":
+        return "not a device"
+    if not torch.cuda.is_available():
+        return "no cuda"
+    if index and int(index) >= torch.cuda.device_count():
+        return "no such index"
+    return None
+
+
 def as_device(key: str, value: str) -> str:
     """A `device=` value as torch takes it: cpu, cuda, cuda:N, or auto (cuda when available). A CUDA
     device this machine does not have is refused here, before any model is read."""
@@ -89,15 +107,13 @@ def as_device(key: str, value: str) -> str:
     text = str(value).strip().lower()
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return text
-    index = text.removeprefix("cuda").removeprefix(":")
-    if not text.startswith("cuda") or (index and not index.isdigit()) or text == "cuda:":
+    problem = device_problem(text)
+    if problem == "not a device":
         raise UsageError(f"{key}={value!r} is not a device; use cpu, cuda, cuda:<index> or auto")
-    if not torch.cuda.is_available():
+    if problem == "no cuda":
         raise UsageError(f"{key}={value} but this machine has no CUDA device torch can use; use {key}=cpu "
                          f"(or {key}=auto)")
-    if index and int(index) >= torch.cuda.device_count():
+    if problem == "no such index":
         raise UsageError(f"{key}={value} but this machine has {torch.cuda.device_count()} CUDA device(s); "
                          f"use an index below that")
     return text

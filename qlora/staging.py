@@ -122,10 +122,10 @@ def _current_umask() -> int:
 def _apply_umask(staging: Path) -> None:
     """Every regular file under `staging` gets the mode a plain open() would give it (0o666 minus the
     umask), keeping any execute bits it has."""
-    mode = 0o666 & ~_current_umask()
+    umask = _current_umask()  # read once: each read sets the process umask twice
     for path in staging.rglob("*"):
         if path.is_file() and not path.is_symlink():
-            os.chmod(path, mode | (path.stat().st_mode & 0o111 & ~_current_umask()))
+            os.chmod(path, (0o666 | (path.stat().st_mode & 0o111)) & ~umask)
 
 
 def _move_into_place(staging: Path, output_dir: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, ListConfig
 
 from qlora.kernels.nf4.format import check_blocksize
+from qlora.options import device_problem
 from qlora.train.objective_checks import check_objective
 from qlora.train.schema import ConfigError, RunConfig
 
@@ -283,14 +284,14 @@ def check_device(cfg: DictConfig) -> str:
 
     value = cfg.trainer.device
     device = str(value).strip().lower() if value is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    index = device.removeprefix("cuda").removeprefix(":")
-    if device != "cpu" and (not device.startswith("cuda") or (index and not index.isdigit()) or device == "cuda:"):
+    problem = device_problem(device)
+    if problem == "not a device":
         raise ConfigError(f"trainer.device={value!r} is not a device; set trainer.device=cpu, cuda, cuda:<index>, "
                           "or null (cuda when there is one)")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if problem == "no cuda":
         raise ConfigError(f"trainer.device={value} but this machine has no CUDA device torch can use; set "
                           "trainer.device=cpu (or null)")
-    if device.startswith("cuda") and index and int(index) >= torch.cuda.device_count():
+    if problem == "no such index":
         raise ConfigError(f"trainer.device={value} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device == "cpu" and cfg.trainer.mixed_precision == "fp16":
         raise ConfigError("trainer.mixed_precision=fp16 cannot run on a CPU (it would train in fp32 without a word); "
