@@ -176,5 +176,9 @@ class ShardReader(contextlib.AbstractContextManager):
         """The tensor's shape from the file's header, without reading it."""
         return tuple(self._shard_of[key].entries[key]["shape"])
 
+    def file_of(self, key: str) -> Path:
+        """The shard file that holds `key` (for error messages)."""
+        return self._shard_of[key].path
+
     def with_prefix(self, prefix: str) -> Iterator[str]:
         return (k for k in self._shard_of if k.startswith(prefix))

@@ -23,6 +23,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from qlora.quant.config import quant_config_from_any
 from qlora.quant.gptq.config import read_quantize_config
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
+from qlora.models.conversion import conversion_targets, load_converted
+from qlora.nn.experts import held_experts, is_experts_module, set_dense_experts
+from qlora.nn.experts_interface import replace_expert_parameters
 from qlora.nn.quantized import layer_class
 
 logger = logging.getLogger(__name__)
@@ -115,6 +118,10 @@ def load_model(
         if plan is not None:
             plan.keep_offloaded_in_fp32(model)
         targets = replace_linear_layers(model, qconfig)
+        if prequantized and any(is_experts_module(m) for m in model.modules()):
+            raise ValueError(f"{directory}: a mixture-of-experts checkpoint that is already quantized cannot be loaded "
+                             "yet; load its 16-bit checkpoint, which qlora quantizes expert by expert")
+        replace_expert_parameters(model, qconfig, lambda name: _skipped(name, qconfig))
         with ShardReader(directory) as reader:
             _load_tensors(model, reader, targets, device, prequantized, progress,
                           getattr(qconfig, "checkpoint_options", dict)())
@@ -167,9 +174,7 @@ def replace_linear_layers(model: nn.Module, qconfig) -> list[str]:
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name in skip:
             continue
-        if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in qconfig.skip_modules):
-            continue
-        if not getattr(qconfig, "quantizes", lambda _: True)(name):
+        if _skipped(name, qconfig):
             continue
         layer = layer_cls(module.in_features, module.out_features, bias=module.bias is not None,
                           format=qconfig.format, compute_dtype=qconfig.compute_dtype, device=module.weight.device,
@@ -180,13 +185,20 @@ def replace_linear_layers(model: nn.Module, qconfig) -> list[str]:
     return swapped
 
 
+def _skipped(name: str, qconfig) -> bool:
+    """skip_modules (a name, a name suffix or a parent) and the format's own rule keep `name` 16-bit."""
+    if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in qconfig.skip_modules):
+        return True
+    return not getattr(qconfig, "quantizes", lambda _: True)(name)
+
+
 def checkpoint_names(model: PreTrainedModel, reader: ShardReader) -> dict[str, str]:
     """Model tensor name -> checkpoint key.
 
     Checkpoints may spell names the way older transformers did (GPT-NeoX's "embed_out" is now
     "lm_head") or without the base-model prefix; transformers' own conversion mapping and
-    prefix rule translate them. Keys that need a tensor conversion (fused MoE experts, ...) are
-    not supported: the loader reports them as missing and unexpected.
+    prefix rule translate them. Keys that need a tensor conversion (per-expert tensors merged into
+    fused MoE stacks, ...) are left out here: qlora.models.conversion streams them.
     """
     try:  # transformers >= 5
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -254,10 +266,21 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
     entries = [(n, m) for n, m in model.named_modules() if n in target_set]
     dense = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)
              if n.rsplit(".", 1)[0] not in target_set or n.endswith(".bias")]
+    converted = conversion_targets(model, reader)
     bar = tqdm(total=len(entries) + len(dense), desc=f"loading ({_format_label(entries)})", unit="tensor",
                disable=not progress)
+    # Tensors transformers' conversion mapping builds from several checkpoint tensors (per-expert
+    # tensors -> fused expert stacks), one target at a time.
+    filled: set[str] = set()
+    for target in converted.values():
+        placed = load_converted(model, reader, target, lambda n, t: _place(model, n, t, device, target_set, target))
+        filled.update(placed)
+        used.update(key for _, key in target.sources)
+        bar.update(len(placed))
 
     for name, layer in entries:
+        if f"{name}.weight" in filled:
+            continue
         if prequantized:
             pieces = layer_checkpoint_tensors(reader, names, name, type(layer.quantized_weight).data_key)
             if pieces is None:
@@ -284,7 +307,15 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
         bar.update()
 
     for name, param in dense:
+        if name in filled:
+            continue
         key = names.get(name)
+        module_name, _, attr = name.rpartition(".")
+        if key is not None and held_experts(model.get_submodule(module_name), attr) is not None:
+            used.add(key)
+            _place(model, name, reader.get(key), device, target_set, key)
+            bar.update()
+            continue
         if key is None:
             if param.is_meta:
                 missing.append(name)
@@ -297,6 +328,14 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
         module = model.get_submodule(module_name)
         module._parameters[attr] = nn.Parameter(tensor.to(device, param.dtype), requires_grad=param.requires_grad)
         bar.update()
+    for name, buffer in model.named_buffers():
+        key = names.get(name)
+        if key is not None and key not in used:  # a persistent buffer the checkpoint holds (a router's score bias)
+            used.add(key)
+            module_name, _, attr = name.rpartition(".")
+            tensor = reader.get(key)
+            _check_shape(key, tensor, tuple(buffer.shape))
+            model.get_submodule(module_name)._buffers[attr] = tensor.to(device, buffer.dtype)
     bar.close()
 
     model.tie_weights()
@@ -314,6 +353,35 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
     unexpected = [k for k in reader.keys() if k not in used]
     if unexpected:
         logger.warning("ignored %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[:5])
+
+
+def _place(model, name: str, tensor: torch.Tensor, device, quantized_layers: set[str], source) -> None:
+    """Put one dense model tensor where it belongs: into a 4-bit expert stack or layer (quantized on
+    `device`), or as a dense parameter. `source` names the checkpoint tensor(s) in errors."""
+    where = getattr(source, "sources", None)
+    where = f"{where[0][1]} (and the rest of {source.name}'s {len(where)} tensors)" if where else str(source)
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    stack = held_experts(module, attr)
+    if stack is not None:
+        if stack.device != device or stack.packed.is_meta:
+            from qlora.nn.experts import hold_experts
+
+            hold_experts(module, attr, type(stack).placeholder(*stack.shape, device=device, compute_dtype=stack.dtype,
+                                                               quant_type=stack.quant_type, blocksize=stack.blocksize,
+                                                               double_quant=stack.double_quant,
+                                                               quant_storage=stack.packed.dtype))
+        try:
+            set_dense_experts(module, attr, tensor)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}; the config and the weights do not match") from None
+    elif module_name in quantized_layers and attr == "weight":
+        _check_shape(where, tensor, (module.out_features, module.in_features))
+        module.set_weight(tensor.to(device))
+    else:
+        param = module._parameters[attr]
+        _check_shape(where, tensor, tuple(param.shape))
+        module._parameters[attr] = nn.Parameter(tensor.to(device, param.dtype), requires_grad=param.requires_grad)
 
 
 def _check_shape(key: str, tensor: torch.Tensor, expected: tuple) -> None:

@@ -1,0 +1,103 @@
+"""Quantized mixture-of-experts: expert stacks held on transformers' own experts modules, computed
+through transformers' experts interface (qlora.nn.experts_interface).
+
+transformers 5 holds a layer's experts as fused 3-D Parameters on one module (`gate_up_proj`
+[E, 2I, H], `down_proj` [E, H, I]; gpt-oss transposed, [E, H, 2I]) whose forward dispatches through
+`ExpertsInterface` by `config._experts_implementation`. qlora registers its implementation there
+under "qlora" (qlora.nn.experts_interface): the model's router, top-k, shared experts and
+load-balancing loss stay transformers' code; only the expert matmuls are ours.
+
+On the module, a quantized stack replaces the Parameter under the same name: the packed bytes
+[E, bytes per expert] are the frozen Parameter `gate_up_proj` (so PEFT's `target_parameters` and
+FSDP2 find it where they find the dense one, and FSDP2 shards whole experts along dim 0), the rest
+of the state is non-persistent buffers `gate_up_proj_absmax`, ... Float state (absmax without
+double quant, nested_absmax, offset, code books) is held as its uint8 bytes: `model.to(bf16)` casts
+every float buffer, which would corrupt fp32 scales (Linear4bit guards its own `_apply`; a
+transformers module has none of ours). The stack is always stored [E, out, in] (gpt-oss's
+transposed layout is transposed once, when it is quantized).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from qlora.quant.nf4.experts import ExpertWeight4bit, grouped_linear  # noqa: F401 (the dispatch, re-exported)
+
+_HELD = "qlora_expert_stacks"  # module.__dict__ key: parameter name -> (template, {field: dtype})
+
+
+# ---- which modules and parameters ----------------------------------------------------------------
+def is_experts_module(module: nn.Module) -> bool:
+    """A transformers experts module that dispatches through ExpertsInterface (`@use_experts_implementation`
+    sets these attributes on every instance)."""
+    return all(hasattr(module, a) for a in ("has_gate", "is_transposed", "_is_expert_parallel"))
+
+
+def expert_parameter_names(module: nn.Module) -> list[str]:
+    """The 3-D expert matrices of an experts module (its biases are 2-D and stay dense)."""
+    names = ("gate_up_proj", "up_proj", "down_proj") if getattr(module, "has_gate", True) else ("up_proj", "down_proj")
+    held = module.__dict__.get(_HELD, {})
+    return [n for n in names if n in held or (isinstance(getattr(module, n, None), torch.Tensor)
+                                               and getattr(module, n).dim() == 3)]
+
+
+def logical_shape(module: nn.Module, name: str) -> tuple[int, int, int]:
+    """(E, out, in) of a parameter, held quantized or still dense (in the module's own layout)."""
+    held = module.__dict__.get(_HELD, {})
+    if name in held:
+        return tuple(held[name][0].shape)
+    e, a, b = getattr(module, name).shape
+    return (e, b, a) if module.is_transposed else (e, a, b)
+
+
+# ---- holding a quantized stack on the module --------------------------------------------------------
+def hold_experts(module: nn.Module, name: str, weight: ExpertWeight4bit) -> None:
+    """Put a quantized [E, out, in] stack on `module` in place of its Parameter `name`."""
+    tensors = weight.tensors()
+    packed = tensors.pop(weight.data_name)
+    module._parameters[name] = nn.Parameter(packed, requires_grad=False)
+    dtypes = {}
+    for field, tensor in tensors.items():
+        key = f"{name}_{field}"
+        module._buffers.pop(key, None)
+        if tensor is None:
+            continue
+        dtypes[field] = (tensor.dtype, tuple(tensor.shape))
+        module.register_buffer(key, tensor.contiguous().reshape(-1).view(torch.uint8), persistent=False)
+    module.__dict__.setdefault(_HELD, {})[name] = (weight, dtypes)
+
+
+def held_experts(module: nn.Module, name: str) -> Optional[ExpertWeight4bit]:
+    """The quantized stack `name` of `module`, rebuilt on its current tensors; None when it is dense."""
+    held = module.__dict__.get(_HELD, {})
+    if name not in held:
+        return None
+    template, dtypes = held[name]
+    current = {template.data_name: module._parameters[name]}
+    for field in template.tensors():
+        if field == template.data_name:
+            continue
+        if field not in dtypes:
+            current[field] = None
+            continue
+        dtype, shape = dtypes[field]
+        current[field] = module._buffers[f"{name}_{field}"].view(dtype).view(shape)
+    return template.replace(**current)
+
+
+def quantized_stacks(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(module name, module, parameter name) of every quantized expert stack of `model`."""
+    return [(mname, m, p) for mname, m in model.named_modules() for p in m.__dict__.get(_HELD, {})]
+
+
+def set_dense_experts(module: nn.Module, name: str, dense: torch.Tensor) -> None:
+    """Quantize a dense stack in the module's own layout (gpt-oss: [E, in, out]) into the held placeholder."""
+    template = held_experts(module, name)
+    expected = (template.shape[0], template.shape[2], template.shape[1]) if module.is_transposed else tuple(template.shape)
+    if tuple(dense.shape) != expected:
+        raise ValueError(f"{name}: shape {list(dense.shape)}, the model built from config.json expects {list(expected)}")
+    for e in range(template.shape[0]):
+        matrix = dense[e].t() if module.is_transposed else dense[e]
+        template.set_expert(e, matrix.to(template.device))
