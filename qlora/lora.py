@@ -239,32 +239,50 @@ def resolve_target_modules(model: nn.Module, target_modules: str | list[str] = "
     return names
 
 
-def lora_config(model: Optional[nn.Module] = None, **kwargs: Any) -> LoraConfig:
+def lora_config(model: Optional[nn.Module] = None, target_experts: bool = True, **kwargs: Any) -> LoraConfig:
     """A peft.LoraConfig with QuantizedLinear registered for LoraQuantizedLinear.
 
     kwargs are LoraConfig's. With `model`, target_modules (default "all-linear") is resolved
     against it first; without, target_modules must already be names PEFT understands.
+    target_experts: on a mixture-of-experts model, also adapt every expert stack (PEFT's
+    target_parameters; qlora.lora_experts). PEFT's wrapper of a 3-D parameter takes no dropout, so an
+    adapter on experts is built with lora_dropout=0 (a warning says so when another value was asked).
     """
     kwargs.setdefault("task_type", "CAUSAL_LM")
     if model is not None:
         kwargs["target_modules"] = resolve_target_modules(model, kwargs.get("target_modules", "all-linear"))
+        if target_experts and not kwargs.get("target_parameters"):
+            from qlora.lora_experts import expert_target_parameters
+
+            kwargs["target_parameters"] = expert_target_parameters(model) or None
+        if kwargs.get("target_parameters") and kwargs.get("lora_dropout"):
+            warnings.warn(f"lora_dropout={kwargs['lora_dropout']} -> 0: the adapter covers expert stacks, and PEFT's "
+                          "wrapper of a 3-D parameter (ParamWrapper) has no dropout and refuses an adapter that asks for "
+                          "it; set lora.dropout=0, or lora.target_experts=false to keep dropout on attention-only "
+                          "and dense MLP adapters", stacklevel=2)
+            kwargs["lora_dropout"] = 0.0
     elif kwargs.get("target_modules") == "all-linear":
         raise ValueError("target_modules='all-linear' needs the model to resolve it: call lora_config(model, ...)")
     config = LoraConfig(**kwargs)
-    register(config)
+    register(config, model)
     return config
 
 
 make_lora_config = lora_config
 
 
-def register(config: LoraConfig) -> LoraConfig:
-    """Register LoraQuantizedLinear for QuantizedLinear on a LoraConfig (PEFT's dynamic dispatch).
+def register(config: LoraConfig, model: Optional[nn.Module] = None) -> LoraConfig:
+    """Register LoraQuantizedLinear for QuantizedLinear on a LoraConfig (PEFT's dynamic dispatch), and
+    with `model`, qlora.lora_experts' ParamWrapper for its classes holding 4-bit expert stacks.
 
     The registration is not saved in adapter_config.json: a config read back from disk needs it
     again before it is applied to a 4-bit model (load_lora does this).
     """
     config._register_custom_module({QuantizedLinear: LoraQuantizedLinear})
+    if model is not None:
+        from qlora.lora_experts import register_experts
+
+        register_experts(config, model)
     return config
 
 
@@ -311,7 +329,7 @@ def attach_lora(model: nn.Module, *, r: int = 8, lora_alpha: int = 16, lora_drop
 def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",
               is_trainable: bool = False) -> PeftModel:
     """PeftModel.from_pretrained for a quantized model: the saved config, with QuantizedLinear registered."""
-    config = register(LoraConfig.from_pretrained(str(adapter_dir)))
+    config = register(LoraConfig.from_pretrained(str(adapter_dir)), model)
     with _peft_reading_deprecated_attributes():
         return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name,
                                          is_trainable=is_trainable, config=config)
@@ -330,7 +348,10 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     byte, or fewer elements still with a wider quant_storage), so that the total matches the
     dense model's.
     """
+    from qlora.nn.experts import held_experts, quantized_stacks
+
     logical = {id(m.weight): m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear)}
+    logical.update({id(m._parameters[p]): held_experts(m, p).shape.numel() for _, m, p in quantized_stacks(model)})
     trainable = total = 0
     for param in model.parameters():
         count = logical.get(id(param), param.numel())
@@ -343,4 +364,10 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 def describe_trainable(model: nn.Module) -> str:
     trainable, total = trainable_parameters(model)
     percent = 100 * trainable / total if total else 0.0
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4g}"
+    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4g}"
+    from qlora.lora_experts import adapted_experts
+
+    on_experts, stacks = adapted_experts(model)
+    if stacks:
+        line += f" || on {stacks} expert stacks: {on_experts:,}, on linear layers: {trainable - on_experts:,}"
+    return line

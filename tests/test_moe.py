@@ -101,11 +101,11 @@ def simulated_quantization(reference: torch.nn.Module, quantized: torch.nn.Modul
     """The bf16 model with every matrix qlora quantized replaced by dequant(quant(W)), in place."""
     with torch.no_grad():
         for name, module in quantized.named_modules():
-            if isinstance(module, QuantizedLinear):
-                dense = reference.get_submodule(name).weight
+            if isinstance(module, QuantizedLinear):  # names under LoRA wrappers lose their ".base_layer"
+                dense = reference.get_submodule(name.replace(".base_layer", "")).weight
                 dense.copy_(Weight4bit.quantize(dense).dequantize(dense.dtype))
         for name, module, attr in quantized_stacks(quantized):
-            dense = getattr(reference.get_submodule(name), attr)
+            dense = getattr(reference.get_submodule(name.replace(".base_layer", "")), attr)
             for e in range(dense.shape[0]):
                 matrix = dense[e].t() if module.is_transposed else dense[e]
                 simulated = Weight4bit.quantize(matrix).dequantize(dense.dtype)
