@@ -180,5 +180,8 @@ class ShardReader(contextlib.AbstractContextManager):
         """The shard file that holds `key` (for error messages)."""
         return self._shard_of[key].path
 
+    def has(self, key: str) -> bool:
+        return key in self._shard_of
+
     def with_prefix(self, prefix: str) -> Iterator[str]:
         return (k for k in self._shard_of if k.startswith(prefix))

@@ -24,7 +24,8 @@ from qlora.quant.config import quant_config_from_any
 from qlora.quant.gptq.config import read_quantize_config
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
 from qlora.models.conversion import conversion_targets, load_converted
-from qlora.nn.experts import held_experts, is_experts_module, set_dense_experts
+from qlora.models.expert_checkpoint import dequantized_dense, is_4bit_entry, load_prequantized_fused, load_prequantized_target
+from qlora.nn.experts import held_experts, set_dense_experts
 from qlora.nn.experts_interface import replace_expert_parameters
 from qlora.nn.quantized import layer_class
 
@@ -118,9 +119,6 @@ def load_model(
         if plan is not None:
             plan.keep_offloaded_in_fp32(model)
         targets = replace_linear_layers(model, qconfig)
-        if prequantized and any(is_experts_module(m) for m in model.modules()):
-            raise ValueError(f"{directory}: a mixture-of-experts checkpoint that is already quantized cannot be loaded "
-                             "yet; load its 16-bit checkpoint, which qlora quantizes expert by expert")
         replace_expert_parameters(model, qconfig, lambda name: _skipped(name, qconfig))
         with ShardReader(directory) as reader:
             _load_tensors(model, reader, targets, device, prequantized, progress,
@@ -273,6 +271,11 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
     # tensors -> fused expert stacks), one target at a time.
     filled: set[str] = set()
     for target in converted.values():
+        if prequantized:  # per-expert 4-bit weights go into the stack as they are (qlora.models.expert_checkpoint)
+            used.update(load_prequantized_target(model, reader, target, device))
+            filled.add(target.name)
+            bar.update()
+            continue
         placed = load_converted(model, reader, target, lambda n, t: _place(model, n, t, device, target_set, target))
         filled.update(placed)
         used.update(key for _, key in target.sources)
@@ -311,6 +314,12 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
             continue
         key = names.get(name)
         module_name, _, attr = name.rpartition(".")
+        if prequantized and key is None:  # a fused stack qlora wrote per expert (qlora.models.expert_checkpoint)
+            read = load_prequantized_fused(model, reader, name, name, device)
+            if read is not None:
+                used.update(read)
+                bar.update()
+                continue
         if key is not None and held_experts(model.get_submodule(module_name), attr) is not None:
             used.add(key)
             _place(model, name, reader.get(key), device, target_set, key)
@@ -323,6 +332,9 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
             continue
         used.add(key)
         tensor = reader.get(key)
+        if prequantized and param.is_floating_point() and is_4bit_entry(reader, key):
+            tensor, state_keys = dequantized_dense(reader, key, param)
+            used.update(state_keys)
         _check_shape(key, tensor, tuple(param.shape))
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -367,10 +379,11 @@ def _place(model, name: str, tensor: torch.Tensor, device, quantized_layers: set
         if stack.device != device or stack.packed.is_meta:
             from qlora.nn.experts import hold_experts
 
+            options = {"segments": stack.segments} if getattr(stack, "segments", 1) > 1 else {}
             hold_experts(module, attr, type(stack).placeholder(*stack.shape, device=device, compute_dtype=stack.dtype,
                                                                quant_type=stack.quant_type, blocksize=stack.blocksize,
                                                                double_quant=stack.double_quant,
-                                                               quant_storage=stack.packed.dtype))
+                                                               quant_storage=stack.packed.dtype, **options))
         try:
             set_dense_experts(module, attr, tensor)
         except ValueError as err:

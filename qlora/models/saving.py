@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from qlora.models.checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from qlora.models.expert_checkpoint import expert_checkpoint_tensors
 from qlora.nn import QuantizedLinear
 from qlora.staging import staged_directory
 
@@ -72,15 +73,19 @@ def _unique_state_dict(model) -> dict[str, torch.Tensor]:
     """
     all_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     tied_aliases = all_names - {name for name, _ in model.named_parameters()}
+    # Quantized expert stacks: bitsandbytes' entries per expert and matrix, under the family's checkpoint names.
+    expert_entries, stacks = expert_checkpoint_tensors(model)
     seen: set[int] = set()
     tensors = {}
     for key, tensor in model.state_dict().items():
-        if key in tied_aliases:
+        if key in tied_aliases or key in stacks:
             continue
         tensor = tensor.detach().to("cpu")
         pointer = tensor.untyped_storage().data_ptr()
         tensors[key] = tensor.clone() if pointer in seen else tensor.contiguous()
         seen.add(pointer)
+    for key, tensor in expert_entries.items():  # slices of the stacks (safetensors refuses shared storage)
+        tensors[key] = tensor.detach().to("cpu").clone()
     return tensors
 
 

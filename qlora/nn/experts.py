@@ -52,6 +52,28 @@ def logical_shape(module: nn.Module, name: str) -> tuple[int, int, int]:
     return (e, b, a) if module.is_transposed else (e, a, b)
 
 
+def expert_segments(model: nn.Module) -> dict[str, int]:
+    """Parameter name -> how many separately stored matrices each expert of it is, by the model's own
+    conversion mapping: gate_up_proj is built from gate_proj and up_proj (2) in every family whose
+    checkpoints store them apart, whatever layout this checkpoint has. Each is quantized on its own,
+    as bitsandbytes quantized them (qlora.quant.nf4.experts, "Segments")."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:
+        return {}
+    found = {}
+    for converter in get_model_conversion_mapping(model):
+        operations = getattr(converter, "operations", ())
+        if not any(type(op).__name__ == "Concatenate" for op in operations):
+            continue
+        for pattern in converter.target_patterns:
+            tail = pattern.lstrip(".^").rstrip("$")
+            for name, _ in model.named_parameters():
+                if name == tail or name.endswith("." + tail):
+                    found[name] = len(converter.source_patterns)
+    return found
+
+
 # ---- holding a quantized stack on the module --------------------------------------------------------
 def hold_experts(module: nn.Module, name: str, weight: ExpertWeight4bit) -> None:
     """Put a quantized [E, out, in] stack on `module` in place of its Parameter `name`."""

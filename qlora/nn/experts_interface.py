@@ -87,7 +87,9 @@ def replace_expert_parameters(model: nn.Module, qconfig, skip=lambda name: False
     Returns the full names of the quantized parameters."""
     from qlora.quant.experts import expert_weight_class
 
-    names = []
+    from qlora.nn.experts import expert_segments
+
+    names, segments = [], expert_segments(model)
     for module_name, module in model.named_modules():
         if not is_experts_module(module) or skip(module_name):
             continue
@@ -98,6 +100,8 @@ def replace_expert_parameters(model: nn.Module, qconfig, skip=lambda name: False
             dense = getattr(module, name)
             e, out_features, in_features = logical_shape(module, name)
             options = {k: v for k, v in qconfig.weight_options().items() if k != "format"}
+            if segments.get(f"{module_name}.{name}", 1) > 1:
+                options["segments"] = segments[f"{module_name}.{name}"]
             hold_experts(module, name, weight_cls.placeholder(e, out_features, in_features, dense.device,
                                                               qconfig.compute_dtype, **options))
             names.append(f"{module_name}.{name}")

@@ -14,6 +14,13 @@ Layout (shared with the grouped kernel in qlora.kernels.moe):
     offset          fp32 [E] or None
     blocksize, nested_blocksize, shape (E, out, in)
 The packed stack is the tensor FSDP2 shards along dim 0: whole experts per rank, byte for byte.
+
+Segments. A fused stack such as `gate_up_proj` [E, 2I, H] is two matrices per expert in every
+checkpoint (`experts.{e}.gate_proj.weight`, `experts.{e}.up_proj.weight`), and bitsandbytes quantizes
+each alone: its own absmax blocks, nested blocks and double-quant offset. `segments` = S keeps that:
+each expert is S matrices of [out / S, in] laid one after the other (bytes, absmax, nested absmax),
+with offset [E, S]. Quantizing the fused [2I, H] as one matrix instead would give other bytes (one
+offset for both) and make a prequantized checkpoint impossible to load without re-quantizing.
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ class ExpertWeight4bit(QuantizedWeight):
     nested_code: Optional[torch.Tensor] = dataclasses.field(default=None, metadata={"tensor": True})
     offset: Optional[torch.Tensor] = dataclasses.field(default=None, metadata={"tensor": True})
     nested_blocksize: int = NESTED_BLOCKSIZE
+    segments: int = 1  # independently quantized matrices per expert, stacked along `out`
 
     @property
     def num_experts(self) -> int:
@@ -55,15 +63,26 @@ class ExpertWeight4bit(QuantizedWeight):
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
 
+    @property
+    def segment_shape(self) -> tuple[int, int]:
+        """[out / segments, in]: the shape of each independently quantized matrix."""
+        return (self.shape[1] // self.segments, self.shape[2])
+
+    def _segment_sizes(self) -> tuple[int, int, int]:
+        """(bytes, absmax blocks, nested blocks) of one segment."""
+        n = self.segment_shape[0] * self.segment_shape[1]
+        blocks = -(-n // self.blocksize)
+        return n // 2, blocks, -(-blocks // self.nested_blocksize)
+
     # ---- construction ------------------------------------------------------------------------
     @classmethod
     def quantize(cls, weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                 quant_storage: torch.dtype = torch.uint8) -> "ExpertWeight4bit":
+                 quant_storage: torch.dtype = torch.uint8, segments: int = 1) -> "ExpertWeight4bit":
         """Quantize a dense [E, out, in] stack, one expert at a time (fp32 temporaries of one expert)."""
         if weight.dim() != 3:
             raise ValueError(f"an expert stack is [experts, out, in], got shape {list(weight.shape)}")
         stack = cls.placeholder(weight.shape[0], weight.shape[1], weight.shape[2], weight.device, weight.dtype,
-                                quant_type, blocksize, double_quant, quant_storage)
+                                quant_type, blocksize, double_quant, quant_storage, segments)
         for e in range(weight.shape[0]):
             stack.set_expert(e, weight[e])
         return stack
@@ -72,30 +91,47 @@ class ExpertWeight4bit(QuantizedWeight):
         """Quantize one dense [out, in] expert into slot e (what bitsandbytes gives for that matrix)."""
         if tuple(matrix.shape) != tuple(self.shape[1:]):
             raise ValueError(f"expert {e}: shape {list(matrix.shape)}, the stack holds {list(self.shape[1:])}")
-        packed, state = quantize_4bit(matrix.to(self.device), self.quant_type, self.blocksize, self.double_quant)
-        self.packed.view(torch.uint8)[e].copy_(packed.view(-1))
-        self.absmax[e].copy_(state.absmax)
+        rows = self.segment_shape[0]
+        for s in range(self.segments):
+            packed, state = quantize_4bit(matrix[s * rows:(s + 1) * rows].to(self.device), self.quant_type,
+                                          self.blocksize, self.double_quant)
+            self.set_segment(e, s, packed, state)
+
+    def set_segment(self, e: int, s: int, packed: torch.Tensor, state) -> None:
+        """Put one already quantized [out / segments, in] matrix (bitsandbytes' bytes and QuantState) into
+        segment s of expert e, as it is: nothing is re-quantized."""
+        nbytes, blocks, nested = self._segment_sizes()
+        if state.quant_type != self.quant_type or state.blocksize != self.blocksize \
+                or state.double_quant != self.double_quant or tuple(state.shape) != self.segment_shape:
+            raise ValueError(
+                f"expert {e}: {state.quant_type}, blocksize {state.blocksize}, double quant {state.double_quant}, shape "
+                f"{list(state.shape)}; the stack holds {self.quant_type}, blocksize {self.blocksize}, double quant "
+                f"{self.double_quant}, shape {list(self.segment_shape)} per matrix")
+        self.packed.view(torch.uint8)[e, s * nbytes:(s + 1) * nbytes].copy_(packed.reshape(-1).view(torch.uint8))
+        self.absmax[e, s * blocks:(s + 1) * blocks].copy_(state.absmax)
         if self.double_quant:
-            self.nested_absmax[e].copy_(state.nested_absmax)
-            self.offset[e] = state.offset
+            self.nested_absmax[e, s * nested:(s + 1) * nested].copy_(state.nested_absmax)
+            self.offset.view(self.num_experts, self.segments)[e, s] = state.offset
 
     @classmethod
     def placeholder(cls, num_experts: int, out_features: int, in_features: int,
                     device: torch.device | str | None = None, compute_dtype: torch.dtype = torch.bfloat16,
                     quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                    quant_storage: torch.dtype = torch.uint8) -> "ExpertWeight4bit":
+                    quant_storage: torch.dtype = torch.uint8, segments: int = 1) -> "ExpertWeight4bit":
         check_quant_type(quant_type)
         check_blocksize(blocksize)
         check_storage_dtype(quant_storage)
+        if segments < 1 or out_features % segments:
+            raise ValueError(f"an expert of {out_features} rows cannot be {segments} matrices of equal height")
         n = out_features * in_features
-        if n % 2:
-            raise ValueError(f"an expert of {out_features}x{in_features} has an odd number of elements; the stacked "
-                             "4-bit layout needs whole bytes per expert")
+        if (n // segments) % 2:
+            raise ValueError(f"an expert matrix of {out_features // segments}x{in_features} has an odd number of "
+                             "elements; the stacked 4-bit layout needs whole bytes per matrix")
         storage_bytes = torch.empty(0, dtype=quant_storage).element_size()
         if (n // 2) % storage_bytes:
             raise ValueError(f"quant_storage={quant_storage} needs {n // 2} bytes per expert to be a multiple of "
                              f"{storage_bytes}; use quant_storage=torch.uint8")
-        blocks = -(-n // blocksize)
+        blocks = segments * -(-(n // segments) // blocksize)
         weight = cls(
             packed=torch.empty(num_experts, n // 2 // storage_bytes, dtype=quant_storage, device=device),
             absmax=torch.empty(num_experts, blocks, dtype=torch.uint8 if double_quant else torch.float32,
@@ -105,11 +141,13 @@ class ExpertWeight4bit(QuantizedWeight):
             dtype=compute_dtype,
             quant_type=quant_type,
             blocksize=blocksize,
+            segments=segments,
         )
         if double_quant:
-            weight.nested_absmax = torch.empty(num_experts, -(-blocks // NESTED_BLOCKSIZE), device=device)
+            nested = segments * -(-(blocks // segments) // NESTED_BLOCKSIZE)
+            weight.nested_absmax = torch.empty(num_experts, nested, device=device)
             weight.nested_code = dynamic_map("cpu").to(device)
-            weight.offset = torch.empty(num_experts, device=device)
+            weight.offset = torch.empty(num_experts, *((segments,) if segments > 1 else ()), device=device)
         return weight
 
     @classmethod
@@ -120,38 +158,57 @@ class ExpertWeight4bit(QuantizedWeight):
             "reading one already quantized per expert is done by the prequantized MoE loader")
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """Per expert, bitsandbytes' entries of that expert's matrix, keyed "{e}.weight", "{e}.weight.absmax", ..."""
+        """bitsandbytes' entries of each expert's matrices, keyed "{e}.weight", "{e}.weight.absmax", ... (with
+        segments, "{e}.{s}.weight", ...): the checkpoint names are the saver's business."""
         from qlora.quant.nf4.weight import Weight4bit
 
         entries = {}
         for e in range(self.num_experts):
-            state = self.expert_state(e)
-            single = Weight4bit.from_state(self.packed[e], state)
-            entries.update({f"{e}.{k}": v for k, v in single.checkpoint_tensors().items()})
+            for s in range(self.segments):
+                key = f"{e}" if self.segments == 1 else f"{e}.{s}"
+                single = Weight4bit.from_state(self._segment_bytes(e, s), self.segment_state(e, s))
+                entries.update({f"{key}.{k}": v for k, v in single.checkpoint_tensors().items()})
         return entries
 
     # ---- one expert ---------------------------------------------------------------------------
-    def expert(self, e: int) -> Packed4bit:
-        """Expert e as the 4-bit ops take it: a [out, in] Packed4bit of views into the stack (no copy)."""
-        return Packed4bit(self.packed[e].reshape(-1, 1), self.absmax[e], self.code,
-                          None if self.nested_absmax is None else self.nested_absmax[e], self.nested_code,
-                          None if self.offset is None else self.offset[e], self.blocksize, self.nested_blocksize,
-                          (self.shape[1], self.shape[2]))
+    def _segment_bytes(self, e: int, s: int) -> torch.Tensor:
+        nbytes = self._segment_sizes()[0]
+        return self.packed.view(torch.uint8)[e, s * nbytes:(s + 1) * nbytes]
 
-    def expert_state(self, e: int):
+    def segment(self, e: int, s: int = 0) -> Packed4bit:
+        """Matrix s of expert e as the 4-bit ops take it: a Packed4bit of views into the stack (no copy)."""
+        _, blocks, nested = self._segment_sizes()
+        return Packed4bit(self._segment_bytes(e, s).reshape(-1, 1), self.absmax[e, s * blocks:(s + 1) * blocks],
+                          self.code, None if self.nested_absmax is None else self.nested_absmax[e, s * nested:(s + 1) * nested],
+                          self.nested_code, None if self.offset is None else self.offset.view(self.num_experts, -1)[e, s],
+                          self.blocksize, self.nested_blocksize, self.segment_shape)
+
+    def expert(self, e: int) -> Packed4bit:
+        """Expert e as the 4-bit ops take it (one matrix per expert; see `segment` otherwise)."""
+        if self.segments != 1:
+            raise ValueError(f"expert {e} is {self.segments} separately quantized matrices; take them with segment(e, s)")
+        return self.segment(e, 0)
+
+    def segment_state(self, e: int, s: int = 0):
         from qlora.quant.nf4.state import QuantState
 
-        return QuantState(absmax=self.absmax[e], shape=torch.Size(self.shape[1:]), dtype=self.dtype,
-                          blocksize=self.blocksize, code=self.code, quant_type=self.quant_type,
-                          offset=None if self.offset is None else self.offset[e],
-                          nested_absmax=None if self.nested_absmax is None else self.nested_absmax[e],
-                          nested_code=self.nested_code, nested_blocksize=self.nested_blocksize)
+        view = self.segment(e, s)
+        return QuantState(absmax=view.absmax, shape=torch.Size(self.segment_shape), dtype=self.dtype,
+                          blocksize=self.blocksize, code=self.code, quant_type=self.quant_type, offset=view.offset,
+                          nested_absmax=view.nested_absmax, nested_code=self.nested_code,
+                          nested_blocksize=self.nested_blocksize)
+
+    def expert_state(self, e: int):
+        if self.segments != 1:
+            raise ValueError(f"expert {e} is {self.segments} separately quantized matrices; take them with segment_state(e, s)")
+        return self.segment_state(e, 0)
 
     def dequantize_expert(self, e: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         dtype = dtype or self.dtype
-        if dtype == torch.float64:  # the decoded values are fp32 products: widening them is exact
-            return ops.dequantize(self.expert(e), torch.float32).double()
-        return ops.dequantize(self.expert(e), dtype)
+        decode = torch.float32 if dtype == torch.float64 else dtype  # fp32 products: widening them is exact
+        parts = [ops.dequantize(self.segment(e, s), decode) for s in range(self.segments)]
+        dense = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return dense.to(dtype)
 
     # ---- QuantizedWeight -----------------------------------------------------------------------
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -178,7 +235,7 @@ def grouped_linear(x_sorted: torch.Tensor, expert_weight: ExpertWeight4bit, coun
     if x_sorted.shape[-1] != expert_weight.shape[2]:
         raise ValueError(f"grouped_linear: input has {x_sorted.shape[-1]} features, the experts "
                          f"{list(expert_weight.shape)} need {expert_weight.shape[2]}")
-    kernel = _grouped_kernel(x_sorted)
+    kernel = _grouped_kernel(x_sorted) if expert_weight.segments == 1 else None  # the kernel decodes one offset per expert
     if kernel is not None:
         return kernel(x_sorted, expert_weight, counts)
     return _GroupedLinear4bit.apply(x_sorted, expert_weight, counts)
