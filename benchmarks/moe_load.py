@@ -141,6 +141,20 @@ def project(row: dict, counts: dict, layers: int, all_layers: int) -> float:
     return outside + row["layers_footprint"] / layers * all_layers
 
 
+def mxfp4_requantization_error(size: int = 2880) -> dict:
+    """Relative error that re-quantizing gpt-oss's MXFP4 expert values to NF4 + DQ would add (the reason
+    qlora holds them as MXFP4), on a Gaussian matrix of gpt-oss-20b's expert size."""
+    from qlora.quant.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+    from qlora.quant.nf4.weight import Weight4bit
+
+    weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0)) * 0.02
+    values = dequantize_mxfp4(*quantize_mxfp4(weight), (size, size), torch.float32)
+    requantized = Weight4bit.quantize(values).dequantize(torch.float32)
+    error = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    return {"mxfp4_vs_weight": error(values, weight), "nf4_of_mxfp4_vs_mxfp4": error(requantized, values),
+            "nf4_vs_weight": error(Weight4bit.quantize(weight).dequantize(torch.float32), weight)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
@@ -186,8 +200,12 @@ def main():
             })
     print(f"slices of {args.layers} decoder layers, random bf16 weights, loaded to the CPU in NF4 + DQ")
     print_table(table, list(table[0]))
+    requantization = mxfp4_requantization_error()
+    print("gpt-oss publishes its experts in MXFP4; re-quantizing those values to NF4 + DQ would add a relative "
+          f"error of {requantization['nf4_of_mxfp4_vs_mxfp4']:.3f} (qlora holds them as MXFP4 instead)")
     path = write_results("moe_load", {"device": device_name(), "versions": versions(), "layers": args.layers,
-                                       "models": {m: MODELS[m] for m in args.models}, "rows": results})
+                                       "models": {m: MODELS[m] for m in args.models}, "rows": results,
+                                       "mxfp4_requantization": requantization})
     print(f"wrote {path}")
 
 

@@ -114,6 +114,36 @@ def dequantized_dense(reader: ShardReader, key: str, param: torch.Tensor) -> tup
     return weight.dequantize(param.dtype).view(weight.shape), keys
 
 
+def is_mxfp4_config(saved) -> bool:
+    """config.json's quantization_config is gpt-oss's MXFP4 one (experts in MXFP4, everything else 16-bit)."""
+    saved = saved.to_dict() if hasattr(saved, "to_dict") else saved
+    return isinstance(saved, dict) and saved.get("quant_method") == "mxfp4"
+
+
+def load_mxfp4_stack(model, reader: ShardReader, name: str, device) -> list[str]:
+    """Hold `name`'s `<name>_blocks` / `<name>_scales` as an MXFP4 stack, the published bytes as they are.
+    The stack is [E, out, in] like every stack, which is the checkpoint's own order (the module's
+    transposed [E, in, out] is what transformers dequantizes into)."""
+    from qlora.quant.mxfp4 import ExpertWeightMXFP4
+
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    template = held_experts(module, attr)
+    blocks_key, scales_key = f"{name}_blocks", f"{name}_scales"
+    if not reader.has(scales_key):
+        raise ValueError(f"{reader.file_of(blocks_key)}: {blocks_key} has no {scales_key} beside it; the checkpoint "
+                         "is incomplete")
+    dtype = template.dtype if template is not None else getattr(module, attr).dtype
+    stack = ExpertWeightMXFP4.from_blocks(reader.get(blocks_key), reader.get(scales_key), dtype, device,
+                                          where=f"{reader.file_of(blocks_key)}: {blocks_key}")
+    expected = tuple(template.shape) if template is not None else None
+    if expected is not None and tuple(stack.shape) != expected:
+        raise ValueError(f"{reader.file_of(blocks_key)}: {blocks_key} holds experts of {list(stack.shape)}, the model "
+                         f"built from config.json expects {list(expected)}; the config and the weights do not match")
+    hold_experts(module, attr, stack)
+    return [blocks_key, scales_key]
+
+
 def _varying_index(keys: list[str]) -> Optional[int]:
     """Which numeric part of the keys is the expert index (the one that varies; the last one for a single key)."""
     indices = [_INDEX.findall(k) for k in keys]
@@ -136,6 +166,9 @@ def expert_checkpoint_tensors(model) -> tuple[dict[str, torch.Tensor], set[str]]
     for module_name, module, attr in quantized_stacks(model):
         name, stack = f"{module_name}.{attr}", held_experts(module, attr)
         replaced.add(name)
+        if not hasattr(stack, "segment"):  # MXFP4: the published `<name>_blocks` / `<name>_scales`, as read
+            entries.update({f"{name}_{k}": v.contiguous() for k, v in stack.checkpoint_tensors().items()})
+            continue
         e, s = stack.num_experts, stack.segments
         index = torch.arange(e * s, dtype=torch.float64).view(e, s, 1)
         index = index.transpose(1, 2) if module.is_transposed else index  # the module's own layout

@@ -24,7 +24,8 @@ from qlora.quant.config import quant_config_from_any
 from qlora.quant.gptq.config import read_quantize_config
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
 from qlora.models.conversion import conversion_targets, load_converted
-from qlora.models.expert_checkpoint import dequantized_dense, is_4bit_entry, load_prequantized_fused, load_prequantized_target
+from qlora.models.expert_checkpoint import (dequantized_dense, is_4bit_entry, is_mxfp4_config, load_mxfp4_stack,
+                                            load_prequantized_fused, load_prequantized_target)
 from qlora.nn.experts import held_experts, set_dense_experts
 from qlora.nn.experts_interface import replace_expert_parameters
 from qlora.nn.quantized import layer_class
@@ -74,6 +75,8 @@ def load_model(
     directory = resolve_checkpoint(name_or_path, revision)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     saved = getattr(config, "quantization_config", None) or read_quantize_config(directory)
+    if is_mxfp4_config(saved):  # gpt-oss as published: experts in MXFP4 (held as they are), the rest 16-bit
+        saved = None
     prequantized = saved is not None
     if prequantized:
         qconfig = quant_config_from_any(saved.to_dict() if hasattr(saved, "to_dict") else saved)
@@ -314,6 +317,10 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
             continue
         key = names.get(name)
         module_name, _, attr = name.rpartition(".")
+        if key is None and reader.has(f"{name}_blocks"):  # MXFP4 experts (gpt-oss), held as they are
+            used.update(load_mxfp4_stack(model, reader, name, device))
+            bar.update()
+            continue
         if prequantized and key is None:  # a fused stack qlora wrote per expert (qlora.models.expert_checkpoint)
             read = load_prequantized_fused(model, reader, name, name, device)
             if read is not None:

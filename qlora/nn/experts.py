@@ -77,6 +77,10 @@ def expert_segments(model: nn.Module) -> dict[str, int]:
 # ---- holding a quantized stack on the module --------------------------------------------------------
 def hold_experts(module: nn.Module, name: str, weight: ExpertWeight4bit) -> None:
     """Put a quantized [E, out, in] stack on `module` in place of its Parameter `name`."""
+    previous = module.__dict__.get(_HELD, {}).get(name)
+    if previous is not None:  # another format's state (an NF4 placeholder replaced by MXFP4 as read)
+        for field in previous[1]:
+            module._buffers.pop(f"{name}_{field}", None)
     tensors = weight.tensors()
     packed = tensors.pop(weight.data_name)
     module._parameters[name] = nn.Parameter(packed, requires_grad=False)

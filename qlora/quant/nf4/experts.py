@@ -235,7 +235,10 @@ def grouped_linear(x_sorted: torch.Tensor, expert_weight: ExpertWeight4bit, coun
     if x_sorted.shape[-1] != expert_weight.shape[2]:
         raise ValueError(f"grouped_linear: input has {x_sorted.shape[-1]} features, the experts "
                          f"{list(expert_weight.shape)} need {expert_weight.shape[2]}")
-    kernel = _grouped_kernel(x_sorted) if expert_weight.segments == 1 else None  # the kernel decodes one offset per expert
+    # The Triton kernel decodes 4-bit stacks of one matrix (one double-quant offset) per expert; other
+    # stacks (several matrices per expert, MXFP4) take the twin, one expert decoded at a time.
+    grouped_kernel_fits = isinstance(expert_weight, ExpertWeight4bit) and expert_weight.segments == 1
+    kernel = _grouped_kernel(x_sorted) if grouped_kernel_fits else None
     if kernel is not None:
         return kernel(x_sorted, expert_weight, counts)
     return _GroupedLinear4bit.apply(x_sorted, expert_weight, counts)
