@@ -219,6 +219,19 @@ def test_interp_kernel_matches_the_twin(quant_type, blocksize, double_quant, n, 
 
 
 @interpreter_only
+def test_interp_prefill_tiles_of_128_rows():
+    from qlora.kernels.moe.grouped import grouped_config, grouped_matmul_4bit
+
+    stack, _ = expert_stack(2, 24, 64)
+    counts, dtype = torch.tensor([120, 150]), torch.float16
+    for transpose_weight, features in ((True, 64), (False, 24)):
+        assert grouped_config(270, dtype, stack, transpose_weight, 90)["BLOCK_M"] == 128
+        a = sorted_rows([270], features, dtype)
+        got, want = grouped_matmul_4bit(a, stack, counts, transpose_weight), grouped_matmul_torch(a, stack, counts, transpose_weight)
+        assert rel_err(got, want) < product_tolerance(dtype, features)
+
+
+@interpreter_only
 def test_interp_strided_input_and_no_rows():
     from qlora.kernels.moe.grouped import grouped_matmul_4bit
 
@@ -276,21 +289,23 @@ def test_grouped_kernel_compiles_without_spills(arch):
     counts = torch.zeros(8, dtype=torch.int32)  # never read: compile_only runs nothing
     stacks = {64: expert_stack(8, 64, 512)[0], 256: expert_stack(8, 64, 512, blocksize=256)[0],
               "per_element": expert_stack(8, 64, 520, double_quant=False)[0]}
-    # Every configuration on sm_90; elsewhere the ones nearest the register limit (64-row tiles, the
-    # backward's heavy decodes) and the decode tile (compile time is CI time).
-    runs = [(64, 8, True, torch.bfloat16), (64, 4096, True, torch.bfloat16), (64, 4096, False, torch.bfloat16),
-            (256, 4096, False, torch.bfloat16), ("per_element", 4096, False, torch.bfloat16)]
+    # Rows over 8 experts: 8 (decode: 16-row tiles), 200 (32), 800 (64), 4096 (prefill: 128). Every
+    # configuration on sm_90; elsewhere the decode tile and the ones nearest the register limit (64- and
+    # 128-row tiles, the backward's heavy decodes), as compile time is CI time.
+    runs = [(64, 8, True, torch.bfloat16), (64, 800, False, torch.bfloat16), (64, 4096, True, torch.bfloat16),
+            (64, 4096, False, torch.bfloat16), (256, 4096, False, torch.bfloat16),
+            ("per_element", 4096, False, torch.bfloat16)]
     if arch == 90:
         runs += [(64, 8, False, torch.bfloat16), (64, 200, True, torch.bfloat16), (64, 200, False, torch.bfloat16),
-                 (256, 4096, True, torch.bfloat16), ("per_element", 4096, True, torch.bfloat16),
-                 (64, 4096, True, torch.float32)]
+                 (64, 800, True, torch.bfloat16), (256, 4096, True, torch.bfloat16),
+                 ("per_element", 4096, True, torch.bfloat16), (64, 4096, True, torch.float32)]
     with launch.compile_only(arch) as compiled:
         for stack_key, rows, transpose_weight, dtype in runs:
             stack = stacks[stack_key]
             a = torch.randn(rows, stack.shape[2] if transpose_weight else stack.shape[1], dtype=dtype)
             grouped_matmul_4bit(a, stack, counts, transpose_weight)
     assert len(compiled) == len(runs)
-    assert {launched.constexprs["BLOCK_M"] for launched in compiled} == {16, 32, 64}  # 32: the heavy backward
+    assert {launched.constexprs["BLOCK_M"] for launched in compiled} == {16, 32, 64, 128}
     for launched in compiled:
         code = machine_code(launched.kernel, arch)
         where = f"{launched.constexprs} on sm_{arch}"

@@ -121,14 +121,21 @@ def row_tiles_bound(rows: int, num_experts: int, block_m: int) -> int:
 def grouped_config(rows: int, dtype: torch.dtype, experts: PackedExperts4bit, transpose_weight: bool, arch: int) -> dict:
     """The tile constexprs and launch options: the dense fused kernel's for one expert at the rows an
     active expert gets (nf4.matmul.fused_config: tiles within the arch's shared memory, no spills)."""
-    config = fused_config(rows_per_expert(rows, experts.num_experts), dtype, experts.expert_shape, experts.blocksize,
-                          transpose_weight, arch)
+    per_expert = rows_per_expert(rows, experts.num_experts)
+    config = fused_config(per_expert, dtype, experts.expert_shape, experts.blocksize, transpose_weight, arch)
+    heavy_decode = not config["WHOLE_BLOCKS"] or config["BLOCK_N"] * config["BLOCK_R"] > 4096
+    # Prefill and training rows (>= 128 per expert, 16-bit): 128-row tiles decode each W tile for twice
+    # the rows. In the machine-code model (benchmarks/moe_kernels_static.py, sm_90, 4096 tokens) the
+    # decode's instructions bound the 64-row kernel at 1.9x (Qwen3-30B-A3B gate_up) to 3x (Mixtral) its
+    # tensor-core time; 128 rows cut that to 346 from 641 us and to 3147 from 5838 us. 159 registers and
+    # 58 KB of shared memory on sm_90, no spill on any arch (tests/test_moe_kernels.py).
+    if per_expert >= 128 and dtype != torch.float32 and not heavy_decode:
+        config = dict(config, BLOCK_M=128)
     # The expert lookup keeps a few more values live than the dense kernel, and the backward product's
     # 64-row tiles are then at the register limit where the decode is heavy: at blocksize 256 (64 x 256
     # x 32 tiles) 255 registers and 16 B of spill on sm_80 (246-250, no spill, on sm_86/89/90); with the
     # per-element decode (in % blocksize != 0) 255 registers and 24-40 B of spill on sm_80/86/89.
     # 32-row tiles there compile without spills on every arch (tests/test_moe_kernels.py).
-    heavy_decode = not config["WHOLE_BLOCKS"] or config["BLOCK_N"] * config["BLOCK_R"] > 4096
     if not transpose_weight and config["BLOCK_M"] > 32 and heavy_decode:
         config = fused_config(32, dtype, experts.expert_shape, experts.blocksize, transpose_weight, arch)
     return config
