@@ -133,6 +133,22 @@ def test_twin_rows_follow_their_expert():
 
 
 @parent_only
+def test_grouped_linear_takes_any_stack_with_the_fields():
+    # The quantized expert weight of qlora.quant holds the stack under the same names (a dataclass, its
+    # shape a torch.Size): grouped_linear takes it as it is, and bad ones are refused by name.
+    import dataclasses
+
+    from qlora.kernels.moe import grouped_linear
+
+    stack, _ = expert_stack(3, 24, 64)
+    holder = dataclasses.make_dataclass("Holder", PackedExperts4bit._fields)(**dict(stack._asdict(), shape=torch.Size(stack.shape)))
+    x, counts = sorted_rows([2, 0, 5], 64, torch.float32), torch.tensor([2, 0, 5])
+    assert torch.equal(grouped_linear(x, holder, counts), grouped_linear_4bit(x, stack, counts))
+    with pytest.raises(TypeError, match="Tensor is not a 4-bit expert stack: it has no packed"):
+        grouped_linear(x, torch.zeros(3), counts)
+
+
+@parent_only
 def test_no_rows_give_an_empty_output_and_gradient():
     stack, _ = expert_stack(4, 24, 64)
     x = torch.randn(0, 64, requires_grad=True)

@@ -16,7 +16,7 @@ from qlora.kernels.backend import use_triton
 from qlora.kernels.moe import reference
 from qlora.kernels.moe import selfcheck as _checks  # noqa: F401  (registers the grouped kernel's self-check)
 from qlora.kernels.moe.checks import check_experts, check_grouped_input
-from qlora.kernels.moe.packed import PackedExperts4bit
+from qlora.kernels.moe.packed import PackedExperts4bit, as_packed_experts
 from qlora.kernels.nf4.ops import autocast_inputs
 from qlora.kernels.packed_args import from_op_args, op_schema, save_weight, saved_weight
 
@@ -85,3 +85,10 @@ def grouped_linear_4bit(x: torch.Tensor, experts: PackedExperts4bit, counts: tor
     if x.shape[1] != experts.shape[2]:
         raise ValueError(f"input has {x.shape[1]} features, the experts {list(experts.shape)} need {experts.shape[2]}")
     return GroupedLinear4bitFunction.apply(x, counts, experts)
+
+
+def grouped_linear(x_sorted: torch.Tensor, experts, counts: torch.Tensor) -> torch.Tensor:
+    """grouped_linear_4bit for any expert stack with PackedExperts4bit's fields (the quantized expert
+    weight of qlora.quant passes as it is), counts moved to the input's device (an asynchronous copy
+    where they were computed on the host)."""
+    return grouped_linear_4bit(x_sorted, as_packed_experts(experts), counts.to(x_sorted.device, non_blocking=True))

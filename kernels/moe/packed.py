@@ -94,3 +94,15 @@ class PackedExperts4bit(NamedTuple):
         return cls(rows("packed"), rows("absmax"), first.code, rows("nested_absmax") if double_quant else None,
                    first.nested_code, rows("offset").reshape(-1) if double_quant else None, first.blocksize,
                    first.nested_blocksize, (len(experts), *first.shape))
+
+
+def as_packed_experts(experts) -> PackedExperts4bit:
+    """`experts` as a PackedExperts4bit: itself, or any object with the stack's fields as attributes (the
+    quantized-weight type of qlora.quant holds them under the same names; kernels import nothing from it)."""
+    if isinstance(experts, PackedExperts4bit):
+        return experts
+    missing = [name for name in PackedExperts4bit._fields if not hasattr(experts, name)]
+    if missing:
+        raise TypeError(f"{type(experts).__name__} is not a 4-bit expert stack: it has no {', '.join(missing)}")
+    fields = {name: getattr(experts, name) for name in PackedExperts4bit._fields}
+    return PackedExperts4bit(**dict(fields, shape=tuple(int(s) for s in fields["shape"])))
