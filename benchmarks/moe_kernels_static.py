@@ -24,7 +24,10 @@ Paths, each per projection and direction (forward Y = X W_e^T; backward dX = dY 
   programs that return after the expert lookup: not charged) x column tiles; loop trips = R / BLOCK_R;
   DRAM bytes = each active expert's 4-bit weight (packed + uint8 absmax codes + fp32 nested absmax)
   once per GROUP_M (8) of its row tiles, the activations and the output once. The tensor-core bound
-  is derated by the same 70% as cuBLAS's FLOPs (kernel_bounds charges the full peak).
+  is derated by the same 70% as cuBLAS's FLOPs (kernel_bounds charges the full peak). Where the
+  launcher splits the reduction (grids smaller than the SMs: Mixtral's down projection at decode),
+  programs x splits, trips per split, the fp32 partial sums written and read, and the two launches
+  that sum and cast them (each its bytes at the bandwidth, or one launch).
 - bf16 grouped GEMM (torch._grouped_mm, one launch): the model's cuBLAS rule, max(2 T N K / (70% of
   the dense bf16 peak), bytes / (85% of the bandwidth), one launch), its bytes the active experts'
   bf16 weights plus activations and output.
@@ -40,6 +43,7 @@ module can be swapped without touching the rest.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import types
@@ -91,8 +95,12 @@ def machine_code_model():
                                     model.LAUNCH_US)
         return bounds
 
+    def memory_us(arch: int, bytes_moved: float) -> float:
+        """A memory-bound torch kernel (the split-K sum): its bytes at the model's bandwidth, or one launch."""
+        return max(bytes_moved / (model.BANDWIDTH_FRACTION * model.ARCHS[arch].bandwidth_gbs * 1e3), model.LAUNCH_US)
+
     return types.SimpleNamespace(archs=model.ARCHS, kernel_bounds=kernel_bounds, gemm_us=model.cublas_us,
-                                 grouped_gemm_us=grouped_gemm_us, dequantize_us=dequantize_us,
+                                 grouped_gemm_us=grouped_gemm_us, dequantize_us=dequantize_us, memory_us=memory_us,
                                  weight_bytes=model.weight_bytes, method="benchmarks/kernels_static.py docstring")
 
 
@@ -110,27 +118,32 @@ def representative(out_features: int, in_features: int):
     return PackedExperts4bit.stack(experts)
 
 
-def compile_key(arch: int, rows: int, num_experts: int, transpose_weight: bool) -> tuple:
+def compile_key(arch: int, rows: int, num_experts: int, transpose_weight: bool, split: bool) -> tuple:
     """What selects the configuration: the arch, the rows per active expert (16, 32, 64, 128 and up:
-    grouped_config's tile heights) and the direction."""
+    grouped_config's tile heights), the direction and whether the reduction is split."""
     from qlora.kernels.moe.grouped import rows_per_expert
 
     per_expert = rows_per_expert(rows, num_experts)
     bucket = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert < 128 else 128
-    return (arch, bucket, transpose_weight)
+    return (arch, bucket, transpose_weight, split)
 
 
 def compile_one(key):
+    """4 experts of `bucket` rows each (rows_per_expert gives the bucket back); a 512-long reduction
+    over one column tile splits, a 256-long one over four does not (split_k: at least 4 tiles a split)."""
     from qlora.kernels import launch
     from qlora.kernels.moe.grouped import grouped_matmul_4bit
 
-    arch, bucket, transpose_weight = key
-    stack = representative(256, 512)
-    rows = 4 * bucket  # 4 experts of `bucket` rows each: rows_per_expert gives the bucket back
-    a = torch.randn(rows, 512 if transpose_weight else 256, dtype=torch.bfloat16)
+    arch, bucket, transpose_weight, split = key
+    n, k = ((64, 512) if transpose_weight else (512, 64)) if split else (256, 256)
+    stack = representative(n, k)
+    a = torch.randn(4 * bucket, k if transpose_weight else n, dtype=torch.bfloat16)
     with launch.compile_only(arch) as compiled:
         grouped_matmul_4bit(a, stack, torch.zeros(4, dtype=torch.int32), transpose_weight)
-    return compiled_record(key, compiled, arch)
+    key_out, constexprs, code = compiled_record(key, compiled, arch)
+    if (constexprs["SPLIT_K"] > 1) != split:
+        raise RuntimeError(f"the stand-in for {key} compiled SPLIT_K={constexprs['SPLIT_K']}")
+    return key_out, constexprs, code
 
 
 # ---- the model ---------------------------------------------------------------------------------------
@@ -142,30 +155,44 @@ def routing(tokens: int, num_experts: int, top_k: int) -> tuple[int, list[int]]:
     return rows, [base + (i < extra) for i in range(active)]
 
 
-def grouped_4bit_us(model, arch: int, counts: list[int], num_experts: int, n: int, k: int, transpose_weight: bool):
-    """(estimate, bounds, configuration) of our one launch."""
-    from qlora.kernels.moe.grouped import grouped_config
+def launch_plan(model, arch: int, rows: int, num_experts: int, n: int, k: int, transpose_weight: bool) -> dict:
+    """What the launcher does for these sizes on sm_<arch>: its tile config and its split of the reduction
+    (grouped.py's own functions, the model's SM count)."""
+    from qlora.kernels.moe.grouped import grouped_config, row_tiles_bound, split_k
     from qlora.kernels.moe.packed import PackedExperts4bit
     from qlora.kernels.nf4.matmul import weight_strides
 
-    rows = sum(counts)
     r, cols, _, _ = weight_strides((n, k), transpose_weight)
-    # The launcher's config for these sizes (a stand-in stack: only the shape, blocksize and E are read).
+    # A stand-in stack: grouped_config reads only the shape, the blocksize and E.
     shape_only = PackedExperts4bit(None, None, None, None, None, None, BLOCKSIZE, 256, (num_experts, n, k))
     config = grouped_config(rows, torch.bfloat16, shape_only, transpose_weight, arch)
-    constexprs, code = cached_code(compile_key(arch, rows, num_experts, transpose_weight), compile_one, _CODE)
-    assert all(constexprs[name] == config[name] for name in ("BLOCK_M", "WHOLE_BLOCKS")), (constexprs, config)
-    block_m, block_n, block_r = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_R"]
+    bound = row_tiles_bound(rows, num_experts, config["BLOCK_M"]) * math.ceil(cols / config["BLOCK_N"])
+    split, r_per_split = split_k(bound, r, config["BLOCK_R"], model.archs[arch].sms)
+    return dict(config, r=r, cols=cols, split=split, r_per_split=r_per_split)
+
+
+def grouped_4bit_us(model, arch: int, counts: list[int], num_experts: int, n: int, k: int, transpose_weight: bool):
+    """(estimate, bounds, configuration) of our launch, plus the split-K sum where the reduction is split."""
+    rows = sum(counts)
+    plan = launch_plan(model, arch, rows, num_experts, n, k, transpose_weight)
+    r, cols, split = plan["r"], plan["cols"], plan["split"]
+    constexprs, code = cached_code(compile_key(arch, rows, num_experts, transpose_weight, split > 1), compile_one, _CODE)
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_R", "WHOLE_BLOCKS"):
+        if constexprs[name] != plan[name]:
+            raise RuntimeError(f"the compiled stand-in's {name}={constexprs[name]} is not the launch's {plan[name]}")
+    block_m, block_r = plan["BLOCK_M"], plan["BLOCK_R"]
     tiles_per_expert = [math.ceil(c / block_m) for c in counts]
-    programs = sum(tiles_per_expert) * math.ceil(cols / block_n)
+    programs = sum(tiles_per_expert) * math.ceil(cols / plan["BLOCK_N"]) * split
     weight = model.weight_bytes(n, k, BLOCKSIZE) * sum(math.ceil(t / GROUP_M) for t in tiles_per_expert)
-    trips = math.ceil(r / block_r)
-    if (block_r, block_n) != (constexprs["BLOCK_R"], constexprs["BLOCK_N"]):
-        # The compiled stand-in's tile differs only where a side is clipped to the weight (never at these shapes).
-        raise RuntimeError(f"representative tiles {constexprs} differ from the launch's {config}")
-    bounds = model.kernel_bounds(arch, code, programs, trips, weight + 2 * rows * (r + cols))
-    return bounds["estimate_us"], bounds, dict(constexprs, registers=code.registers, local_bytes=code.local_bytes,
-                                               shared_bytes=code.shared_bytes, blocks_per_sm=code.blocks_per_sm)
+    partial = 4 * split * rows * cols if split > 1 else 0
+    bounds = model.kernel_bounds(arch, code, programs, math.ceil(plan["r_per_split"] / block_r),
+                                 weight + 2 * rows * r + (partial or 2 * rows * cols))
+    estimate = bounds["estimate_us"]
+    if split > 1:  # the fixed-order sum of the partials (fp32) and its cast to the output dtype: two launches
+        bounds["split_sum_us"] = model.memory_us(arch, partial + 4 * rows * cols) + model.memory_us(arch, 6 * rows * cols)
+        estimate += bounds["split_sum_us"]
+    return estimate, bounds, dict(constexprs, registers=code.registers, local_bytes=code.local_bytes,
+                                  shared_bytes=code.shared_bytes, blocks_per_sm=code.blocks_per_sm)
 
 
 def rows_for(model, arch: int) -> list[dict]:
@@ -203,8 +230,13 @@ def main() -> None:
     torch.manual_seed(0)
     model = machine_code_model()
     archs = (90,) if args.quick else tuple(model.archs)
-    keys = [compile_key(arch, routing(tokens, e, k)[0], e, transpose) for arch in archs for e, k, _ in MODELS.values()
-            for counts in TOKENS.values() for tokens in counts for transpose in (True, False)]
+    keys = []
+    for arch, (e, top_k, projections), tokens, transpose in itertools.product(
+            archs, MODELS.values(), [t for counts in TOKENS.values() for t in counts], (True, False)):
+        rows = routing(tokens, e, top_k)[0]
+        for n, k in projections.values():
+            split = launch_plan(model, arch, rows, e, n, k, transpose)["split"] > 1
+            keys.append(compile_key(arch, rows, e, transpose, split))
     compile_missing(keys, args.workers, compile_one, _CODE)
     rows = [row for arch in archs for row in rows_for(model, arch)]
     print_table([dict(row, arch=f"sm_{row['arch']}", proj=row["projection"], dir=row["direction"][:3])

@@ -248,6 +248,25 @@ def test_interp_prefill_tiles_of_128_rows():
 
 
 @interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_interp_split_reduction_for_decode(dtype):
+    # Three rows over 3 experts against a 512-long reduction (forward over in, backward over out): a
+    # handful of programs, so the reduction is split (fp32 partial sums, summed once).
+    from qlora.kernels.moe.grouped import grouped_config, grouped_matmul_4bit, row_tiles_bound, split_k
+
+    counts = torch.tensor([1, 0, 2])
+    for transpose_weight, (n, k) in ((True, (24, 512)), (False, (512, 64))):
+        stack, _ = expert_stack(3, n, k)
+        r, cols = (k, n) if transpose_weight else (n, k)
+        config = grouped_config(3, dtype, stack, transpose_weight, 90)
+        programs = row_tiles_bound(3, 3, config["BLOCK_M"]) * -(-cols // config["BLOCK_N"])
+        assert split_k(programs, r, config["BLOCK_R"], 132)[0] > 1
+        a = sorted_rows([3], r, dtype)
+        got, want = grouped_matmul_4bit(a, stack, counts, transpose_weight), grouped_matmul_torch(a, stack, counts, transpose_weight)
+        assert rel_err(got, want) < product_tolerance(dtype, r), transpose_weight
+
+
+@interpreter_only
 def test_interp_strided_input_and_no_rows():
     from qlora.kernels.moe.grouped import grouped_matmul_4bit
 
@@ -312,8 +331,7 @@ def test_grouped_kernel_compiles_without_spills(arch):
             (64, 4096, False, torch.bfloat16), (256, 4096, False, torch.bfloat16),
             ("per_element", 4096, False, torch.bfloat16)]
     if arch == 90:
-        runs += [(64, 8, False, torch.bfloat16), (64, 200, True, torch.bfloat16), (64, 200, False, torch.bfloat16),
-                 (64, 800, True, torch.bfloat16), (256, 4096, True, torch.bfloat16),
+        runs += [(64, 200, True, torch.bfloat16), (64, 200, False, torch.bfloat16), (256, 4096, True, torch.bfloat16),
                  ("per_element", 4096, True, torch.bfloat16), (64, 4096, True, torch.float32)]
     with launch.compile_only(arch) as compiled:
         for stack_key, rows, transpose_weight, dtype in runs:
@@ -322,6 +340,8 @@ def test_grouped_kernel_compiles_without_spills(arch):
             grouped_matmul_4bit(a, stack, counts, transpose_weight)
     assert len(compiled) == len(runs)
     assert {launched.constexprs["BLOCK_M"] for launched in compiled} == {16, 32, 64, 128}
+    # Few programs over a 512-long reduction (forward) split it; the 64-long backward does not.
+    assert {launched.constexprs["SPLIT_K"] > 1 for launched in compiled} == {True, False}
     for launched in compiled:
         code = machine_code(launched.kernel, arch)
         where = f"{launched.constexprs} on sm_{arch}"

@@ -36,12 +36,12 @@ from qlora.kernels.nf4.matmul import fused_config, input_precision, weight_strid
 
 @triton.jit
 def _grouped_matmul_4bit_kernel(
-    a_ptr, out_ptr, counts_ptr,
+    a_ptr, out_ptr, partial_ptr, counts_ptr,
     packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
     T, COLS, R, IN_FEATURES, NUM_EXPERTS, TILES_M,
     stride_am, stride_ar, stride_om, stride_oc, w_stride_r, w_stride_c,
-    packed_stride_e, absmax_stride_e, nested_stride_e,
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EXPERTS: tl.constexpr,
+    packed_stride_e, absmax_stride_e, nested_stride_e, R_PER_SPLIT,
+    SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EXPERTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
@@ -83,7 +83,9 @@ def _grouped_matmul_4bit_kernel(
     # int64 row offsets: T * stride passes 2**31 at T = 150K rows of a 14336-wide input.
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
+    # Split-K: program (., s) sums R_PER_SPLIT (a multiple of BLOCK_R, so row tiles stay block-aligned) of R.
+    r_start = tl.program_id(1) * R_PER_SPLIT
+    for r0 in range(r_start, tl.minimum(r_start + R_PER_SPLIT, R), BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
@@ -101,8 +103,13 @@ def _grouped_matmul_4bit_kernel(
                             nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
         # W_e rounded to the input dtype once, as the twin's dequantize-then-matmul does; fp32 accumulation.
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_oc,
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_oc,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:  # fp32 partial sums [SPLIT_K, T, COLS], summed in a fixed order by the launcher: deterministic
+        partial = partial_ptr + (tl.program_id(1).to(tl.int64) * T + offs_m.to(tl.int64)[:, None]) * COLS + offs_n[None, :]
+        tl.store(partial, acc, mask=mask)
 
 
 def rows_per_expert(rows: int, num_experts: int) -> int:
@@ -114,8 +121,9 @@ def rows_per_expert(rows: int, num_experts: int) -> int:
 
 def row_tiles_bound(rows: int, num_experts: int, block_m: int) -> int:
     """Most row tiles any counts summing to `rows` can need: sum_e ceil(c_e / BLOCK_M) <= cdiv(rows,
-    BLOCK_M) + (experts with tokens), and at most min(E, rows) experts have tokens."""
-    return triton.cdiv(rows, block_m) + min(num_experts, rows)
+    BLOCK_M) + (experts with tokens), at most min(E, rows) experts have tokens, and every tile holds a
+    row (decode is exact: one token of Qwen3-30B-A3B is 8 tiles of one row)."""
+    return min(rows, triton.cdiv(rows, block_m) + min(num_experts, rows))
 
 
 def grouped_config(rows: int, dtype: torch.dtype, experts: PackedExperts4bit, transpose_weight: bool, arch: int) -> dict:
@@ -139,6 +147,32 @@ def grouped_config(rows: int, dtype: torch.dtype, experts: PackedExperts4bit, tr
     if not transpose_weight and config["BLOCK_M"] > 32 and heavy_decode:
         config = fused_config(32, dtype, experts.expert_shape, experts.blocksize, transpose_weight, arch)
     return config
+
+
+# SMs of the machine-code model's GPUs (A100, A10, L4, H100 SXM): the split-K choice where no GPU is
+# present (compile_only, the interpreter).
+MULTIPROCESSORS = {80: 108, 86: 72, 89: 58, 90: 132}
+
+
+def multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return MULTIPROCESSORS.get(target_arch(device), 132)
+
+
+def split_k(programs: int, r: int, block_r: int, sms: int) -> tuple[int, int]:
+    """(SPLIT_K, R per split): where the grid leaves SMs idle, the reduction is split until there are
+    about two programs per SM, each split at least 4 tiles of R. Decode needs it where few column tiles
+    meet a long reduction: Mixtral's down projection (4096 x 14336) at one token is 2 experts x 64
+    column tiles = 128 programs for 132 SMs, each looping 224 times: 0.92x of bf16 in the model, 1.7x
+    split in 3. A grid that fills the SMs is not split: the partial sums cost two more launches (the
+    fixed-order sum and the cast), 5 us in the model, a third of a Qwen3-30B-A3B decode projection."""
+    tiles_r = triton.cdiv(r, block_r)
+    if programs >= sms:
+        return 1, tiles_r * block_r
+    split = max(1, min(triton.cdiv(2 * sms, max(programs, 1)), tiles_r // 4))
+    r_per_split = triton.cdiv(tiles_r, split) * block_r
+    return triton.cdiv(r, r_per_split), r_per_split
 
 
 def expert_pointers(experts: PackedExperts4bit):
@@ -175,14 +209,17 @@ def grouped_matmul_4bit(a: torch.Tensor, experts: PackedExperts4bit, counts: tor
         expert_pointers(experts)
     config = grouped_config(rows, a.dtype, experts, transpose_weight, target_arch(a.device))
     tiles_m = row_tiles_bound(rows, experts.num_experts, config["BLOCK_M"])
-    grid = (tiles_m * triton.cdiv(cols, config["BLOCK_N"]),)
+    programs = tiles_m * triton.cdiv(cols, config["BLOCK_N"])
+    split, r_per_split = split_k(programs, r, config["BLOCK_R"], multiprocessors(a.device))
+    # Split-K partial sums: split x T x cols fp32 (at decode 2 rows x 4096 x 4 splits = 128 KB).
+    partial = torch.empty((split, rows, cols), dtype=torch.float32, device=a.device) if split > 1 else out
     launch(
-        _grouped_matmul_4bit_kernel, grid,
-        a, out, counts,
+        _grouped_matmul_4bit_kernel, (programs, split),
+        a, out, partial, counts,
         packed, absmax, experts.code.contiguous(), nested_absmax, nested_code, offset,
         rows, cols, r, experts.shape[2], experts.num_experts, tiles_m,
         a.stride(0), a.stride(1), out.stride(0), out.stride(1), w_stride_r, w_stride_c,
-        packed_stride, absmax_stride, nested_stride,
+        packed_stride, absmax_stride, nested_stride, r_per_split, SPLIT_K=split,
         BLOCKSIZE=experts.blocksize, NESTED_BLOCKSIZE=experts.nested_blocksize, DOUBLE_QUANT=double_quant,
         EXPERTS=triton.next_power_of_2(experts.num_experts), GROUP_M=8, INPUT_PRECISION=input_precision(a.dtype),
         TRANSPOSED=transpose_weight, **config,
@@ -190,4 +227,6 @@ def grouped_matmul_4bit(a: torch.Tensor, experts: PackedExperts4bit, counts: tor
         # (the double-quant scale is a multiply, then an add). tl.dot is untouched by fp fusion.
         enable_fp_fusion=False,
     )
+    if split > 1:  # one fixed-order sum in fp32, one rounding to the output dtype
+        out.copy_(partial.sum(0))
     return out
