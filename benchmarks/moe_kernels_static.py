@@ -191,7 +191,8 @@ def grouped_4bit_us(model, arch: int, counts: list[int], num_experts: int, n: in
     if split > 1:  # the fixed-order sum of the partials (fp32) and its cast to the output dtype: two launches
         bounds["split_sum_us"] = model.memory_us(arch, partial + 4 * rows * cols) + model.memory_us(arch, 6 * rows * cols)
         estimate += bounds["split_sum_us"]
-    return estimate, bounds, dict(constexprs, registers=code.registers, local_bytes=code.local_bytes,
+    # The launch's own split (the compiled stand-in splits in 2 or not at all: the same code).
+    return estimate, bounds, dict(constexprs, SPLIT_K=split, registers=code.registers, local_bytes=code.local_bytes,
                                   shared_bytes=code.shared_bytes, blocks_per_sm=code.blocks_per_sm)
 
 
