@@ -9,12 +9,14 @@ slice of the stack (its bytes, scales and double-quant state sit at e times a ro
 W of any expert exists in memory and each expert decodes to the same bits as the dense 4-bit kernels.
 
 The schedule needs no host sync (so a step stays CUDA-graph capturable): the grid is an upper bound
-on the row tiles, cdiv(T, BLOCK_M) + min(E, T) (each expert with tokens wastes less than one tile),
-times the column tiles. Each program reads the E counts (512 B at E = 128, from L2), takes the
+on the row tiles, min(T, cdiv(T, BLOCK_M) + min(E, T)) (each expert with tokens wastes less than one
+tile), times the column tiles. Each program reads the E counts (512 B at E = 128, from L2), takes the
 cumulative sum of tiles per expert and finds its expert by counting the experts whose tiles end at or
 before its own; programs past the last tile return at once. Row tiles run in groups of GROUP_M that
 share each W column tile while it is in L2 (the dense kernel's order); a group spans one or two
-experts, so an expert's 4-bit tile is read about once per GROUP_M of its row tiles.
+experts, so an expert's 4-bit tile is read about once per GROUP_M of its row tiles. Where that grid
+leaves SMs idle (decode against a long reduction), a second grid axis splits the reduction into fp32
+partial sums that the launcher adds in a fixed order (split_k).
 
 The twin is reference.grouped_matmul_torch.
 """
@@ -41,7 +43,8 @@ def _grouped_matmul_4bit_kernel(
     T, COLS, R, IN_FEATURES, NUM_EXPERTS, TILES_M,
     stride_am, stride_ar, stride_om, stride_oc, w_stride_r, w_stride_c,
     packed_stride_e, absmax_stride_e, nested_stride_e, R_PER_SPLIT,
-    SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EXPERTS: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    EXPERTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
@@ -115,7 +118,7 @@ def _grouped_matmul_4bit_kernel(
 def rows_per_expert(rows: int, num_experts: int) -> int:
     """The rows an active expert gets with balanced routing, what picks the tile height without reading
     the counts (a device sync): decode (a few tokens x top-k) is ~1 row per expert -> 16-row tiles,
-    prefill (Qwen3-30B-A3B: 4096 tokens x 8 over 128 experts) ~256 -> 64-row tiles."""
+    prefill (Qwen3-30B-A3B: 4096 tokens x 8 over 128 experts) ~256 -> 128-row tiles (grouped_config)."""
     return -(-rows // max(1, min(num_experts, rows)))
 
 
