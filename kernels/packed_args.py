@@ -11,7 +11,8 @@ from typing import Optional, get_type_hints
 
 import torch
 
-_SCHEMA_TYPES = {torch.Tensor: "Tensor", Optional[torch.Tensor]: "Tensor?", int: "SymInt", tuple[int, int]: "SymInt[]"}
+_SCHEMA_TYPES = {torch.Tensor: "Tensor", Optional[torch.Tensor]: "Tensor?", int: "SymInt", tuple[int, int]: "SymInt[]",
+                 tuple[int, int, int]: "SymInt[]"}
 
 
 def op_schema(packed_type: type) -> str:

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-# Every registered self-check: the 4-bit paths, LLM.int8's, GPTQ's, and the 8-bit AdamW step.
+# Every registered self-check: the 4-bit paths, LLM.int8's, GPTQ's, the grouped 4-bit experts kernel and the
+# 8-bit AdamW step.
 PATHS = ("dequantize", "gemv", "fused", "int8_dequantize", "int8_matmul", "gptq_dequantize", "gptq_fused", "gptq_gemv",
-         "adamw8bit")
+         "moe_grouped", "adamw8bit")
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_proj": (14336, 4096), "down_proj": (4096, 14336)}
 TIMED_M = (1, 16, 256, 4096)
 
@@ -55,6 +56,7 @@ def environment() -> dict:
 def run_checks(device: torch.device, dtypes) -> dict:
     """{"<path> <dtype>": {"pass": bool, "detail": str}} for every path, run here."""
     from qlora.kernels import selfcheck
+    from qlora.kernels.moe import selfcheck as _moe_checks  # noqa: F401  (registers moe_grouped: no layer imports it yet)
 
     out = {}
     for path in PATHS:
