@@ -280,6 +280,31 @@ def test_interp_strided_input_and_no_rows():
 
 
 @interpreter_only
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_interp_fused_projection_one_launch_per_matrix(double_quant):
+    # gate_up stacks keep gate and up as separately quantized matrices (qlora.quant.nf4.experts, segments):
+    # on a GPU each is one launch over strided views of the stack, the outputs side by side.
+    from qlora.quant.nf4.experts import ExpertWeight4bit, grouped_linear as grouped_linear_twin
+    from qlora.kernels.moe import grouped_linear
+
+    generator = torch.Generator().manual_seed(3)
+    stack = ExpertWeight4bit.quantize(torch.randn(3, 2 * 24, 64, generator=generator) * 0.05, segments=2,
+                                      double_quant=double_quant)
+    counts = torch.tensor([4, 0, 7])
+    x = sorted_rows([11], 64, torch.float32).requires_grad_()
+    expected = grouped_linear_twin(x, stack, counts)  # CPU: the twin, matrix by matrix
+    expected.backward(torch.ones_like(expected))
+    expected_grad, x.grad = x.grad, None
+    set_backend("triton")
+    try:
+        got = torch.cat([grouped_linear(x, stack.segment_stack(s), counts) for s in range(2)], dim=1)
+        got.backward(torch.ones_like(got))
+    finally:
+        set_backend(None)
+    assert rel_err(got, expected) < 1e-6 and rel_err(x.grad, expected_grad) < 1e-6
+
+
+@interpreter_only
 def test_interp_the_function_runs_the_kernel_through_the_op():
     stack, _ = expert_stack(4, 40, 128, blocksize=64)
     counts = torch.tensor([2, 0, 17, 3])

@@ -187,9 +187,13 @@ def expert_pointers(experts: PackedExperts4bit):
         # exact: fp16/bf16 values are fp32 values; the interpreter cannot load bf16
         absmax = absmax.float().contiguous()
         return packed, absmax, absmax, absmax, absmax, (packed.stride(0), absmax.stride(0), 0), False
-    nested_absmax = experts.nested_absmax.reshape(experts.num_experts, -1).contiguous()
-    return (packed.contiguous(), absmax.contiguous(), nested_absmax, experts.nested_code.contiguous(),
-            experts.offset.reshape(-1).contiguous(), (packed.stride(0), absmax.stride(0), nested_absmax.stride(0)), True)
+    # Rows of a wider stack (one matrix of a fused projection, qlora.quant.nf4.experts.segment_stack) keep
+    # their per-expert stride: only a row that is not contiguous within itself is copied.
+    rows = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+    packed, absmax = rows(packed), rows(absmax)
+    nested_absmax = rows(experts.nested_absmax.reshape(experts.num_experts, -1))
+    return (packed, absmax, nested_absmax, experts.nested_code.contiguous(), experts.offset.reshape(-1).contiguous(),
+            (packed.stride(0), absmax.stride(0), nested_absmax.stride(0)), True)
 
 
 def grouped_matmul_4bit(a: torch.Tensor, experts: PackedExperts4bit, counts: torch.Tensor, transpose_weight: bool,

@@ -189,6 +189,17 @@ class ExpertWeight4bit(QuantizedWeight):
             raise ValueError(f"expert {e} is {self.segments} separately quantized matrices; take them with segment(e, s)")
         return self.segment(e, 0)
 
+    def segment_stack(self, s: int) -> "ExpertWeight4bit":
+        """Matrix s of every expert, as a stack of one matrix per expert: views into this stack, no copy
+        (what the grouped kernel takes: one launch per matrix of a fused projection)."""
+        nbytes, blocks, nested = self._segment_sizes()
+        return dataclasses.replace(
+            self, packed=self.packed.view(torch.uint8)[:, s * nbytes:(s + 1) * nbytes],
+            absmax=self.absmax[:, s * blocks:(s + 1) * blocks],
+            nested_absmax=None if self.nested_absmax is None else self.nested_absmax[:, s * nested:(s + 1) * nested],
+            offset=None if self.offset is None else self.offset.view(self.num_experts, -1)[:, s],
+            shape=torch.Size((self.num_experts, *self.segment_shape)), segments=1)
+
     def segment_state(self, e: int, s: int = 0):
         from qlora.quant.nf4.state import QuantState
 
@@ -235,10 +246,13 @@ def grouped_linear(x_sorted: torch.Tensor, expert_weight: ExpertWeight4bit, coun
     if x_sorted.shape[-1] != expert_weight.shape[2]:
         raise ValueError(f"grouped_linear: input has {x_sorted.shape[-1]} features, the experts "
                          f"{list(expert_weight.shape)} need {expert_weight.shape[2]}")
-    # The Triton kernel decodes 4-bit stacks of one matrix (one double-quant offset) per expert; other
-    # stacks (several matrices per expert, MXFP4) take the twin, one expert decoded at a time.
-    grouped_kernel_fits = isinstance(expert_weight, ExpertWeight4bit) and expert_weight.segments == 1
-    kernel = _grouped_kernel(x_sorted) if grouped_kernel_fits else None
+    # The Triton kernel decodes 4-bit stacks with one matrix (one double-quant offset) per expert; a fused
+    # projection of several (gate_up) is one launch per matrix over views of the stack, outputs side by
+    # side. MXFP4 stacks take the twin, one expert decoded at a time.
+    kernel = _grouped_kernel(x_sorted) if isinstance(expert_weight, ExpertWeight4bit) else None
+    if kernel is not None and expert_weight.segments > 1:
+        return torch.cat([kernel(x_sorted, expert_weight.segment_stack(s), counts)
+                          for s in range(expert_weight.segments)], dim=1)
     if kernel is not None:
         return kernel(x_sorted, expert_weight, counts)
     return _GroupedLinear4bit.apply(x_sorted, expert_weight, counts)
