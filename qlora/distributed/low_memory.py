@@ -157,6 +157,7 @@ class _Streamer:
         layer._template = template
 
     def _read_quantized(self, name: str, layer: QuantizedLinear):
+        from qlora.models.conv1d import as_out_in
         from qlora.models.loading import layer_checkpoint_tensors
 
         weight_cls = type(layer.quantized_weight)
@@ -164,7 +165,7 @@ class _Streamer:
             prefix, pieces = layer_checkpoint_tensors(self.reader, self.source.names, name, weight_cls.data_key)
             return weight_cls.from_checkpoint(pieces, device=self.device, where=prefix + weight_cls.data_key,
                                               **self.source.checkpoint_options)
-        dense = self.reader.get(self.source.names[f"{name}.weight"]).to(self.device)
+        dense = as_out_in(layer, self.reader.get(self.source.names[f"{name}.weight"])).to(self.device)
         return weight_cls.quantize(dense, **layer.current_options())
 
 

@@ -1,0 +1,155 @@
+"""Which model class a checkpoint is built as, which of its parts stay 16-bit, and the check that
+nothing else does.
+
+- Decoder LMs are built as AutoModelForCausalLM; vision-language models (a config with a
+  vision_config whose type AutoModelForImageTextToText knows: Qwen2-VL, Gemma 3, Llava, ...) as
+  AutoModelForImageTextToText, whatever AutoModelForCausalLM would make of them (for Qwen2-VL it
+  refuses; for Llama 4 it builds the text model only, which the checkpoint's keys do not fit).
+- In a vision-language model the language tower (`get_decoder()`) is quantized; everything else
+  that is neither the tower nor the output head (vision encoder, multimodal projector) stays 16-bit
+  unless asked otherwise: it is small (Qwen2-VL-7B's vision tower is 0.68 B of 8.3 B parameters), it
+  sees no gradient in text-only fine-tuning, and its error lands on every image token. The kept modules
+  join skip_modules, so config.json's llm_int8_skip_modules carries them and transformers +
+  bitsandbytes loads what we save the same way.
+- A family is refused, in one line naming it and the parameter, when a weight matrix larger than
+  LARGEST_DENSE_MATRIX would stay 16-bit without being asked to (a layer type qlora does not
+  quantize), rather than loading a "4-bit" model that is mostly 16-bit. Embeddings, the output head,
+  skip_modules and what `keep_dense` registers are exempt.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterator
+
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+from qlora.errors import UnsupportedError
+
+# A 16-bit floating matrix above this many elements is a weight that should be quantized (or be
+# exempt by name). 4096 = a 64x64 matrix: tiny test models' linears are larger, and the dense parts
+# that do exist (norms, biases, rotary tables) are vectors.
+LARGEST_DENSE_MATRIX = 4096
+
+# Parts that stay 16-bit by design, with the reason; see keep_dense.
+_DENSE_BY_DESIGN: list[tuple[Callable[[str, nn.Module], bool], str]] = []
+
+
+def keep_dense(matches: Callable[[str, nn.Module], bool], reason: str) -> None:
+    """Exempt the parameters of modules for which matches(parameter_name, module) is true from the
+    coverage check: parts that stay 16-bit by design (say why in `reason`)."""
+    _DENSE_BY_DESIGN.append((matches, reason))
+
+
+# Convolution kernels (Mamba's depthwise conv, patch embeddings) are not matrices of a linear layer;
+# bitsandbytes leaves them 16-bit as well.
+keep_dense(lambda name, module: isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), "convolution kernel")
+# A state-space model's decay A_log [channels, state] is an elementwise parameter, not a weight matrix.
+keep_dense(lambda name, module: name.rpartition(".")[2] == "A_log", "state-space decay")
+
+
+def family(config) -> str:
+    return getattr(config, "model_type", None) or type(config).__name__
+
+
+def is_vision_language(config) -> bool:
+    return (getattr(config, "vision_config", None) is not None
+            and getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+def auto_class(config):
+    """AutoModelForCausalLM or AutoModelForImageTextToText, whichever builds this config's checkpoint."""
+    model_type = getattr(config, "model_type", None)
+    auto_map = getattr(config, "auto_map", None) or {}
+    if is_vision_language(config) or (model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                                      and "AutoModelForCausalLM" not in auto_map
+                                      and "AutoModelForImageTextToText" in auto_map):
+        return AutoModelForImageTextToText
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in auto_map:
+        return AutoModelForCausalLM
+    raise UnsupportedError(
+        f"{family(config)} ({type(config).__name__}) is neither a causal LM nor an image-text-to-text model "
+        "transformers can build; qlora fine-tunes decoder language models (AutoModelForCausalLM) and "
+        "vision-language models (AutoModelForImageTextToText)"
+    )
+
+
+def _has_weights(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def vision_modules(model: nn.Module) -> list[str]:
+    """The outermost modules of a vision-language model that are neither in its language tower nor
+    its output head (vision encoder, multimodal projector); [] for a text model."""
+    if not isinstance(model, PreTrainedModel) or not is_vision_language(model.config):
+        return []
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if decoder is None or decoder is model:
+        return []
+
+    def outside(module: nn.Module, prefix: str) -> Iterator[str]:
+        for name, child in module.named_children():
+            if child is decoder or child is head or not _has_weights(child):
+                continue
+            if any(sub is decoder for sub in child.modules()):
+                yield from outside(child, f"{prefix}{name}.")
+            else:
+                yield prefix + name
+
+    return list(outside(model, ""))
+
+
+def keep_vision_tower(model: nn.Module, qconfig, quantize_vision_tower: bool = False):
+    """qconfig with a vision-language model's vision side added to skip_modules (a copy; the same
+    qconfig when there is nothing to add or quantize_vision_tower is set)."""
+    kept = [] if quantize_vision_tower else [n for n in vision_modules(model) if n not in qconfig.skip_modules]
+    if not kept:
+        return qconfig
+    qconfig = copy.copy(qconfig)
+    qconfig.skip_modules = list(qconfig.skip_modules) + kept
+    return qconfig
+
+
+def _skipped(name: str, skip_modules) -> bool:
+    # The same rule replace_linear_layers applies.
+    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip_modules)
+
+
+def left_dense(model: nn.Module, skip_modules) -> list[tuple[str, nn.Module, tuple]]:
+    """(parameter name, owning module, shape) of every floating weight matrix above LARGEST_DENSE_MATRIX
+    elements that is not quantized, not an embedding, not the output head, not in skip_modules and
+    not registered with keep_dense."""
+    from qlora.nn import QuantizedLinear
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    found = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, (QuantizedLinear, nn.Embedding)) or module is head or _skipped(module_name, skip_modules):
+            continue
+        for attr, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{attr}" if module_name else attr
+            if (param.dim() < 2 or param.numel() <= LARGEST_DENSE_MATRIX or not param.dtype.is_floating_point
+                    or any(matches(name, module) for matches, _ in _DENSE_BY_DESIGN)):
+                continue
+            found.append((name, module, tuple(param.shape)))
+    return found
+
+
+def check_coverage(model: nn.Module, qconfig) -> None:
+    """Refuse, in one line naming the family and the first parameter, a model whose weight matrices
+    would stay 16-bit without being asked to."""
+    dense = left_dense(model, qconfig.skip_modules)
+    if not dense:
+        return
+    name, module, shape = dense[0]
+    more = f" (and {len(dense) - 1} more such parameters)" if len(dense) > 1 else ""
+    owner = name.rpartition(".")[0] or name
+    raise UnsupportedError(
+        f"{family(model.config)}: {name} {list(shape)} belongs to a {type(module).__name__}, which qlora cannot "
+        f"quantize{more}; it would silently stay 16-bit. Keep it 16-bit on purpose with "
+        f"skip_modules=[{owner.rpartition('.')[2]!r}], or use a qlora version that supports this family"
+    )
+
