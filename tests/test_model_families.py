@@ -25,11 +25,11 @@ def ids():
     return torch.randint(3, VOCAB - 8, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
-def save_family(family, directory):
-    """The tiny random model of `family`, written by transformers in bf16 (as checkpoints are)."""
+def save_family(family, directory, dtype=torch.bfloat16):
+    """The tiny random model of `family`, written by transformers (in bf16, as checkpoints are)."""
     torch.manual_seed(0)
     model = family.auto.from_config(family.config())
-    model.to(torch.bfloat16).save_pretrained(directory)
+    model.to(dtype).save_pretrained(directory)
     return directory
 
 
