@@ -23,8 +23,8 @@ from typing import Callable, Iterator
 
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
-from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+# The mappings, not their *_NAMES tables: families registered through AutoModelForCausalLM.register join these.
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from qlora.errors import UnsupportedError
 
@@ -55,19 +55,16 @@ def family(config) -> str:
 
 
 def is_vision_language(config) -> bool:
-    return (getattr(config, "vision_config", None) is not None
-            and getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    return getattr(config, "vision_config", None) is not None and type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 
 def auto_class(config):
     """AutoModelForCausalLM or AutoModelForImageTextToText, whichever builds this config's checkpoint."""
-    model_type = getattr(config, "model_type", None)
-    auto_map = getattr(config, "auto_map", None) or {}
-    if is_vision_language(config) or (model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-                                      and "AutoModelForCausalLM" not in auto_map
-                                      and "AutoModelForImageTextToText" in auto_map):
+    auto_map = getattr(config, "auto_map", None) or {}  # trust_remote_code families name their classes here
+    causal = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or "AutoModelForCausalLM" in auto_map
+    if is_vision_language(config) or (not causal and "AutoModelForImageTextToText" in auto_map):
         return AutoModelForImageTextToText
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in auto_map:
+    if causal:
         return AutoModelForCausalLM
     raise UnsupportedError(
         f"{family(config)} ({type(config).__name__}) is neither a causal LM nor an image-text-to-text model "
@@ -141,7 +138,9 @@ def left_dense(model: nn.Module, skip_modules) -> list[tuple[str, nn.Module, tup
 def check_coverage(model: nn.Module, qconfig) -> None:
     """Refuse, in one line naming the family and the first parameter, a model whose weight matrices
     would stay 16-bit without being asked to."""
-    dense = left_dense(model, qconfig.skip_modules)
+    # The vision side of a vision-language model is exempt even when it is quantized on request: what is not a
+    # linear layer there (patch convolutions, nn.MultiheadAttention's in_proj_weight) stays 16-bit, as in bitsandbytes.
+    dense = left_dense(model, [*qconfig.skip_modules, *vision_modules(model)])
     if not dense:
         return
     name, module, shape = dense[0]
@@ -153,3 +152,13 @@ def check_coverage(model: nn.Module, qconfig) -> None:
         f"skip_modules=[{owner.rpartition('.')[2]!r}], or use a qlora version that supports this family"
     )
 
+
+
+def from_pretrained(name_or_path, trust_remote_code: bool = False, revision=None, **kwargs):
+    """transformers' dense model of a checkpoint, through the Auto class `auto_class` picks (a merged
+    vision-language model is not an AutoModelForCausalLM)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, revision=revision)
+    return auto_class(config).from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code,
+                                              revision=revision, **kwargs)
