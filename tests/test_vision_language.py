@@ -16,7 +16,7 @@ import qlora
 from qlora.errors import UnsupportedError
 from qlora.models.families import vision_modules
 from qlora.nn import QuantizedLinear
-from helpers import requires_bnb
+from helpers import rel_err, requires_bnb
 from model_families import FAMILIES, LLAMA_LIKE, _qwen2_vl
 from test_model_families import save_family
 
@@ -121,6 +121,22 @@ def test_train_py_fine_tunes_the_language_tower_of_a_vlm(tmp_path):
     assert names and all(".language_model." in n for n in names), names[:3]
     assert adapter["base_model_name_or_path"] == str(model_dir)
 
+    # The export merges into dequant(NF4(W)) of the language tower only (the vision side was 16-bit): the merged
+    # Qwen2-VL computes what the 4-bit model with the adapter computes.
+    from qlora.export import export_merged
+    from qlora.lora import load_lora
+
+    merged = AutoModelForImageTextToText.from_pretrained(export_merged(run_dir, tmp_path / "merged", dtype="float32",
+                                                                       progress=False), dtype=torch.float32)
+    four_bit = load_lora(qlora.load_model(model_dir, FP32, device="cpu", dtype=torch.float32, progress=False),
+                         run_dir / "adapter")
+    tokens = torch.randint(0, 4096, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(merged(input_ids=tokens).logits, four_bit(input_ids=tokens).logits) < 1e-5
+    vision = "model.visual.blocks.0.mlp.fc1.weight"
+    source = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16).state_dict()[vision]
+    assert torch.equal(merged.state_dict()[vision].bfloat16(), source)  # 16-bit as it was, not dequant(quant(W))
+
 
 # ---- families qlora cannot load ------------------------------------------------------------------
 
@@ -171,8 +187,8 @@ def test_a_weight_qlora_cannot_quantize_is_refused_naming_family_and_parameter(t
     with pytest.raises(UnsupportedError) as err:
         qlora.load_model(tmp_path / "raw", device="cpu", progress=False)
     message = str(err.value)
-    assert message.startswith("raw_matrix_llama: model.layers.0.mlp.up [128, 64] belongs to a RawMatrixMLP, which "
-                              "qlora cannot quantize (and 1 more such parameters)") and "\n" not in message
+    assert message.startswith("raw_matrix_llama: model.layers.0.mlp.up [128, 64] is a parameter of RawMatrixMLP, a "
+                              "module qlora cannot quantize (and 1 more such parameters)") and "\n" not in message
     # Kept 16-bit on purpose, it loads.
     loaded = qlora.load_model(tmp_path / "raw", qlora.QuantConfig(skip_modules=["lm_head", "mlp"]), device="cpu",
                               progress=False)

@@ -34,6 +34,7 @@ from qlora.export.source import AdapterSource
 from qlora.export.writer import ShardWriter
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
 from qlora.models.conv1d import linear_features
+from qlora.models.families import keep_vision_tower
 from qlora.models.loading import build_skeleton, checkpoint_names, layer_checkpoint_tensors, replace_linear_layers
 from qlora.models.saving import TOKENIZER_FILES, parse_size
 from qlora.quant import get_format
@@ -178,6 +179,8 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
     # transformers' Conv1D (GPT-2) stores [in, out]: merged as [out, in], written back as it was read.
     transposed = {n for n, m in skeleton.named_modules() if isinstance(m, Conv1D)}
     # Which linears training held in 4 bits: the same rule load_model applies (head and skip_modules stay dense).
+    if not prequantized:  # a vision-language model's vision side, as load_model kept it (16-bit by default)
+        qconfig = keep_vision_tower(skeleton, qconfig, source.quantize_vision_tower)
     quantized = set(replace_linear_layers(skeleton, qconfig)) if dequantize_base else set()
 
     record = {

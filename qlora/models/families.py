@@ -147,8 +147,8 @@ def check_coverage(model: nn.Module, qconfig) -> None:
     more = f" (and {len(dense) - 1} more such parameters)" if len(dense) > 1 else ""
     owner = name.rpartition(".")[0] or name
     raise UnsupportedError(
-        f"{family(model.config)}: {name} {list(shape)} belongs to a {type(module).__name__}, which qlora cannot "
-        f"quantize{more}; it would silently stay 16-bit. Keep it 16-bit on purpose with "
+        f"{family(model.config)}: {name} {list(shape)} is a parameter of {type(module).__name__}, a module qlora "
+        f"cannot quantize{more}; it would silently stay 16-bit. Keep it 16-bit on purpose with "
         f"skip_modules=[{owner.rpartition('.')[2]!r}], or use a qlora version that supports this family"
     )
 

@@ -81,7 +81,8 @@ def load_base(cfg: DictConfig, device):
                 directory = gptq_base(directory, OmegaConf.to_container(cfg.quantization.gptq), device=device)
             model = qlora.load_model(directory, quant_config(cfg.quantization), device=device,
                                      dtype=dense_dtype(cfg.model), trust_remote_code=cfg.model.trust_remote_code,
-                                     attn_implementation=cfg.model.attn_implementation)
+                                     attn_implementation=cfg.model.attn_implementation,
+                                     quantize_vision_tower=cfg.model.quantize_vision_tower)
     except (OSError, ValueError, NotImplementedError) as err:
         # Name the recipe key; a UserError keeps its type (an InputPathError stays one), anything else
         # raised while reading the checkpoint is a damaged or unsupported file.
