@@ -91,8 +91,12 @@ def save_tiny_vlm_with_embedded_tokenizer(directory: Path) -> Path:
     torch.manual_seed(0)
     AutoModelForImageTextToText.from_config(config).to(torch.bfloat16).save_pretrained(directory)
     base = ROOT / "qlora" / "embedded" / "base"
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(base / name, directory / name)
+    # The chat template with the processor, as Llava and older Qwen2-VL repositories keep it (AutoTokenizer skips it;
+    # the embedded task's instruction format needs it, so the run fails without it).
+    template = (base / "chat_template.jinja").read_text()
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": template}))
     return directory
 
 

@@ -19,6 +19,8 @@ nothing else does.
 from __future__ import annotations
 
 import copy
+import logging
+from collections import Counter
 from typing import Callable, Iterator
 
 from torch import nn
@@ -27,6 +29,8 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PreT
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from qlora.errors import UnsupportedError
+
+logger = logging.getLogger(__name__)
 
 # A 16-bit floating matrix above this many elements is a weight that should be quantized (or be
 # exempt by name). 4096 = a 64x64 matrix: tiny test models' linears are larger, and the dense parts
@@ -114,33 +118,38 @@ def _skipped(name: str, skip_modules) -> bool:
     return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip_modules)
 
 
-def left_dense(model: nn.Module, skip_modules) -> list[tuple[str, nn.Module, tuple]]:
+def left_dense(model: nn.Module, skip_modules) -> tuple[list[tuple[str, nn.Module, tuple]], Counter]:
     """(parameter name, owning module, shape) of every floating weight matrix above LARGEST_DENSE_MATRIX
     elements that is not quantized, not an embedding, not the output head, not in skip_modules and
-    not registered with keep_dense."""
+    not registered with keep_dense; and how many matrices each keep_dense reason kept."""
     from qlora.nn import QuantizedLinear
 
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    found = []
+    found, by_design = [], Counter()
     for module_name, module in model.named_modules():
         if isinstance(module, (QuantizedLinear, nn.Embedding)) or module is head or _skipped(module_name, skip_modules):
             continue
         for attr, param in module.named_parameters(recurse=False):
             name = f"{module_name}.{attr}" if module_name else attr
-            if (param.dim() < 2 or param.numel() <= LARGEST_DENSE_MATRIX or not param.dtype.is_floating_point
-                    or any(matches(name, module) for matches, _ in _DENSE_BY_DESIGN)):
+            if param.dim() < 2 or param.numel() <= LARGEST_DENSE_MATRIX or not param.dtype.is_floating_point:
                 continue
-            found.append((name, module, tuple(param.shape)))
-    return found
+            reason = next((why for matches, why in _DENSE_BY_DESIGN if matches(name, module)), None)
+            if reason is not None:
+                by_design[reason] += 1
+            else:
+                found.append((name, module, tuple(param.shape)))
+    return found, by_design
 
 
 def check_coverage(model: nn.Module, qconfig) -> None:
     """Refuse, in one line naming the family and the first parameter, a model whose weight matrices
-    would stay 16-bit without being asked to."""
+    would stay 16-bit without being asked to; say which stay 16-bit by design."""
     # The vision side of a vision-language model is exempt even when it is quantized on request: what is not a
     # linear layer there (patch convolutions, nn.MultiheadAttention's in_proj_weight) stays 16-bit, as in bitsandbytes.
-    dense = left_dense(model, [*qconfig.skip_modules, *vision_modules(model)])
+    dense, by_design = left_dense(model, [*qconfig.skip_modules, *vision_modules(model)])
+    if by_design:
+        logger.info("kept 16-bit by design: %s", ", ".join(f"{n} x {why}" for why, n in sorted(by_design.items())))
     if not dense:
         return
     name, module, shape = dense[0]
@@ -162,3 +171,19 @@ def from_pretrained(name_or_path, trust_remote_code: bool = False, revision=None
     config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, revision=revision)
     return auto_class(config).from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code,
                                               revision=revision, **kwargs)
+
+
+def processor_chat_template(directory) -> str | None:
+    """The chat template a vision-language checkpoint keeps with its processor (chat_template.json, the
+    layout of Llava and older Qwen2-VL repositories), which AutoTokenizer does not read; None without one."""
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / "chat_template.json"
+    if not path.is_file():
+        return None
+    try:
+        template = json.loads(path.read_text()).get("chat_template")
+    except (ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) else None

@@ -64,6 +64,10 @@ def load_base(cfg: DictConfig, device):
     except (OSError, ValueError, KeyError) as err:
         raise DamagedFileError(f"model.name_or_path={name}: the tokenizer in {directory} could not be loaded "
                                f"({type(err).__name__}: {err}); check that the folder holds tokenizer files") from err
+    if not getattr(tokenizer, "chat_template", None):  # a vision-language checkpoint may keep it with its processor
+        from qlora.models.families import processor_chat_template
+
+        tokenizer.chat_template = processor_chat_template(directory)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of loss and attention anyway
     try:
