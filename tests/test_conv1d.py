@@ -120,3 +120,19 @@ def test_lora_on_conv1d_loads_in_peft_and_exports(gpt2_dir, tmp_path):
     original = dense(export_merged(run_dir, tmp_path / "original", base="original", dtype="float32", progress=False))
     peft_merged = PeftModel.from_pretrained(dense(gpt2_dir), run_dir / "adapter").merge_and_unload()
     assert rel_err(logits(original), logits(peft_merged)) < 1e-5
+
+
+def test_loftq_reads_conv1d_weights_in_their_layout(gpt2_dir):
+    from qlora.loftq import checkpoint_weights, decompose, loftq_model, quantize_roundtrip
+
+    model = qlora.load_model(gpt2_dir, qlora.QuantConfig(compute_dtype=torch.float32), device="cpu",
+                             dtype=torch.float32, progress=False)
+    with checkpoint_weights(str(gpt2_dir)) as weight:
+        result = loftq_model(model, weight, rank=2, iterations=1)
+        name = "transformer.h.1.mlp.c_proj"
+        stored = weight(name)
+    assert tuple(stored.shape) == (128, 64)  # the checkpoint's Conv1D [in, out]; the layer is [out=64, in=128]
+    layer = model.get_submodule(name)
+    expected = decompose(stored.t().float(), 2, 1, lambda t: quantize_roundtrip(layer, t))
+    assert torch.equal(layer.dequantize(torch.float32), expected.dequantized)
+    assert result.report["relative_error_loftq"][-1] < result.report["relative_error_plain"]
