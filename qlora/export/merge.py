@@ -172,7 +172,6 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
     if lora_config.use_dora and lora_config.lora_bias:
         raise NotImplementedError("DoRA adapters with lora_bias=True are not supported by the merge")
     skeleton = build_skeleton(base_config, torch.float32, source.trust_remote_code)
-    skeleton.tie_weights()  # tied heads (gpt2, gemma) are written once, under the embedding's name, as save_pretrained does
     _check_adapter_matches(skeleton, modules, source.base, source.adapter_dir)
     tied = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)} - {n for n, _ in skeleton.named_parameters()}
     output_names = [n for n in skeleton.state_dict() if n not in tied]

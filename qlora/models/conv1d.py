@@ -56,3 +56,8 @@ def as_out_in(layer: nn.Module, checkpoint_weight: torch.Tensor) -> torch.Tensor
 def as_checkpoint_layout(layer: nn.Module, out_in_weight: torch.Tensor) -> torch.Tensor:
     """A dense [out, in] weight of `layer` in the 16-bit checkpoint's layout (export writes this)."""
     return out_in_weight.t().contiguous() if is_transposed(layer) else out_in_weight
+
+
+def checkpoint_shape(layer: nn.Module) -> tuple[int, int]:
+    """The shape of `layer`'s 16-bit weight in its checkpoint: [out, in], or [in, out] after a Conv1D."""
+    return (layer.in_features, layer.out_features) if is_transposed(layer) else (layer.out_features, layer.in_features)

@@ -160,7 +160,11 @@ def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool, attn_imp
         del config.quantization_config  # the skeleton is plain; quantization is ours to do
     with init_empty_weights(include_buffers=False):
         options = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        return auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **options)
+        model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **options)
+    # Built on meta, a tied head (gpt2, gemma) is not tied yet in transformers 5: tie it, so that it is one
+    # parameter with the embedding, as the checkpoint (which holds it once) and every reader of the skeleton expect.
+    model.tie_weights()
+    return model
 
 
 def _never_quantized(model: PreTrainedModel) -> set[str]:
