@@ -197,3 +197,19 @@ def test_a_weight_qlora_cannot_quantize_is_refused_naming_family_and_parameter(t
     loaded = qlora.load_model(tmp_path / "raw", qlora.QuantConfig(skip_modules=["lm_head", "mlp"]), device="cpu",
                               progress=False)
     assert loaded.model.layers[0].mlp.up.dtype == torch.bfloat16
+
+
+def test_convolutions_and_state_space_decays_stay_16bit_by_design():
+    from qlora.models.families import left_dense
+
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1d = nn.Conv1d(512, 512, kernel_size=4, groups=32)  # [512, 16, 4]: a kernel, not a matrix
+            self.A_log = nn.Parameter(torch.zeros(512, 16))  # Mamba's decay: elementwise
+            self.mix = nn.Parameter(torch.zeros(128, 128))  # a weight matrix no quantized layer holds
+
+    found, by_design = left_dense(nn.Sequential(Mixer()), skip_modules=[])
+    assert [(name, shape) for name, _, shape in found] == [("0.mix", (128, 128))]
+    assert by_design == {"convolution kernel": 1, "state-space decay": 1}
+    assert left_dense(nn.Sequential(Mixer()), skip_modules=["0"])[0] == []
