@@ -12,7 +12,9 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
+
+from qlora.models.families import from_pretrained
 
 NO_QUANTIZATION = "none"
 
@@ -51,8 +53,8 @@ def load_dense_model(name_or_path: str | os.PathLike, compute_dtype: torch.dtype
     """
     dense_dtype = dense_dtype or compute_dtype
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dense_dtype, revision=revision,
-                                                 trust_remote_code=trust_remote_code, **options)
+    model = from_pretrained(name_or_path, dtype=dense_dtype, revision=revision, trust_remote_code=trust_remote_code,
+                            **options)
     config = getattr(model.config, "quantization_config", None)
     if config is not None:
         raise ValueError(f"quantization=none needs a 16-bit checkpoint, but {name_or_path} is already quantized "

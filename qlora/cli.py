@@ -118,11 +118,12 @@ def load_for_generation(path: str, device: str):
     """(model, tokenizer, prompt format or None) from a merged dir, a 4-bit dir or a run/adapter dir."""
     import json
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import qlora
     from qlora.data.formats import load_prompt_format
     from qlora.errors import DamagedFileError
+    from qlora.models.families import from_pretrained
 
     directory = Path(path).expanduser()
     if not directory.is_dir():
@@ -133,7 +134,7 @@ def load_for_generation(path: str, device: str):
             if "quantization_config" in json.loads(config_file.read_text()):
                 model = qlora.load_model(directory, device=device, progress=False)
             else:
-                model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto").to(device)
+                model = from_pretrained(directory, dtype="auto").to(device)
             tokenizer = AutoTokenizer.from_pretrained(directory)
         except (OSError, ValueError, NotImplementedError) as err:
             if isinstance(err, UserError):

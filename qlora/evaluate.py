@@ -45,9 +45,10 @@ class EvalError(OptionError):
 
 def load_for_eval(path: str | os.PathLike, device: str, base: Optional[str] = None):
     """(model, tokenizer, description, run_config or None) for a run/adapter, merged or quantized directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import qlora
+    from qlora.models.families import from_pretrained
 
     directory = Path(path).expanduser()
     if not directory.is_dir():
@@ -60,7 +61,7 @@ def load_for_eval(path: str | os.PathLike, device: str, base: Optional[str] = No
         if json.loads(config_file.read_text()).get("quantization_config"):
             model, kind = qlora.load_model(directory, device=device, progress=False), "quantized checkpoint"
         else:
-            model, kind = AutoModelForCausalLM.from_pretrained(directory, dtype="auto").to(device), "merged model"
+            model, kind = from_pretrained(directory, dtype="auto").to(device), "merged model"
         return model.eval(), AutoTokenizer.from_pretrained(directory), f"{kind} {directory}", None
 
     from omegaconf import OmegaConf

@@ -34,6 +34,7 @@ from qlora.errors import OptionError
 from torch import nn
 
 import qlora
+from qlora.models.conv1d import as_out_in
 from qlora.nn import QuantizedLinear
 
 log = logging.getLogger("qlora.loftq")
@@ -151,8 +152,9 @@ def loftq_model(model: nn.Module, dense_weight: Callable[[str], torch.Tensor], *
                 target_modules="all-linear", progress: bool = False) -> LoftQResult:
     """LoftQ on every quantized target layer of `model` (before LoRA is attached).
 
-    dense_weight(name): the original [out, in] weight of the linear module `name` (e.g. read from
-    the 16-bit checkpoint with `checkpoint_weights`). Each layer's stored weight is replaced by the
+    dense_weight(name): the original weight of the linear module `name` as its checkpoint holds it (e.g.
+    read from the 16-bit checkpoint with `checkpoint_weights`): [out, in], or [in, out] for a layer that
+    replaced transformers' Conv1D (transposed here, as load_model does). Each layer's stored weight is replaced by the
     quantization of its last residual-corrected weight.
     """
     from tqdm.auto import tqdm
@@ -168,7 +170,7 @@ def loftq_model(model: nn.Module, dense_weight: Callable[[str], torch.Tensor], *
     sums = {"plain": 0.0, "loftq": [0.0] * iterations, "weight": 0.0}
     for name, layer in tqdm(layers, desc="LoftQ", unit="layer", disable=not progress):
         device = next(layer.buffers()).device
-        weight = dense_weight(name).to(device)
+        weight = as_out_in(layer, dense_weight(name)).to(device)  # a Conv1D's checkpoint holds [in, out]
         if tuple(weight.shape) != (layer.out_features, layer.in_features):
             raise LoftQError(f"{name}: the 16-bit weight has shape {list(weight.shape)}, the layer is "
                              f"[{layer.out_features}, {layer.in_features}]; the checkpoint does not match the model")

@@ -22,6 +22,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
+from qlora.models.families import vision_modules
 from qlora.nn import QuantizedLinear
 
 # init_lora_weights values that only touch lora_A / lora_B. The others (pissa, olora, corda, loftq,
@@ -194,13 +195,17 @@ def _linear_names(model: nn.Module) -> list[str]:
     and the adapters' own lora_A / lora_B linears are left out.
     """
     heads = _output_head_names(model)
+    # A vision-language model's vision side (qlora.models.families) is left out: text-only fine-tuning
+    # gives it no gradient, and it stays 16-bit.
+    vision = tuple(f"{name}." for name in vision_modules(model))
     adapter_parts = {id(sub) for layer in model.modules() if isinstance(layer, LoraLayer)
                      for key in layer.adapter_layer_names if isinstance(getattr(layer, key, None), nn.Module)
                      for sub in getattr(layer, key).modules()}
     found = []
     for name, module in model.named_modules():
         name = name.removesuffix(".base_layer")
-        if isinstance(module, (QuantizedLinear, nn.Linear)) and id(module) not in adapter_parts and name not in heads:
+        if (isinstance(module, (QuantizedLinear, nn.Linear)) and id(module) not in adapter_parts and name not in heads
+                and not name.startswith(vision)):
             found.append(name)
     return found
 

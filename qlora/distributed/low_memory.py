@@ -103,6 +103,7 @@ class _Streamer:
     def _check(self) -> Optional[str]:
         """The first checkpoint tensor that is missing or of the wrong shape, as one message (rank 0):
         every rank raises it, rather than rank 0 failing midway while the others wait."""
+        from qlora.models.conv1d import checkpoint_shape
         from qlora.models.loading import layer_checkpoint_prefix
 
         wanted = []
@@ -113,10 +114,13 @@ class _Streamer:
                     return (f"the checkpoint has no tensor for {name}.{data_key}; it is incomplete or belongs to "
                             "another architecture")
             else:
-                wanted.append((f"{name}.weight", self.source.names.get(f"{name}.weight"),
-                               (layer.out_features, layer.in_features)))
-        wanted += [(f"{name}.{attr}", self._dense_key(name, attr), tuple(module._parameters[attr].shape))
-                   for name, module, attr in self.dense]
+                wanted.append((f"{name}.weight", self.source.names.get(f"{name}.weight"), checkpoint_shape(layer)))
+        seen: set[int] = set()
+        for name, module, attr in self.dense:
+            param = module._parameters[attr]
+            if id(param) not in seen:  # a tied head is the embedding's tensor: the checkpoint holds it once
+                seen.add(id(param))
+                wanted.append((f"{name}.{attr}", self._dense_key(name, attr), tuple(param.shape)))
         for name, key, expected in wanted:
             if key is None or key not in self.reader:
                 return f"the checkpoint has no tensor for {name}; it is incomplete or belongs to another architecture"
@@ -157,6 +161,7 @@ class _Streamer:
         layer._template = template
 
     def _read_quantized(self, name: str, layer: QuantizedLinear):
+        from qlora.models.conv1d import as_out_in
         from qlora.models.loading import layer_checkpoint_tensors
 
         weight_cls = type(layer.quantized_weight)
@@ -164,7 +169,7 @@ class _Streamer:
             prefix, pieces = layer_checkpoint_tensors(self.reader, self.source.names, name, weight_cls.data_key)
             return weight_cls.from_checkpoint(pieces, device=self.device, where=prefix + weight_cls.data_key,
                                               **self.source.checkpoint_options)
-        dense = self.reader.get(self.source.names[f"{name}.weight"]).to(self.device)
+        dense = as_out_in(layer, self.reader.get(self.source.names[f"{name}.weight"])).to(self.device)
         return weight_cls.quantize(dense, **layer.current_options())
 
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
+from transformers.pytorch_utils import Conv1D
 
 from qlora.quant.nf4.config import QuantConfig
 from qlora.quant.config import quant_config_from_any
@@ -32,6 +33,8 @@ from qlora.errors import DamagedFileError, InputPathError, OptionError, UserErro
 from qlora.export.source import AdapterSource
 from qlora.export.writer import ShardWriter
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
+from qlora.models.conv1d import linear_features
+from qlora.models.families import keep_vision_tower
 from qlora.models.loading import build_skeleton, checkpoint_names, layer_checkpoint_tensors, replace_linear_layers
 from qlora.models.saving import TOKENIZER_FILES, parse_size
 from qlora.quant import get_format
@@ -117,15 +120,18 @@ def _check_adapter_matches(skeleton: nn.Module, modules: dict, base_name: str, a
     available = dict(skeleton.named_modules())
     for module, parts in modules.items():
         layer = available.get(module)
-        if layer is None or not hasattr(layer, "in_features"):
+        features = None if layer is None else linear_features(layer) or (
+            (layer.in_features, layer.out_features) if hasattr(layer, "in_features") else None)
+        if features is None:
             raise AdapterMismatchError(
                 f"the adapter in {adapter_dir} adapts {module!r}, which is not a linear layer of the base "
                 f"{base_name}; the adapter was trained on another model: pass the run's own base checkpoint")
-        expected_a, expected_b = (parts["A"].shape[0], layer.in_features), (layer.out_features, parts["A"].shape[0])
+        in_features, out_features = features
+        expected_a, expected_b = (parts["A"].shape[0], in_features), (out_features, parts["A"].shape[0])
         if tuple(parts["A"].shape) != expected_a or tuple(parts["B"].shape) != expected_b:
             raise AdapterMismatchError(
                 f"adapter module {module!r} has lora_A {list(parts['A'].shape)} and lora_B {list(parts['B'].shape)}, "
-                f"but the base {base_name} has a [{layer.out_features}, {layer.in_features}] weight there; the adapter "
+                f"but the base {base_name} has a [{out_features}, {in_features}] weight there; the adapter "
                 "was trained on another model: pass the run's own base checkpoint")
 
 
@@ -169,7 +175,11 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
     _check_adapter_matches(skeleton, modules, source.base, source.adapter_dir)
     tied = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)} - {n for n, _ in skeleton.named_parameters()}
     output_names = [n for n in skeleton.state_dict() if n not in tied]
+    # transformers' Conv1D (GPT-2) stores [in, out]: merged as [out, in], written back as it was read.
+    transposed = {n for n, m in skeleton.named_modules() if isinstance(m, Conv1D)}
     # Which linears training held in 4 bits: the same rule load_model applies (head and skip_modules stay dense).
+    if not prequantized:  # a vision-language model's vision side, as load_model kept it (16-bit by default)
+        qconfig = keep_vision_tower(skeleton, qconfig, source.quantize_vision_tower)
     quantized = set(replace_linear_layers(skeleton, qconfig)) if dequantize_base else set()
 
     record = {
@@ -198,7 +208,7 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
                 continue  # a persistent buffer the checkpoint does not carry: from_pretrained rebuilds it
             # One function call per tensor: its locals (the dense read, the fp32 copy) die on return.
             writer.add(name, _merged_tensor(name, key, reader, names, modules, quantized, qconfig, read_packed,
-                                            lora_config, out_dtype))
+                                            lora_config, out_dtype, transposed))
             bar.update()
         bar.close()
     writer.close()
@@ -208,8 +218,10 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
     return record
 
 
-def _merged_tensor(name, key, reader, names, modules, quantized, qconfig, read_packed, lora_config, out_dtype) -> torch.Tensor:
+def _merged_tensor(name, key, reader, names, modules, quantized, qconfig, read_packed, lora_config, out_dtype,
+                   transposed=frozenset()) -> torch.Tensor:
     module, _, attr = name.rpartition(".")
+    flip = attr == "weight" and module in transposed  # a Conv1D's [in, out] weight
     weight_cls = get_format(qconfig.format)
     if read_packed and module in quantized and attr == "weight":
         # A pre-quantized base: decode the layer's own entries, in the format's checkpoint form.
@@ -224,6 +236,7 @@ def _merged_tensor(name, key, reader, names, modules, quantized, qconfig, read_p
     else:
         tensor = reader.get(key)
         source_dtype = tensor.dtype
+        tensor = tensor.t().contiguous() if flip else tensor
         if module in quantized and attr == "weight":
             if not getattr(qconfig, "requantizable", True):
                 raise ValueError(f"{qconfig.format} quantization depends on calibration data and cannot be rebuilt from "
@@ -238,7 +251,7 @@ def _merged_tensor(name, key, reader, names, modules, quantized, qconfig, read_p
         # lora_bias=True: PEFT's merge adds lora_B.bias * scaling to the base bias.
         weight_shape = (parts["B"].shape[0], parts["A"].shape[1])
         _, tensor = _peft_merged_weight(torch.zeros(weight_shape), tensor.float(), parts, lora_config, module)
-    return tensor.to(out_dtype or source_dtype)
+    return (tensor.t().contiguous() if flip else tensor).to(out_dtype or source_dtype)
 
 
 def _qconfig_record(qconfig) -> dict:

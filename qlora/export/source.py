@@ -35,6 +35,7 @@ class AdapterSource:
     revision: Optional[str] = None
     trust_remote_code: bool = False
     quantized: bool = True             # False: trained with quantization=none, on the 16-bit base itself
+    quantize_vision_tower: bool = False  # a vision-language base's vision side was quantized too (model.*)
 
     def adapter_config(self) -> dict:
         return json.loads((self.adapter_dir / ADAPTER_CONFIG).read_text())
@@ -118,7 +119,7 @@ def resolve_source(run_or_adapter_dir: str | Path, base_model: Optional[str] = N
             adapter_dir=adapter_dir, run_dir=run_dir, base=str(base),
             qconfig=quant_config(q), qconfig_known=True, dense_dtype=dense_dtype(cfg.model),
             revision=cfg.model.get("revision"), trust_remote_code=bool(cfg.model.get("trust_remote_code", False)),
-            quantized=quantized,
+            quantized=quantized, quantize_vision_tower=bool(cfg.model.get("quantize_vision_tower", False)),
         )
     base = base_model or adapter_cfg.get("base_model_name_or_path")
     if not base:

@@ -18,14 +18,16 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from qlora.quant.config import quant_config_from_any
 from qlora.quant.gptq.config import read_quantize_config
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
+from qlora.models.conv1d import as_out_in, linear_features, mark_source
 from qlora.models.conversion import conversion_targets, load_converted
 from qlora.models.expert_checkpoint import (dequantized_dense, is_4bit_entry, is_mxfp4_config, load_mxfp4_stack,
                                             load_prequantized_fused, load_prequantized_target)
+from qlora.models.families import auto_class, check_coverage, keep_vision_tower
 from qlora.nn.experts import held_experts, set_dense_experts
 from qlora.nn.experts_interface import replace_expert_parameters
 from qlora.nn.quantized import layer_class
@@ -57,8 +59,9 @@ def load_model(
     device_map=None,
     max_memory: Optional[dict] = None,
     offload_folder: Optional[str | os.PathLike] = None,
+    quantize_vision_tower: bool = False,
 ) -> PreTrainedModel:
-    """Load a causal LM with its linear layers in 4 bits.
+    """Load a causal LM (or a vision-language model's language tower) with its linear layers in 4 bits.
 
     name_or_path: a local checkpoint directory or a Hub repo id.
     quantization_config: qlora.QuantConfig or transformers.BitsAndBytesConfig (default NF4 + DQ,
@@ -71,6 +74,8 @@ def load_model(
     device_map / max_memory / offload_folder: place modules over accelerators, "cpu" and "disk" as
         transformers does (qlora.models.offload); modules on cpu/disk stay fp32 and need
         llm_int8_enable_fp32_cpu_offload=True. `device` then says what an accelerator index means.
+    quantize_vision_tower: a vision-language model's vision encoder and projector are quantized too
+        (default: kept 16-bit, see qlora.models.families); a pre-quantized checkpoint's own layout wins.
     """
     directory = resolve_checkpoint(name_or_path, revision)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
@@ -91,6 +96,7 @@ def load_model(
         from qlora.models.offload import plan_offload
 
         sized = build_skeleton(config, dtype or qconfig.compute_dtype, trust_remote_code, attn_implementation)
+        qconfig = _coverage(sized, qconfig, prequantized, quantize_vision_tower)
         replace_linear_layers(sized, qconfig)
         plan = plan_offload(build_skeleton(config, dtype or qconfig.compute_dtype, trust_remote_code), sized,
                             device_map, max_memory, qconfig, None if device is None else torch.device(device))
@@ -106,7 +112,9 @@ def load_model(
             raise ValueError("device='meta' builds an unloaded skeleton; it cannot be combined with device_map or "
                              "a format that quantizes from calibration activations (GPTQ)")
         model = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
+        qconfig = _coverage(model, qconfig, prequantized, quantize_vision_tower)
         targets = replace_linear_layers(model, qconfig)
+        check_coverage(model, qconfig)
         with ShardReader(directory) as reader:  # the safetensors headers only
             names = checkpoint_names(model, reader)
         model.qlora_unloaded = UnloadedCheckpoint(directory, targets, names, prequantized,
@@ -121,8 +129,10 @@ def load_model(
         model = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
         if plan is not None:
             plan.keep_offloaded_in_fp32(model)
+        qconfig = _coverage(model, qconfig, prequantized, quantize_vision_tower)
         targets = replace_linear_layers(model, qconfig)
         replace_expert_parameters(model, qconfig, lambda name: _skipped(name, qconfig))
+        check_coverage(model, qconfig)
         with ShardReader(directory) as reader:
             _load_tensors(model, reader, targets, device, prequantized, progress,
                           getattr(qconfig, "checkpoint_options", dict)())
@@ -133,6 +143,12 @@ def load_model(
     if plan is not None:
         plan.dispatch(model, None if offload_folder is None else str(offload_folder))
     return model
+
+
+def _coverage(model: PreTrainedModel, qconfig, prequantized: bool, quantize_vision_tower: bool):
+    """qconfig with a vision-language model's vision tower kept 16-bit (unless asked, or unless the
+    checkpoint is pre-quantized: its own layout, read from its skip_modules, wins)."""
+    return qconfig if prequantized else keep_vision_tower(model, qconfig, quantize_vision_tower)
 
 
 @dataclasses.dataclass
@@ -152,7 +168,11 @@ def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool, attn_imp
         del config.quantization_config  # the skeleton is plain; quantization is ours to do
     with init_empty_weights(include_buffers=False):
         options = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **options)
+        model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **options)
+    # Built on meta, a tied head (gpt2, gemma) is not tied yet in transformers 5: tie it, so that it is one
+    # parameter with the embedding, as the checkpoint (which holds it once) and every reader of the skeleton expect.
+    model.tie_weights()
+    return model
 
 
 def _never_quantized(model: PreTrainedModel) -> set[str]:
@@ -167,19 +187,21 @@ def _never_quantized(model: PreTrainedModel) -> set[str]:
 
 
 def replace_linear_layers(model: nn.Module, qconfig) -> list[str]:
-    """Swap every target nn.Linear for a placeholder of qconfig's format (the QuantizedLinear
-    subclass registered for it: Linear4bit for NF4/FP4); returns the swapped names."""
+    """Swap every target nn.Linear (and transformers' Conv1D, qlora.models.conv1d) for a placeholder of
+    qconfig's format (the QuantizedLinear subclass registered for it: Linear4bit for NF4/FP4); returns
+    the swapped names."""
     layer_cls = layer_class(qconfig.format)
     skip = _never_quantized(model) if isinstance(model, PreTrainedModel) else set()
     swapped = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or name in skip:
+        features = linear_features(module)
+        if features is None or name in skip:
             continue
         if _skipped(name, qconfig):
             continue
-        layer = layer_cls(module.in_features, module.out_features, bias=module.bias is not None,
-                          format=qconfig.format, compute_dtype=qconfig.compute_dtype, device=module.weight.device,
-                          **qconfig.weight_options())
+        layer = mark_source(layer_cls(*features, bias=module.bias is not None, format=qconfig.format,
+                                      compute_dtype=qconfig.compute_dtype, device=module.weight.device,
+                                      **qconfig.weight_options()), module)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
         swapped.append(name)
@@ -306,7 +328,7 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
             bar.update()
             continue
         used.add(key)
-        weight = reader.get(key)
+        weight = as_out_in(layer, reader.get(key))  # a Conv1D's [in, out] is transposed here
         _check_shape(key, weight, (layer.out_features, layer.in_features))
         layer.set_weight(weight.to(device))
         del weight

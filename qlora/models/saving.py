@@ -127,8 +127,10 @@ def _write_config(model, layer: QuantizedLinear, directory: Path) -> None:
         model.generation_config.save_pretrained(directory)
 
 
+# A vision-language model's processor files go along: AutoProcessor needs them beside the weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
 def _write_tokenizer(model, tokenizer, directory: Path) -> None:

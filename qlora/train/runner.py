@@ -64,6 +64,10 @@ def load_base(cfg: DictConfig, device):
     except (OSError, ValueError, KeyError) as err:
         raise DamagedFileError(f"model.name_or_path={name}: the tokenizer in {directory} could not be loaded "
                                f"({type(err).__name__}: {err}); check that the folder holds tokenizer files") from err
+    if not getattr(tokenizer, "chat_template", None):  # a vision-language checkpoint may keep it with its processor
+        from qlora.models.families import processor_chat_template
+
+        tokenizer.chat_template = processor_chat_template(directory)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of loss and attention anyway
     try:
@@ -81,7 +85,8 @@ def load_base(cfg: DictConfig, device):
                 directory = gptq_base(directory, OmegaConf.to_container(cfg.quantization.gptq), device=device)
             model = qlora.load_model(directory, quant_config(cfg.quantization), device=device,
                                      dtype=dense_dtype(cfg.model), trust_remote_code=cfg.model.trust_remote_code,
-                                     attn_implementation=cfg.model.attn_implementation)
+                                     attn_implementation=cfg.model.attn_implementation,
+                                     quantize_vision_tower=cfg.model.quantize_vision_tower)
     except (OSError, ValueError, NotImplementedError) as err:
         # Name the recipe key; a UserError keeps its type (an InputPathError stays one), anything else
         # raised while reading the checkpoint is a damaged or unsupported file.

@@ -25,6 +25,8 @@ class ModelConfig:
     dtype: Optional[str] = None
     # transformers attention implementation ("sdpa", "eager", "flash_attention_2"); null = default.
     attn_implementation: Optional[str] = None
+    # A vision-language model's vision encoder and projector are kept 16-bit; true quantizes their linear layers too.
+    quantize_vision_tower: bool = False
     # A PEFT adapter directory to start from (e.g. an SFT run's adapter/): trained on instead of a fresh
     # adapter (the lora.* shape options are then the adapter's own). For DPO and KTO it is also the
     # reference policy, loaded a second time, frozen.
