@@ -146,8 +146,18 @@ def compile_launch(card: str, arch: int, sms: int, m: int, n: int, k: int):
         launch.launch(kernel, grid, *args, **kwargs)
     code = machine_code(compiled[0].kernel, arch)
     programs = math.prod(grid)
-    tiles_m = math.ceil(m / bm)
-    group_m = config.get("GROUP_SIZE_M", 1)
+    return code, programs, trips, dram_bytes(kind, config, m, n, k), {"kernel": kind, "num_warps": warps,
+                                                                      "num_stages": stages, **config}
+
+
+def dram_bytes(kind: str, config: dict, m: int, n: int, k: int) -> float:
+    """Bytes one gemlite launch moves to and from DRAM: the 4-bit weight with its fp16 scales and zeros
+    per group of 128, the activations, the output (each split-K slice adds its partial sums into it)."""
     weight = k * n / 2 + 2 * 2 * n * k / GROUP_SIZE
-    dram = weight * math.ceil(tiles_m / max(1, group_m)) + 2 * m * k + 2 * m * n * split
-    return code, programs, trips, dram, {"kernel": kind, "num_warps": warps, "num_stages": stages, **config}
+    # GEMV_REVSPLITK runs one program per row (BLOCK_SIZE_M = 1), all resident together: the rows'
+    # programs of one weight block share it through L2, so DRAM serves it once. The GEMMs swizzle
+    # GROUP_SIZE_M row tiles over one weight tile.
+    tiles_m = math.ceil(m / config["BLOCK_SIZE_M"])
+    rereads = 1 if kind == "GEMV_REVSPLITK" else math.ceil(tiles_m / max(1, config.get("GROUP_SIZE_M", 1)))
+    split = math.ceil(k / (config["BLOCK_SIZE_K"] * 2)) if kind == "GEMV_REVSPLITK" else config.get("SPLIT_K", 1)
+    return weight * rereads + 2 * m * k + 2 * m * n * split

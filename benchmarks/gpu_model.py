@@ -47,15 +47,15 @@ benchmarks/results/calibration.json when present).
 
 Card constants (spec sheets; 'dense' = without structured sparsity; tensor = bf16/fp16 with fp32
 accumulation, which is what both our kernels and cuBLAS use):
-- A100 SXM4 80 GB, sm_80: 108 SMs, 1410 MHz, 2039 GB/s, 312 TFLOP/s (A100 datasheet).
-- H100 SXM5 80 GB, sm_90: 132 SMs, 1830 MHz (the clock of the spec TFLOP/s), 3350 GB/s, 989 TFLOP/s
-  (H100 datasheet, Hopper whitepaper table 2).
-- A10, sm_86: 72 SMs, 1695 MHz, 600 GB/s, 125 TFLOP/s (A10 datasheet).
-- RTX 3090, sm_86: 82 SMs, 1695 MHz, 936 GB/s, 71 TFLOP/s with fp32 accumulation (GA102
-  whitepaper, appendix table: GeForce cards run fp32-accumulate MMAs at half rate).
-- L4, sm_89: 58 SMs, 2040 MHz, 300 GB/s, 121 TFLOP/s (L4 datasheet).
-- RTX 4090, sm_89: 128 SMs, 2520 MHz, 1008 GB/s, 165.2 TFLOP/s with fp32 accumulation (Ada
-  whitepaper, appendix table).
+- A100 SXM4 80 GB, sm_80: 108 SMs, 1410 MHz, 2039 GB/s, 312 TFLOP/s, int8 624 TOPS (A100 datasheet).
+- H100 SXM5 80 GB, sm_90: 132 SMs, 1830 MHz (the clock of the spec TFLOP/s), 3350 GB/s, 989 TFLOP/s,
+  int8 1979 TOPS (H100 datasheet, Hopper whitepaper table 2).
+- A10, sm_86: 72 SMs, 1695 MHz, 600 GB/s, 125 TFLOP/s, int8 250 TOPS (A10 datasheet).
+- RTX 3090, sm_86: 82 SMs, 1695 MHz, 936 GB/s, 71 TFLOP/s with fp32 accumulation, int8 284 TOPS
+  (GA102 whitepaper, appendix table: GeForce cards run fp32-accumulate MMAs at half rate).
+- L4, sm_89: 58 SMs, 2040 MHz, 300 GB/s, 121 TFLOP/s, int8 242.5 TOPS (L4 datasheet).
+- RTX 4090, sm_89: 128 SMs, 2520 MHz, 1008 GB/s, 165.2 TFLOP/s with fp32 accumulation, int8 660.6
+  TOPS (Ada whitepaper, appendix table).
 DRAM load latency in cycles from microbenchmark papers (Jia et al. 2018-2019 for the method; "Dissecting
 the Ampere GPU architecture" and "Benchmarking and dissecting the Nvidia Hopper GPU architecture",
 Luo et al. 2024): ~470 (A100), ~480 (H100), ~520 (GA10x), ~540 (AD10x); LATENCY_SCALE calibrates them.
@@ -80,6 +80,12 @@ class Card:
     bandwidth_gbs: float
     tensor_tflops: float  # dense bf16/fp16 with fp32 accumulation
     dram_latency_cycles: int
+    int8_tops: float  # dense int8 tensor ops with int32 accumulation
+
+    @property
+    def int8_op_per_clock(self) -> float:
+        """Per SM."""
+        return self.int8_tops * 1e12 / (self.sms * self.clock_ghz * 1e9)
 
     @property
     def tensor_flop_per_clock(self) -> float:
@@ -93,12 +99,12 @@ class Card:
 
 
 CARDS = {
-    "A100": Card("A100", 80, 108, 1.41, 2039, 312, 470),
-    "H100": Card("H100", 90, 132, 1.83, 3350, 989, 480),
-    "A10": Card("A10", 86, 72, 1.695, 600, 125, 520),
-    "RTX 3090": Card("RTX 3090", 86, 82, 1.695, 936, 71, 520),
-    "L4": Card("L4", 89, 58, 2.04, 300, 121, 540),
-    "RTX 4090": Card("RTX 4090", 89, 128, 2.52, 1008, 165.2, 540),
+    "A100": Card("A100", 80, 108, 1.41, 2039, 312, 470, 624),
+    "H100": Card("H100", 90, 132, 1.83, 3350, 989, 480, 1979),
+    "A10": Card("A10", 86, 72, 1.695, 600, 125, 520, 250),
+    "RTX 3090": Card("RTX 3090", 86, 82, 1.695, 936, 71, 520, 284),
+    "L4": Card("L4", 89, 58, 2.04, 300, 121, 540, 242.5),
+    "RTX 4090": Card("RTX 4090", 89, 128, 2.52, 1008, 165.2, 540, 660.6),
 }
 SCHEDULERS = 4
 SHARED_BYTES_PER_CLOCK = 128  # per SM
@@ -274,18 +280,26 @@ def _stream_distance(lines: list, i: int, destination: list, stages: int) -> flo
 
 
 # ---- one launch --------------------------------------------------------------------------------------
-def mma_flops_per_trip(code) -> float:
-    """Tensor FLOPs of one program's loop trip (all its warps)."""
-    flops = 0.0
+def mma_per_trip(code) -> tuple[float, float]:
+    """(16-bit tensor FLOPs, int8 tensor ops) of one program's loop trip, all its warps."""
+    flops = ops = 0.0
     for mnemonic, operands in code.loop_lines:
-        if mnemonic.startswith("HMMA.16816") or mnemonic.startswith("IMMA.16832"):
-            flops += 4096 * (2 if mnemonic.startswith("IMMA") else 1)
-        elif mnemonic.startswith("HMMA.1688") or mnemonic.startswith("IMMA.16816"):
-            flops += 2048 * (2 if mnemonic.startswith("IMMA") else 1)
-        elif mnemonic.startswith("HGMMA"):
-            shape = re.search(r"64x(\d+)x16", mnemonic + operands)  # nvdisasm: HGMMA.64x64x16.F32.BF16
-            flops += 2 * 64 * int(shape.group(1)) * 16 / 4 if shape else 0  # one warp's quarter of the warpgroup's
-    return flops * code.num_warps
+        if mnemonic.startswith("HMMA.16816"):
+            flops += 4096
+        elif mnemonic.startswith("HMMA.1688"):
+            flops += 2048
+        elif mnemonic.startswith("IMMA.16832"):
+            ops += 8192
+        elif mnemonic.startswith("IMMA.16816") or mnemonic.startswith("IMMA.8816"):
+            ops += 4096 if "16816" in mnemonic else 2048
+        elif mnemonic.startswith("HGMMA") or mnemonic.startswith("IGMMA"):
+            shape = re.search(r"64x(\d+)x(\d+)", mnemonic + operands)  # nvdisasm: HGMMA.64x64x16.F32.BF16
+            work = 2 * 64 * int(shape.group(1)) * int(shape.group(2)) / 4 if shape else 0  # one warp's quarter
+            if mnemonic.startswith("HGMMA"):
+                flops += work
+            else:
+                ops += work
+    return flops * code.num_warps, ops * code.num_warps
 
 
 def kernel_time(code, card_name, programs: int, trips: float, dram_bytes: float, parameters: dict | None = None) -> dict:
@@ -301,11 +315,11 @@ def kernel_time(code, card_name, programs: int, trips: float, dram_bytes: float,
     warps_per_scheduler = resident * code.num_warps / SCHEDULERS
     latency = spec.dram_latency_cycles * p["latency_scale"]
     facts = loop_facts(code, spec)
-    tensor_rate = spec.tensor_flop_per_clock * p["tensor_efficiency"] * (HMMA_SM90_FRACTION if spec.arch == 90 and any(
-        m.startswith("HMMA") for m, _ in code.loop_lines) else 1.0)
+    sync_mma = HMMA_SM90_FRACTION if spec.arch == 90 and any(m.startswith(("HMMA", "IMMA")) for m, _ in code.loop_lines) else 1.0
+    flops, ops = mma_per_trip(code)
     issue = warps_per_scheduler * facts.issue_cycles
     shared = resident * code.num_warps * facts.shared_bytes / SHARED_BYTES_PER_CLOCK
-    tensor = resident * mma_flops_per_trip(code) / tensor_rate
+    tensor = resident * (flops / spec.tensor_flop_per_clock + ops / spec.int8_op_per_clock) / (p["tensor_efficiency"] * sync_mma)
     # Units overlap imperfectly: the largest term plus OVERLAP of the others (0 = perfect overlap).
     units = (issue, shared, tensor)
     execute = max(max(units) + p["overlap"] * (sum(units) - max(units)), facts.chain_cycles)
