@@ -502,6 +502,9 @@ def main() -> None:
     parser.add_argument("--launchability", action="store_true",
                         help="only the launchability sweep (blocksize 32..4096, both decodes, every M bucket, "
                              "both products, every arch): benchmarks/results/kernels-launchability.json")
+    parser.add_argument("--no-launchability", action="store_true",
+                        help="the full sweep without the launchability sweep that follows it (its results depend on "
+                             "the kernels' code only, not on the model)")
     args = parser.parse_args()
     if args.launchability:
         torch.manual_seed(0)
@@ -545,7 +548,7 @@ def main() -> None:
                          path=Path(args.out) if args.out else None)
     print_summary(result)
     print(f"wrote {path}", file=sys.stderr)
-    if not args.quick:
+    if not args.quick and not args.no_launchability:
         write_launchability(archs, args.workers)
 
 
