@@ -66,13 +66,13 @@ def _compile(point: dict):
     return gemlite_kernels.compile_launch(point["card"], spec.arch, spec.sms, point["M"], point["N"], point["K"])
 
 
-def compiled_points(workers: int = 1, compile_missing: bool = True) -> list[dict]:
-    """Each published gemlite point with its compiled launch (cached on disk by card, M, N, K and the
-    gemlite and triton versions)."""
+def compiled_points(workers: int = 1, compile_missing: bool = True, points: list | None = None) -> list[dict]:
+    """Each published gemlite point (or each of `points`: dicts with card, M, N, K) with its compiled
+    launch (cached on disk by card, M, N, K and the gemlite and triton versions)."""
     tag = hashlib.sha1(json.dumps(versions("triton", "gemlite"), sort_keys=True).encode()).hexdigest()[:10]
     path = CACHE / f"gemlite-{tag}.pkl"
     cache = pickle.loads(path.read_bytes()) if path.exists() else {}
-    points = published("gemlite")
+    points = published("gemlite") if points is None else points
     todo = [p for p in points if (p["card"], p["M"], p["N"], p["K"]) not in cache]
     if todo and not compile_missing:
         raise SystemExit(f"{len(todo)} gemlite launches are not compiled yet: run without --refit")
@@ -145,6 +145,26 @@ def report(points: list, parameters: dict) -> dict:
                 for card in sorted({r["card"] for r in rows})}}
 
 
+# gemlite on the whole Llama-3-8B layer, forward, by the same rules and fitted parameters: the bar our
+# kernels are held to at every M bucket (kernels_static.py reads it from calibration.json).
+PEER_CARDS = ("H100", "A100", "RTX 4090", "RTX 3090")
+PEER_MS = (1, 4, 16, 64, 256, 1024, 4096)
+LLAMA3_8B = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
+             "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
+
+
+def peer_layers(parameters: dict, workers: int = 1, compile_missing: bool = True) -> list[dict]:
+    wanted = [dict(card=card, M=m, N=n, K=k) for card in PEER_CARDS for m in PEER_MS
+              for n, k in sorted(set(LLAMA3_8B.values()))]
+    launches = {(p["card"], p["M"], p["N"], p["K"]): p for p in compiled_points(workers, compile_missing, wanted)}
+    rows = []
+    for card in PEER_CARDS:
+        for m in PEER_MS:
+            total = sum(model_point(launches[(card, m, n, k)], parameters)[0] for n, k in LLAMA3_8B.values())
+            rows.append(dict(card=card, model="llama3_8b", M=m, direction="forward", gemlite_us=round(total, 2)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=1, help="compiling processes")
@@ -153,6 +173,7 @@ def main() -> None:
     points = compiled_points(args.workers, compile_missing=not args.refit)
     parameters = fit(points)
     result = report(points, parameters)
+    result["gemlite_layers"] = peer_layers(parameters, args.workers, compile_missing=not args.refit)
     path = write_results("calibration", result)
     print(json.dumps({k: result[k] for k in ("parameters", "held_out_median_abs_error", "held_out_worst_abs_error",
                                               "train_median_abs_error", "train_worst_abs_error",

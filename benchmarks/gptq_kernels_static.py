@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import cached_code, compile_missing, compiled_record, model_arguments, versions, write_results  # noqa: E402
 import gpu_model  # noqa: E402
-from kernels_static import ARCHS, MS, SHAPES, TABLE_CARDS, cublas_us, kernel_bounds  # noqa: E402
+from kernels_static import ARCHS, MS, SHAPES, TABLE_CARDS, cublas_us, disk_cache, kernel_bounds  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 BITS = (2, 3, 4, 8)
@@ -302,7 +302,9 @@ def main() -> None:
     else:
         archs, shapes, bits_list, group_sizes = tuple(ARCHS), SHAPES, BITS, GROUP_SIZES
     start = time.perf_counter()
+    save_codes = disk_cache(_CODE, "kernels/gptq")
     kernels, dispatch = sweep(archs, shapes, bits_list, group_sizes, MS, args.workers)
+    save_codes()
     print(f"{len(_CODE)} configurations compiled and modelled in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     table = dispatch_table(dispatch)
     if not args.quick and not args.no_table:

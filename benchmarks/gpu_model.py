@@ -36,8 +36,8 @@ The same rules for every kernel, ours and the peers', so a ratio between two est
 4. Estimate = max(rounds x round time, DRAM) + FIXED_US, for every kernel, cuBLAS included.
 
 cuBLAS is not compiled here: it is modelled as a kernel that has no latency or issue limit of its own,
-on 128 x 128 output tiles (64 x 128 below 128 rows) with busiest-SM waves, at the same bandwidth
-fraction, tensor efficiency and fixed cost. That is generous to cuBLAS, which is the side a model
+taking the best of its tile shapes (128x256 .. 64x64) and split-K factors (1..16) with busiest-SM waves,
+at the same bandwidth fraction, tensor efficiency and fixed cost. That is generous to cuBLAS, which is the side a model
 must not flatter us against.
 
 The free parameters (BANDWIDTH_FRACTION, FIXED_US, LATENCY_SCALE, TENSOR_EFFICIENCY, OVERLAP) are fitted by
@@ -350,19 +350,35 @@ def kernel_time(code, card_name, programs: int, trips: float, dram_bytes: float,
     return {"estimate_us": estimate, "breakdown": {k: round(v, 3) if isinstance(v, float) else v for k, v in breakdown.items()}}
 
 
+CUBLAS_TILES = ((128, 256), (128, 128), (64, 128), (64, 64))
+CUBLAS_SPLITS = (1, 2, 4, 8, 16)
+
+
 def cublas_time(card_name, m: int, n: int, k: int, parameters: dict | None = None, element_bytes: int = 2) -> dict:
-    """Modelled microseconds of a bf16/fp16 GEMM C[m, n] = A[m, k] B[k, n] in cuBLAS (see the module doc)."""
+    """Modelled microseconds of a bf16/fp16 GEMM C[m, n] = A[m, k] B[k, n] in cuBLAS (see the module doc):
+    the best of its tile shapes and split-K factors, as its heuristics pick one, each at busiest-SM
+    waves, the same tensor efficiency, bandwidth fraction and fixed cost as every kernel; split-K adds
+    its fp32 partial sums' traffic and a second kernel's fixed cost."""
     p = {**PARAMETERS, **(parameters or {})}
     spec = card(card_name)
-    tile_m = 64 if m < 128 else 128
-    tiles = math.ceil(m / tile_m) * math.ceil(n / 128)
-    waves = math.ceil(tiles / spec.sms)
-    tile_flops = 2 * tile_m * 128 * k
-    tensor_us = waves * tile_flops / (spec.tensor_flop_per_clock * p["tensor_efficiency"] * spec.clock_ghz * 1e3)
-    dram_us = element_bytes * (n * k + m * k + m * n) / (p["bandwidth_fraction"] * spec.bandwidth_gbs * 1e3)
-    return {"estimate_us": max(tensor_us, dram_us) + p["fixed_us"],
+    rate = spec.tensor_flop_per_clock * p["tensor_efficiency"] * spec.clock_ghz * 1e3  # FLOP per us per SM
+    best = None
+    for (tile_m, tile_n), split in ((t, s) for t in CUBLAS_TILES for s in CUBLAS_SPLITS):
+        if split > 1 and k // split < 256:
+            continue
+        tiles = math.ceil(m / tile_m) * math.ceil(n / tile_n) * split
+        waves = math.ceil(tiles / spec.sms)
+        rows = min(tile_m, max(16, m))  # few rows: a 16-row MMA tile (or a GEMV), not 64 padded rows
+        tensor_us = waves * 2 * rows * tile_n * math.ceil(k / split) / rate
+        moved = element_bytes * (n * k + m * k + m * n) + (8 * m * n * split if split > 1 else 0)
+        dram_us = moved / (p["bandwidth_fraction"] * spec.bandwidth_gbs * 1e3)
+        total = max(tensor_us, dram_us) + p["fixed_us"] * (2 if split > 1 else 1)
+        if best is None or total < best[0]:
+            best = (total, tensor_us, dram_us, waves, (tile_m, tile_n), split)
+    total, tensor_us, dram_us, waves, tile, split = best
+    return {"estimate_us": total,
             "breakdown": {"tensor_us": round(tensor_us, 3), "dram_us": round(dram_us, 3), "waves": waves,
-                          "fixed_us": p["fixed_us"]}}
+                          "tile": list(tile), "split_k": split, "fixed_us": p["fixed_us"]}}
 
 
 def bandwidth_us(card_name, dram_bytes: float, parameters: dict | None = None) -> float:
