@@ -46,8 +46,7 @@ GRID = {
     # Not identifiable from speed-ups alone (a lower fraction and a larger fixed cost give the same
     # ratios): bounded by the DRAM bandwidth copies achieve, 2.8-3.0 of the H100's 3.35 TB/s.
     "bandwidth_fraction": (0.8, 0.85, 0.9),
-    # Capped at 12 us: larger values lower the training error and raise the held-out one (20 us: 33%
-    # held-out median error against 25%); the plots time launches without CUDA graphs.
+    # The plots time launches without CUDA graphs: the fixed cost includes launch overhead.
     "fixed_us": (2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0),
     "latency_scale": (0.75, 1.0, 1.5, 2.0, 3.0),
     "tensor_efficiency": (0.6, 0.7, 0.8, 0.9),
