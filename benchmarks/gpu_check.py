@@ -18,6 +18,7 @@ Steps, each with its own time limit so the whole run stays under 8 minutes:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -64,9 +65,8 @@ def predictions(card: str) -> dict:
     """(M, N, K, direction) -> {path: modelled us, "bf16": us, "auto": the dispatched path's us}."""
     from qlora.kernels.nf4.ops import choose_path
 
-    result = json.loads((ROOT / "benchmarks" / "results" / "kernels-static.json").read_text())
     spec = gpu_model.card(card)
-    rows = [r for r in result["cards"] if r["card"] == spec.name]
+    rows = [r for r in _modelled_rows() if r["card"] == spec.name]
     out = {}
     for r in rows:
         direction = "forward" if r["transpose_weight"] else "backward"
@@ -75,6 +75,11 @@ def predictions(card: str) -> dict:
         out[(r["M"], r["N"], r["K"], direction)] = {**r["estimates"], "bf16": r["bf16_estimate_us"],
                                                     "auto": r["estimates"][chosen]}
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _modelled_rows() -> list:
+    return json.loads((ROOT / "benchmarks" / "results" / "kernels-static.json").read_text())["cards"]
 
 
 def run_step(command: list[str], seconds: int) -> dict:
