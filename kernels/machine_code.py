@@ -38,6 +38,10 @@ class MachineCode:
     opcodes: dict  # SASS opcode -> count in the kernel text (loop bodies once, unrolled code per copy)
     loop_opcodes: dict = dataclasses.field(default_factory=dict)  # the same, inside the main loop only
     mma_shapes: dict = dataclasses.field(default_factory=dict)  # e.g. "HMMA.16816.F32.BF16" -> count, whole text
+    # The main loop's instructions in program order, (full mnemonic, operands): what a latency model
+    # reads dependency chains and prefetch distances from (benchmarks/gpu_model.py).
+    loop_lines: list = dataclasses.field(default_factory=list)
+    num_stages: int = 1  # Triton's software-pipelining depth the kernel was compiled with
 
     @property
     def instructions(self) -> int:
@@ -83,32 +87,38 @@ def machine_code(compiled_kernel, arch: int) -> MachineCode:
         num_warps=int(compiled_kernel.metadata.num_warps),
         opcodes=dict(collections.Counter(_SASS_OPCODE.findall(sass))),
         loop_opcodes=main_loop_opcodes(sass),
+        loop_lines=main_loop_lines(sass),
+        num_stages=int(getattr(compiled_kernel.metadata, "num_stages", 1) or 1),
         mma_shapes=dict(collections.Counter(m.split()[0] for m in re.findall(r"\b(H?G?MMA\.[A-Za-z0-9.]+)", sass))),
     )
 
 
 def main_loop_opcodes(sass: str) -> dict:
-    """Opcode counts of the kernel's main loop: the longest span from a label back-branched to.
+    return dict(collections.Counter(mnemonic.split(".")[0] for mnemonic, _ in main_loop_lines(sass)))
+
+
+def main_loop_lines(sass: str) -> list:
+    """(mnemonic, operands) of the kernel's main loop: the longest span from a label back-branched to.
 
     nvdisasm writes labels as `.L_x_<n>:` and a loop's closing branch as `BRA `(.L_x_<n>)`; a
     branch to a label printed above it closes a loop. The 4-bit kernels have one K loop (plus
     short loops in reductions), so the longest span is the K loop; {} when there is none.
     """
-    opcodes, labels, best = [], {}, (0, 0)
+    lines, labels, best = [], {}, (0, 0)
     for match in _SASS_LINE.finditer(sass):
         opcode, operands, label = match.groups()
         if label:
-            labels[label] = len(opcodes)
+            labels[label] = len(lines)
             continue
         base = opcode.split(".")[0]
-        opcodes.append(base)
+        lines.append((opcode, operands.strip().rstrip(";").strip()))
         if base == "BRA":
             target = re.search(r"(\.L_x_\d+)", operands)
             if target and target.group(1) in labels:
                 start = labels[target.group(1)]
-                if len(opcodes) - start > best[1] - best[0]:
-                    best = (start, len(opcodes))
-    return dict(collections.Counter(opcodes[best[0]:best[1]]))
+                if len(lines) - start > best[1] - best[0]:
+                    best = (start, len(lines))
+    return lines[best[0]:best[1]]
 
 
 def _run(tool: str, *args: str) -> str:
