@@ -250,12 +250,23 @@ def grouped_linear(x_sorted: torch.Tensor, expert_weight: ExpertWeight4bit, coun
     # projection of several (gate_up) is one launch per matrix over views of the stack, outputs side by
     # side. MXFP4 stacks take the twin, one expert decoded at a time.
     kernel = _grouped_kernel(x_sorted) if isinstance(expert_weight, ExpertWeight4bit) else None
+    if x_sorted.shape[0] >= TWIN_ROWS_PER_EXPERT * expert_weight.num_experts:
+        kernel = None
     if kernel is not None and expert_weight.segments > 1:
         return torch.cat([kernel(x_sorted, expert_weight.segment_stack(s), counts)
                           for s in range(expert_weight.segments)], dim=1)
     if kernel is not None:
         return kernel(x_sorted, expert_weight, counts)
     return _GroupedLinear4bit.apply(x_sorted, expert_weight, counts)
+
+
+# From this many rows per expert on (counted without a host sync: all rows over all experts), a GPU takes
+# the twin: each expert dequantized once, then cuBLAS. The grouped kernel decodes W_e again in every row
+# tile, which stops hiding behind its tensor work: by the machine-code model on an H100
+# (benchmarks/moe_kernels_static.py), Mixtral-8x7B's gate_up at 1024 rows per expert takes 6250 us in the
+# grouped kernel against ~3100 us dequantized + per-expert cuBLAS, while Qwen3-30B-A3B at 256 rows per
+# expert takes 702 us against 1156 us. Estimates, calibration error in benchmarks/results/calibration.json.
+TWIN_ROWS_PER_EXPERT = 512
 
 
 def _grouped_kernel(x: torch.Tensor):
