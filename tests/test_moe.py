@@ -214,3 +214,26 @@ def test_wrongly_shaped_expert_is_one_line_naming_it(tmp_path):
     message = str(err.value)
     assert "\n" not in message and f"model.safetensors: {key} (expert 2 of model.layers.0.mlp.experts.down_proj)" \
         in message and "has shape [64, 56], the other experts have [64, 64]" in message
+
+
+# ---- FSDP2: whole experts per rank, byte for byte ------------------------------------------------------
+@pytest.mark.slow
+def test_fsdp2_shards_expert_bytes_along_the_expert_dim(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from test_distributed import ROOT, _env, _free_port
+
+    model_dir = save_tiny_moe("qwen3_moe", tmp_path / "moe")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               str(ROOT / "tests" / "distributed_workers.py"), "gather_expert_bytes", str(tmp_path), str(model_dir)]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["gathered_equal"] and result["same_logits"], rank
+        assert len(result["stacks"]) == 4
+        for row in result["stacks"]:
+            # 8 experts over 2 ranks: 4 whole experts (rows of the packed [E, bytes] stack) each.
+            assert row["local_rows"] == 4 and row["local_bytes"] == row["total_bytes"] // 2, row
