@@ -237,3 +237,24 @@ def test_fsdp2_shards_expert_bytes_along_the_expert_dim(tmp_path):
         for row in result["stacks"]:
             # 8 experts over 2 ranks: 4 whole experts (rows of the packed [E, bytes] stack) each.
             assert row["local_rows"] == 4 and row["local_bytes"] == row["total_bytes"] // 2, row
+
+
+# ---- peak host memory of a streaming MoE load -----------------------------------------------------------
+@pytest.mark.slow
+def test_peak_rss_stays_near_quantized_model_plus_one_layer_of_experts(tmp_path):
+    from helpers import load_benchmark
+
+    bench = load_benchmark("streaming_load")
+    # 4 layers of 32 experts of 512x512 (gate, up, down): 50 MB of bf16 experts per layer, written per expert.
+    shape = dict(hidden_size=512, moe_intermediate_size=512, intermediate_size=1024, num_experts=32,
+                 num_experts_per_tok=4, num_hidden_layers=4, vocab_size=1024, num_attention_heads=8,
+                 num_key_value_heads=4, head_dim=64)
+    save_tiny_moe("qwen3_moe", tmp_path / "ckpt", **shape)
+    result = bench.measure("qlora", tmp_path / "ckpt")
+    over_baseline = result["peak_rss"] - result["baseline_rss"]
+    layer_experts_bf16 = 3 * 512 * 512 * 32 * 2
+    checkpoint_bytes = sum(f.stat().st_size for f in (tmp_path / "ckpt").glob("*.safetensors"))
+    # Experts are converted and quantized one at a time: the quantized model plus far less than one
+    # layer's experts in 16 bits (48 MB: allocator slack and the read buffers of the dense tensors).
+    assert over_baseline < result["footprint"] + layer_experts_bf16 // 2 + (48 << 20), result
+    assert over_baseline < 0.6 * checkpoint_bytes, (over_baseline, checkpoint_bytes)
