@@ -34,4 +34,13 @@ def test_tiny_moe_trains_with_memory_options_and_aux_loss(moe_assets, tmp_path):
     assert sorted(config.target_parameters) == ["experts.down_proj", "experts.gate_up_proj"]
     log = (run_dir / "train.log").read_text() if (run_dir / "train.log").is_file() else ""
     assert not log or "expert stacks" in log
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    summary_file = json.loads((run_dir / "summary.json").read_text())
+    assert summary_file["steps"] == 4
+
+    # qlora eval and qlora generate on the run: the 4-bit MoE base with its expert adapter.
+    from qlora.cli import main
+
+    assert main(["eval", f"run_dir={run_dir}", "max_new_tokens=4", "progress=false"]) == 0
+    metrics = json.loads((run_dir / "eval.json").read_text())["metrics"]
+    assert metrics["loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-4)
+    assert main(["generate", f"model={run_dir}", "prompt=w1 w2", "max_new_tokens=3", "chat=false"]) == 0
