@@ -46,6 +46,11 @@ def test_stack_checkpoint_entries_are_per_expert_weights():
     entries = weight.checkpoint_tensors()
     single = Weight4bit.from_checkpoint({k[2:]: v for k, v in entries.items() if k.startswith("1.")})
     assert torch.equal(single.dequantize(torch.float32), weight.dequantize(torch.float32)[1])
+    again = ExpertWeight4bit.from_checkpoint(entries)
+    for name, tensor in weight.tensors().items():
+        assert torch.equal(getattr(again, name), tensor), name
+    with pytest.raises(ValueError, match="expert stack: expert 0 is missing"):
+        ExpertWeight4bit.from_checkpoint({k: v for k, v in entries.items() if not k.startswith("0.")})
 
 
 def test_batched_linear_and_refusals():
