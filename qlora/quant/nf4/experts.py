@@ -153,9 +153,39 @@ class ExpertWeight4bit(QuantizedWeight):
     @classmethod
     def from_checkpoint(cls, tensors: Mapping[str, torch.Tensor], device: torch.device | str = "cpu",
                         where: str = "") -> "ExpertWeight4bit":
-        raise NotImplementedError(
-            f"{where or 'expert stack'}: a 4-bit expert stack is quantized while a 16-bit checkpoint streams in; "
-            "reading one already quantized per expert is done by the prequantized MoE loader")
+        """Rebuild from `checkpoint_tensors()`'s form: per expert e (and matrix s), bitsandbytes' entries
+        under "{e}.weight", "{e}.weight.absmax", ... ("{e}.{s}.weight", ...) (no re-quantization)."""
+        from qlora.quant.nf4.weight import Weight4bit
+
+        where = where or "expert stack"
+        by_matrix: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            parts = key.split(".")
+            if not parts[0].isdigit() or len(parts) < 2:
+                raise ValueError(f"{where}: unexpected entry {key!r}; an expert stack's entries are '<expert>.weight...'")
+            segment = int(parts[1]) if parts[1].isdigit() else 0
+            rest = ".".join(parts[2:] if parts[1].isdigit() else parts[1:])
+            by_matrix.setdefault((int(parts[0]), segment), {})[rest] = tensor
+        if not by_matrix:
+            raise ValueError(f"{where}: expert 0 is missing; the checkpoint is incomplete")
+        experts, segments = 1 + max(e for e, _ in by_matrix), 1 + max(s for _, s in by_matrix)
+        missing = [e for e in range(experts) for s in range(segments) if (e, s) not in by_matrix]
+        if missing:
+            raise ValueError(f"{where}: expert {missing[0]} is missing; the checkpoint is incomplete")
+        weights = {key: Weight4bit.from_checkpoint(entries, device, f"{where} expert {key[0]}")
+                   for key, entries in sorted(by_matrix.items())}
+        first = weights[(0, 0)]
+        for (e, _), weight in weights.items():
+            layout = (tuple(weight.shape), weight.quant_type, weight.blocksize, weight.double_quant)
+            if layout != (tuple(first.shape), first.quant_type, first.blocksize, first.double_quant):
+                raise ValueError(f"{where}: expert {e} is {list(weight.shape)} {weight.quant_type} blocksize "
+                                 f"{weight.blocksize}, expert 0 is {list(first.shape)} {first.quant_type} blocksize "
+                                 f"{first.blocksize}; the experts of one stack share a layout")
+        stack = cls.placeholder(experts, first.shape[0] * segments, first.shape[1], device, first.dtype,
+                                first.quant_type, first.blocksize, first.double_quant, segments=segments)
+        for (e, s), weight in weights.items():
+            stack.set_segment(e, s, weight.packed, weight.state)
+        return stack
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """bitsandbytes' entries of each expert's matrices, keyed "{e}.weight", "{e}.weight.absmax", ... (with
