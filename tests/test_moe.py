@@ -148,6 +148,13 @@ def test_family_loads_with_experts_in_4bit(family, tmp_path, ids):
     assert torch.equal(ours.argmax(-1), simulated.argmax(-1)) or gap_to_simulation < 2e-2
 
 
+def test_saving_a_4bit_moe_refuses_in_one_line(tmp_path):
+    model = qlora.load_model(save_tiny_moe("olmoe", tmp_path / "olmoe"), device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"saving a model with 4-bit expert stacks \(model.layers.0.mlp.experts"):
+        qlora.save_model(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_fused_layout_loads_the_same(tmp_path, ids):
     """A checkpoint that already holds the fused stacks (as the model names them) loads without conversion."""
     per_expert = save_tiny_moe("qwen3_moe", tmp_path / "per_expert")

@@ -28,6 +28,7 @@ def _train(model, ids, steps=3):
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_expert_adapter_trains_and_loads_in_plain_peft(family, tmp_path):
     path = save_tiny_moe(family, tmp_path / family)

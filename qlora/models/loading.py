@@ -374,9 +374,11 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
         bar.update()
     for name, buffer in model.named_buffers():
         key = names.get(name)
-        if key is not None and key not in used:  # a persistent buffer the checkpoint holds (a router's score bias)
+        module_name, _, attr = name.rpartition(".")
+        # A persistent buffer the checkpoint holds (DeepSeek's router score bias); non-persistent ones
+        # (rotary tables some old checkpoints carry, in their storage dtype) are computed, as transformers does.
+        if key is not None and key not in used and attr not in model.get_submodule(module_name)._non_persistent_buffers_set:
             used.add(key)
-            module_name, _, attr = name.rpartition(".")
             tensor = reader.get(key)
             _check_shape(key, tensor, tuple(buffer.shape))
             model.get_submodule(module_name)._buffers[attr] = tensor.to(device, buffer.dtype)
