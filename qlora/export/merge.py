@@ -29,10 +29,15 @@ from transformers import AutoConfig, GenerationConfig
 from qlora.quant.nf4.config import QuantConfig
 from qlora.quant.config import quant_config_from_any
 from qlora.errors import DamagedFileError, InputPathError, OptionError, UserError
+from qlora.export.experts import (ExpertStackSource, adapter_layout, expert_stack_names, hub_layout, merged_stack,
+                                  refuse_prequantized_experts)
 from qlora.export.source import AdapterSource
 from qlora.export.writer import ShardWriter
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
-from qlora.models.loading import build_skeleton, checkpoint_names, layer_checkpoint_tensors, replace_linear_layers
+from qlora.models.conversion import conversion_targets
+from qlora.models.loading import (_skipped, build_skeleton, checkpoint_names, layer_checkpoint_tensors,
+                                  replace_linear_layers)
+from qlora.nn.experts_interface import replace_expert_parameters
 from qlora.models.saving import TOKENIZER_FILES, parse_size
 from qlora.quant import get_format
 
@@ -166,11 +171,19 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
     if lora_config.use_dora and lora_config.lora_bias:
         raise NotImplementedError("DoRA adapters with lora_bias=True are not supported by the merge")
     skeleton = build_skeleton(base_config, torch.float32, source.trust_remote_code)
+    if read_packed:
+        refuse_prequantized_experts(skeleton, source.base)
+    # LoRA on expert stacks (PEFT's ParamWrapper keys) is taken out of `modules`, which keeps the linears.
+    expert_adapters = adapter_layout(skeleton, lora_config, modules)
     _check_adapter_matches(skeleton, modules, source.base, source.adapter_dir)
     tied = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)} - {n for n, _ in skeleton.named_parameters()}
     output_names = [n for n in skeleton.state_dict() if n not in tied]
-    # Which linears training held in 4 bits: the same rule load_model applies (head and skip_modules stay dense).
+    # Which linears and expert stacks training held in 4 bits: the rules load_model applies (head and
+    # skip_modules stay dense).
     quantized = set(replace_linear_layers(skeleton, qconfig)) if dequantize_base else set()
+    if dequantize_base:
+        quantized.update(replace_expert_parameters(skeleton, qconfig, lambda name: _skipped(name, qconfig)))
+    stacks = expert_stack_names(skeleton)
 
     record = {
         "base": base, "base_model": str(source.base), "weights_from": str(weights_dir), "adapter": str(source.adapter_dir),
@@ -180,14 +193,25 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
                              else "defaults (no run config found)",
         "lora": {"r": lora_config.r, "alpha": lora_config.lora_alpha, "use_rslora": lora_config.use_rslora,
                  "use_dora": lora_config.use_dora},
-        "merged_modules": len(modules), "merge_dtype": "float32", "trained_on_quantized_base": source.quantized,
+        "merged_modules": len(modules) + len(expert_adapters), "merged_expert_stacks": len(expert_adapters),
+        "merge_dtype": "float32", "trained_on_quantized_base": source.quantized,
         "dtype": "auto" if out_dtype is None else str(out_dtype).removeprefix("torch."),
     }
     writer = ShardWriter(directory, parse_size(max_shard_size))
     with ShardReader(weights_dir) as reader:
         names = checkpoint_names(skeleton, reader)
+        stack_source = ExpertStackSource(skeleton, reader, names, conversion_targets(skeleton, reader)) if stacks else None
         bar = tqdm(total=len(output_names), desc="merging", unit="tensor", disable=not progress)
         for name in output_names:
+            if name in stacks:  # one layer's expert stack, written per expert as the Hub holds it
+                module, param = stacks[name]
+                merged = merged_stack(module, param, stack_source.get(name), expert_adapters.get(name),
+                                      name in quantized, out_dtype)
+                for key, tensor in hub_layout(skeleton, {name: merged}):
+                    writer.add(key, tensor)
+                del merged
+                bar.update()
+                continue
             key = names.get(name)
             packed_layer = read_packed and name.endswith(".weight") and name.rpartition(".")[0] in quantized
             if key is None and not packed_layer:
@@ -197,8 +221,10 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
                 bar.update()
                 continue  # a persistent buffer the checkpoint does not carry: from_pretrained rebuilds it
             # One function call per tensor: its locals (the dense read, the fp32 copy) die on return.
-            writer.add(name, _merged_tensor(name, key, reader, names, modules, quantized, qconfig, read_packed,
-                                            lora_config, out_dtype))
+            tensor = _merged_tensor(name, key, reader, names, modules, quantized, qconfig, read_packed, lora_config,
+                                    out_dtype)
+            for out_name, out_tensor in (hub_layout(skeleton, {name: tensor}) if stacks else ((name, tensor),)):
+                writer.add(out_name, out_tensor)
             bar.update()
         bar.close()
     writer.close()

@@ -1,0 +1,103 @@
+"""qlora export on mixture-of-experts models: expert LoRA merged into dequant(NF4(experts)) in fp32, written in
+the Hub's per-expert layout (HF), re-quantized (NF4) and as GGUF (qwen3moe, mixtral)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import qlora
+from qlora.export import export_merged
+from qlora.lora import attach_lora
+from test_moe import simulated_quantization
+from tiny_moe import save_tiny_moe
+
+TOKENS = torch.tensor([[1, 5, 9, 33, 70, 101, 4, 12, 8, 64, 3, 99], [2, 127, 3, 45, 46, 47, 90, 2, 0, 17, 18, 19]])
+QUANT = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32", "blocksize": 64,
+         "quant_storage": "uint8", "skip_modules": ["lm_head"]}
+
+
+def make_moe_run(run_dir: Path, model_dir: Path) -> Path:
+    """A run dir as the trainer leaves it (config.yaml + adapter/) with LoRA on attention and on every expert
+    stack; init_lora_weights=False starts B non-zero, so every expert's delta is far from 0."""
+    model = qlora.load_model(model_dir, qlora.QuantConfig(compute_dtype=torch.float32), device="cpu",
+                             dtype=torch.float32, progress=False)
+    torch.manual_seed(0)
+    peft_model = attach_lora(model, r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                             gradient_checkpointing=False)
+    run_dir.mkdir(parents=True)
+    peft_model.save_pretrained(run_dir / "adapter")
+    config = {"model": {"name_or_path": str(model_dir), "dtype": "float32", "revision": None,
+                        "trust_remote_code": False}, "quantization": QUANT}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    return run_dir
+
+
+def peft_merged(model_dir: Path, run_dir: Path) -> torch.nn.Module:
+    """PEFT's own merge: the fp32 model whose quantized matrices are dequant(quant(W)), the adapter loaded with
+    PeftModel and merged with merge_and_unload."""
+    quantized = qlora.load_model(model_dir, device="cpu", progress=False)
+    reference = simulated_quantization(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
+                                       quantized)
+    return PeftModel.from_pretrained(reference, run_dir / "adapter").merge_and_unload().eval()
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=TOKENS).logits.float()
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral", "gpt_oss"])
+def moe_run(request, tmp_path_factory):
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    model_dir = save_tiny_moe(family, root / "base")
+    run_dir = make_moe_run(root / "run", model_dir)
+    return family, model_dir, run_dir, peft_merged(model_dir, run_dir)
+
+
+def test_hf_export_is_peft_merge_in_the_hub_layout(moe_run, tmp_path):
+    family, model_dir, run_dir, reference = moe_run
+    out = export_merged(run_dir, tmp_path / "fp32", dtype="float32", progress=False)
+    record = json.loads((out / "config.json").read_text())["qlora_merge"]
+    assert record["merged_expert_stacks"] == 4  # gate_up and down of 2 layers
+
+    # The names and shapes save_pretrained writes (per-expert tensors where the Hub has them).
+    reference.save_pretrained(tmp_path / "saved")
+    ours, theirs = load_file(out / "model.safetensors"), load_file(tmp_path / "saved" / "model.safetensors")
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    if family != "gpt_oss":  # gpt-oss's checkpoints hold fused stacks; the others one tensor per expert
+        assert not any("gate_up_proj" in k for k in ours) and any(".experts.3." in k for k in ours)
+    # fp32 merge on both sides; PEFT's einsum and our per-expert product may differ in the last bit:
+    # a few fp32 ulps of the largest weight (|w| < 2 here).
+    for key, tensor in theirs.items():
+        torch.testing.assert_close(ours[key], tensor, rtol=0, atol=4 * 2 ** -23 * 2, msg=key)
+
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    expected = logits(reference)
+    scale = expected.abs().max().item()
+    assert (logits(merged) - expected).abs().max().item() <= 1e-5 * max(scale, 1.0)
+    # The adapter on the experts mattered: the model with the experts' delta left out is far from the merge.
+    assert (logits(merged) - expected).abs().max().item() < 1e-3 * (expected - logits(_base(moe_run))).abs().max()
+
+
+def _base(moe_run):
+    _, model_dir, _, _ = moe_run
+    quantized = qlora.load_model(model_dir, device="cpu", progress=False)
+    return simulated_quantization(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
+                                  quantized)
+
+
+def test_bf16_export_rounds_the_fp32_merge_once(moe_run, tmp_path):
+    family, model_dir, run_dir, reference = moe_run
+    out = export_merged(run_dir, tmp_path / "bf16", dtype="bfloat16", progress=False)
+    reference.save_pretrained(tmp_path / "saved")
+    ours, theirs = load_file(out / "model.safetensors"), load_file(tmp_path / "saved" / "model.safetensors")
+    for key, tensor in theirs.items():
+        assert ours[key].dtype == torch.bfloat16, key
+        # One rounding of the fp32 merge to bf16: within half a bf16 ulp (2^-9 relative), plus the fp32 ulps above.
+        torch.testing.assert_close(ours[key].float(), tensor, rtol=2 ** -8, atol=1e-6, msg=key)
