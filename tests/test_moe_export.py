@@ -3,6 +3,7 @@ the Hub's per-expert layout (HF), re-quantized (NF4) and as GGUF (qwen3moe, mixt
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -101,3 +102,92 @@ def test_bf16_export_rounds_the_fp32_merge_once(moe_run, tmp_path):
         assert ours[key].dtype == torch.bfloat16, key
         # One rounding of the fp32 merge to bf16: within half a bf16 ulp (2^-9 relative), plus the fp32 ulps above.
         torch.testing.assert_close(ours[key].float(), tensor, rtol=2 ** -8, atol=1e-6, msg=key)
+
+
+# ---- GGUF -------------------------------------------------------------------------------------------
+gguf = pytest.importorskip("gguf")
+GT = gguf.GGMLQuantizationType
+
+
+def _gguf_checkpoint(family: str, directory: Path) -> Path:
+    from test_gguf import _tokenizer
+
+    save_tiny_moe(family, directory, dtype=torch.float32, vocab_size=320)
+    _tokenizer().save_pretrained(directory)
+    return directory
+
+
+def _expected_gguf_tensors(model_dir: Path, family: str) -> dict:
+    """The HF weights under llama.cpp's names: per-expert tensors stacked [E, out, in] per layer and
+    projection, Mixtral's q/k permuted as for the llama architecture."""
+    from qlora.export.gguf import permute_for_llama_rope
+
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = gguf.MODEL_ARCH.LLAMA if family == "mixtral" else gguf.MODEL_ARCH.QWEN3MOE
+    name_map = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    weights = {k: v.float().numpy() for k, v in load_file(model_dir / "model.safetensors").items()}
+    experts = config.get("num_local_experts") or config["num_experts"]
+    expected = {}
+    for key, value in weights.items():
+        if ".experts." in key:
+            stack, _, rest = key.partition(".experts.")
+            expert, _, proj = rest.partition(".")
+            if expert != "0":
+                continue
+            value = np.stack([weights[f"{stack}.experts.{e}.{proj}"] for e in range(experts)])
+            key = f"{stack}.experts.{proj}"
+        elif family == "mixtral" and "q_proj" in key:
+            value = permute_for_llama_rope(value, config["num_attention_heads"])
+        elif family == "mixtral" and "k_proj" in key:
+            value = permute_for_llama_rope(value, config["num_key_value_heads"])
+        expected[name_map.get_name(key, try_suffixes=(".weight", ".bias"))] = value
+    return expected
+
+
+@pytest.mark.parametrize("family,arch", [("qwen3_moe", "qwen3moe"), ("mixtral", "llama")])
+def test_gguf_of_a_moe_is_llama_cpps_layout(family, arch, tmp_path):
+    from qlora.export.gguf import write_gguf
+
+    model_dir = _gguf_checkpoint(family, tmp_path / family)
+    reader = gguf.GGUFReader(write_gguf(model_dir, tmp_path / "model.gguf", "f16"))
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    config = json.loads((model_dir / "config.json").read_text())
+    assert fields["general.architecture"] == arch
+    assert fields[f"{arch}.expert_count"] == (config.get("num_local_experts") or config["num_experts"])
+    assert fields[f"{arch}.expert_used_count"] == 2
+    if family == "qwen3_moe":
+        assert fields[f"{arch}.expert_feed_forward_length"] == 64
+        assert fields[f"{arch}.attention.key_length"] == 16
+    expected = _expected_gguf_tensors(model_dir, family)
+    assert {t.name for t in reader.tensors} == set(expected)
+    for layer in range(2):
+        for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_inp"):
+            assert f"blk.{layer}.{name}.weight" in expected
+    for t in reader.tensors:
+        want = expected[t.name]
+        assert list(t.shape) == list(reversed(want.shape)), t.name
+        if want.ndim == 1 or t.name.endswith("ffn_gate_inp.weight"):  # norms and the router stay F32
+            assert t.tensor_type == GT.F32, t.name
+            np.testing.assert_array_equal(t.data.reshape(want.shape), want, err_msg=t.name)
+            continue
+        assert t.tensor_type == GT.F16, t.name
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float32), err_msg=t.name)
+
+
+def test_gguf_refuses_other_moe_families_and_incomplete_experts(tmp_path):
+    from qlora.export.gguf import write_gguf
+
+    model_dir = tmp_path / "olmoe"
+    save_tiny_moe("olmoe", model_dir)
+    with pytest.raises(ValueError, match=r"^GGUF export does not support the mixture-of-experts family 'olmoe'"):
+        write_gguf(model_dir, tmp_path / "out.gguf")
+    broken = _gguf_checkpoint("qwen3_moe", tmp_path / "broken")
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.1.mlp.experts.5.up_proj.weight"]
+    from safetensors.torch import save_file
+
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no tensor model\.layers\.1\.mlp\.experts\.5\.up_proj\.weight"):
+        write_gguf(broken, tmp_path / "out.gguf")
+    assert not list(tmp_path.glob("out.gguf*"))
