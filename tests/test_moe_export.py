@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import qlora
+from qlora.errors import OptionError
 from qlora.export import export_merged
 from qlora.lora import attach_lora
 from test_moe import simulated_quantization
@@ -38,13 +39,14 @@ def make_moe_run(run_dir: Path, model_dir: Path) -> Path:
     return run_dir
 
 
-def peft_merged(model_dir: Path, run_dir: Path) -> torch.nn.Module:
+def peft_merged(model_dir: Path, run_dir: Path) -> tuple[torch.nn.Module, torch.Tensor]:
     """PEFT's own merge: the fp32 model whose quantized matrices are dequant(quant(W)), the adapter loaded with
-    PeftModel and merged with merge_and_unload."""
+    PeftModel and merged with merge_and_unload; and that base's logits without the adapter."""
     quantized = qlora.load_model(model_dir, device="cpu", progress=False)
     reference = simulated_quantization(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
                                        quantized)
-    return PeftModel.from_pretrained(reference, run_dir / "adapter").merge_and_unload().eval()
+    base_logits = logits(reference)
+    return PeftModel.from_pretrained(reference, run_dir / "adapter").merge_and_unload().eval(), base_logits
 
 
 def logits(model) -> torch.Tensor:
@@ -58,11 +60,11 @@ def moe_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(family)
     model_dir = save_tiny_moe(family, root / "base")
     run_dir = make_moe_run(root / "run", model_dir)
-    return family, model_dir, run_dir, peft_merged(model_dir, run_dir)
+    return (family, model_dir, run_dir, *peft_merged(model_dir, run_dir))
 
 
 def test_hf_export_is_peft_merge_in_the_hub_layout(moe_run, tmp_path):
-    family, model_dir, run_dir, reference = moe_run
+    family, model_dir, run_dir, reference, base_logits = moe_run
     out = export_merged(run_dir, tmp_path / "fp32", dtype="float32", progress=False)
     record = json.loads((out / "config.json").read_text())["qlora_merge"]
     assert record["merged_expert_stacks"] == 4  # gate_up and down of 2 layers
@@ -78,23 +80,16 @@ def test_hf_export_is_peft_merge_in_the_hub_layout(moe_run, tmp_path):
     for key, tensor in theirs.items():
         torch.testing.assert_close(ours[key], tensor, rtol=0, atol=4 * 2 ** -23 * 2, msg=key)
 
+    # Loaded by transformers itself: the logits of PEFT's merged model, to fp32 rounding (a few ulps of the logits).
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     expected = logits(reference)
-    scale = expected.abs().max().item()
-    assert (logits(merged) - expected).abs().max().item() <= 1e-5 * max(scale, 1.0)
-    # The adapter on the experts mattered: the model with the experts' delta left out is far from the merge.
-    assert (logits(merged) - expected).abs().max().item() < 1e-3 * (expected - logits(_base(moe_run))).abs().max()
-
-
-def _base(moe_run):
-    _, model_dir, _, _ = moe_run
-    quantized = qlora.load_model(model_dir, device="cpu", progress=False)
-    return simulated_quantization(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
-                                  quantized)
+    error = (logits(merged) - expected).abs().max().item()
+    assert error <= 1e-5 * max(expected.abs().max().item(), 1.0)
+    assert error < 1e-3 * (expected - base_logits).abs().max().item()  # the adapter moved the logits far more
 
 
 def test_bf16_export_rounds_the_fp32_merge_once(moe_run, tmp_path):
-    family, model_dir, run_dir, reference = moe_run
+    family, model_dir, run_dir, reference, _ = moe_run
     out = export_merged(run_dir, tmp_path / "bf16", dtype="bfloat16", progress=False)
     reference.save_pretrained(tmp_path / "saved")
     ours, theirs = load_file(out / "model.safetensors"), load_file(tmp_path / "saved" / "model.safetensors")
@@ -191,3 +186,23 @@ def test_gguf_refuses_other_moe_families_and_incomplete_experts(tmp_path):
     with pytest.raises(ValueError, match=r"no tensor model\.layers\.1\.mlp\.experts\.5\.up_proj\.weight"):
         write_gguf(broken, tmp_path / "out.gguf")
     assert not list(tmp_path.glob("out.gguf*"))
+
+
+def test_export_of_a_moe_run_to_gguf_holds_the_merge(tmp_path):
+    """qlora export format=gguf: the fp32 merge (the HF export's tensors) stacked per layer, rounded once to f16;
+    format=nf4 is refused in one line before anything is merged."""
+    model_dir = _gguf_checkpoint("qwen3_moe", tmp_path / "base")
+    run_dir = make_moe_run(tmp_path / "run", model_dir)
+    with pytest.raises(OptionError, match=r"^format=nf4 on the mixture-of-experts model .*qwen3_moe"):
+        export_merged(run_dir, tmp_path / "nf4", format="nf4", progress=False)
+    assert not (tmp_path / "nf4").exists()
+
+    hf = export_merged(run_dir, tmp_path / "hf", dtype="float32", progress=False)
+    out = export_merged(run_dir, tmp_path / "gguf", format="gguf", progress=False)
+    reader = gguf.GGUFReader(out / "model-f16.gguf")
+    expected = _expected_gguf_tensors(hf, "qwen3_moe")
+    assert {t.name for t in reader.tensors} == set(expected)
+    for t in reader.tensors:
+        if t.name.endswith("_exps.weight"):
+            got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(expected[t.name].shape)
+            np.testing.assert_array_equal(got, expected[t.name].astype(np.float16).astype(np.float32), err_msg=t.name)

@@ -24,6 +24,7 @@ from qlora.quant.nf4.config import QuantConfig
 from qlora.data.formats import PROMPT_FORMAT_FILE
 from qlora.errors import OptionError, OutputExistsError
 from qlora.export.merge import BASES, AdapterMismatchError, merge_to_hf_dir, parse_dtype_option, read_merge_record
+from qlora.export.experts import refuse_requantized_experts
 from qlora.export.source import AdapterSource, find_adapter_dir, resolve_source
 from qlora.staging import make_staging_dir, staged_directory
 
@@ -69,6 +70,8 @@ def export_merged(
     output_dir = Path(output_dir).expanduser()
     check_output_dir(output_dir, overwrite, "output_dir", "overwrite=True")
     source = resolve_source(run_or_adapter_dir)
+    if format in ("nf4", "int8"):
+        refuse_requantized_experts(source, format)
 
     with staged_directory(output_dir) as staging:
         if format == "hf":

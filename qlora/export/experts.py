@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from qlora.errors import DamagedFileError
+from qlora.errors import DamagedFileError, OptionError
 from qlora.models.checkpoint import ShardReader
 from qlora.models.conversion import ConvertedTarget, load_converted
 from qlora.nn.experts import expert_parameter_names, held_experts, is_experts_module
@@ -170,5 +170,26 @@ def refuse_prequantized_experts(skeleton: nn.Module, base: str) -> None:
                          "does not load yet; export against its 16-bit checkpoint")
 
 
+# config.json keys holding a mixture-of-experts model's expert count (transformers' families).
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def refuse_requantized_experts(source, format: str) -> None:  # noqa: A002 (the export option's name)
+    """format=nf4/int8 writes a pre-quantized checkpoint; one with 4-bit expert stacks is not a form qlora
+    (or transformers + bitsandbytes, which leaves fused experts 16-bit) loads back yet, so it is refused
+    before anything is merged."""
+    from transformers import AutoConfig
+
+    from qlora.models.checkpoint import resolve_checkpoint
+
+    config = AutoConfig.from_pretrained(resolve_checkpoint(source.base, source.revision),
+                                        trust_remote_code=source.trust_remote_code)
+    if any(getattr(config, k, None) for k in EXPERT_COUNT_KEYS):
+        raise OptionError(
+            f"format={format} on the mixture-of-experts model {source.base} ({config.model_type}): a re-quantized "
+            "checkpoint with 4-bit experts does not load back in qlora yet; export format=hf (qlora.load_model "
+            "quantizes its experts to NF4 while loading, the same bytes) or format=gguf")
+
+
 __all__ = ["ExpertAdapter", "ExpertStackSource", "adapter_layout", "expert_stack_names", "hub_layout", "merged_stack",
-           "refuse_prequantized_experts"]
+           "refuse_prequantized_experts", "refuse_requantized_experts"]
