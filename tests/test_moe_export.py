@@ -23,28 +23,31 @@ QUANT = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32", 
          "quant_storage": "uint8", "skip_modules": ["lm_head"]}
 
 
-def make_moe_run(run_dir: Path, model_dir: Path) -> Path:
+def make_moe_run(run_dir: Path, model_dir: Path, skip_modules=("lm_head",)) -> Path:
     """A run dir as the trainer leaves it (config.yaml + adapter/) with LoRA on attention and on every expert
     stack; init_lora_weights=False starts B non-zero, so every expert's delta is far from 0."""
-    model = qlora.load_model(model_dir, qlora.QuantConfig(compute_dtype=torch.float32), device="cpu",
-                             dtype=torch.float32, progress=False)
+    quant = {**QUANT, "skip_modules": list(skip_modules)}
+    model = qlora.load_model(model_dir, qlora.QuantConfig(compute_dtype=torch.float32, skip_modules=list(skip_modules)),
+                             device="cpu", dtype=torch.float32, progress=False)
     torch.manual_seed(0)
     peft_model = attach_lora(model, r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
                              gradient_checkpointing=False)
     run_dir.mkdir(parents=True)
     peft_model.save_pretrained(run_dir / "adapter")
     config = {"model": {"name_or_path": str(model_dir), "dtype": "float32", "revision": None,
-                        "trust_remote_code": False}, "quantization": QUANT}
+                        "trust_remote_code": False}, "quantization": quant}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     return run_dir
 
 
-def peft_merged(model_dir: Path, run_dir: Path) -> tuple[torch.nn.Module, torch.Tensor]:
-    """PEFT's own merge: the fp32 model whose quantized matrices are dequant(quant(W)), the adapter loaded with
-    PeftModel and merged with merge_and_unload; and that base's logits without the adapter."""
-    quantized = qlora.load_model(model_dir, device="cpu", progress=False)
-    reference = simulated_quantization(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
-                                       quantized)
+def peft_merged(model_dir: Path, run_dir: Path, skip_modules=("lm_head",), simulate=True):
+    """PEFT's own merge: the fp32 model whose quantized matrices are dequant(quant(W)) (with simulate), the
+    adapter loaded with PeftModel and merged with merge_and_unload; and that base's logits without the adapter."""
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if simulate:
+        quantized = qlora.load_model(model_dir, qlora.QuantConfig(skip_modules=list(skip_modules)), device="cpu",
+                                     progress=False)
+        reference = simulated_quantization(reference, quantized)
     base_logits = logits(reference)
     return PeftModel.from_pretrained(reference, run_dir / "adapter").merge_and_unload().eval(), base_logits
 
@@ -86,6 +89,27 @@ def test_hf_export_is_peft_merge_in_the_hub_layout(moe_run, tmp_path):
     error = (logits(merged) - expected).abs().max().item()
     assert error <= 1e-5 * max(expected.abs().max().item(), 1.0)
     assert error < 1e-3 * (expected - base_logits).abs().max().item()  # the adapter moved the logits far more
+
+
+def _assert_same_weights(out: Path, reference, directory: Path) -> None:
+    reference.save_pretrained(directory)
+    ours, theirs = load_file(out / "model.safetensors"), load_file(directory / "model.safetensors")
+    assert set(ours) == set(theirs)
+    for key, tensor in theirs.items():
+        torch.testing.assert_close(ours[key], tensor, rtol=0, atol=4 * 2 ** -23 * 2, msg=key)
+
+
+def test_experts_kept_16bit_and_base_original_merge_into_w(tmp_path):
+    """skip_modules=[experts] trained the experts' LoRA on the 16-bit stacks, so the merge adds to W there
+    (and to dequant(NF4(W)) in attention); base=original merges everything into W."""
+    model_dir = save_tiny_moe("qwen3_moe", tmp_path / "base")
+    skip = ("lm_head", "experts")
+    run_dir = make_moe_run(tmp_path / "run", model_dir, skip_modules=skip)
+    out = export_merged(run_dir, tmp_path / "skip", dtype="float32", progress=False)
+    _assert_same_weights(out, peft_merged(model_dir, run_dir, skip)[0], tmp_path / "peft_skip")
+    out = export_merged(run_dir, tmp_path / "original", base="original", dtype="float32", progress=False)
+    assert json.loads((out / "config.json").read_text())["qlora_merge"]["base"] == "original"
+    _assert_same_weights(out, peft_merged(model_dir, run_dir, simulate=False)[0], tmp_path / "peft_original")
 
 
 def test_bf16_export_rounds_the_fp32_merge_once(moe_run, tmp_path):
