@@ -205,7 +205,9 @@ def _readme(record: dict, format: str, gguf_type: str) -> str:
         f"Written by `qlora export` (format `{format}`).", "",
         f"- base model: `{record['base_model']}`", f"- adapter: `{record['adapter']}`",
         f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, rsLoRA={lora['use_rslora']}, DoRA={lora['use_dora']}; "
-        f"{record['merged_modules']} modules merged in fp32 with PEFT's own merge (W' = W + delta)",
+        f"{record['merged_modules']} modules merged in fp32 with PEFT's own merge (W' = W + delta)"
+        + (f", {record['merged_expert_stacks']} of them expert stacks (PEFT's ParamWrapper layout, merged expert by "
+           "expert)" if record.get("merged_expert_stacks") else ""),
         f"- output dtype: {record['dtype']}", "", how, "",
     ]
     if format in ("nf4", "int8"):

@@ -81,7 +81,7 @@ def adapter_layout(plain_skeleton: nn.Module, lora_config, modules: dict[str, di
         expected_a = tuple(wrapper.lora_A["default"].weight.shape)
         expected_b = tuple(wrapper.lora_B["default"].weight.shape)
         if tuple(parts["A"].shape) != expected_a or tuple(parts["B"].shape) != expected_b:
-            from qlora.export.merge import AdapterMismatchError
+            from qlora.export.merge import AdapterMismatchError  # merge imports this module
 
             raise AdapterMismatchError(
                 f"adapter module {path!r} ({stack}) has lora_A {list(parts['A'].shape)} and lora_B "
@@ -97,10 +97,8 @@ class ExpertStackSource:
 
     def __init__(self, skeleton: nn.Module, reader: ShardReader, names: dict[str, str],
                  targets: dict[str, ConvertedTarget]):
-        self.skeleton, self.reader, self.names = skeleton, reader, names
-        self.targets = {}
-        for target in targets.values():  # a converter may fill several stacks (its targets): index each
-            self.targets[target.name] = target
+        self.skeleton, self.reader, self.names, self.targets = skeleton, reader, names, targets
+        # What a converter produced beside the stack asked for (a converter with several targets), until asked.
         self.pending: dict[str, torch.Tensor] = {}
 
     def get(self, name: str) -> torch.Tensor:
