@@ -120,17 +120,21 @@ class ExpertStackSource:
 
 def merged_stack(module: nn.Module, param: str, dense: torch.Tensor, adapter: Optional[ExpertAdapter],
                  quantized: bool, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """The merged stack in the module's layout and `out_dtype` (None: the checkpoint's): per expert, dequant(quant(W_e)) (when
-    training held it in 4 bits) + delta_e in fp32."""
+    """The merged stack in the module's layout and `out_dtype` (None: the checkpoint's): per expert,
+    dequant(quant(W_e)) (when training held it in 4 bits) + delta_e in fp32, rounded once.
+
+    `dense` (the converter's output, owned here) is overwritten expert by expert when the output dtype is
+    its own (bf16 into bf16: no second copy of the stack, 0.75 GB for a Qwen3-30B-A3B gate_up stack)."""
     transposed = bool(getattr(module, "is_transposed", False))
     template = held_experts(module, param) if quantized else None
     num_experts = dense.shape[0]
-    merged = torch.empty(dense.shape, dtype=out_dtype or dense.dtype)
+    out_dtype = out_dtype or dense.dtype
+    merged = dense if out_dtype == dense.dtype else torch.empty(dense.shape, dtype=out_dtype)
     for e in range(num_experts):
         matrix = dense[e].t() if transposed else dense[e]  # [out, in]
         if template is not None:
             matrix = _requantized(template, matrix)
-        matrix = matrix.float()
+        matrix = matrix.float()  # aliases dense[e] only when it is fp32 and nothing below changes it
         if adapter is not None:
             delta = adapter.delta(e, num_experts)
             if tuple(delta.shape) != tuple(matrix.shape):
