@@ -69,7 +69,8 @@ def write_adapter(run_dir: Path, checkpoint: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    config = LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.0,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                         target_parameters=["experts.gate_up_proj", "experts.down_proj"],
                         base_model_name_or_path=str(checkpoint))
     with init_empty_weights():

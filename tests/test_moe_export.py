@@ -230,3 +230,21 @@ def test_export_of_a_moe_run_to_gguf_holds_the_merge(tmp_path):
         if t.name.endswith("_exps.weight"):
             got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(expected[t.name].shape)
             np.testing.assert_array_equal(got, expected[t.name].astype(np.float16).astype(np.float32), err_msg=t.name)
+
+
+def test_an_expert_adapter_for_another_model_is_named(tmp_path):
+    """An adapter whose expert factors do not fit the base's stacks is one error naming the stack."""
+    from qlora.export import AdapterMismatchError
+
+    model_dir = save_tiny_moe("qwen3_moe", tmp_path / "base")
+    run_dir = make_moe_run(tmp_path / "run", model_dir)
+    other = save_tiny_moe("qwen3_moe", tmp_path / "other", moe_intermediate_size=128)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(other)}))
+    (adapter / "adapter_model.safetensors").write_bytes((run_dir / "adapter" / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(AdapterMismatchError, match=r"^adapter module 'model\.layers\.0\.mlp\.experts.*\(model\.layers"
+                                                   r"\.0\.mlp\.experts\.(gate_up|down)_proj\) has lora_A"):
+        export_merged(adapter, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

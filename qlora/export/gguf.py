@@ -329,7 +329,8 @@ def _tensor_qtype(gguf_name: str, shape, weight_qtype):
     return weight_qtype
 
 
-_ROUTER = re.compile(r"^blk\.\d+\.ffn_gate_inp\.weight$")  # always F32 in convert_hf_to_gguf (and llama.cpp's quantizer)
+# The MoE router: always F32 in convert_hf_to_gguf (and in llama.cpp's quantizer).
+_ROUTER = re.compile(r"^blk\.\d+\.ffn_gate_inp\.weight$")
 
 
 class ExpertStack:

@@ -200,7 +200,8 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
     writer = ShardWriter(directory, parse_size(max_shard_size))
     with ShardReader(weights_dir) as reader:
         names = checkpoint_names(skeleton, reader)
-        stack_source = ExpertStackSource(skeleton, reader, names, conversion_targets(skeleton, reader)) if stacks else None
+        stack_source = ExpertStackSource(skeleton, reader, names, conversion_targets(skeleton, reader)) \
+            if stacks else None
         bar = tqdm(total=len(output_names), desc="merging", unit="tensor", disable=not progress)
         for name in output_names:
             if name in stacks:  # one layer's expert stack, written per expert as the Hub holds it
