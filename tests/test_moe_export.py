@@ -57,7 +57,7 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=TOKENS).logits.float()
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral", pytest.param("gpt_oss", marks=pytest.mark.slow)])
 def moe_run(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(family)
@@ -212,6 +212,7 @@ def test_gguf_refuses_other_moe_families_and_incomplete_experts(tmp_path):
     assert not list(tmp_path.glob("out.gguf*"))
 
 
+@pytest.mark.slow  # about 6 s: a run and two exports
 def test_export_of_a_moe_run_to_gguf_holds_the_merge(tmp_path):
     """qlora export format=gguf: the fp32 merge (the HF export's tensors) stacked per layer, rounded once to f16;
     format=nf4 is refused in one line before anything is merged."""
