@@ -183,6 +183,8 @@ def cmd_generate(values: dict) -> int:
         raise UsageError(f"chat={values['chat']!r} must be auto, true or false")
     device = as_device("device", values["device"])
 
+    from qlora.nn.experts_interface import generation_options
+
     model, tokenizer, prompt_format = load_for_generation(values["model"], device)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat == "true" and not has_template:
@@ -196,7 +198,8 @@ def cmd_generate(values: dict) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started = time.perf_counter()
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad, **sampling)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad, **sampling,
+                                **generation_options(model))
     seconds = time.perf_counter() - started
     new_tokens = output.shape[-1] - inputs["input_ids"].shape[-1]
     print(f"\n[{new_tokens} tokens in {seconds:.2f} s: {new_tokens / max(seconds, 1e-9):.1f} tokens/s]", flush=True)

@@ -68,6 +68,46 @@ def gather_bytes(out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def gather_expert_bytes(out_dir: str, model_dir: str) -> None:
+    """fully_shard a tiny MoE with 4-bit expert stacks as the trainer does: each rank holds whole experts
+    (half the packed bytes); gathered, the bytes and the logits are the unsharded model's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import qlora
+    from qlora.nn.experts import quantized_stacks
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    reference = qlora.load_model(model_dir, device="cpu", progress=False)
+    model = qlora.load_model(model_dir, device="cpu", progress=False)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    rows = []
+    for (name, module, attr), (_, ref_module, _) in zip(quantized_stacks(model), quantized_stacks(reference)):
+        param = module._parameters[attr]
+        local = param.to_local()
+        rows.append({"name": f"{name}.{attr}", "local_bytes": local.numel() * local.element_size(),
+                     "total_bytes": ref_module._parameters[attr].numel(), "local_rows": local.shape[0]})
+    for layer in model.model.layers:  # each decoder layer is its own group
+        layer.unshard()
+    gathered = [torch.equal(module._parameters[attr].detach(), ref._parameters[attr])
+                for (_, module, attr), (_, ref, _) in zip(quantized_stacks(model), quantized_stacks(reference))]
+    for layer in model.model.layers:
+        layer.reshard()
+    with torch.no_grad():
+        logits = model(ids).logits
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"stacks": rows, "gathered_equal": all(gathered), "same_logits": torch.equal(logits, expected)}, f)
+    dist.destroy_process_group()
+
+
 def _local_state(model) -> dict:
     """name -> this rank's tensor: shards of the parameters (packed bytes viewed as bytes), the
     quantized layers' state buffers and every other buffer."""
@@ -121,4 +161,5 @@ def _status_bytes(field: str) -> int:
 
 
 if __name__ == "__main__":
-    {"gather_bytes": gather_bytes, "build_state": build_state}[sys.argv[1]](*sys.argv[2:])
+    {"gather_bytes": gather_bytes, "build_state": build_state,
+     "gather_expert_bytes": gather_expert_bytes}[sys.argv[1]](*sys.argv[2:])

@@ -19,7 +19,7 @@ FLOORS = [
     (2, ["qlora.quant"]),
     (3, ["qlora.nn"]),
     (4, ["qlora.models", "qlora.baseline", "qlora.memory", "qlora.hub"]),
-    (5, ["qlora.lora", "qlora.loftq", "qlora.optim", "qlora.data", "qlora.objectives"]),
+    (5, ["qlora.lora", "qlora.lora_experts", "qlora.loftq", "qlora.optim", "qlora.data", "qlora.objectives"]),
     (6, ["qlora.train", "qlora.export", "qlora.evaluate", "qlora.distributed"]),
     (7, ["qlora.cli", "qlora.quantize_cli", "qlora.doctor", "qlora.demo", "qlora"]),
 ]

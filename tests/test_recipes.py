@@ -57,6 +57,17 @@ def test_presets(preset):
     assert cfg.trainer.run_name == preset
 
 
+@pytest.mark.parametrize("preset", ["qwen3_30b_a3b_nf4", "mixtral_8x7b_nf4", "gpt_oss_20b_nf4"])
+def test_moe_presets(preset):
+    cfg = compose_with(f"recipe={preset}")
+    validate(cfg)
+    assert cfg.quantization.quant_type == "nf4" and cfg.quantization.double_quant
+    # Experts adapted too; PEFT's adapter on a 3-D parameter takes no dropout.
+    assert (cfg.lora.r, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.target_experts) == (8, 0.0, "all-linear", True)
+    assert cfg.optimizer._target_ == "qlora.optim.PagedAdamW" and cfg.optimizer.paged and cfg.trainer.gradient_checkpointing
+    assert cfg.trainer.run_name == preset
+
+
 def test_default_is_the_embedded_run():
     cfg = compose_with()
     validate(cfg)

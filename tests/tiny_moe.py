@@ -38,3 +38,16 @@ def build_model(family: str, seed: int = 0, dtype=torch.bfloat16, **overrides):
 def save_tiny_moe(family: str, directory: Path, dtype=torch.bfloat16, **overrides) -> Path:
     build_model(family, dtype=dtype, **overrides).save_pretrained(directory)
     return Path(directory)
+
+
+def save_tiny_moe_with_tokenizer(directory: Path, family: str = "qwen3_moe", **overrides) -> Path:
+    """A tiny MoE with tiny_run's word-level tokenizer (its token ids are the model's vocabulary)."""
+    from tiny_run import save_tiny_model_with_tokenizer
+
+    save_tiny_model_with_tokenizer(directory)  # the tokenizer files (and a dense model, replaced below)
+    for stale in Path(directory).glob("model*.safetensors*"):
+        stale.unlink()
+    model = build_model(family, dtype=torch.float32, **overrides)
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 0
+    model.save_pretrained(directory)
+    return Path(directory)

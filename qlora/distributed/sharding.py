@@ -9,7 +9,8 @@ would be cast by a mixed-precision policy whose param_dtype differs (bf16 -> fp3
 and quiets signalling NaNs), so before sharding every float-stored packed weight is re-held as a
 uint8 view of the same bytes: FSDP2 then never casts it, copies it bit for bit, and the kernels
 reinterpret any storage dtype as bytes anyway. The rows are whole 4-bit blocks (blocksize/2 bytes),
-so shard boundaries never split a block.
+so shard boundaries never split a block. A 4-bit expert stack (qlora.nn.experts) is a uint8 Parameter
+[experts, bytes per expert]: FSDP2 shards it along the experts, whole experts per rank, byte for byte.
 """
 from __future__ import annotations
 
@@ -64,6 +65,11 @@ def base_bytes_per_rank(model: nn.Module) -> int:
     for layer in quantized_layers(model):
         total += sum(b.numel() * b.element_size() for name, b in layer.named_buffers(recurse=False)
                      if b is not None and name in layer._state_names)
+    from qlora.nn.experts import quantized_stacks
+
+    for _, module, attr in quantized_stacks(model):  # 4-bit expert stacks: their scales, replicated
+        total += sum(b.numel() * b.element_size() for name, b in module.named_buffers(recurse=False)
+                     if b is not None and name.startswith(attr + "_"))
     return total
 
 

@@ -4,6 +4,8 @@
   the CPython documentation that ships with the interpreter, with its byte-level BPE tokenizer
   (bfloat16 safetensors; loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``). How it was made:
   ``base/TRAINING.md``; made by ``pretrain.py``, from the text gathered by ``corpus.py``.
+- ``MOE_MODEL_DIR`` (``moe/``): the base sparse-upcycled into a 4-expert, top-2 MixtralForCausalLM
+  and pretrained a little longer (``moe/TRAINING.md``; made by ``upcycle.py``): ``model=embedded_moe``.
 - ``TASK_TRAIN`` / ``TASK_EVAL``: alpaca-style jsonl records ``{"instruction", "input",
   "output"}`` of a task the base model cannot do zero-shot: name the Python type of a literal
   (``{'mode': 3}`` -> ``dict``; see ``make_task.py``). No eval input occurs in train. Score: exact
@@ -30,6 +32,7 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 BASE_MODEL_DIR = _HERE / "base"
+MOE_MODEL_DIR = _HERE / "moe"
 TASK_TRAIN = _HERE / "task_train.jsonl"
 TASK_EVAL = _HERE / "task_eval.jsonl"
 
@@ -44,4 +47,4 @@ def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 (alpa
     return PROMPT_TEMPLATE_NO_INPUT.format(instruction=instruction)
 
 
-__all__ = ["BASE_MODEL_DIR", "TASK_TRAIN", "TASK_EVAL", "PROMPT_TEMPLATE", "format_prompt"]
+__all__ = ["BASE_MODEL_DIR", "MOE_MODEL_DIR", "TASK_TRAIN", "TASK_EVAL", "PROMPT_TEMPLATE", "format_prompt"]

@@ -5,10 +5,11 @@ expert (`mlp.experts.3.gate_proj.weight`) where the model built by transformers 
 stacks (`mlp.experts.gate_up_proj` [E, 2I, H]). `from_pretrained` merges them with the
 WeightConverters of `transformers.conversion_mapping.get_model_conversion_mapping(model)`
 (MergeModulelist, Concatenate, Transpose, ...). This module runs the same converters, chosen by the
-same `rename_source_key`, but one target at a time: the per-expert tensors of one fused parameter
-are read, converted, handed to `place` (which quantizes them expert by expert) and dropped before
-the next target is read. Peak host memory is the quantized model plus about two copies of one
-layer's gate_up stack in 16 bits (the per-expert tensors and their stack), never all layers'.
+same `rename_source_key`, but one target at a time, and where the converter allows (stacking
+experts, concatenating gate and up) one expert at a time: the expert's tensors are read, converted,
+quantized into their slot of the stack and dropped before the next are read. Peak host memory is the
+quantized model plus a few of one expert's tensors in 16 bits; a converter that mixes experts
+converts a whole target at once (one layer's stack, about twice, in 16 bits), never all layers'.
 
 So every family transformers knows loads without a table of ours, in both layouts: per-expert
 tensors go through their converter, already-fused tensors are renamed 1:1 like any other key.
@@ -63,22 +64,60 @@ def conversion_targets(model, reader: ShardReader) -> dict[str, ConvertedTarget]
     return targets
 
 
-def load_converted(model, reader: ShardReader, target: ConvertedTarget,
-                   place: Callable[[str, torch.Tensor], None]) -> list[str]:
+def load_converted(model, reader: ShardReader, target: ConvertedTarget, place: Callable[..., None]) -> list[str]:
     """Read one target's checkpoint tensors, run its converter, hand each result to `place(name, tensor)`
-    and drop them. Returns the model names placed."""
+    and drop them. Returns the model names placed.
+
+    A converter that stacks per-expert tensors along a new dim 0 (MergeModulelist) and otherwise only
+    concatenates along other dims acts on each expert alone: it then runs once per expert, and
+    `place(name, tensor, first=e)` receives [1, ...] tensors, so only one expert is ever dense in
+    16 bits (not the layer's whole stack, twice, as converting them together would hold)."""
     check_expert_sources(model, reader, target)
-    converter = target.converter
+    groups = _per_expert_groups(model, target)
+    if groups is None:
+        groups = [(None, target.sources)]
+    placed = {}
+    for first, sources in groups:
+        converter = copy.deepcopy(target.converter)
+        for pattern, key in sources:
+            converter.add_tensor(target.name, key, pattern, lambda key=key: reader.get(key))
+        results = converter.convert(target.name, model=model, config=model.config)
+        for name in list(results):
+            tensor = results.pop(name)
+            tensor = tensor[0] if isinstance(tensor, list) else tensor
+            place(name, tensor) if first is None else place(name, tensor, first=first)
+            placed[name] = True
+            del tensor
+    return list(placed)
+
+
+def _per_expert_groups(model, target: ConvertedTarget) -> Optional[list[tuple[int, list[tuple[str, str]]]]]:
+    """[(expert, its (pattern, key) sources)] when the target's converter can run one expert at a time."""
+    try:
+        from transformers.core_model_loading import Concatenate, MergeModulelist
+    except ImportError:
+        return None
+    operations = getattr(target.converter, "operations", [])
+    if not operations or not isinstance(operations[0], MergeModulelist) or operations[0].dim != 0:
+        return None
+    if not all(isinstance(op, Concatenate) and op.dim != 0 for op in operations[1:]):
+        return None
+    from qlora.nn.experts import held_experts
+
+    module_name, _, attr = target.name.rpartition(".")
+    if held_experts(model.get_submodule(module_name), attr) is None:  # a 16-bit stack is assigned whole
+        return None
+    experts = _expected_experts(model, target.name)
+    keys = [key for _, key in target.sources]
+    position = _expert_position(keys)
+    if experts is None or position is None:
+        return None
+    groups: dict[int, list[tuple[str, str]]] = {}
     for pattern, key in target.sources:
-        converter.add_tensor(target.name, key, pattern, lambda key=key: reader.get(key))
-    results = converter.convert(target.name, model=model, config=model.config)
-    placed = []
-    for name in list(results):
-        tensor = results.pop(name)
-        place(name, tensor[0] if isinstance(tensor, list) else tensor)
-        placed.append(name)
-        del tensor
-    return placed
+        groups.setdefault(int(_INDEX.findall(key)[position]), []).append((pattern, key))
+    if sorted(groups) != list(range(experts)):
+        return None
+    return sorted(groups.items())
 
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.)")

@@ -174,6 +174,8 @@ def replace_linear_layers(model: nn.Module, qconfig) -> list[str]:
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name in skip:
             continue
+        if type(module).forward is not nn.Linear.forward:  # computes more than x W^T + b (Llama-4's router)
+            continue
         if _skipped(name, qconfig):
             continue
         layer = layer_cls(module.in_features, module.out_features, bias=module.bias is not None,
@@ -273,7 +275,8 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
     # tensors -> fused expert stacks), one target at a time.
     filled: set[str] = set()
     for target in converted.values():
-        placed = load_converted(model, reader, target, lambda n, t: _place(model, n, t, device, target_set, target))
+        placed = load_converted(model, reader, target,
+                                lambda n, t, first=None: _place(model, n, t, device, target_set, target, first))
         filled.update(placed)
         used.update(key for _, key in target.sources)
         bar.update(len(placed))
@@ -355,24 +358,18 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
         logger.warning("ignored %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[:5])
 
 
-def _place(model, name: str, tensor: torch.Tensor, device, quantized_layers: set[str], source) -> None:
-    """Put one dense model tensor where it belongs: into a 4-bit expert stack or layer (quantized on
-    `device`), or as a dense parameter. `source` names the checkpoint tensor(s) in errors."""
+def _place(model, name: str, tensor: torch.Tensor, device, quantized_layers: set[str], source,
+           first_expert: Optional[int] = None) -> None:
+    """Put one dense model tensor where it belongs: into a 4-bit expert stack (all of it, or the experts
+    from `first_expert` on) or layer (quantized on `device`), or as a dense parameter. `source` names the
+    checkpoint tensor(s) in errors."""
     where = getattr(source, "sources", None)
     where = f"{where[0][1]} (and the rest of {source.name}'s {len(where)} tensors)" if where else str(source)
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    stack = held_experts(module, attr)
-    if stack is not None:
-        if stack.device != device or stack.packed.is_meta:
-            from qlora.nn.experts import hold_experts
-
-            hold_experts(module, attr, type(stack).placeholder(*stack.shape, device=device, compute_dtype=stack.dtype,
-                                                               quant_type=stack.quant_type, blocksize=stack.blocksize,
-                                                               double_quant=stack.double_quant,
-                                                               quant_storage=stack.packed.dtype))
+    if held_experts(module, attr) is not None:
         try:
-            set_dense_experts(module, attr, tensor)
+            set_dense_experts(module, attr, tensor.to(device), first_expert)
         except ValueError as err:
             raise ValueError(f"{where}: {err}; the config and the weights do not match") from None
     elif module_name in quantized_layers and attr == "weight":

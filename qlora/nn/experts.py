@@ -92,12 +92,24 @@ def quantized_stacks(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return [(mname, m, p) for mname, m in model.named_modules() for p in m.__dict__.get(_HELD, {})]
 
 
-def set_dense_experts(module: nn.Module, name: str, dense: torch.Tensor) -> None:
-    """Quantize a dense stack in the module's own layout (gpt-oss: [E, in, out]) into the held placeholder."""
+def set_dense_experts(module: nn.Module, name: str, dense: torch.Tensor, first: Optional[int] = None) -> None:
+    """Quantize dense experts in the module's own layout (gpt-oss: [E, in, out]) into the held stack:
+    the whole stack, or with `first` the experts first, first + 1, ... (a loader streaming a few at a time).
+    A stack still on meta (a skeleton's placeholder) is allocated on `dense`'s device first."""
     template = held_experts(module, name)
-    expected = (template.shape[0], template.shape[2], template.shape[1]) if module.is_transposed else tuple(template.shape)
-    if tuple(dense.shape) != expected:
-        raise ValueError(f"{name}: shape {list(dense.shape)}, the model built from config.json expects {list(expected)}")
-    for e in range(template.shape[0]):
-        matrix = dense[e].t() if module.is_transposed else dense[e]
-        template.set_expert(e, matrix.to(template.device))
+    if template.packed.is_meta:
+        template = type(template).placeholder(*template.shape, device=dense.device, compute_dtype=template.dtype,
+                                              quant_type=template.quant_type, blocksize=template.blocksize,
+                                              double_quant=template.double_quant, quant_storage=template.packed.dtype)
+        hold_experts(module, name, template)
+    e, out_features, in_features = template.shape
+    matrix_shape = (in_features, out_features) if module.is_transposed else (out_features, in_features)
+    count = e if first is None else dense.shape[0]
+    start = first or 0
+    if dense.dim() != 3 or tuple(dense.shape[1:]) != matrix_shape or start + count > e or \
+            (first is None and dense.shape[0] != e):
+        expected = [count, *matrix_shape] if first is not None else [e, *matrix_shape]
+        raise ValueError(f"{name}: shape {list(dense.shape)}, the model built from config.json expects {expected}")
+    for i in range(count):
+        matrix = dense[i].t() if module.is_transposed else dense[i]
+        template.set_expert(start + i, matrix.to(template.device))

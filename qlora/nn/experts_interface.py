@@ -8,14 +8,17 @@ stack: y_e += scaling * (x_e A_e^T) B_e^T, without ever forming W_e + B_e A_e.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from qlora.nn.experts import (expert_parameter_names, hold_experts, held_experts, is_experts_module,
-                               logical_shape)
+                               logical_shape, quantized_stacks)
 from qlora.quant.nf4.experts import grouped_linear
 
 EXPERTS_IMPLEMENTATION = "qlora"
+log = logging.getLogger(__name__)
 
 _LORA = "qlora_expert_lora"  # module.__dict__ key: parameter name -> [(A [E, r, in], B [E, out, r], scaling)]
 
@@ -103,6 +106,15 @@ def replace_expert_parameters(model: nn.Module, qconfig, skip=lambda name: False
             names.append(f"{module_name}.{name}")
     if names:
         use_qlora_experts(model)
+    held = {f"{m}.{p}" for m, _, p in quantized_stacks(model)}
+    # Expert stacks of a module that computes them itself (Llama-4's text experts bmm their
+    # Parameters directly): quantizing them would need changing that module's code.
+    dense = [(n, list(p.shape)) for n, p in model.named_parameters()
+             if p.dim() == 3 and p.is_floating_point() and n not in held and not skip(n.rpartition(".")[0])]
+    if dense:
+        log.warning("%s: %d expert stacks stay 16-bit (%s %s, ...): their module does not compute through "
+                    "transformers' experts interface, which qlora's 4-bit experts plug into", type(model).__name__,
+                    len(dense), *dense[0])
     return names
 
 
@@ -121,3 +133,15 @@ def register_experts_implementation() -> None:
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(EXPERTS_IMPLEMENTATION, qlora_experts_forward)
+
+
+def generation_options(model: nn.Module) -> dict:
+    """Keyword arguments for `generate` on a model whose config asks for router logits: none. transformers
+    computes the load-balancing loss in every forward then, and with a padded batch and a KV cache its
+    attention mask covers the whole sequence while the router logits cover the new tokens only (Mixtral:
+    "size of tensor a (16) must match ... (976)"). A loss is no use while generating."""
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return {"output_router_logits": False} if getattr(getattr(inner, "config", None), "output_router_logits", False) \
+        else {}
+

@@ -138,7 +138,19 @@ class SFTObjective(Objective):
         return {"tokens": count_supervised_tokens(batch["labels"])}
 
     def loss_terms(self, model, batch, stats=None):
-        return {"tokens": self.loss_sum(model, batch, self.chunked, self.chunk_size)[0]}
+        extra = {}
+        loss, count = self.loss_sum(model, batch, self.chunked, self.chunk_size, extra=extra)
+        aux = extra.get("router_aux_loss")
+        if aux is not None:
+            # A mixture of experts whose config asks for the load-balancing loss (output_router_logits):
+            # coef * aux per micro-batch, weighted by its supervised tokens like the cross-entropy, so
+            # the step's loss is the token-weighted mean of both. Logged on its own, unweighted.
+            coef = float(getattr(_config_of(model), "router_aux_loss_coef", 0.0) or 0.0)
+            loss = loss + coef * aux.float() * count
+            if stats is not None:
+                stats.sums["router_aux_loss"] += float(aux.detach()) * count
+                stats.counts["router_aux_loss"] += count
+        return {"tokens": loss}
 
 
 class PreferenceObjective(Objective):
@@ -256,6 +268,13 @@ class KTOObjective(Objective):
         stats.add("logps/rejected", logps.detach()[~desirable])
         stats.add("kl", kl.reshape(1))
         return {"examples": terms.losses.sum()}
+
+
+def _config_of(model):
+    """The transformers config under the DDP and PEFT wrappers."""
+    model = getattr(model, "module", model)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(model, "config", None)
 
 
 def build_objective(cfg, loss_sum=None) -> Objective:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from qlora.nn.experts_interface import generation_options
 from qlora.train.loss import token_loss_sum
 
 
@@ -43,7 +44,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
             generated = model.generate(
                 **encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **generation_options(model),
             )
             new_tokens = generated[:, encoded["input_ids"].shape[1]:]
             outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

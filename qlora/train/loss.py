@@ -39,6 +39,10 @@ def check_chunked_loss(model: nn.Module) -> None:
                                f"{type(head).__name__}: keep lm_head out of the LoRA targets and the quantized layers, "
                                "or set trainer.chunked_loss=false")
     config = getattr(base, "config", None)
+    if getattr(config, "output_router_logits", False):
+        raise ChunkedLossError("trainer.chunked_loss=true skips the model's own head, where transformers adds the "
+                               "router's load-balancing loss that this config asks for (output_router_logits): set "
+                               "trainer.chunked_loss=false")
     for name in _LOGIT_TRANSFORMS:
         value = getattr(config, name, None)
         if value not in (None, 1, 1.0):
@@ -47,19 +51,23 @@ def check_chunked_loss(model: nn.Module) -> None:
 
 
 def token_loss_sum(model: nn.Module, batch: dict, chunked: bool = False,
-                   chunk_size: Optional[int] = None) -> tuple[torch.Tensor, int]:
+                   chunk_size: Optional[int] = None, extra: Optional[dict] = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over supervised positions, and their count.
 
     Summed rather than averaged so that gradient accumulation can normalize by the supervised
     tokens of the whole optimizer step. chunked: never materialize the logits (see the module
     docstring); chunk_size: tokens per chunk (None: PyTorch's heuristic, a logits chunk about the
-    size of the hidden states).
+    size of the hidden states). extra: receives "router_aux_loss", the mixture-of-experts
+    load-balancing loss transformers computes when the model's config sets output_router_logits.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"][:, 1:]
     count = int((labels != IGNORE_INDEX).sum())
     if not chunked:
-        logits = model(**inputs).logits
+        output = model(**inputs)
+        if extra is not None and getattr(output, "aux_loss", None) is not None:
+            extra["router_aux_loss"] = output.aux_loss
+        logits = output.logits
         shifted = logits[:, :-1].float()
         loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")

@@ -55,7 +55,7 @@ def step_totals(objective: Objective, micro: list[dict], world) -> dict[str, flo
 
 def loss_terms(objective: Objective, model, batch: dict, stats: Stats) -> dict[str, torch.Tensor]:
     if objective.name == "sft":
-        return objective.loss_terms(model, batch)
+        return objective.loss_terms(model, batch, stats)
     return objective.loss_terms(model, batch, stats, lookup_reference(objective, batch))
 
 

@@ -36,11 +36,12 @@ def compose_recipe(overrides: Iterable[str] = (), recipes_dir: Optional[Path] = 
 
 # ---- the recipe -> library bridge: the one place train and export turn recipe values into objects ----
 def model_path(name_or_path: str) -> str:
-    """`model.name_or_path` as qlora.load_model takes it: "embedded" is the model shipped in the package."""
-    if name_or_path == "embedded":
-        from qlora.embedded import BASE_MODEL_DIR
+    """`model.name_or_path` as qlora.load_model takes it: "embedded" is the model shipped in the package,
+    "embedded_moe" the same model upcycled into a mixture of experts."""
+    if name_or_path in ("embedded", "embedded_moe"):
+        from qlora.embedded import BASE_MODEL_DIR, MOE_MODEL_DIR
 
-        return str(BASE_MODEL_DIR)
+        return str(BASE_MODEL_DIR if name_or_path == "embedded" else MOE_MODEL_DIR)
     return name_or_path
 
 

@@ -119,7 +119,7 @@ def build(cfg: DictConfig, run_dir: Path) -> TrainingSetup:
         try:
             model = attach_lora(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
                                 use_rslora=lora.use_rslora, use_dora=lora.use_dora, bias=lora.bias,
-                                init_lora_weights=lora.init_lora_weights,
+                                init_lora_weights=lora.init_lora_weights, target_experts=lora.target_experts,
                                 gradient_checkpointing=cfg.trainer.gradient_checkpointing)
         except (ValueError, NotImplementedError) as err:  # PEFT's and qlora's refusals of a LoRA option
             if isinstance(err, UserError):

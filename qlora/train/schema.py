@@ -52,6 +52,8 @@ class LoraConfig:
     dropout: float = 0.05
     # "all-linear", or a list of module names such as [q_proj, v_proj].
     target_modules: Any = "all-linear"
+    # On a mixture-of-experts model, also adapt every expert stack (PEFT's target_parameters).
+    target_experts: bool = True
     use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
     use_dora: bool = False  # weight-decomposed LoRA
     bias: str = "none"  # "none", "all" or "lora_only"

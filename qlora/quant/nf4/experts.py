@@ -115,9 +115,37 @@ class ExpertWeight4bit(QuantizedWeight):
     @classmethod
     def from_checkpoint(cls, tensors: Mapping[str, torch.Tensor], device: torch.device | str = "cpu",
                         where: str = "") -> "ExpertWeight4bit":
-        raise NotImplementedError(
-            f"{where or 'expert stack'}: a 4-bit expert stack is quantized while a 16-bit checkpoint streams in; "
-            "reading one already quantized per expert is done by the prequantized MoE loader")
+        """Rebuild from `checkpoint_tensors()`'s form: per expert e, bitsandbytes' entries of its matrix
+        under "{e}.weight", "{e}.weight.absmax", ... (no re-quantization)."""
+        from qlora.quant.nf4.weight import Weight4bit
+
+        where = where or "expert stack"
+        by_expert: dict[int, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            index, _, rest = key.partition(".")
+            if not index.isdigit():
+                raise ValueError(f"{where}: unexpected entry {key!r}; an expert stack's entries are '<expert>.weight...'")
+            by_expert.setdefault(int(index), {})[rest] = tensor
+        if sorted(by_expert) != list(range(len(by_expert))) or not by_expert:
+            missing = sorted(set(range(max(by_expert, default=-1) + 1)) - set(by_expert))
+            raise ValueError(f"{where}: expert {missing[0] if missing else 0} is missing; the checkpoint is incomplete")
+        experts = [Weight4bit.from_checkpoint(by_expert[e], device, f"{where} expert {e}") for e in range(len(by_expert))]
+        first = experts[0]
+        for e, expert in enumerate(experts):
+            layout = (tuple(expert.shape), expert.quant_type, expert.blocksize, expert.double_quant)
+            if layout != (tuple(first.shape), first.quant_type, first.blocksize, first.double_quant):
+                raise ValueError(f"{where}: expert {e} is {list(expert.shape)} {expert.quant_type} blocksize "
+                                 f"{expert.blocksize}, expert 0 is {list(first.shape)} {first.quant_type} blocksize "
+                                 f"{first.blocksize}; the experts of one stack share a layout")
+        stack = cls(packed=torch.stack([x.packed.reshape(-1) for x in experts]),
+                    absmax=torch.stack([x.absmax for x in experts]), code=first.code,
+                    shape=torch.Size((len(experts), *first.shape)), dtype=first.dtype, quant_type=first.quant_type,
+                    blocksize=first.blocksize, nested_blocksize=first.nested_blocksize)
+        if first.double_quant:
+            stack.nested_absmax = torch.stack([x.nested_absmax for x in experts])
+            stack.nested_code = first.nested_code
+            stack.offset = torch.stack([x.offset.reshape(()) for x in experts])
+        return stack
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Per expert, bitsandbytes' entries of that expert's matrix, keyed "{e}.weight", "{e}.weight.absmax", ..."""
