@@ -17,13 +17,15 @@ training: the same converter output, the same `set_expert`) in fp32, plus delta_
 merged stack of one layer is then written through transformers' `revert_weight_conversion`, the
 function `save_pretrained` uses, so the output holds what a Hub checkpoint holds
 (`experts.{e}.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.{e}.w1.weight`, ...). Memory: one
-layer's stack in 16 bits and its merged copy in the output dtype, never the whole model.
+layer's merged stack in the output dtype, and one expert of it in 16 bits at a time where
+qlora.models.conversion streams the converter per expert (else the layer's 16-bit stack, merged in place);
+never the whole model.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -31,7 +33,7 @@ from torch import nn
 from qlora.errors import DamagedFileError, OptionError
 from qlora.models.checkpoint import ShardReader
 from qlora.models.conversion import ConvertedTarget, load_converted
-from qlora.nn.experts import expert_parameter_names, held_experts, is_experts_module
+from qlora.nn.experts import expert_parameter_names, held_experts, is_experts_module, logical_shape
 
 
 @dataclasses.dataclass
@@ -92,8 +94,9 @@ def adapter_layout(plain_skeleton: nn.Module, lora_config, modules: dict[str, di
 
 
 class ExpertStackSource:
-    """The dense stacks of a 16-bit checkpoint, one converter target (one layer's projection) at a time:
-    per-expert tensors through transformers' converter, already-fused ones by name."""
+    """The merged stacks of a 16-bit checkpoint, one converter target (one layer's projection) at a time:
+    per-expert tensors through transformers' converter (expert by expert where qlora.models.conversion can
+    run it so, as the loader does), already-fused ones by name."""
 
     def __init__(self, skeleton: nn.Module, reader: ShardReader, names: dict[str, str],
                  targets: dict[str, ConvertedTarget]):
@@ -101,47 +104,65 @@ class ExpertStackSource:
         # What a converter produced beside the stack asked for (a converter with several targets), until asked.
         self.pending: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str) -> torch.Tensor:
-        """The stack `name` in the module's own layout and the checkpoint's dtype."""
+    def merged(self, name: str, merge: Callable[[str, torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+        """The stack `name` merged: `merge(name, dense experts [n, ...], first expert)` returns them merged in
+        the output dtype; they are written into one stack, so a layer is dense in 16 bits one expert at a
+        time where the converter allows it (the merged stack, in the output dtype, is the one copy held)."""
         if name in self.pending:
             return self.pending.pop(name)
-        if name in self.targets:
-            load_converted(self.skeleton, self.reader, self.targets[name], self.pending.__setitem__)
-            if name not in self.pending:
-                raise DamagedFileError(f"the checkpoint's converter for {name} did not produce it; the checkpoint "
-                                       "does not match config.json")
-            return self.pending.pop(name)
-        key = self.names.get(name)
-        if key is None:
-            raise DamagedFileError(f"the base checkpoint has no tensor for {name} (neither fused nor per expert); it "
-                                   "is incomplete or belongs to another architecture")
-        return self.reader.get(key)
+        if name not in self.targets:
+            key = self.names.get(name)
+            if key is None:
+                raise DamagedFileError(f"the base checkpoint has no tensor for {name} (neither fused nor per expert); "
+                                       "it is incomplete or belongs to another architecture")
+            return merge(name, self.reader.get(key), 0)
+        stacks: dict[str, torch.Tensor] = {}
+
+        def place(target: str, tensor: torch.Tensor, first: Optional[int] = None) -> None:
+            chunk = merge(target, tensor, first or 0)
+            if first is None:
+                stacks[target] = chunk
+                return
+            if target not in stacks:
+                module_name, _, param = target.rpartition(".")
+                experts = logical_shape(self.skeleton.get_submodule(module_name), param)[0]
+                stacks[target] = torch.empty((experts, *chunk.shape[1:]), dtype=chunk.dtype)
+            stacks[target][first:first + chunk.shape[0]].copy_(chunk)
+
+        load_converted(self.skeleton, self.reader, self.targets[name], place)
+        if name not in stacks:
+            raise DamagedFileError(f"the checkpoint's converter for {name} did not produce it; the checkpoint "
+                                   "does not match config.json")
+        merged = stacks.pop(name)
+        self.pending.update(stacks)
+        return merged
 
 
 def merged_stack(module: nn.Module, param: str, dense: torch.Tensor, adapter: Optional[ExpertAdapter],
-                 quantized: bool, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """The merged stack in the module's layout and `out_dtype` (None: the checkpoint's): per expert,
-    dequant(quant(W_e)) (when training held it in 4 bits) + delta_e in fp32, rounded once.
+                 quantized: bool, out_dtype: Optional[torch.dtype], first: int = 0) -> torch.Tensor:
+    """Experts first, first+1, ... of a stack (`dense` [n, ...] in the module's layout) merged, in `out_dtype`
+    (None: the checkpoint's): per expert, dequant(quant(W_e)) (when training held it in 4 bits) + delta_e in
+    fp32, rounded once.
 
     `dense` (the converter's output, owned here) is overwritten expert by expert when the output dtype is
-    its own (bf16 into bf16: no second copy of the stack, 0.75 GB for a Qwen3-30B-A3B gate_up stack)."""
+    its own (bf16 into bf16: no second copy of a whole stack, 0.75 GB for a Qwen3-30B-A3B gate_up)."""
     transposed = bool(getattr(module, "is_transposed", False))
     template = held_experts(module, param) if quantized else None
-    num_experts = dense.shape[0]
+    num_experts = logical_shape(module, param)[0]
     out_dtype = out_dtype or dense.dtype
     merged = dense if out_dtype == dense.dtype else torch.empty(dense.shape, dtype=out_dtype)
-    for e in range(num_experts):
-        matrix = dense[e].t() if transposed else dense[e]  # [out, in]
+    for i in range(dense.shape[0]):
+        matrix = dense[i].t() if transposed else dense[i]  # [out, in]
         if template is not None:
             matrix = _requantized(template, matrix)
-        matrix = matrix.float()  # aliases dense[e] only when it is fp32 and nothing below changes it
+        matrix = matrix.float()  # aliases dense[i] only when it is fp32 and nothing below changes it
         if adapter is not None:
-            delta = adapter.delta(e, num_experts)
+            delta = adapter.delta(first + i, num_experts)
             if tuple(delta.shape) != tuple(matrix.shape):
                 raise ValueError(f"{adapter.stack}: the adapter's expert delta is {list(delta.shape)}, the base's "
                                  f"expert is {list(matrix.shape)}; pass the run's own base checkpoint")
             matrix = matrix + delta
-        merged[e].copy_(matrix.t() if transposed else matrix)
+        merged[i].copy_(matrix.t() if transposed else matrix)
     return merged
 
 

@@ -205,9 +205,8 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
         bar = tqdm(total=len(output_names), desc="merging", unit="tensor", disable=not progress)
         for name in output_names:
             if name in stacks:  # one layer's expert stack, written per expert as the Hub holds it
-                module, param = stacks[name]
-                merged = merged_stack(module, param, stack_source.get(name), expert_adapters.get(name),
-                                      name in quantized, out_dtype)
+                merged = stack_source.merged(name, lambda stack, dense, first: merged_stack(
+                    *stacks[stack], dense, expert_adapters.get(stack), stack in quantized, out_dtype, first))
                 for key, tensor in hub_layout(skeleton, {name: merged}):
                     writer.add(key, tensor)
                 del merged
