@@ -41,9 +41,15 @@ class ExpertAdapter:
     """One adapted expert stack: its model name and PEFT's factors and scaling for it."""
 
     stack: str                 # "model.layers.0.mlp.experts.gate_up_proj"
+    module: str                # the PEFT module path its keys were saved under
     lora_a: torch.Tensor       # [r*E, in]
     lora_b: torch.Tensor       # [out, r*E]
     scaling: float
+    expected_a: tuple[int, ...]  # the shapes PEFT gives the factors on this base
+    expected_b: tuple[int, ...]
+
+    def fits(self) -> bool:
+        return tuple(self.lora_a.shape) == self.expected_a and tuple(self.lora_b.shape) == self.expected_b
 
     def delta(self, e: int, num_experts: int) -> torch.Tensor:
         """scaling * B_e A_e in fp32, [out, in] (the stack's logical orientation)."""
@@ -60,7 +66,8 @@ def expert_stack_names(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 
 def adapter_layout(plain_skeleton: nn.Module, lora_config, modules: dict[str, dict]) -> dict[str, ExpertAdapter]:
     """Split the expert adapters out of `modules` (the adapter's tensors grouped by PEFT module path,
-    as read_adapter returns them; they are removed from it) -> {stack name: ExpertAdapter}.
+    as read_adapter returns them; they are removed from it) -> {stack name: ExpertAdapter} (the caller
+    checks `fits()`).
 
     `plain_skeleton` is a meta model with dense 3-D stacks; PEFT injects the adapter's own config into
     a copy of it, which names the parameter and scaling of each ParamWrapper path.
@@ -80,16 +87,9 @@ def adapter_layout(plain_skeleton: nn.Module, lora_config, modules: dict[str, di
         parts = modules.pop(path)
         module_path = path.replace(".base_layer", "")
         stack = f"{module_path}.{wrapper.parameter_name}"
-        expected_a = tuple(wrapper.lora_A["default"].weight.shape)
-        expected_b = tuple(wrapper.lora_B["default"].weight.shape)
-        if tuple(parts["A"].shape) != expected_a or tuple(parts["B"].shape) != expected_b:
-            from qlora.export.merge import AdapterMismatchError  # merge imports this module
-
-            raise AdapterMismatchError(
-                f"adapter module {path!r} ({stack}) has lora_A {list(parts['A'].shape)} and lora_B "
-                f"{list(parts['B'].shape)}, the base's expert stack needs {list(expected_a)} and {list(expected_b)}; "
-                "the adapter was trained on another model: pass the run's own base checkpoint")
-        adapters[stack] = ExpertAdapter(stack, parts["A"], parts["B"], float(wrapper.scaling["default"]))
+        adapters[stack] = ExpertAdapter(stack, path, parts["A"], parts["B"], float(wrapper.scaling["default"]),
+                                        tuple(wrapper.lora_A["default"].weight.shape),
+                                        tuple(wrapper.lora_B["default"].weight.shape))
     return adapters
 
 

@@ -176,6 +176,13 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
     # LoRA on expert stacks (PEFT's ParamWrapper keys) is taken out of `modules`, which keeps the linears.
     expert_adapters = adapter_layout(skeleton, lora_config, modules)
     _check_adapter_matches(skeleton, modules, source.base, source.adapter_dir)
+    for adapter in expert_adapters.values():
+        if not adapter.fits():
+            raise AdapterMismatchError(
+                f"adapter module {adapter.module!r} ({adapter.stack}) has lora_A {list(adapter.lora_a.shape)} and "
+                f"lora_B {list(adapter.lora_b.shape)}, the base's expert stack needs {list(adapter.expected_a)} and "
+                f"{list(adapter.expected_b)}; the adapter was trained on another model: pass the run's own base "
+                "checkpoint")
     tied = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)} - {n for n, _ in skeleton.named_parameters()}
     output_names = [n for n in skeleton.state_dict() if n not in tied]
     # Which linears and expert stacks training held in 4 bits: the rules load_model applies (head and
