@@ -111,9 +111,11 @@ def simulated_quantization(reference: torch.nn.Module, quantized: torch.nn.Modul
                 dense.copy_(Weight4bit.quantize(dense).dequantize(dense.dtype))
         for name, module, attr in quantized_stacks(quantized):
             dense = getattr(reference.get_submodule(name.replace(".base_layer", "")), attr)
+            segments = held_experts(module, attr).segments  # gate and up quantized apart, as checkpoints hold them
             for e in range(dense.shape[0]):
                 matrix = dense[e].t() if module.is_transposed else dense[e]
-                simulated = Weight4bit.quantize(matrix).dequantize(dense.dtype)
+                simulated = torch.cat([Weight4bit.quantize(part).dequantize(dense.dtype)
+                                       for part in matrix.chunk(segments)])
                 dense[e].copy_(simulated.t() if module.is_transposed else simulated)
     return reference
 
@@ -146,13 +148,6 @@ def test_family_loads_with_experts_in_4bit(family, tmp_path, ids):
     quantization_shift = (bf16 - simulated).abs().max().item()
     assert gap_to_simulation <= 0.25 * quantization_shift + 1e-2, (gap_to_simulation, quantization_shift)
     assert torch.equal(ours.argmax(-1), simulated.argmax(-1)) or gap_to_simulation < 2e-2
-
-
-def test_saving_a_4bit_moe_refuses_in_one_line(tmp_path):
-    model = qlora.load_model(save_tiny_moe("olmoe", tmp_path / "olmoe"), device="cpu", progress=False)
-    with pytest.raises(ValueError, match=r"saving a model with 4-bit expert stacks \(model.layers.0.mlp.experts"):
-        qlora.save_model(model, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
 
 
 def test_fused_layout_loads_the_same(tmp_path, ids):

@@ -24,6 +24,7 @@ from qlora.quant.nf4.config import QuantConfig
 from qlora.data.formats import PROMPT_FORMAT_FILE
 from qlora.errors import OptionError, OutputExistsError
 from qlora.export.merge import BASES, AdapterMismatchError, merge_to_hf_dir, parse_dtype_option, read_merge_record
+from qlora.export.experts import refuse_requantized_experts
 from qlora.export.source import AdapterSource, find_adapter_dir, resolve_source
 from qlora.staging import make_staging_dir, staged_directory
 
@@ -69,6 +70,8 @@ def export_merged(
     output_dir = Path(output_dir).expanduser()
     check_output_dir(output_dir, overwrite, "output_dir", "overwrite=True")
     source = resolve_source(run_or_adapter_dir)
+    if format in ("nf4", "int8"):
+        refuse_requantized_experts(source, format)
 
     with staged_directory(output_dir) as staging:
         if format == "hf":
@@ -202,7 +205,9 @@ def _readme(record: dict, format: str, gguf_type: str) -> str:
         f"Written by `qlora export` (format `{format}`).", "",
         f"- base model: `{record['base_model']}`", f"- adapter: `{record['adapter']}`",
         f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, rsLoRA={lora['use_rslora']}, DoRA={lora['use_dora']}; "
-        f"{record['merged_modules']} modules merged in fp32 with PEFT's own merge (W' = W + delta)",
+        f"{record['merged_modules']} modules merged in fp32 with PEFT's own merge (W' = W + delta)"
+        + (f", {record['merged_expert_stacks']} of them expert stacks (PEFT's ParamWrapper layout, merged expert by "
+           "expert)" if record.get("merged_expert_stacks") else ""),
         f"- output dtype: {record['dtype']}", "", how, "",
     ]
     if format in ("nf4", "int8"):

@@ -7,11 +7,15 @@ metadata keys, tensor names, q/k permutation and per-tensor types. The code is o
 `gguf` package (llama.cpp's Python library) is used for constants, the file writer and Q8_0.
 
 Supported: model_type llama and mistral (both GGUF architecture "llama", as convert_hf_to_gguf
-maps MistralForCausalLM to LlamaModel) and qwen2 (architecture "qwen2"). Tokenizers: byte-level
-BPE only (tokenizer.ggml.model "gpt2"), see `_add_tokenizer`.
+maps MistralForCausalLM to LlamaModel) and qwen2 (architecture "qwen2"); mixture of experts: mixtral
+(architecture "llama" with experts) and qwen3_moe ("qwen3moe"), whose per-expert tensors are stacked
+into blk.N.ffn_{gate,up,down}_exps [E, out, in] with expert_count / expert_used_count in the metadata.
+Other families (MoE or not) are refused with one line naming them. Tokenizers: byte-level BPE only
+(tokenizer.ggml.model "gpt2"), see `_add_tokenizer`.
 
 Tensors are streamed: the header is written from the safetensors shapes alone, then each tensor is
-read, converted and written before the next one is read, so peak memory is about one tensor.
+read, converted and written before the next one is read, so peak memory is about one tensor (for
+experts, one layer's stack of one projection).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +47,19 @@ _ARCHITECTURES = {
     "mistral": (gguf.MODEL_ARCH.LLAMA, True),
     "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
 }
+# Mixture-of-experts families llama.cpp converts, as convert_hf_to_gguf does: Mixtral is its LlamaModel
+# (architecture "llama", q/k permuted) with experts, Qwen3-MoE its Qwen3MoeModel (NEOX rope, no permutation).
+# Per-expert tensors (experts.{e}.gate_proj / Mixtral's w1, w2, w3) are stacked into one [E, out, in]
+# tensor per layer and projection: blk.N.ffn_gate_exps / ffn_up_exps / ffn_down_exps; the router is
+# blk.N.ffn_gate_inp, kept F32 like convert_hf_to_gguf keeps it.
+_MOE_ARCHITECTURES = {
+    "mixtral": (gguf.MODEL_ARCH.LLAMA, True),
+    "qwen3_moe": (gguf.MODEL_ARCH.QWEN3MOE, False),
+}
+# config.json keys that say a model is a mixture of experts (convert_hf_to_gguf's expert_count keys).
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+_EXPERT_USED_KEYS = ("num_experts_per_tok", "num_experts_per_token")
+_EXPERT_TENSOR = re.compile(r"^(?P<stack>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 
 _FILE_TYPES = {
     "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
@@ -72,10 +90,13 @@ def write_gguf(merged_dir: Path, out_path: Path, gguf_type: str = "f16", name: O
         raise OptionError(f"gguf_type must be one of {sorted(_FILE_TYPES)}, got {gguf_type!r}")
     config = _read_config(merged_dir)
     model_type = config.get("model_type")
-    if model_type not in _ARCHITECTURES:
-        raise OptionError(f"GGUF export does not support model_type {model_type!r}; "
-                         f"supported: {', '.join(sorted(_ARCHITECTURES))}")
-    arch, permute_qk = _ARCHITECTURES[model_type]
+    if model_type not in _ARCHITECTURES and model_type not in _MOE_ARCHITECTURES:
+        family = "the mixture-of-experts family" if _expert_count(config) else "model_type"
+        raise OptionError(f"GGUF export does not support {family} {model_type!r}; supported: "
+                          f"{', '.join(sorted(_ARCHITECTURES))}; mixture of experts: "
+                          f"{', '.join(sorted(_MOE_ARCHITECTURES))} (export format=hf and convert it with llama.cpp's "
+                          "convert_hf_to_gguf.py if it knows the family)")
+    arch, permute_qk = {**_ARCHITECTURES, **_MOE_ARCHITECTURES}[model_type]
     file_type, weight_qtype = _FILE_TYPES[gguf_type]
     weight_files = _weight_files(merged_dir)
 
@@ -91,7 +112,10 @@ def write_gguf(merged_dir: Path, out_path: Path, gguf_type: str = "f16", name: O
         writer.write_ti_data_to_file()
         # write_tensor_data takes tensors in the order their infos were added.
         for gguf_name, source, qtype in plan:
-            data = _load_tensor(source, config, permute_qk) if isinstance(source, tuple) else source
+            if isinstance(source, ExpertStack):
+                data = source.load()
+            else:
+                data = _load_tensor(source, config, permute_qk) if isinstance(source, tuple) else source
             writer.write_tensor_data(_convert(data, qtype))
         writer.close()
         os.replace(tmp_path, out_path)
@@ -166,8 +190,18 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict, file_type: gguf.LlamaFil
     elif rope["rope_type"] not in ("default", "llama3"):  # llama3 is carried by the rope_freqs tensor
         raise ValueError(f"GGUF export does not support rope_type {rope['rope_type']!r} "
                          "(supported: default, linear, llama3)")
+    experts = _expert_count(config)
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(next(config[k] for k in _EXPERT_USED_KEYS if k in config))
+        if config.get("moe_intermediate_size"):
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _expert_count(config: dict) -> Optional[int]:
+    return next((config[k] for k in _EXPERT_COUNT_KEYS if config.get(k)), None)
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, merged_dir: Path, vocab_size: int) -> None:
@@ -253,16 +287,32 @@ def _plan_tensors(writer, config, arch, weight_files, weight_qtype):
     if rope_freqs is not None:
         plan.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs,
                      gguf.GGMLQuantizationType.F32, rope_freqs.shape))
+    stacks: dict[str, ExpertStack] = {}
     for path in weight_files:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 if key.endswith("rotary_emb.inv_freq"):  # recomputed by llama.cpp from the hparams
+                    continue
+                expert = _EXPERT_TENSOR.match(key) if _expert_count(config) else None
+                if expert is not None:  # one [E, out, in] tensor per layer and projection, placed at its first expert
+                    stack_key = f"{expert['stack']}.{expert['proj']}.weight"
+                    if stack_key not in stacks:
+                        gguf_name = name_map.get_name(stack_key, try_suffixes=(".weight",))
+                        if gguf_name is None:
+                            raise ValueError(f"cannot map expert tensor {key!r} in {path.name} to a GGUF name")
+                        stacks[stack_key] = ExpertStack(stack_key, _expert_count(config))
+                        plan.append((gguf_name, stacks[stack_key], None, None))
+                    stacks[stack_key].add(int(expert["expert"]), path, key, list(f.get_slice(key).get_shape()))
                     continue
                 gguf_name = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
                 if gguf_name is None:
                     raise ValueError(f"cannot map tensor {key!r} in {path.name} to a GGUF name")
                 shape = list(f.get_slice(key).get_shape())
                 plan.append((gguf_name, (path, key), _tensor_qtype(gguf_name, shape, weight_qtype), shape))
+    for i, (gguf_name, source, qtype, shape) in enumerate(plan):
+        if isinstance(source, ExpertStack):
+            shape = source.shape()
+            plan[i] = (gguf_name, source, _tensor_qtype(gguf_name, shape, weight_qtype), shape)
     for gguf_name, _, qtype, shape in plan:
         writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
     return [(gguf_name, source, qtype) for gguf_name, source, qtype, _ in plan]
@@ -271,12 +321,50 @@ def _plan_tensors(writer, config, arch, weight_files, weight_qtype):
 def _tensor_qtype(gguf_name: str, shape, weight_qtype):
     # As convert_hf_to_gguf: 1-D tensors and norms stay F32; Q8_0 needs rows divisible by its
     # 32-element block, and convert_hf_to_gguf falls back to F16 for the rest.
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or _ROUTER.match(gguf_name):
         return gguf.GGMLQuantizationType.F32
     block_size, _ = gguf.GGML_QUANT_SIZES[weight_qtype]
     if shape[-1] % block_size:
         return gguf.GGMLQuantizationType.F16
     return weight_qtype
+
+
+# The MoE router: always F32 in convert_hf_to_gguf (and in llama.cpp's quantizer).
+_ROUTER = re.compile(r"^blk\.\d+\.ffn_gate_inp\.weight$")
+
+
+class ExpertStack:
+    """The per-expert tensors of one layer's projection, stacked [E, out, in] when written (one layer's
+    projection in fp32 at a time: 128 experts of 768x2048 are 0.8 GB)."""
+
+    def __init__(self, name: str, num_experts: int):
+        self.name, self.num_experts = name, num_experts
+        self.sources: dict[int, tuple[Path, str, list[int]]] = {}
+
+    def add(self, expert: int, path: Path, key: str, shape: list[int]) -> None:
+        self.sources[expert] = (path, key, shape)
+
+    def shape(self) -> list[int]:
+        missing = [e for e in range(self.num_experts) if e not in self.sources]
+        if missing or len(self.sources) != self.num_experts:
+            example = self.name.replace(".weight", "").rpartition(".")
+            raise ValueError(f"the checkpoint has {len(self.sources)} experts for {self.name}, config.json says "
+                             f"{self.num_experts}: no tensor {example[0]}.{missing[0] if missing else '?'}.{example[2]}"
+                             ".weight; the checkpoint is incomplete")
+        shapes = {tuple(s) for _, _, s in self.sources.values()}
+        if len(shapes) != 1:
+            odd = next(k for _, k, s in self.sources.values() if tuple(s) != tuple(self.sources[0][2]))
+            raise ValueError(f"expert tensor {odd} has another shape than expert 0 of {self.name} "
+                             f"({list(self.sources[0][2])}); the checkpoint is damaged")
+        return [self.num_experts, *self.sources[0][2]]
+
+    def load(self) -> np.ndarray:
+        stacked = np.empty(self.shape(), dtype=np.float32)
+        for e in range(self.num_experts):
+            path, key, _ = self.sources[e]
+            with safe_open(path, framework="pt") as f:
+                stacked[e] = f.get_tensor(key).to(torch.float32).numpy()
+        return stacked
 
 
 def _nbytes(shape, qtype) -> int:

@@ -30,12 +30,17 @@ from transformers.pytorch_utils import Conv1D
 from qlora.quant.nf4.config import QuantConfig
 from qlora.quant.config import quant_config_from_any
 from qlora.errors import DamagedFileError, InputPathError, OptionError, UserError
+from qlora.export.experts import (ExpertStackSource, adapter_layout, expert_stack_names, hub_layout, merged_stack,
+                                  refuse_prequantized_experts)
 from qlora.export.source import AdapterSource
 from qlora.export.writer import ShardWriter
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
 from qlora.models.conv1d import linear_features
+from qlora.models.conversion import conversion_targets
 from qlora.models.families import keep_vision_tower
-from qlora.models.loading import build_skeleton, checkpoint_names, layer_checkpoint_tensors, replace_linear_layers
+from qlora.models.loading import (build_skeleton, checkpoint_names, layer_checkpoint_tensors, replace_linear_layers,
+                                  skipped_by)
+from qlora.nn.experts_interface import replace_expert_parameters
 from qlora.models.saving import TOKENIZER_FILES, parse_size
 from qlora.quant import get_format
 
@@ -172,15 +177,30 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
     if lora_config.use_dora and lora_config.lora_bias:
         raise NotImplementedError("DoRA adapters with lora_bias=True are not supported by the merge")
     skeleton = build_skeleton(base_config, torch.float32, source.trust_remote_code)
+    if read_packed:
+        refuse_prequantized_experts(skeleton, source.base)
+    # LoRA on expert stacks (PEFT's ParamWrapper keys) is taken out of `modules`, which keeps the linears.
+    expert_adapters = adapter_layout(skeleton, lora_config, modules)
     _check_adapter_matches(skeleton, modules, source.base, source.adapter_dir)
+    for adapter in expert_adapters.values():
+        if not adapter.fits():
+            raise AdapterMismatchError(
+                f"adapter module {adapter.module!r} ({adapter.stack}) has lora_A {list(adapter.lora_a.shape)} and "
+                f"lora_B {list(adapter.lora_b.shape)}, the base's expert stack needs {list(adapter.expected_a)} and "
+                f"{list(adapter.expected_b)}; the adapter was trained on another model: pass the run's own base "
+                "checkpoint")
     tied = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)} - {n for n, _ in skeleton.named_parameters()}
     output_names = [n for n in skeleton.state_dict() if n not in tied]
     # transformers' Conv1D (GPT-2) stores [in, out]: merged as [out, in], written back as it was read.
     transposed = {n for n, m in skeleton.named_modules() if isinstance(m, Conv1D)}
-    # Which linears training held in 4 bits: the same rule load_model applies (head and skip_modules stay dense).
+    # Which linears and expert stacks training held in 4 bits: the rules load_model applies (head and
+    # skip_modules stay dense).
     if not prequantized:  # a vision-language model's vision side, as load_model kept it (16-bit by default)
         qconfig = keep_vision_tower(skeleton, qconfig, source.quantize_vision_tower)
     quantized = set(replace_linear_layers(skeleton, qconfig)) if dequantize_base else set()
+    if dequantize_base:
+        quantized.update(replace_expert_parameters(skeleton, qconfig, lambda name: skipped_by(name, qconfig)))
+    stacks = expert_stack_names(skeleton)
 
     record = {
         "base": base, "base_model": str(source.base), "weights_from": str(weights_dir), "adapter": str(source.adapter_dir),
@@ -190,14 +210,25 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
                              else "defaults (no run config found)",
         "lora": {"r": lora_config.r, "alpha": lora_config.lora_alpha, "use_rslora": lora_config.use_rslora,
                  "use_dora": lora_config.use_dora},
-        "merged_modules": len(modules), "merge_dtype": "float32", "trained_on_quantized_base": source.quantized,
+        "merged_modules": len(modules) + len(expert_adapters), "merged_expert_stacks": len(expert_adapters),
+        "merge_dtype": "float32", "trained_on_quantized_base": source.quantized,
         "dtype": "auto" if out_dtype is None else str(out_dtype).removeprefix("torch."),
     }
     writer = ShardWriter(directory, parse_size(max_shard_size))
     with ShardReader(weights_dir) as reader:
         names = checkpoint_names(skeleton, reader)
+        stack_source = ExpertStackSource(skeleton, reader, names, conversion_targets(skeleton, reader)) \
+            if stacks else None
         bar = tqdm(total=len(output_names), desc="merging", unit="tensor", disable=not progress)
         for name in output_names:
+            if name in stacks:  # one layer's expert stack, written per expert as the Hub holds it
+                merged = stack_source.merged(name, lambda stack, dense, first: merged_stack(
+                    *stacks[stack], dense, expert_adapters.get(stack), stack in quantized, out_dtype, first))
+                for key, tensor in hub_layout(skeleton, {name: merged}):
+                    writer.add(key, tensor)
+                del merged
+                bar.update()
+                continue
             key = names.get(name)
             packed_layer = read_packed and name.endswith(".weight") and name.rpartition(".")[0] in quantized
             if key is None and not packed_layer:
@@ -207,8 +238,10 @@ def merge_to_hf_dir(source: AdapterSource, directory: Path, base: str = "dequant
                 bar.update()
                 continue  # a persistent buffer the checkpoint does not carry: from_pretrained rebuilds it
             # One function call per tensor: its locals (the dense read, the fp32 copy) die on return.
-            writer.add(name, _merged_tensor(name, key, reader, names, modules, quantized, qconfig, read_packed,
-                                            lora_config, out_dtype, transposed))
+            tensor = _merged_tensor(name, key, reader, names, modules, quantized, qconfig, read_packed, lora_config,
+                                    out_dtype, transposed)
+            for out_name, out_tensor in (hub_layout(skeleton, {name: tensor}) if stacks else ((name, tensor),)):
+                writer.add(out_name, out_tensor)
             bar.update()
         bar.close()
     writer.close()

@@ -131,7 +131,7 @@ def load_model(
             plan.keep_offloaded_in_fp32(model)
         qconfig = _coverage(model, qconfig, prequantized, quantize_vision_tower)
         targets = replace_linear_layers(model, qconfig)
-        replace_expert_parameters(model, qconfig, lambda name: _skipped(name, qconfig))
+        replace_expert_parameters(model, qconfig, lambda name: skipped_by(name, qconfig))
         check_coverage(model, qconfig)
         with ShardReader(directory) as reader:
             _load_tensors(model, reader, targets, device, prequantized, progress,
@@ -199,7 +199,7 @@ def replace_linear_layers(model: nn.Module, qconfig) -> list[str]:
             continue
         if type(module).forward is not nn.Linear.forward:  # computes more than x W^T + b (Llama-4's router)
             continue
-        if _skipped(name, qconfig):
+        if skipped_by(name, qconfig):
             continue
         layer = mark_source(layer_cls(*features, bias=module.bias is not None, format=qconfig.format,
                                       compute_dtype=qconfig.compute_dtype, device=module.weight.device,
@@ -210,7 +210,7 @@ def replace_linear_layers(model: nn.Module, qconfig) -> list[str]:
     return swapped
 
 
-def _skipped(name: str, qconfig) -> bool:
+def skipped_by(name: str, qconfig) -> bool:
     """skip_modules (a name, a name suffix or a parent) and the format's own rule keep `name` 16-bit."""
     if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in qconfig.skip_modules):
         return True

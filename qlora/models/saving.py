@@ -57,14 +57,6 @@ def save_model(
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     if not quantized:
         raise ValueError("the model has no qlora quantized layers; load it with qlora.load_model first")
-    from qlora.nn.experts import quantized_stacks
-
-    stacks = quantized_stacks(model)
-    if stacks:  # its state_dict would hold the packed bytes without their scales: a checkpoint nothing loads
-        raise ValueError(f"saving a model with 4-bit expert stacks ({stacks[0][0]}.{stacks[0][2]}, ...) is not "
-                         "supported yet; save the adapter (the PEFT model's save_pretrained) and load the 16-bit "
-                         "base again, which quantizes as it streams in")
-
     with staged_directory(output_dir) as staging:
         _write_weights(model, staging, limit)
         _write_config(model, quantized[0], staging)
