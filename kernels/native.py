@@ -1,0 +1,123 @@
+"""The CPU kernels written in C, built on first use with the machine's C compiler and loaded with ctypes.
+
+Why C and not torch.compile: both need a compiler at run time, but a 100-line C file builds in
+about a second (-O3 -march=native, for the CPU it runs on) and is cached by its source hash, where
+inductor compiles a graph per shape family (seconds each) and its decode loops with table
+lookups stay scalar; measured in docs/kernels.md ("The CPU path"). ctypes releases the GIL during a
+call, so the callers split the work into ranges and run them on threads (`parallel_ranges`).
+
+No compiler (or a failed build): `load` returns None, warns once naming the compiler it looked for,
+and the callers fall back to the PyTorch twin. `QLORA_CPU_CC` names another compiler; the cache
+is `$QLORA_CACHE_DIR/native` (default ~/.cache/qlora/native).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+log = logging.getLogger("qlora.kernels")
+# No FMA contraction: the twins round a product and then a sum; a fused multiply-add rounds once
+# and would change the decoded bytes.
+FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno")
+_lock = threading.Lock()
+_failures: dict[str, str] = {}
+
+
+def compiler() -> Optional[str]:
+    """The C compiler: $QLORA_CPU_CC, else $CC, else cc / gcc / clang on the PATH."""
+    for name in (os.environ.get("QLORA_CPU_CC"), os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QLORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qlora")
+    return Path(root) / "native"
+
+
+def _build(source: Path, cc: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        # -march=native first (AVX-512 / NEON for this machine); some compilers or CPUs refuse it.
+        for arch in (("-march=native",), ("-mcpu=native",), ()):
+            done = subprocess.run([cc, *FLAGS, *arch, str(source), "-o", str(built)], capture_output=True, text=True)
+            if done.returncode == 0:
+                break
+        else:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
+        os.replace(built, target)  # atomic: another process loading the cache sees all or nothing
+
+
+@functools.cache
+def load(source: Path) -> Optional[ctypes.CDLL]:
+    """The shared library built from `source` (a .c file beside its kernels), or None when it cannot be
+    built here (warned once per source)."""
+    cc = compiler()
+    if cc is None:
+        _warn_once(source, "no C compiler found (looked for $QLORA_CPU_CC, $CC, cc, gcc, clang); "
+                           "install gcc or clang for the fast CPU path")
+        return None
+    text = source.read_bytes()
+    key = hashlib.sha256(text + cc.encode() + " ".join(FLAGS).encode() + platform.machine().encode()
+                         + platform.node().encode()).hexdigest()[:16]
+    target = cache_dir() / f"{source.parent.name}_{source.stem}-{key}.so"
+    try:
+        with _lock:
+            if not target.exists():
+                _build(source, cc, target)
+                log.info("built the CPU kernels of %s with %s into %s", source.name, cc, target)
+        return ctypes.CDLL(str(target))
+    except (OSError, RuntimeError) as error:
+        _warn_once(source, f"building {source.name} with {cc} failed ({error})")
+        return None
+
+
+def _warn_once(source: Path, why: str) -> None:
+    if source.name not in _failures:
+        _failures[source.name] = why
+        warnings.warn(f"{why}: the CPU path runs the PyTorch reference instead (bit for bit the same, slower)",
+                      RuntimeWarning, stacklevel=4)
+
+
+def failures() -> dict[str, str]:
+    """{source file: why it could not be built} for `qlora doctor`."""
+    return dict(_failures)
+
+
+@functools.cache
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="qlora-cpu")
+
+
+def parallel_ranges(run: Callable[[int, int], None], count: int, min_per_thread: int) -> None:
+    """run(first, last) over [0, count) in torch.get_num_threads() contiguous ranges of at least
+    `min_per_thread` items (below that a thread's start costs more than it saves: ~20 us)."""
+    threads = max(1, min(torch.get_num_threads(), count // max(min_per_thread, 1)))
+    if threads == 1:
+        run(0, count)
+        return
+    bounds = [count * i // threads for i in range(threads + 1)]
+    futures = [_pool(threads).submit(run, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    run(bounds[0], bounds[1])  # this thread does a share too
+    for future in futures:
+        future.result()
+
+
+def pointer(tensor: Optional[torch.Tensor]) -> ctypes.c_void_p:
+    return ctypes.c_void_p(0 if tensor is None else tensor.data_ptr())
