@@ -33,6 +33,7 @@ log = logging.getLogger("qlora.kernels")
 # No FMA contraction: the twins round a product and then a sum; a fused multiply-add rounds once
 # and would change the decoded bytes.
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno")
+KERNELS = Path(__file__).parent  # native_convert.h, the conversions every kernel shares
 _lock = threading.Lock()
 _failures: dict[str, str] = {}
 
@@ -56,7 +57,8 @@ def _build(source: Path, cc: str, target: Path) -> None:
         built = Path(tmp) / target.name
         # -march=native first (AVX-512 / NEON for this machine); some compilers or CPUs refuse it.
         for arch in (("-march=native",), ("-mcpu=native",), ()):
-            done = subprocess.run([cc, *FLAGS, *arch, str(source), "-o", str(built)], capture_output=True, text=True)
+            done = subprocess.run([cc, *FLAGS, *arch, f"-I{KERNELS}", str(source), "-o", str(built)],
+                                  capture_output=True, text=True)
             if done.returncode == 0:
                 break
         else:
@@ -73,7 +75,7 @@ def load(source: Path) -> Optional[ctypes.CDLL]:
         _warn_once(source, "no C compiler found (looked for $QLORA_CPU_CC, $CC, cc, gcc, clang); "
                            "install gcc or clang for the fast CPU path")
         return None
-    text = source.read_bytes()
+    text = source.read_bytes() + (KERNELS / "native_convert.h").read_bytes()
     key = hashlib.sha256(text + cc.encode() + " ".join(FLAGS).encode() + platform.machine().encode()
                          + platform.node().encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.parent.name}_{source.stem}-{key}.so"
@@ -86,6 +88,25 @@ def load(source: Path) -> Optional[ctypes.CDLL]:
     except (OSError, RuntimeError) as error:
         _warn_once(source, f"building {source.name} with {cc} failed ({error})")
         return None
+
+
+I64, PTR, INT, FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_typed: set[int] = set()
+
+
+def library(source: Path, signatures: dict[str, tuple]) -> Optional[ctypes.CDLL]:
+    """`load(source)` with each function of `signatures` ({name: argument ctypes}) typed, returning
+    nothing; None where it cannot be built."""
+    lib = load(source)
+    if lib is not None and id(lib) not in _typed:
+        for name, argtypes in signatures.items():
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, None
+        _typed.add(id(lib))
+    return lib
+
+
+DTYPE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # OUT_* of native_convert.h
 
 
 def _warn_once(source: Path, why: str) -> None:

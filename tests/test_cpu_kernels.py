@@ -152,3 +152,98 @@ def test_cpu_self_check_passes_and_catches_a_wrong_decode(monkeypatch):
     monkeypatch.setattr(nf4_cpu, "dequantize_4bit_cpu", lambda w, d: real(w, d).neg())
     ok, detail = selfcheck.CHECKS["cpu_dequantize"](torch.device("cpu"), torch.bfloat16)
     assert not ok and "differ from the reference" in detail
+
+
+# ---- LLM.int8 and GPTQ -----------------------------------------------------------------------------
+from qlora.kernels.gptq import cpu as gptq_cpu  # noqa: E402
+from qlora.kernels.gptq import ops as gptq_ops  # noqa: E402
+from qlora.kernels.gptq.format import PackedGPTQ, pack  # noqa: E402
+from qlora.kernels.gptq.reference import dequantize_gptq_torch, matmul_gptq_torch  # noqa: E402
+from qlora.kernels.int8 import cpu as int8_cpu  # noqa: E402
+from qlora.kernels.int8 import ops as int8_ops  # noqa: E402
+from qlora.kernels.int8 import reference as int8_reference  # noqa: E402
+
+
+def gptq_weight(n, k, bits, group_size, act_order, zero_offset=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-k // group_size)
+    q = torch.randint(0, 2 ** bits, (k, n), generator=g)
+    z = torch.randint(0, 2 ** bits - zero_offset, (groups, n), generator=g)
+    g_idx = (torch.arange(k) // group_size).to(torch.int32)
+    perm = None
+    if act_order:
+        perm = torch.randperm(k, generator=g)
+        g_idx = g_idx[perm].contiguous()
+    scales = (torch.rand(groups, n, generator=g) * 0.02 + 1e-3).half()
+    return PackedGPTQ(pack(q, bits, 0), pack(z, bits, 1), scales, g_idx, perm, bits, zero_offset, (n, k))
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 7), (37, 97), (130, 257)])
+def test_int8_decode_is_the_twins_bytes(threads, rows, cols):
+    g = torch.Generator().manual_seed(rows)
+    codes = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=g)
+    scb = torch.rand(rows, generator=g) * 5
+    scb[0] = 0.0  # an all-zero row's SCB
+    for dtype in DTYPES:
+        assert same_bytes(int8_cpu.int8_dequantize_cpu(codes, scb, dtype), int8_reference.int8_dequantize_torch(codes, scb, dtype))
+
+
+@needs_compiler
+@pytest.mark.parametrize("m", [3, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_forward_same_integers_and_backward(threads, m, dtype):
+    g = torch.Generator().manual_seed(m)
+    codes = torch.randint(-127, 128, (48, 160), dtype=torch.int8, generator=g)
+    scb = torch.rand(48, generator=g) * 2 + 0.01
+    a = torch.randn(m, 160, generator=g)
+    a[0, 3] = 9.0  # one outlier column
+    a = a.to(dtype).requires_grad_()
+    bias = torch.randn(48, generator=g).to(dtype)
+    set_backend("cpu")
+    try:
+        got = int8_ops.linear_int8(a, codes, scb, bias, 6.0)
+        got.backward(torch.ones_like(got))
+    finally:
+        set_backend(None)
+    # The int8 product is exact integers on both paths and the scaling is the twin's: the same bytes.
+    assert same_bytes(got.detach(), int8_reference.int8_linear_torch(a.detach(), codes, scb, bias, 6.0))
+    want_grad = torch.ones(m, 48, dtype=torch.float64) @ int8_reference.int8_dequantize_torch(codes, scb, dtype).double()
+    assert rel_err(a.grad, want_grad) < TOLERANCE[dtype]
+
+
+@needs_compiler
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("n,k,group_size", [(8, 32, 32), (24, 96, 32), (40, 160, 64)])
+def test_gptq_decode_is_the_twins_bytes(threads, bits, act_order, n, k, group_size):
+    weight = gptq_weight(n, k, bits, group_size, act_order)
+    for dtype in DTYPES:
+        assert same_bytes(gptq_cpu.dequantize_gptq_cpu(weight, dtype), dequantize_gptq_torch(weight, dtype))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_products_forward_and_backward(dtype, act_order):
+    weight = gptq_weight(40, 160, 4, 32, act_order, zero_offset=0)
+    w = dequantize_gptq_torch(weight, dtype).double()
+    x = torch.randn(9, 160).to(dtype)
+    grad = torch.randn(9, 40).to(dtype)
+    bias = torch.randn(40).to(dtype)
+    set_backend("cpu")
+    try:
+        forward = gptq_ops.matmul(x, weight, bias, True)
+        backward = gptq_ops.matmul(grad, weight, None, False)
+    finally:
+        set_backend(None)
+    assert rel_err(forward, x.double() @ w.T + bias.double()) < TOLERANCE[dtype]
+    assert rel_err(backward, grad.double() @ w) < TOLERANCE[dtype]
+
+
+def test_gptq_three_bits_stays_on_the_twin(monkeypatch):
+    monkeypatch.setattr(gptq_cpu, "dequantize_gptq_cpu", lambda *a: pytest.fail("3 bits reached the C decode"))
+    weight = gptq_weight(8, 64, 3, 32, False)
+    assert same_bytes(gptq_ops.dequantize(weight, torch.float32), dequantize_gptq_torch(weight, torch.float32))
+    assert rel_err(gptq_ops.matmul(torch.randn(2, 64), weight, None, True),
+                   matmul_gptq_torch(torch.randn(2, 64), weight, None, True)) < 10  # ran, on the twin

@@ -10,27 +10,12 @@
  */
 #include <stdint.h>
 #include <string.h>
+
+#include "native_convert.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define QLORA_AVX512 1
 #endif
-
-enum { OUT_FP32 = 0, OUT_BF16 = 1, OUT_FP16 = 2 };
-
-/* torch's float -> bfloat16 (c10 round_to_nearest_even): NaN -> 0x7FC0, else round half to even. */
-static inline uint16_t bf16_from_float(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, 4);
-    if (value != value) return 0x7FC0;
-    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-
-static inline uint16_t fp16_from_float(float value) {
-    _Float16 half = (_Float16)value; /* IEEE round to nearest even, as torch's conversion */
-    uint16_t bits;
-    memcpy(&bits, &half, 2);
-    return bits;
-}
 
 /* fp32 scales of blocks [first, last): nested_code[q] * nested_absmax[b / nested_blocksize] + offset. */
 void qlora_decode_absmax(const uint8_t *codes, const float *nested_code, const float *nested_absmax, float offset,

@@ -23,22 +23,19 @@ from qlora.kernels.nf4.packed import Packed4bit
 from qlora.kernels.nf4.reference import as_bytes, linear_dequantized, linear_dequantized_grad_input
 
 SOURCE = Path(__file__).with_name("cpu.c")
-_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+SIGNATURES = {
+    "qlora_decode_absmax": (native.PTR, native.PTR, native.PTR, native.FLOAT, native.I64, native.I64, native.I64,
+                            native.PTR),
+    "qlora_dequantize_4bit": (native.PTR, native.PTR, native.PTR, native.I64, native.I64, native.I64, native.I64,
+                              native.PTR, native.INT),
+}
 # Blocks per thread below which one thread decodes alone: 1024 blocks of 64 = 64K weights, ~25 us.
 MIN_BLOCKS_PER_THREAD = 1024
 
 
 def library() -> Optional[ctypes.CDLL]:
     """The built decode kernels, or None where no C compiler is available (warned once)."""
-    lib = native.load(SOURCE)
-    if lib is not None and not getattr(lib, "_typed", False):
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.qlora_decode_absmax.argtypes = (ptr, ptr, ptr, ctypes.c_float, i64, i64, i64, ptr)
-        lib.qlora_decode_absmax.restype = None
-        lib.qlora_dequantize_4bit.argtypes = (ptr, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_int)
-        lib.qlora_dequantize_4bit.restype = None
-        lib._typed = True
-    return lib
+    return native.library(SOURCE, SIGNATURES)
 
 
 def available() -> bool:
@@ -68,7 +65,7 @@ def dequantize_4bit_cpu(weight: Packed4bit, dtype: torch.dtype) -> torch.Tensor:
     scales = block_scales(weight)
     code = weight.code.float().contiguous()
     out = torch.empty(weight.shape, dtype=dtype)
-    numel, blocksize, kind = weight.numel, weight.blocksize, _KIND[dtype]
+    numel, blocksize, kind = weight.numel, weight.blocksize, native.DTYPE_KIND[dtype]
     args = (packed.data_ptr(), scales.data_ptr(), code.data_ptr(), numel, blocksize)
 
     def decode(first: int, last: int) -> None:
