@@ -62,7 +62,8 @@ def _build(source: Path, cc: str, target: Path) -> None:
             if done.returncode == 0:
                 break
         else:
-            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
+            lines = done.stderr.strip().splitlines()
+            raise RuntimeError(next((line for line in lines if "error" in line), lines[-1] if lines else "compiler failed"))
         os.replace(built, target)  # atomic: another process loading the cache sees all or nothing
 
 
@@ -75,11 +76,13 @@ def load(source: Path) -> Optional[ctypes.CDLL]:
         _warn_once(source, "no C compiler found (looked for $QLORA_CPU_CC, $CC, cc, gcc, clang); "
                            "install gcc or clang for the fast CPU path")
         return None
-    text = source.read_bytes() + (KERNELS / "native_convert.h").read_bytes()
-    key = hashlib.sha256(text + cc.encode() + " ".join(FLAGS).encode() + platform.machine().encode()
-                         + platform.node().encode()).hexdigest()[:16]
-    target = cache_dir() / f"{source.parent.name}_{source.stem}-{key}.so"
     try:
+        text = source.read_bytes() + (KERNELS / "native_convert.h").read_bytes()
+        # The machine's name is in the key: -march=native code built on one CPU may not run on another
+        # sharing the home directory.
+        key = hashlib.sha256(text + cc.encode() + " ".join(FLAGS).encode() + platform.machine().encode()
+                             + platform.node().encode()).hexdigest()[:16]
+        target = cache_dir() / f"{source.parent.name}_{source.stem}-{key}.so"
         with _lock:
             if not target.exists():
                 _build(source, cc, target)
