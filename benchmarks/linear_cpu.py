@@ -3,6 +3,7 @@ CPU path against its PyTorch twin (QLORA_BACKEND=torch), bitsandbytes' CPU backe
 F.linear, in the same run. Writes benchmarks/results/linear_cpu.json.
 
     python benchmarks/linear_cpu.py [--m 512] [--size 4096] [--rounds 3] [--repeats 3] [--threads 1,2]
+                                    [--formats nf4+dq,fp4,int8,gptq4] [--dtypes bfloat16,float32] [--append]
 
 Formats: NF4 + double quant and FP4 (blocksize 64), LLM.int8 (threshold 6), GPTQ 4-bit (group 128,
 act order; bitsandbytes has none: its peer is PyTorch's CPU int4 GEMM, forward only, see below).
@@ -15,6 +16,7 @@ its noise. Ratios: bitsandbytes time / qlora time (> 1: qlora is faster), qlora 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 
@@ -22,8 +24,11 @@ import torch
 import torch.nn.functional as F
 
 import qlora
-from common import device_name, median_time, print_table, versions, write_results
+from common import RESULTS, device_name, median_time, print_table, versions, write_results
 from qlora.kernels import set_backend
+
+
+RESULTS_FILE = RESULTS / "linear_cpu.json"
 
 
 def forward_backward(layer_or_fn, xs: list[torch.Tensor], grad: torch.Tensor):
@@ -146,6 +151,8 @@ def main():
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--formats", default="nf4+dq,fp4,int8,gptq4")
     parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of the existing results file that this run does not measure again")
     args = parser.parse_args()
     torch.manual_seed(0)
     weight = torch.randn(args.size, args.size) * 0.02
@@ -156,6 +163,11 @@ def main():
                 row = measure_row(fmt, dtype, threads, weight, args)
                 rows.append(row)
                 print_table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()}], list(row))
+    if args.append and RESULTS_FILE.exists():
+        measured = {(r["format"], r["dtype"], r["threads"]) for r in rows}
+        kept = [r for r in json.loads(RESULTS_FILE.read_text())["rows"]
+                if (r.get("format"), r.get("dtype"), r.get("threads")) not in measured]
+        rows = kept + rows
     path = write_results("linear_cpu", {
         "device": device_name(), "versions": versions(), "blocksize": 64,
         "measure": "forward + backward(dX), median over interleaved rounds of the median ms of `repeats` calls",
