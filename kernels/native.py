@@ -125,7 +125,9 @@ def failures() -> dict[str, str]:
 
 
 @functools.cache
-def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> concurrent.futures.ThreadPoolExecutor:
+    # Keyed by process id: a forked child inherits the parent's pool object but none of its threads,
+    # and work submitted to it would wait forever.
     return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="qlora-cpu")
 
 
@@ -137,7 +139,8 @@ def parallel_ranges(run: Callable[[int, int], None], count: int, min_per_thread:
         run(0, count)
         return
     bounds = [count * i // threads for i in range(threads + 1)]
-    futures = [_pool(threads).submit(run, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    pool = _pool(threads, os.getpid())
+    futures = [pool.submit(run, bounds[i], bounds[i + 1]) for i in range(1, threads)]
     run(bounds[0], bounds[1])  # this thread does a share too
     for future in futures:
         future.result()

@@ -247,3 +247,27 @@ def test_gptq_three_bits_stays_on_the_twin(monkeypatch):
     assert same_bytes(gptq_ops.dequantize(weight, torch.float32), dequantize_gptq_torch(weight, torch.float32))
     assert rel_err(gptq_ops.matmul(torch.randn(2, 64), weight, None, True),
                    matmul_gptq_torch(torch.randn(2, 64), weight, None, True)) < 10  # ran, on the twin
+
+
+def test_thread_ranges_in_a_forked_child_after_the_parent_used_its_pool():
+    # A forked child inherits the parent's pool object but not its threads: work submitted there would
+    # wait forever. (Plain Python work in the child: torch's OpenMP is not fork-safe by itself.)
+    import os
+    import signal
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        native.parallel_ranges(lambda first, last: seen.append((first, last)), 10, 1)
+        assert sorted(seen) == [(0, 5), (5, 10)]
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)  # a hang fails the test instead of stalling the suite
+            child = []
+            native.parallel_ranges(lambda first, last: child.append((first, last)), 10, 1)
+            os._exit(0 if sorted(child) == [(0, 5), (5, 10)] else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        torch.set_num_threads(before)
