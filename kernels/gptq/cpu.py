@@ -42,7 +42,7 @@ def dequantize_transposed_cpu(weight: PackedGPTQ, dtype: torch.dtype) -> torch.T
     n, k = weight.shape
     qweight, qzeros = weight.qweight.contiguous(), weight.qzeros.contiguous()
     scales, g_idx = weight.scales.float().contiguous(), weight.g_idx.to(torch.int32).contiguous()
-    held = torch.empty(k, n, dtype=dtype)
+    held = native.empty_output((k, n), dtype)
     args = (qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(), g_idx.data_ptr(), weight.bits,
             weight.zero_offset, n)
 

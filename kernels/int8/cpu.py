@@ -31,7 +31,7 @@ def int8_dequantize_cpu(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dty
     lib = native.library(SOURCE, SIGNATURES)
     codes, scb = codes.contiguous(), scb.float().contiguous()
     rows, cols = codes.shape
-    out = torch.empty(rows, cols, dtype=dtype)
+    out = native.empty_output((rows, cols), dtype)
 
     def decode(first: int, last: int) -> None:
         lib.qlora_int8_dequantize(codes.data_ptr(), scb.data_ptr(), cols, first, last, out.data_ptr(),

@@ -64,7 +64,7 @@ def dequantize_4bit_cpu(weight: Packed4bit, dtype: torch.dtype) -> torch.Tensor:
     packed = as_bytes(weight.packed).contiguous()
     scales = block_scales(weight)
     code = weight.code.float().contiguous()
-    out = torch.empty(weight.shape, dtype=dtype)
+    out = native.empty_output(weight.shape, dtype)
     numel, blocksize, kind = weight.numel, weight.blocksize, native.DTYPE_KIND[dtype]
     args = (packed.data_ptr(), scales.data_ptr(), code.data_ptr(), numel, blocksize)
 
