@@ -1,10 +1,13 @@
-"""Which implementation runs: the Triton kernels or the pure-PyTorch reference.
+"""Which implementation runs: the Triton kernels, the CPU kernels or the pure-PyTorch reference.
 
-`QLORA_BACKEND=auto|torch|triton` (read at every call, so a test can change it) or `set_backend()`:
+`QLORA_BACKEND=auto|torch|triton|cpu` (read at every call, so a test can change it) or `set_backend()`:
 - auto (the default): Triton for CUDA tensors on GPUs of compute capability 8.0 or newer (A100,
-  RTX 30xx/40xx, A10, L4, H100, H200: the architectures the kernels are compiled and checked for),
-  the reference everywhere else (CPU, older GPUs, no triton installed);
+  RTX 30xx/40xx, A10, L4, H100, H200: the architectures the kernels are compiled and checked for);
+  the CPU kernels (C, built on first use by kernels/native.py) for CPU tensors where a C compiler
+  is found; the reference everywhere else (older GPUs, no triton, no C compiler: warned once);
 - torch: the reference everywhere (the bit-exact oracle, and the fallback if a kernel misbehaves);
+- cpu: the CPU kernels for CPU tensors, an error where they cannot be built (the reference on
+  other devices);
 - triton: the Triton kernels everywhere; on CPU that needs `TRITON_INTERPRET=1` set before
   triton is first imported (the interpreter is chosen when a kernel is decorated), which is how the
   CPU tests run the kernel code.
@@ -17,7 +20,7 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 DEFAULT_BACKEND = "auto"
 # Below 8.0 (T4, V100) Triton has no bf16 and the fused kernel compiles to spilling code without
 # tensor cores (sm_75, checked with launch.compile_only).
@@ -45,7 +48,7 @@ def set_backend(backend: Optional[str]) -> None:
 def get_backend() -> str:
     backend = _override if _override is not None else os.environ.get("QLORA_BACKEND", DEFAULT_BACKEND).strip().lower() or DEFAULT_BACKEND
     if backend not in BACKENDS:
-        raise UnknownBackendError(f"QLORA_BACKEND must be one of auto, torch, triton, got {backend!r}")
+        raise UnknownBackendError(f"QLORA_BACKEND must be one of auto, torch, triton, cpu, got {backend!r}")
     return backend
 
 
@@ -56,7 +59,7 @@ def interpreter_enabled() -> bool:
 def use_triton(device: torch.device) -> bool:
     """True when the Triton kernels should run for tensors on `device`; raises if forced but impossible."""
     backend = get_backend()
-    if backend == "torch":
+    if backend in ("torch", "cpu"):
         return False
     if backend == "auto":
         return (device.type == "cuda" and importlib.util.find_spec("triton") is not None
@@ -71,6 +74,26 @@ def use_triton(device: torch.device) -> bool:
         f"QLORA_BACKEND=triton cannot run on {device.type} tensors: the kernels need CUDA, or on CPU the "
         "Triton interpreter (set TRITON_INTERPRET=1 before importing triton); or use QLORA_BACKEND=torch"
     )
+
+
+def use_cpu_kernels(device: torch.device, available) -> bool:
+    """True when the C kernels should run for tensors on `device`; `available()` says whether the
+    calling family's kernels are built here (building them on first call). Raises if forced but
+    impossible."""
+    if device.type != "cpu":
+        return False
+    backend = get_backend()
+    if backend == "auto":
+        return available()
+    if backend != "cpu":
+        return False
+    if not available():
+        from qlora.kernels import native
+
+        raise BackendError(f"QLORA_BACKEND=cpu but the CPU kernels cannot be built here "
+                           f"({'; '.join(native.failures().values()) or 'no C compiler'}); install gcc or clang, "
+                           "or use QLORA_BACKEND=torch")
+    return True
 
 
 def compute_capability(device: torch.device) -> tuple[int, int]:

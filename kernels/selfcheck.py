@@ -79,7 +79,8 @@ def passed(path: str, device: torch.device, dtype: torch.dtype) -> bool:
         log.info("self-check %s on %s %s: PASS in %.1f ms", path, device, dtype, cost_ms)
     else:
         log.info("self-check %s on %s %s: FAIL in %.1f ms (%s)", path, device, dtype, cost_ms, detail)
-        warnings.warn(f"the Triton {path} kernel gave a wrong result on {device} ({dtype}): {detail}; "
+        kind = "CPU" if path.startswith("cpu_") else "Triton"
+        warnings.warn(f"the {kind} {path} kernel gave a wrong result on {device} ({dtype}): {detail}; "
                       "using the PyTorch reference for it from now on. Please report this with the output "
                       "of `qlora doctor`", RuntimeWarning, stacklevel=3)
     return ok

@@ -9,6 +9,10 @@ AdamW), and write what was found.
 - on a GPU times each path against bf16 F.linear (and bitsandbytes when installed) at the
   Llama-3-8B projections with CUDA events, beside the machine-code model's predictions for its arch
   (benchmarks/kernels_static.py); on a CPU prints the predictions alone;
+- reports the CPU path: which one runs (the C kernels built for this CPU, or the PyTorch reference
+  and why), its bit-exactness checks against the twins (fp32, bf16, fp16), and its speed here: a
+  4096x4096 NF4 + double quant dequantize and a 2048x2048 layer's forward + backward against the
+  twin, dense F.linear and bitsandbytes' CPU backend when installed (median ms, this machine);
 - writes benchmarks/results/doctor-<gpu or cpu>.json (or `out=`);
 - exits 1 if any check fails.
 """
@@ -53,13 +57,13 @@ def environment() -> dict:
     return env
 
 
-def run_checks(device: torch.device, dtypes) -> dict:
+def run_checks(device: torch.device, dtypes, paths=PATHS) -> dict:
     """{"<path> <dtype>": {"pass": bool, "detail": str}} for every path, run here."""
     from qlora.kernels import selfcheck
     from qlora.kernels.moe import selfcheck as _moe_checks  # noqa: F401  (registers moe_grouped: no layer imports it yet)
 
     out = {}
-    for path in PATHS:
+    for path in paths:
         for dtype in dtypes:
             start = time.perf_counter()
             try:
@@ -82,6 +86,97 @@ def interpreter_checks() -> dict:
     if result.returncode != 0:
         return {"interpreter": {"pass": False, "detail": result.stderr.strip()[-2000:]}}
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+CPU_CHECKS = ("cpu_dequantize", "cpu_int8_dequantize", "cpu_gptq_dequantize")
+
+
+def cpu_path() -> dict:
+    """Which CPU path runs for CPU tensors, and why."""
+    from qlora.kernels import native
+    from qlora.kernels.backend import get_backend
+    from qlora.kernels.nf4 import cpu as nf4_cpu
+
+    backend = get_backend()
+    built = nf4_cpu.available()
+    if backend == "torch":
+        runs = "the PyTorch reference (QLORA_BACKEND=torch)"
+    elif built:
+        runs = f"the C kernels, built with {native.compiler()} for this CPU ({torch.backends.cpu.get_cpu_capability()})"
+    else:
+        runs = f"the PyTorch reference ({'; '.join(native.failures().values()) or 'the C kernels could not be built'})"
+    return {"backend": backend, "built": built, "runs": runs, "threads": torch.get_num_threads()}
+
+
+def time_cpu(repeats: int = 5, size: int = 4096, layer_size: int = 2048, rows: int = 256) -> dict:
+    """Median ms on this CPU: a size x size dequantize and a layer_size layer's forward + backward on
+    `rows` rows, the CPU path against the twin, dense F.linear and bitsandbytes (when installed)."""
+    import logging
+    import statistics
+
+    import torch.nn.functional as F
+
+    from qlora.kernels.backend import set_backend
+    from qlora.kernels.nf4 import cpu as nf4_cpu, reference
+    from qlora.kernels.nf4.linear import linear_4bit
+    from qlora.quant import quantize_4bit
+
+    def median_ms(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return round(1e3 * statistics.median(times), 2)
+
+    torch.manual_seed(0)
+    big = torch.randn(size, size, dtype=torch.bfloat16)
+    dequantize_case, layer_case = f"dequantize {size}x{size} nf4+dq bf16", \
+        f"layer {layer_size}x{layer_size} M={rows} bf16 forward+backward"
+    packed, state = quantize_4bit(big, "nf4", 64, True)
+    weight = state.packed_view(packed)
+    out = {dequantize_case: {"twin": median_ms(lambda: reference.dequantize_4bit_torch(weight, torch.bfloat16))}}
+    if nf4_cpu.available():
+        out[dequantize_case]["cpu path"] = median_ms(lambda: nf4_cpu.dequantize_4bit_cpu(weight, torch.bfloat16))
+    layer_weight = torch.randn(layer_size, layer_size) * 0.02
+    packed, state = quantize_4bit(layer_weight, "nf4", 64, True)
+    small = state.packed_view(packed)
+    x = torch.randn(rows, layer_size, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(rows, layer_size, dtype=torch.bfloat16)
+    dense = layer_weight.to(torch.bfloat16)
+
+    def step(fn):
+        def run():
+            fn(x).backward(grad)
+            x.grad = None
+        return run
+
+    def on(backend):
+        def run():
+            set_backend(backend)
+            try:
+                linear_4bit(x, small).backward(grad)
+            finally:
+                set_backend(None)
+            x.grad = None
+        return run
+
+    layer = {"twin": median_ms(on("torch")), "dense F.linear": median_ms(step(lambda a: F.linear(a, dense)))}
+    if nf4_cpu.available():
+        layer["cpu path"] = median_ms(on("cpu"))
+    try:
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        import bitsandbytes as bnb
+
+        p, s = bnb.functional.quantize_4bit(big, blocksize=64, quant_type="nf4", compress_statistics=True)
+        out[dequantize_case]["bitsandbytes"] = median_ms(lambda: bnb.functional.dequantize_4bit(p, s))
+        p, s = bnb.functional.quantize_4bit(dense, blocksize=64, quant_type="nf4", compress_statistics=True)
+        layer["bitsandbytes"] = median_ms(step(lambda a: bnb.matmul_4bit(a, p.t(), s)))
+    except ImportError:
+        pass
+    out[layer_case] = layer
+    return out
 
 
 def predictions(arch: int) -> dict:
@@ -172,6 +267,16 @@ def doctor(out: str | None = None) -> int:
     for name, result in checks.items():
         print(f"  {'PASS' if result['pass'] else 'FAIL'}  {name:20} {result.get('ms', 0):8.1f} ms"
               + ("" if result["pass"] else f"  ({result['detail']})"))
+    cpu = cpu_path()
+    cpu["checks"] = run_checks(torch.device("cpu"), (torch.float32, torch.bfloat16, torch.float16), CPU_CHECKS) \
+        if cpu["built"] else {}
+    print(f"\nCPU path: {cpu['runs']}, {cpu['threads']} threads")
+    for name, result in cpu["checks"].items():
+        print(f"  {'PASS' if result['pass'] else 'FAIL'}  {name:28} {result.get('ms', 0):8.1f} ms"
+              + ("" if result["pass"] else f"  ({result['detail']})"))
+    cpu["timings_ms"] = time_cpu()
+    for case, row in cpu["timings_ms"].items():
+        print(f"  {case}: " + ", ".join(f"{impl} {ms:.1f} ms" for impl, ms in row.items()))
     model = predictions(arch)
     timings = time_paths() if on_gpu else []
     print(f"\nmodel predictions, sm_{model['arch']} (us, forward, NF4 + double quant, blocksize 64;"
@@ -192,8 +297,8 @@ def doctor(out: str | None = None) -> int:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", env["gpu"]["name"]) if on_gpu else "cpu"
     path = Path(out) if out else Path("benchmarks") / "results" / f"doctor-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    failed = [n for n, r in checks.items() if not r["pass"]]
-    payload = {"environment": env, "checks": checks, "model": model, "timings_us": timings, "failed": failed}
+    failed = [n for n, r in {**checks, **cpu["checks"]}.items() if not r["pass"]]
+    payload = {"environment": env, "checks": checks, "cpu": cpu, "model": model, "timings_us": timings, "failed": failed}
     staged = path.with_suffix(".json.tmp")
     staged.write_text(json.dumps(payload, indent=2) + "\n")
     staged.replace(path)  # never a half-written report

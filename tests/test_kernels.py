@@ -440,7 +440,7 @@ def test_backend_switch(monkeypatch):
     monkeypatch.setenv("QLORA_BACKEND", "torch")
     assert not use_triton(torch.device("cuda"))
     monkeypatch.setenv("QLORA_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="QLORA_BACKEND must be one of auto, torch, triton, got 'cuda'"):
+    with pytest.raises(ValueError, match="QLORA_BACKEND must be one of auto, torch, triton, cpu, got 'cuda'"):
         use_triton(cpu)
     monkeypatch.setenv("QLORA_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -55,3 +55,16 @@ def _product_check(rows: int, forward_only: bool):
 
 register("gptq_fused")(_product_check(20, forward_only=False))
 register("gptq_gemv")(_product_check(1, forward_only=True))
+
+
+@register("cpu_gptq_dequantize")
+def check_cpu_dequantize(device, dtype):
+    """The C decode (cpu.py), built for this CPU: bit-exact against the twin, with an act-order permutation."""
+    from qlora.kernels.gptq.cpu import dequantize_gptq_cpu
+
+    weight = sample_weight(device)
+    perm = torch.randperm(weight.shape[1], generator=torch.Generator().manual_seed(2)).to(device)
+    weight = weight._replace(perm=perm, g_idx=weight.g_idx[perm].contiguous())
+    got, want = dequantize_gptq_cpu(weight, dtype), dequantize_gptq_torch(weight, dtype)
+    mismatched = (got.view(-1).view(torch.uint8) != want.view(-1).view(torch.uint8)).sum().item()
+    return mismatched == 0, f"{mismatched} of {got.numel() * got.element_size()} bytes differ from the reference"

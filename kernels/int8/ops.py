@@ -1,6 +1,7 @@
 """The LLM.int8 ops as torch.library custom ops (qlora::int8_dequantize, qlora::int8_linear): one
 dispatch point per operation, like the 4-bit ops in ops.py, so that every caller (the layer, LoRA's
-DoRA, the export merge) reaches the Triton kernel on a GPU and the PyTorch twin elsewhere, and
+DoRA, the export merge) reaches the Triton kernel on a GPU, the CPU kernels (cpu.py) on a CPU with
+a C compiler and the PyTorch twin elsewhere (QLORA_BACKEND=torch: everywhere), and
 torch.compile traces them through their fake implementations.
 
 qlora::int8_linear carries its own autograd formula (torch.library.register_autograd): with a
@@ -15,7 +16,8 @@ import torch
 
 from qlora.kernels.int8 import reference as reference
 from qlora.kernels import selfcheck
-from qlora.kernels.backend import use_triton
+from qlora.kernels.backend import use_cpu_kernels, use_triton
+from qlora.kernels.int8 import cpu as cpu_kernels
 from qlora.kernels.int8 import selfcheck as _checks  # noqa: F401  (registers the int8 paths' self-checks)
 from qlora.kernels.dtypes import FLOAT_DTYPES
 
@@ -43,7 +45,13 @@ def int8_dequantize(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) 
         from qlora.kernels.int8.dequantize import int8_dequantize_triton
 
         return int8_dequantize_triton(codes, scb, dtype)
+    if _cpu_path(codes.device, dtype):
+        return cpu_kernels.int8_dequantize_cpu(codes, scb, dtype)
     return reference.int8_dequantize_torch(codes, scb, dtype)
+
+
+def _cpu_path(device: torch.device, dtype: torch.dtype) -> bool:
+    return use_cpu_kernels(device, cpu_kernels.available) and selfcheck.passed("cpu_int8_dequantize", device, dtype)
 
 
 @int8_dequantize.register_fake
@@ -70,6 +78,8 @@ def int8_linear(a: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, bias: O
         from qlora.kernels.int8.matmul import int8_linear_triton
 
         return int8_linear_triton(a, codes, scb, bias, threshold)
+    if _cpu_path(a.device, a.dtype):
+        return cpu_kernels.int8_linear_cpu(a, codes, scb, bias, threshold)
     return reference.int8_linear_torch(a, codes, scb, bias, threshold)
 
 

@@ -41,3 +41,16 @@ def check_matmul(device, dtype):
     bias = torch.randn(codes.shape[0], generator=g).to(device=device, dtype=dtype)
     error = rel_err(int8_linear_triton(a, codes, scb, bias, 6.0), reference.int8_linear_torch(a, codes, scb, bias, 6.0))
     return error < TOLERANCE[dtype], f"relative error {error:.2e}, tolerance {TOLERANCE[dtype]:.0e}"
+
+
+@register("cpu_int8_dequantize", covers=("cpu_int8_matmul",))
+def check_cpu_dequantize(device, dtype):
+    """The C decode (cpu.py), built for this CPU: bit-exact against the twin (a zero row included).
+    The forward's int8 product is exact integers on both paths, so this covers it."""
+    from qlora.kernels.int8.cpu import int8_dequantize_cpu
+
+    codes, scb = sample_weight(device, out_features=37, in_features=97)
+    got, want = int8_dequantize_cpu(codes, scb, dtype), reference.int8_dequantize_torch(codes, scb, dtype)
+    mismatched = (got.view(torch.uint8) != want.view(torch.uint8)).sum().item() if dtype != torch.float32 else \
+        (got.view(torch.int32) != want.view(torch.int32)).sum().item()
+    return mismatched == 0, f"{mismatched} of {got.numel()} elements differ from the reference"

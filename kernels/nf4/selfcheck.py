@@ -17,7 +17,7 @@ def sample_weight(device: torch.device, out_features: int = 48, in_features: int
     and the twin decode the same bytes). in_features % blocksize == 0: the row-tile decode."""
     g = torch.Generator().manual_seed(seed)
     numel = out_features * in_features
-    blocks = numel // blocksize
+    blocks = -(-numel // blocksize)  # a partial last block has its own absmax
     code = torch.sort(torch.rand(16, generator=g) * 2 - 1).values
     weight = Packed4bit(
         packed=torch.randint(0, 256, ((numel + 1) // 2, 1), dtype=torch.uint8, generator=g),
@@ -69,3 +69,16 @@ def _fused(a, weight, transpose_weight):
 
 register("gemv")(_product_check(_gemv, 3))
 register("fused")(_product_check(_fused, 20))
+
+
+@register("cpu_dequantize")
+def _check_cpu_dequantize(device, dtype):
+    """The C decode (cpu.py), built for this CPU by its compiler: bit-exact against the twin on
+    an odd shape whose last block is partial and whose element count is odd."""
+    from qlora.kernels.nf4.cpu import dequantize_4bit_cpu
+
+    weight = sample_weight(device, out_features=37, in_features=97)
+    got = dequantize_4bit_cpu(weight, dtype)
+    want = reference.dequantize_4bit_torch(weight, dtype)
+    mismatched = (got.view(-1).view(torch.uint8) != want.view(-1).view(torch.uint8)).sum().item()
+    return mismatched == 0, f"{mismatched} of {got.numel() * got.element_size()} bytes differ from the reference"
