@@ -197,8 +197,8 @@ def replace_linear_layers(model: nn.Module, qconfig) -> list[str]:
         features = linear_features(module)
         if features is None or name in skip:
             continue
-        if type(module).forward is not nn.Linear.forward:  # computes more than x W^T + b (Llama-4's router)
-            continue
+        if "router" in type(module).__name__.lower():  # an nn.Linear whose forward also routes (Llama-4's router):
+            continue  # kept 16-bit like every router (qlora.models.families)
         if skipped_by(name, qconfig):
             continue
         layer = mark_source(layer_cls(*features, bias=module.bias is not None, format=qconfig.format,
