@@ -60,9 +60,10 @@ def _matmul_4bit_kernel(
     # view of a larger buffer). W's own indices stay int32: check_triton_size bounds its numel.
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Row tiles decode through code_pairs' table (one 8-byte gather per byte) up to 4096 elements;
-    # at 8192 (blocksize 256: 32 x 256) it spilled 8 B on sm_80 where the two 4-byte gathers do not.
-    PAIR_DECODE: tl.constexpr = BLOCK_N * BLOCK_R <= 4096
+    # Row tiles decode through code_pairs' table (one 8-byte gather per byte) up to 4096 elements
+    # and with double quant; it spilled 8 B where the two 4-byte gathers do not at 8192 (blocksize
+    # 256: 32 x 256, sm_80) and without double quant (32 x 64 x 64 at 2 stages, sm_89).
+    PAIR_DECODE: tl.constexpr = BLOCK_N * BLOCK_R <= 4096 and DOUBLE_QUANT
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
