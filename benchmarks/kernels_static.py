@@ -25,9 +25,9 @@ through the same path (benchmarks/calibration.py); the fit's held-out error is i
 ("calibration") and labels every table made from them.
 
 Bytes: the packed weight and its scales once per group of GROUP_M row tiles (L2 serves the group),
-the activations and the output once, the GEMV's fp32 split-K workspace written and read back.
-Paths: dequant_matmul = the dequantize kernel + cuBLAS on the bf16 weight; fused; gemv (M <= 64) +
-its split-K reduction. The dispatch table is per arch, modelled on that arch's datacenter card (A100,
+the activations and the output once, the GEMV's fp32 split-K partial sums written and read back.
+Paths: dequant_matmul = the dequantize kernel + cuBLAS on the bf16 weight; fused; gemv (M <= 64,
+one launch: the last split of each output tile adds the partial sums). The dispatch table is per arch, modelled on that arch's datacenter card (A100,
 A10, L4, H100), as the runtime knows the arch; the whole-layer rows (Llama-3-8B, Llama-3-70B) cover
 all six cards through that table, as a user's card would dispatch.
 """
