@@ -25,9 +25,9 @@ through the same path (benchmarks/calibration.py); the fit's held-out error is i
 ("calibration") and labels every table made from them.
 
 Bytes: the packed weight and its scales once per group of GROUP_M row tiles (L2 serves the group),
-the activations and the output once, the GEMV's fp32 split-K workspace written and read back.
-Paths: dequant_matmul = the dequantize kernel + cuBLAS on the bf16 weight; fused; gemv (M <= 64) +
-its split-K reduction. The dispatch table is per arch, modelled on that arch's datacenter card (A100,
+the activations and the output once, the GEMV's fp32 split-K partial sums written and read back.
+Paths: dequant_matmul = the dequantize kernel + cuBLAS on the bf16 weight; fused; gemv (M <= 64,
+one launch: the last split of each output tile adds the partial sums). The dispatch table is per arch, modelled on that arch's datacenter card (A100,
 A10, L4, H100), as the runtime knows the arch; the whole-layer rows (Llama-3-8B, Llama-3-70B) cover
 all six cards through that table, as a user's card would dispatch.
 """
@@ -191,16 +191,20 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     bytes_moved = w4 * math.ceil(tiles_m / 8) + 2 * (m * r + m * cols)
     bounds = kernel_bounds(spec, code, tiles_m * tiles_n, math.ceil(r / config["BLOCK_R"]), bytes_moved)
     out["fused"] = entry("fused", code, bounds)
-    # GEMV (split-K partial sums, then the reduction)
+    # GEMV: split-K partial sums, added up by the last split of each tile in the same launch
     if m <= GEMV_MAX_ROWS:
         _, code = machine_code_for(arch, "gemv", m, blocksize, transpose_weight)
         block_m, block_n, block_r, _ = gemv_block_sizes(m, (n, k), blocksize, transpose_weight)
         split_k, r_per_split = gemv_split(m, cols, r, block_n, block_r, _Device(spec.sms))
         programs = math.ceil(cols / block_n) * split_k * math.ceil(m / block_m)
-        workspace = 4 * split_k * m * cols
+        # fp32 partial sums written and read back once (split > 1), and the output stored once.
+        partials = 8 * split_k * m * cols if split_k > 1 else 0
         bounds = kernel_bounds(spec, code, programs, math.ceil(r_per_split / block_r),
-                               w4 * math.ceil(m / block_m) + 2 * m * r + workspace)
-        out["gemv"] = entry("gemv", code, bounds) + gpu_model.bandwidth_us(spec, workspace + 2 * m * cols)
+                               w4 * math.ceil(m / block_m) + 2 * m * r + partials + 2 * m * cols)
+        # The last split waits on the counter's atomic and then on loading the partial sums: two
+        # DRAM latencies in series past the one the model charges every kernel's epilogue.
+        fixup_us = 2 * spec.dram_latency_cycles * gpu_model.PARAMETERS["latency_scale"] / (spec.clock_ghz * 1e3)
+        out["gemv"] = entry("gemv", code, bounds) + (fixup_us if split_k > 1 else 0.0)
     return out
 
 

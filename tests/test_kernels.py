@@ -161,6 +161,33 @@ def test_interp_kernel_forward_and_grad_input(kernel, dtype, m, out_features, in
 
 
 @interpreter_only
+def test_interp_gemv_last_split_leaves_counters_zero_and_repeats_bit_for_bit():
+    # The last split of each output tile sums the partial sums and zeroes its arrival counter: a
+    # counter left non-zero would make the next launch's last split miss its turn (output unwritten).
+    from qlora.kernels.nf4 import gemv
+
+    weight = quantized((96, 320))
+    a = torch.randn(3, 320, dtype=torch.float16)
+    first = gemv.gemv_4bit(a, weight)
+    tiles = gemv.gemv_workspace_shape(3, weight.shape, weight.blocksize, True, a.device)
+    assert tiles[0] > 1  # split-K really splits here
+    assert not gemv.split_counters(a.device, 1).any()
+    second = gemv.gemv_4bit(a, weight, out=nan_like(tuple(first.shape), torch.float16))
+    assert torch.equal(first, second)
+
+
+def test_code_pairs_hold_both_nibbles_of_each_byte():
+    from qlora.kernels.nf4.dequantize import code_pairs
+
+    code = torch.randn(16)
+    pairs = code_pairs(code).view(torch.float32).view(256, 2)
+    byte = torch.arange(256)
+    assert torch.equal(pairs[:, 0], code[byte >> 4]) and torch.equal(pairs[:, 1], code[byte & 15])
+    code.mul_(2)  # modified in place: the table is built again
+    assert torch.equal(code_pairs(code).view(torch.float32).view(256, 2)[:, 0], code[byte >> 4])
+
+
+@interpreter_only
 @pytest.mark.parametrize("path, m", [("auto", 1), ("auto", 37), ("dequant_matmul", 37), ("gemv", 3)])
 def test_interp_linear_4bit_autograd(triton_backend, path, m):
     # Through the custom op and the autograd Function; 3-D input, bias, fp16.

@@ -17,6 +17,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.utils.weak
 import triton
 import triton.language as tl
 
@@ -80,6 +81,83 @@ def decode_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, c
                        offset_ptr, NESTED_BLOCKSIZE, DOUBLE_QUANT)
     values = tl.reshape(values, (values.shape[0], BLOCKS, BLOCKSIZE)) * scale[:, :, None]
     return tl.reshape(values, (values.shape[0], COLS))
+
+
+@triton.jit
+def load_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, nested_absmax_ptr,
+                  COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                  DOUBLE_QUANT: tl.constexpr):
+    """The DRAM half of decode_row_tile (what a pipelined loop may issue ahead of its decode):
+    (bytes int32 [rows, COLS / 2], absmax as stored [rows, COLS / BLOCKSIZE], nested absmax (DQ) of
+    the same blocks). Same layout conditions as decode_row_tile; masked rows load zeros."""
+    HALF: tl.constexpr = COLS // 2
+    BLOCKS: tl.constexpr = COLS // BLOCKSIZE
+    byte_cols = col0 // 2 + tl.arange(0, HALF)
+    byte_mask = row_mask[:, None] & (byte_cols < IN_FEATURES // 2)[None, :]
+    byte = tl.load(packed_ptr + rows[:, None] * (IN_FEATURES // 2) + byte_cols[None, :], mask=byte_mask,
+                   other=0).to(tl.int32)
+    block_cols = col0 // BLOCKSIZE + tl.arange(0, BLOCKS)
+    blocks_per_row = IN_FEATURES // BLOCKSIZE
+    block = rows[:, None] * blocks_per_row + block_cols[None, :]
+    block_mask = row_mask[:, None] & (block_cols < blocks_per_row)[None, :]
+    if DOUBLE_QUANT:
+        absmax = tl.load(absmax_ptr + block, mask=block_mask, other=0).to(tl.int32)
+        nested_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=block_mask, other=0.0)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=block_mask, other=0.0).to(tl.float32)
+        nested_scale = absmax
+    return byte, absmax, nested_scale
+
+
+@triton.jit
+def decode_loaded_row_tile(byte, absmax, nested_scale, pairs_ptr, nested_code_ptr, offset_ptr,
+                           COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """fp32 W tile from load_row_tile's registers, bit for bit decode_row_tile's values.
+
+    The nibbles decode through code_pairs' 256-entry table: one 8-byte gather per byte gives both
+    fp32 code values, where two 4-byte gathers and their nibble extraction took ~7 integer
+    instructions per byte in the sm_90 GEMV loop (80 LEA + 51 PRMT for 32 weights a thread).
+    """
+    BLOCKS: tl.constexpr = COLS // BLOCKSIZE
+    pair = tl.load(pairs_ptr + byte)  # the table is 2 KB: L1-resident after the first trips
+    high = pair.to(tl.int32).to(tl.float32, bitcast=True)  # element 2i: the high nibble, low word
+    low = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    values = tl.interleave(high, low)
+    if DOUBLE_QUANT:
+        scale = tl.load(nested_code_ptr + absmax) * nested_scale + tl.load(offset_ptr)
+    else:
+        scale = absmax
+    values = tl.reshape(values, (values.shape[0], BLOCKS, BLOCKSIZE)) * scale[:, :, None]
+    return tl.reshape(values, (values.shape[0], COLS))
+
+
+@triton.jit
+def decode_row_tile_pairs(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, pairs_ptr, nested_absmax_ptr,
+                          nested_code_ptr, offset_ptr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                          NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """decode_row_tile's values through code_pairs' table (`pairs_ptr`): load, then decode, in one trip."""
+    byte, absmax, nested_scale = load_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr,
+                                               nested_absmax_ptr, COLS, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+    return decode_loaded_row_tile(byte, absmax, nested_scale, pairs_ptr, nested_code_ptr, offset_ptr, COLS, BLOCKSIZE,
+                                  DOUBLE_QUANT)
+
+
+_CODE_PAIRS = torch.utils.weak.WeakTensorKeyDictionary()
+
+
+def code_pairs(code: torch.Tensor) -> torch.Tensor:
+    """int64 [256]: entry b holds the fp32 bits of code[b >> 4] in its low word and of code[b & 15]
+    in its high word (little-endian), so one 8-byte load decodes a whole packed byte. Built once per
+    code tensor and device (and again if the tensor is modified in place): a decode step captured in
+    a CUDA graph after the first call launches nothing extra."""
+    cached = _CODE_PAIRS.get(code)
+    if cached is not None and cached[0] == code._version:
+        return cached[1]
+    index = torch.arange(256, device=code.device)
+    table = torch.stack([code.float()[index >> 4], code.float()[index & 15]], dim=1).contiguous().view(torch.int64)
+    table = table.reshape(256)
+    _CODE_PAIRS[code] = (code._version, table)
+    return table
 
 
 # Tiles span at least one quantization block along W's rows; past 256 the tiles would not fit in

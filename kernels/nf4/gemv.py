@@ -10,13 +10,21 @@ At this size the decode, not DRAM, is what can limit it: 4096x4096 is 16.8M elem
 load instruction per element an H100 spends about as long issuing loads (~2.3 us) as reading the
 bytes. When rows of W hold whole quantization blocks (in_features % blocksize == 0, every Llama-
 family shape) tiles are decoded by decode_row_tile: contiguous bytes, both nibbles of a byte from
-one load, one scale per block. Compiled for sm_90 that is 42 global loads per 32 elements a
+one load, one scale per block. Compiled for sm_90 that was 42 global loads per 32 elements a
 thread decodes (1.3 per element) where the per-element decode_4bit took 165 (5.2); see
 benchmarks/kernels_static.py.
 
-The split partial sums go to an fp32 workspace [SPLIT_K, M, cols] and a second kernel adds them,
-the bias, and casts: deterministic (atomics would reorder the sum run to run) and fp32 throughout
-(bf16 atomics do not exist). For M=1, N=4096 and SPLIT_K=4 the workspace is 64 KB, <1% of W.
+The split partial sums go to an fp32 workspace [SPLIT_K, M, cols]; the last split of each output
+tile to arrive (an atomic counter per tile) adds them in split order, adds the bias and casts:
+deterministic (the same order whichever split finishes last), fp32 throughout (bf16 atomics do not
+exist), and one launch per product, where a separate reduction kernel cost a second fixed launch
+time (~6 us in the calibrated model: a third of a bf16 4096x4096 decode). For M=1, N=4096 and
+SPLIT_K=4 the workspace is 64 KB, <1% of W.
+
+Tiles of whole blocks decode through code_pairs' 256-entry table (decode_row_tile_pairs): one
+8-byte load gives both values of a packed byte. Compiled for sm_90 (M=1, forward) the loop went
+from 383 to 278 instructions per 32 weights a thread, its integer half-rate issue from 518 to 340
+cycles a trip.
 
 `gemv_4bit` takes preallocated `out` and `workspace` and does no host sync (no .item(), the
 offset is read through a pointer), so a decode step built on it can be captured in a CUDA graph,
@@ -32,24 +40,38 @@ import triton.language as tl
 
 from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
 from qlora.kernels.nf4.packed import Packed4bit
-from qlora.kernels.nf4.dequantize import decode_4bit, decode_row_tile, weight_pointers, whole_block_tiles
+from qlora.kernels.nf4.dequantize import (code_pairs, decode_4bit, decode_row_tile, decode_row_tile_pairs,
+                                          weight_pointers, whole_block_tiles)
 from qlora.kernels.launch import launch
 from qlora.kernels.nf4.matmul import weight_strides
 
 GEMV_BLOCK_M = 16  # rows per program
-# Products a program may keep in registers across the loop: 4096 fp32 over 128 threads = 32 each.
+# No software pipelining of the main loop: at 2-3 stages Triton also pipelines the code-table gathers
+# through shared memory (LDGSTS + LDS per pair), and the model put Llama-3-8B's M=1 layer at 187 us
+# (3 stages) against 181 us at 1 on the H100.
+GEMV_STAGES: tl.constexpr = tl.constexpr(1)
+# Products a program may keep in registers across the loop: 8192 fp32 over 128 threads = 64 each
+# (168 registers on sm_90 at 1 x 128 x 64, no spill). Twice the 4096 of before halves the loop's
+# per-trip overhead per weight: the model's Llama-3-8B M=1 layer went from 181 to 159 us on the
+# H100, M=4 from 232 to 218 us.
 # A per-element decode keeps an index, a byte and a scale chain live per weight besides: at 4096
 # products (1 x 64 x 64, blocksize 4096, backward) sm_90 took 255 registers and spilled 24 B; at
 # 2048 (1 x 64 x 32) 96 registers and no spill, the same instructions per weight.
-GEMV_REGISTER_PRODUCTS = 4096
+GEMV_REGISTER_PRODUCTS = 8192
 GEMV_REGISTER_PRODUCTS_PER_ELEMENT = 2048
 
 
-def gemv_register_products(whole_blocks: bool) -> int:
+def gemv_register_products(whole_blocks: bool, blocksize: int = 64) -> int:
+    if blocksize > 128:
+        # 8192 products over 256-element rows (1 x 32 x 256 forward, 2 x 256 x 16 backward) spilled
+        # 8 B on sm_86/89/90: the longer rows keep more bytes and scales live per thread. 4096 there.
+        return min(GEMV_REGISTER_PRODUCTS_PER_ELEMENT * 2, GEMV_REGISTER_PRODUCTS) if whole_blocks else \
+            GEMV_REGISTER_PRODUCTS_PER_ELEMENT
     return GEMV_REGISTER_PRODUCTS if whole_blocks else GEMV_REGISTER_PRODUCTS_PER_ELEMENT
 
 
-def gemv_num_warps(block_m: int, block_n: int, block_r: int, whole_blocks: bool, transpose_weight: bool) -> int:
+def gemv_num_warps(block_m: int, block_n: int, block_r: int, whole_blocks: bool, transpose_weight: bool,
+                   blocksize: int = 64) -> int:
     """Warps of a GEMV program. In backward, 8-row tiles that reduce per tile (past the register
     array) and hold 8192 products (8 x 64 x 16) spilled 8 B at 4 warps on sm_80 (64 registers); at 2
     warps they compile to 64-127 registers and no spill on every arch, and issue fewer warp
@@ -57,19 +79,20 @@ def gemv_num_warps(block_m: int, block_n: int, block_r: int, whole_blocks: bool,
     sum goes away. Elsewhere 2 warps cost more in the model than they save (2 x 256 x 16 at
     blocksize 256, the forward 8 x 16 x 64: 1.3-1.9x), so 4."""
     products = block_m * block_n * block_r
-    per_tile = gemv_register_products(whole_blocks) < products <= 8192
+    per_tile = gemv_register_products(whole_blocks, blocksize) < products <= 8192
     return 2 if per_tile and block_m == 8 and not transpose_weight else 4
 
 
 @triton.jit
-def _gemv_4bit_partial_kernel(
-    a_ptr, partial_ptr,
-    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-    M, COLS, R, R_PER_SPLIT, IN_FEATURES,
-    stride_am, stride_ar, w_stride_r, w_stride_c,
+def _gemv_4bit_kernel(
+    a_ptr, partial_ptr, counter_ptr, out_ptr, bias_ptr,
+    packed_ptr, absmax_ptr, code_ptr, pairs_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+    M, COLS, R, R_PER_SPLIT, SPLIT_K, IN_FEATURES,
+    stride_am, stride_ar, w_stride_r, w_stride_c, stride_om, stride_oc,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr, ACC_IN_REGISTERS: tl.constexpr,
+    DIRECT_STORE: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -79,7 +102,7 @@ def _gemv_4bit_partial_kernel(
     mask_n = offs_n < COLS
     # int64 row offsets: a strided view's M * stride may pass 2**31.
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-    # Small tiles (M <= 2: BLOCK_M * BLOCK_N * BLOCK_R <= 4096, 32 fp32 registers a thread) keep
+    # Small tiles (BLOCK_M * BLOCK_N * BLOCK_R <= GEMV_REGISTER_PRODUCTS, 64 fp32 registers a thread) keep
     # the products element-wise in a register array and sum across lanes once, after the loop:
     # summing inside the loop cost a shuffle-tree reduction per tile (the sm_90 SASS of the M=1
     # forward was 812 instructions per 4096-weight tile, most of them that reduction). Larger
@@ -90,7 +113,11 @@ def _gemv_4bit_partial_kernel(
         acc3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N) if ACC_IN_REGISTERS else (1, 1, 1), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     r_start = split * R_PER_SPLIT
-    for r0 in range(r_start, r_start + R_PER_SPLIT, BLOCK_R):
+    r_end = r_start + R_PER_SPLIT
+    # code_pairs' table up to blocksize 128; 256-element rows of bytes, scales and pairs spilled 8 B
+    # (sm_80 backward at 1 x 256 x 16, sm_90 forward at 1 x 32 x 256), the 4-byte gathers none.
+    PAIR_DECODE: tl.constexpr = BLOCKSIZE <= 128
+    for r0 in tl.range(r_start, r_end, BLOCK_R, num_stages=GEMV_STAGES):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :],
@@ -99,8 +126,14 @@ def _gemv_4bit_partial_kernel(
         # the register array's product-and-add one explicit FMA (the launch disables contraction
         # elsewhere, so W's decode rounds exactly as in the dequantize kernel).
         if WHOLE_BLOCKS and TRANSPOSED:  # forward: W[cols tile, r tile] decoded along its rows
-            w = decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
-                                nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            if PAIR_DECODE:
+                w = decode_row_tile_pairs(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, pairs_ptr,
+                                          nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
+                                          NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            else:
+                w = decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
+                                    nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
+                                    NESTED_BLOCKSIZE, DOUBLE_QUANT)
             w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
             if ACC_IN_REGISTERS:
                 acc3 = tl.fma(tl.broadcast_to(a[:, None, :], acc3.shape), tl.broadcast_to(w[None, :, :], acc3.shape),
@@ -109,9 +142,14 @@ def _gemv_4bit_partial_kernel(
                 acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
         else:
             if WHOLE_BLOCKS:  # backward: W[r tile, cols tile] as stored
-                w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
-                                    nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
-                                    NESTED_BLOCKSIZE, DOUBLE_QUANT)
+                if PAIR_DECODE:
+                    w = decode_row_tile_pairs(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr,
+                                              pairs_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N,
+                                              BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+                else:
+                    w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
+                                        nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
+                                        NESTED_BLOCKSIZE, DOUBLE_QUANT)
             else:  # any shape: element by element
                 index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
                 w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
@@ -128,24 +166,32 @@ def _gemv_4bit_partial_kernel(
             acc = tl.sum(acc3, axis=2)
         else:
             acc = tl.sum(acc3, axis=1)
-    partial = partial_ptr + split.to(tl.int64) * M * COLS
-    tl.store(partial + offs_m[:, None] * COLS + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _gemv_reduce_kernel(partial_ptr, out_ptr, bias_ptr, M, COLS, SPLIT_K, stride_om, stride_oc,
-                        HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * COLS
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in range(0, SPLIT_K):
-        acc += tl.load(partial_ptr + split * M * COLS + offs, mask=mask, other=0.0)
-    row = offs // COLS
-    col = offs % COLS
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row.to(tl.int64) * stride_om + col.to(tl.int64) * stride_oc, acc.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    last = True
+    if not DIRECT_STORE:
+        # Split K: each split stores its fp32 partial sums; the last split of this output tile to
+        # finish adds all of them, in split order (deterministic: the same sum whichever finishes
+        # last), where a second kernel launch would cost the fixed per-kernel time (~6 us in the
+        # calibrated model, more than a Llama-3-8B k_proj's whole decode). The barrier orders every
+        # thread's partial stores before the counter's release; the counter's acquire orders the
+        # loads below after the other splits' releases; .cg reads them from L2, past a stale L1.
+        partial_offsets = offs_m[:, None] * COLS + offs_n[None, :]
+        tl.store(partial_ptr + split.to(tl.int64) * M * COLS + partial_offsets, acc, mask=mask_out)
+        tl.debug_barrier()
+        tile = tl.program_id(2) * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+        last = arrived == SPLIT_K - 1
+        if last:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for other in range(0, SPLIT_K):
+                acc += tl.load(partial_ptr + other * M * COLS + partial_offsets, mask=mask_out, other=0.0,
+                               cache_modifier=".cg")
+            tl.atomic_xchg(counter_ptr + tile, 0)  # zero again for the next launch on this stream
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_oc,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
 def gemv_block_sizes(m: int, shape: Sequence[int], blocksize: int, transpose_weight: bool) -> tuple[int, int, int, bool]:
@@ -154,11 +200,11 @@ def gemv_block_sizes(m: int, shape: Sequence[int], blocksize: int, transpose_wei
     # Rows past 16 go to further programs (grid axis 2), each decoding the same W tiles again (from
     # L2): a 64-row tile would make the broadcast product 4x larger and spill.
     block_m = min(GEMV_BLOCK_M, triton.next_power_of_2(max(m, 1)))  # m = 0: an empty batch
-    # The broadcast product holds BLOCK_M * BLOCK_N * BLOCK_R fp32 values: aim at 4096 (16 KB over
-    # a 4-warp program = 32 registers/thread), shrinking the dimension that is free to shrink.
+    # The broadcast product holds BLOCK_M * BLOCK_N * BLOCK_R fp32 values: aim at the register target (over
+    # a 4-warp program: 64 registers/thread), shrinking the dimension that is free to shrink.
     # Row tiles of whole blocks fix the tile along W's rows to >= blocksize: BLOCK_R in forward,
     # BLOCK_N in backward.
-    target = gemv_register_products(whole_blocks)
+    target = gemv_register_products(whole_blocks, blocksize)
     if whole_blocks and transpose_weight:
         block_r = max(64, blocksize)
         block_n = max(16, target // (block_m * block_r))
@@ -176,6 +222,22 @@ def gemv_block_sizes(m: int, shape: Sequence[int], blocksize: int, transpose_wei
 def _multiprocessors(device: torch.device) -> int:
     # Cached by torch; a property query, not a sync. CPU (interpreter): pretend 4 so splits get tested.
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+_SPLIT_COUNTERS: dict = {}
+
+
+def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """int32 zeros, one per output tile, for the split-K arrival count; every launch leaves them zero
+    again. One buffer per device and stream: GEMVs on one stream run one after another, while two
+    streams could interleave their counts. Allocated (and zeroed) on the first call only, so a CUDA
+    graph captured afterwards launches nothing extra."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    counters = _SPLIT_COUNTERS.get(key)
+    if counters is None or counters.numel() < tiles:
+        counters = _SPLIT_COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return counters
 
 
 def gemv_split(m: int, cols: int, r: int, block_n: int, block_r: int, device: torch.device) -> tuple[int, int]:
@@ -233,21 +295,19 @@ def gemv_4bit(
                          f"(gemv_workspace_shape), got {list(workspace.shape)} {workspace.dtype} on {workspace.device}")
     packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(weight)
     launch(
-        _gemv_4bit_partial_kernel, (triton.cdiv(cols, block_n), split_k, triton.cdiv(m, block_m)),
-        a, workspace, packed, absmax, weight.code.contiguous(), nested_absmax, nested_code, offset,
-        m, cols, r, r_per_split, shape[1], a.stride(0), a.stride(1), w_stride_r, w_stride_c,
+        _gemv_4bit_kernel, (triton.cdiv(cols, block_n), split_k, triton.cdiv(m, block_m)),
+        a, workspace, split_counters(a.device, triton.cdiv(cols, block_n) * triton.cdiv(m, block_m)), out,
+        bias if bias is not None else out, packed, absmax, weight.code.contiguous(),
+        code_pairs(weight.code) if whole_blocks else weight.code, nested_absmax, nested_code, offset,
+        m, cols, r, r_per_split, split_k, shape[1], a.stride(0), a.stride(1), w_stride_r, w_stride_c,
+        out.stride(0), out.stride(1),
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, WHOLE_BLOCKS=whole_blocks, TRANSPOSED=transpose_weight,
-        ACC_IN_REGISTERS=block_m * block_n * block_r <= gemv_register_products(whole_blocks),
-        num_warps=gemv_num_warps(block_m, block_n, block_r, whole_blocks, transpose_weight),
+        DIRECT_STORE=split_k == 1, HAS_BIAS=bias is not None,
+        ACC_IN_REGISTERS=block_m * block_n * block_r <= gemv_register_products(whole_blocks, blocksize),
+        num_warps=gemv_num_warps(block_m, block_n, block_r, whole_blocks, transpose_weight, blocksize),
         # No contraction: W decodes to the same bits as in the dequantize kernel; the products are
         # explicit tl.fma, so the inner loop keeps one FFMA per weight and row.
         enable_fp_fusion=False,
-    )
-    reduce_block = 1024
-    launch(
-        _gemv_reduce_kernel, (triton.cdiv(m * cols, reduce_block),),
-        workspace, out, bias if bias is not None else out, m, cols, split_k, out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, BLOCK=reduce_block, enable_fp_fusion=False,  # adds only
     )
     return out
