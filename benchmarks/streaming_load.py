@@ -63,9 +63,14 @@ def _child(loader: str, directory: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # Build the meta skeleton once before the baseline, so that the model code transformers
-    # imports lazily is not counted as loading memory (for either loader).
+    # imports lazily is not counted as loading memory (for either loader); the same for the lookup of
+    # which Auto class builds the checkpoint (transformers' lazy model mappings import their configs).
+    from qlora.models.families import auto_class
+
+    config = AutoConfig.from_pretrained(directory)
+    auto_class(config)
     with init_empty_weights():
-        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+        AutoModelForCausalLM.from_config(config)
     baseline = peak_rss()
     start = time.perf_counter()
     if loader == "qlora":
