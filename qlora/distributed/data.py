@@ -11,16 +11,12 @@ step on every rank, so checkpoints record the same data position as a single-pro
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
+from qlora.data.order import epoch_order
 from qlora.distributed.world import World
-
-
-def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
-    """The permutation trainer.EpochSampler draws for `epoch` (the same generator, the same seed)."""
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -28,16 +24,18 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def rank_micro_batches(dataset, collate: Callable, state: dict, micro_batch_size: int, accumulation: int,
-                       seed: int, world: World, device: torch.device) -> Iterator[dict]:
+                       seed: int, world: World, device: torch.device,
+                       lengths: Optional[list[int]] = None) -> Iterator[dict]:
     """Endless micro-batches of this rank, `accumulation` per step; state.epoch / state.batch count
-    global micro-batches (as in a single-process run) and are advanced a whole step at a time."""
+    global micro-batches (as in a single-process run) and are advanced a whole step at a time.
+    lengths: grouped by length, as the single process groups them (qlora.data.order)."""
     size, cached = len(dataset), (None, None)
     while True:
         step_indices = []
         for _ in range(accumulation * world.size):
             epoch, batch = state.epoch, state.batch
             if cached[0] != epoch:
-                cached = (epoch, epoch_order(size, seed, epoch))
+                cached = (epoch, epoch_order(size, seed, epoch, lengths, micro_batch_size))
             order = cached[1]
             start = batch * micro_batch_size
             step_indices.append(order[start:start + micro_batch_size])

@@ -79,6 +79,9 @@ class DataConfig:
     truncation: bool = True  # false: an example longer than max_seq_len is an error
     completion_only_loss: bool = True  # no loss on prompt tokens
     packing: bool = False  # several examples per sequence; attention never crosses them
+    # Micro-batches of examples of about one length (less padding), drawn from random mega-batches of
+    # 50 micro-batches, longest first: transformers' group_by_length (qlora.data.order).
+    group_by_length: bool = False
     seed: int = 0
 
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from qlora import distributed as qdist
 from qlora.data.collate import count_supervised_tokens
 from qlora.data.formats import save_prompt_format
+from qlora.data.order import epoch_order, example_lengths
 from qlora.errors import UserError
 from qlora.lora import base_model
 from qlora.staging import staged_directory
@@ -52,14 +53,16 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A seeded permutation per epoch, starting `skip` samples in: resuming replays the same order."""
+    """The epoch's order (qlora.data.order), starting `skip` samples in: resuming replays the same order.
+    lengths: group by length (data.group_by_length), in mega-batches of micro_batch_size examples."""
 
-    def __init__(self, size: int, seed: int, epoch: int, skip: int = 0):
+    def __init__(self, size: int, seed: int, epoch: int, skip: int = 0, lengths: list[int] | None = None,
+                 micro_batch_size: int = 1):
         self.size, self.seed, self.epoch, self.skip = size, seed, epoch, skip
+        self.lengths, self.micro_batch_size = lengths, micro_batch_size
 
     def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        return iter(order[self.skip:].tolist())
+        return iter(epoch_order(self.size, self.seed, self.epoch, self.lengths, self.micro_batch_size)[self.skip:])
 
     def __len__(self):
         return self.size - self.skip
@@ -88,6 +91,8 @@ class Trainer:
         # SFT unless the recipe names a preference objective (qlora.objectives); a setup built by hand is SFT.
         self.objective = setup.objective or preference.sft_objective(cfg)
         self.state = TrainerState()
+        # The examples' lengths when micro-batches are grouped by length (qlora.data.order).
+        self.lengths = example_lengths(self.train_data) if cfg.data.group_by_length else None
         self.resumed_from: Path | None = None
         # The base's checkpoint folder, which keys the remembered before-training score (base_score).
         self.base_checkpoint = getattr(base_model(setup.accelerator.unwrap_model(setup.model)), "qlora_checkpoint_dir",
@@ -129,10 +134,11 @@ class Trainer:
 
             yield from rank_micro_batches(self.train_data, self.collator, self.state, self.t.micro_batch_size,
                                           self.t.gradient_accumulation_steps, self.cfg.data.seed, self.world,
-                                          self.accelerator.device)
+                                          self.accelerator.device, self.lengths)
         while True:
             epoch, batch = self.state.epoch, self.state.batch
-            sampler = EpochSampler(len(self.train_data), self.cfg.data.seed, epoch, batch * self.t.micro_batch_size)
+            sampler = EpochSampler(len(self.train_data), self.cfg.data.seed, epoch, batch * self.t.micro_batch_size,
+                                   self.lengths, self.t.micro_batch_size)
             for item in self._loader(self.train_data, sampler):
                 self.state.batch += 1
                 yield item
