@@ -103,3 +103,36 @@ def test_bad_values_fail_with_the_key(override, message):
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("amx,avx512_bf16,expected", [(True, False, ("bfloat16", "AMX")),
+                                                       (False, True, ("bfloat16", "AVX512-BF16")),
+                                                       (False, False, ("float32", "neither"))])
+def test_auto_compute_dtype_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, amx, avx512_bf16, expected):
+    import torch
+
+    from qlora.train.recipes import native_compute_dtype, quant_config, resolve_compute_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    dtype, why = native_compute_dtype("cpu")
+    assert dtype == expected[0] and expected[1] in why
+    cfg = compose_with()  # the embedded default asks for auto
+    assert cfg.quantization.compute_dtype == "auto"
+    if not torch.cuda.is_available():
+        assert quant_config(cfg.quantization).compute_dtype == getattr(torch, dtype)
+    note = resolve_compute_dtype(cfg, "cpu")
+    assert cfg.quantization.compute_dtype == dtype and note == f"quantization.compute_dtype=auto: {dtype} ({why})"
+    assert resolve_compute_dtype(cfg, "cpu") is None  # a named dtype is left alone
+
+
+def test_auto_compute_dtype_on_a_gpu_without_bf16_is_fp32(monkeypatch):
+    import torch
+
+    from qlora.train.recipes import native_compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert native_compute_dtype("cuda:0") == ("float32", "this GPU has no native bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation or True)
+    assert native_compute_dtype("cuda") == ("bfloat16", "this GPU computes bf16 natively")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 
 from qlora.train.schema import register
@@ -57,6 +58,11 @@ def test_run_writes_every_artifact(assets, tmp_path):
     assert checkpoints == ["step-000004", "step-000006"]  # keep_last=2 of 2, 4, 6
     assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]
     assert any("samples" in m for m in read_metrics(run_dir))
+    # The default recipe's compute_dtype=auto is recorded as the dtype the run computed in.
+    from qlora.train.recipes import native_compute_dtype
+
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["quantization"]["compute_dtype"]
+    assert recorded == native_compute_dtype("cpu")[0]
 
 
 def test_resume_after_hard_kill_matches_uninterrupted(assets, tmp_path):

@@ -152,7 +152,7 @@ def _check_target_keys(node_key: str, node: DictConfig) -> None:
 _CHOICES = {
     "quantization.quant_type": ("nf4", "fp4", "int8", "none"),
     "quantization.method": ("bitsandbytes", "gptq"),
-    "quantization.compute_dtype": ("bfloat16", "float16", "float32"),
+    "quantization.compute_dtype": ("bfloat16", "float16", "float32", "auto"),
     "quantization.quant_storage": ("uint8", "bfloat16", "float16", "float32"),
     "lora.bias": ("none", "all", "lora_only"),
     "lora.init": ("default", "loftq"),

@@ -16,7 +16,7 @@ from qlora.errors import DamagedFileError, UserError
 from qlora.train import checkpoint as ckpt
 from qlora.train import preference
 from qlora.train.invocation import interrupted_message
-from qlora.train.recipes import dense_dtype, model_path, quant_config
+from qlora.train.recipes import dense_dtype, model_path, quant_config, resolve_compute_dtype
 from qlora.train.report import format_summary, plot_loss_curve, write_summary
 from qlora.train.schema import ConfigError
 from qlora.train.recipe_checks import check_device, validate
@@ -107,6 +107,7 @@ def build(cfg: DictConfig, run_dir: Path) -> TrainingSetup:
 
     set_seed(cfg.trainer.seed)
     device = cfg.trainer.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    resolve_compute_dtype(cfg, device)  # run() has done it already; a setup built by hand has not
     accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision, cpu=device == "cpu")
     # distributed.low_memory_load: a meta skeleton now, filled shard by shard once FSDP2 has sharded it.
     low_memory = cfg.distributed.get("low_memory_load", False)
@@ -183,7 +184,8 @@ def _check_resume_leaves_work(resume: Optional[Path], max_steps: int) -> None:
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
     """Train as `cfg` says; returns the run summary. Outputs go to run_dir (Hydra's by default)."""
     validate(cfg)
-    check_device(cfg)
+    device = check_device(cfg)
+    dtype_note = resolve_compute_dtype(cfg, device)  # before config.yaml is written: it records the dtype used
     check_sources(*_data_sources(cfg))  # a missing data file is named before the model loads
     # distributed: join the launcher's process group; rank 0's run folder and resume choice hold
     # for all (Hydra's timestamped folder can differ by a second between ranks).
@@ -201,6 +203,8 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
     if world.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     started = time.perf_counter()
+    if dtype_note:
+        log.info(dtype_note)
     setup = build(cfg, run_dir)
     metrics = MetricsLogger(run_dir, cfg) if world.is_main else qdist.SilentMetrics()
     trainer = Trainer(cfg, run_dir, setup, metrics)

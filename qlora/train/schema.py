@@ -37,7 +37,9 @@ class ModelConfig:
 class QuantizationConfig:
     quant_type: str = "nf4"  # "nf4", "fp4", "int8" (LLM.int8, bitsandbytes' 8-bit format), or "none": the 16-bit LoRA baseline (base linears in compute_dtype)
     double_quant: bool = True  # also quantize the absmax constants (4.127 bits/param for NF4)
-    compute_dtype: str = "bfloat16"  # dtype the 4-bit layers compute in
+    # dtype the quantized layers compute in; "auto": bfloat16 where the device multiplies bf16 natively
+    # (CUDA 8.0+, a CPU with AVX512-BF16 or AMX), float32 elsewhere (qlora.train.recipes.native_compute_dtype)
+    compute_dtype: str = "bfloat16"
     blocksize: int = 64  # elements per absmax block, a power of two in [32, 4096]
     quant_storage: str = "uint8"  # dtype the packed bytes are stored as (bf16/fp16/fp32 for FSDP)
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])  # kept dense
