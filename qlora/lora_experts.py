@@ -42,6 +42,8 @@ class ParamWrapper(PeftParamWrapper):
         # own layout ([E, out, in], or [E, in, out] where is_transposed), which is what it would see on bf16.
         e, out_features, in_features = logical_shape(self.get_base_layer(), self.parameter_name)
         self.num_experts, self._param_ndim = e, 3
+        if _flipped(self.get_base_layer()):  # PEFT's roles for it are ([E, in, out] read as) in=out, out=in
+            return out_features, in_features
         if getattr(self.get_base_layer(), "is_transposed", False):
             return in_features, out_features
         return out_features, in_features  # PEFT swaps them back in update_layer, as for a dense stack
@@ -59,6 +61,8 @@ class ParamWrapper(PeftParamWrapper):
         weight_b = self.lora_B[adapter_name].weight
         a = weight_a.reshape(self.num_experts, -1, weight_a.shape[-1])
         b = weight_b.reshape(weight_b.shape[0], -1, self.num_experts).permute(2, 0, 1)
+        if _flipped(self.get_base_layer()):  # PEFT's delta B A is on W^T: on W it is A^T B^T
+            a, b = b.transpose(1, 2), a.transpose(1, 2)
         return a.to(dtype), b.to(dtype), self.scaling[adapter_name]
 
     @contextlib.contextmanager
@@ -88,6 +92,13 @@ class ParamWrapper(PeftParamWrapper):
     def unmerge(self) -> None:
         if self.merged:
             raise NotImplementedError(_MERGE_ERROR)
+
+
+def _flipped(module: nn.Module) -> bool:
+    """Stock PEFT reads this module's [E, in, out] stacks as [E, out, in] (qlora.nn.bmm_experts: the module it
+    replaces, Llama-4's, has no is_transposed flag), so its lora_A spans the stack's outputs and lora_B its
+    inputs. The adapter keeps PEFT's layout, so that it loads on the 16-bit model; the compute flips it."""
+    return getattr(module, "peft_reads_as_out_in", False)
 
 
 def expert_target_parameters(model: nn.Module) -> list[str]:
