@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Class name -> (attribute holding E, hidden size, activation): the modules whose forward is
-# `x.view(E, -1, H) @ gate_up_proj -> chunk(2) -> (up * act(gate)) @ down_proj`.
+# Class names of the modules whose forward is `x.view(E, -1, H) @ gate_up_proj -> chunk(2) ->
+# (up * act(gate)) @ down_proj` over attributes num_experts, hidden_size, expert_dim, act_fn.
 BMM_EXPERTS_CLASSES = {"Llama4TextExperts"}
 
 
