@@ -55,6 +55,15 @@ class ParamWrapper(PeftParamWrapper):
                                       "4-bit expert stacks; use True, False or 'gaussian'")
         super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # A stack still on meta (distributed.low_memory_load fills it after FSDP2 has sharded it): PEFT moves
+        # the freshly initialised adapter to meta too. Its values are kept here until qlora.distributed.low_memory
+        # copies them into the shards, as LoraQuantizedLinear does (the packed stack is uint8: no dtype cast).
+        if self.get_param().is_meta:
+            pending = self.__dict__.setdefault("pending_adapter_values", {})
+            pending.update({name: p.detach().clone() for name, p in self.named_parameters() if not p.is_meta})
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
+
     def factors(self, adapter_name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A [E, r, in], B [E, out, r], scaling) of one adapter, in the [out, in] orientation of the stack."""
         weight_a = self.lora_A[adapter_name].weight
