@@ -94,3 +94,15 @@ def test_logits_match_the_simulated_quantization_and_training_moves_the_experts(
     assert losses[-1] < losses[0]
     grads = [p for n, p in model.named_parameters() if ".experts." in n and "lora_B" in n]
     assert len(grads) == 4 and all(p.abs().sum() > 0 for p in grads)  # the experts' adapters trained
+
+
+def test_export_on_the_original_base_is_peft_merge(tmp_path):
+    """base=original keeps transformers' own Llama4TextExperts in the merge skeleton: its stack merges in the
+    orientation stock PEFT gives the adapter there (the quantized-base merges run in tests/test_moe_export.py)."""
+    from qlora.export import export_merged
+    from test_moe_export import _assert_same_weights, make_moe_run, peft_merged
+
+    model_dir = save_tiny_moe("llama4_text", tmp_path / "base")
+    run_dir = make_moe_run(tmp_path / "run", model_dir)
+    out = export_merged(run_dir, tmp_path / "original", base="original", dtype="float32", progress=False)
+    _assert_same_weights(out, peft_merged(model_dir, run_dir, simulate=False)[0], tmp_path / "peft_original")

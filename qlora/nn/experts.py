@@ -49,7 +49,7 @@ def logical_shape(module: nn.Module, name: str) -> tuple[int, int, int]:
     if name in held:
         return tuple(held[name][0].shape)
     e, a, b = getattr(module, name).shape
-    return (e, b, a) if module.is_transposed else (e, a, b)
+    return (e, b, a) if getattr(module, "is_transposed", False) else (e, a, b)
 
 
 def expert_segments(model: nn.Module) -> dict[str, int]:
