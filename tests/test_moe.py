@@ -310,8 +310,8 @@ def test_low_memory_load_names_a_missing_expert_before_sending_anything(tmp_path
     _rewrite(path, lambda t: t.pop("model.layers.1.mlp.experts.5.up_proj.weight"))
     model = qlora.load_model(path, device="meta", progress=False)
     assert len(quantized_stacks(model)) == 4 and all(p.is_meta for p in model.parameters())
-    with pytest.raises(DamagedFileError, match=r"model.safetensors: expert 5 of model.layers.1.mlp.experts.gate_up_proj "
-                                               r"is missing \(no tensor model.layers.1.mlp.experts.5.up_proj.weight"):
+    with pytest.raises(DamagedFileError, match=r"model.safetensors: expert 5 of model.layers.1.mlp.experts.gate_up_proj"
+                                               r" is missing \(no tensor model.layers.1.mlp.experts.5.up_proj.weight"):
         _Streamer(model, model.qlora_unloaded, World(), torch.device("cpu")).run()
     # A checkpoint whose experts are already 4-bit is refused there, in one line, before anything is built.
     qlora.save_model(qlora.load_model(save_tiny_moe("mixtral", tmp_path / "mixtral"), device="cpu", progress=False),

@@ -50,8 +50,9 @@ def test_each_expert_matrix_is_what_bitsandbytes_gives_for_its_linear(llama4):
     dense_down = tensors["model.layers.1.feed_forward.experts.down_proj"]  # [E, I, H]
     half = dense_gate_up.shape[2] // 2
     for e in range(4):
-        for stack, s, matrix in ((gate_up, 0, dense_gate_up[e][:, :half].t()), (gate_up, 1, dense_gate_up[e][:, half:].t()),
-                                 (down, 0, dense_down[e].t())):
+        matrices = ((gate_up, 0, dense_gate_up[e][:, :half].t()), (gate_up, 1, dense_gate_up[e][:, half:].t()),
+                    (down, 0, dense_down[e].t()))
+        for stack, s, matrix in matrices:
             packed, state = bnb_f.quantize_4bit(matrix.contiguous(), blocksize=64, compress_statistics=True,
                                                 quant_type="nf4")
             ours = stack.segment(e, s)

@@ -118,9 +118,10 @@ def load_model(
         targets = replace_linear_layers(model, qconfig)
         stacks = replace_expert_parameters(model, qconfig, lambda name: skipped_by(name, qconfig))
         if stacks and (prequantized or mxfp4):
-            raise UnsupportedError(f"{name_or_path}: distributed.low_memory_load streams 16-bit expert stacks only, this "
-                                   f"checkpoint holds {stacks[0]} already quantized ({'MXFP4' if mxfp4 else '4-bit'}); "
-                                   "set distributed.low_memory_load=false (each rank then loads it and keeps its shards)")
+            kind = "MXFP4" if mxfp4 else "4-bit"
+            raise UnsupportedError(f"{name_or_path}: distributed.low_memory_load streams 16-bit expert stacks only, "
+                                   f"this checkpoint holds {stacks[0]} already quantized ({kind}); set "
+                                   "distributed.low_memory_load=false (each rank then loads it and keeps its shards)")
         check_coverage(model, qconfig)
         with ShardReader(directory) as reader:  # the safetensors headers only
             names = checkpoint_names(model, reader)
