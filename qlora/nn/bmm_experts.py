@@ -61,7 +61,7 @@ class BmmExperts(nn.Module):
             raise ValueError(f"{self.replaces}: {x.shape[0]} rows do not split into {self.num_experts} experts' "
                              "equal slices (the caller repeats every token once per expert)")
         rows = x.shape[0] // self.num_experts
-        counts = torch.full((self.num_experts,), rows, dtype=torch.long)
+        counts = torch.full((self.num_experts,), rows, dtype=torch.long, device=x.device)  # the kernel reads them there
         bounds = [e * rows for e in range(self.num_experts + 1)]
         gate, up = grouped_projection(self, "gate_up_proj", x, counts, bounds).chunk(2, dim=-1)
         return grouped_projection(self, "down_proj", up * self.act_fn(gate), counts, bounds)
