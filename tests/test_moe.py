@@ -279,9 +279,10 @@ def test_low_memory_load_of_moe_gives_the_normal_loads_bytes(family, tmp_path):
 
     model_dir = save_tiny_moe_with_tokenizer(tmp_path / "model", family)
     data_file = write_copy_task(tmp_path / "task.jsonl")
-    normal = build_states(model_dir, data_file, tmp_path / "normal")
     streamed = build_states(model_dir, data_file, tmp_path / "streamed", "distributed.low_memory_load=true")
-    for rank in range(2):
+    # Every rank's every tensor against the normal FSDP2 load's (one family: 2 more processes, ~25 s).
+    normal = build_states(model_dir, data_file, tmp_path / "normal") if family == "qwen3_moe" else []
+    for rank in range(len(normal)):
         expected, got = normal[rank]["state"], streamed[rank]["state"]
         assert sorted(got) == sorted(expected)
         for key in got:  # packed expert shards, their scales, LoRA's initial values on the experts: every byte

@@ -13,6 +13,12 @@ the packed bytes for NF4 + double quant) is broadcast. Host memory per rank: its
 streaming tensor (rank 0: one dense tensor and its quantized form). The bytes each rank ends with
 are the ones a normal load followed by `fully_shard` gives it, bit for bit: the same reader, the
 same quantizer, the same row split.
+
+Mixture-of-experts stacks go through transformers' checkpoint conversion as in the single-process
+loader (qlora.models.conversion), one expert at a time where the checkpoint holds per-expert
+tensors: rank 0 quantizes them into its copy of that one stack (one layer's projection in 4 bits,
+plus one expert in 16 bits), then scatters whole experts (rows of the packed [E, bytes] stack) and
+broadcasts the scales.
 """
 from __future__ import annotations
 
@@ -63,14 +69,14 @@ class _Streamer:
         modules = [(n.replace(".base_layer", ""), m) for n, m in model.named_modules()]
         targets = set(source.targets)
         self.layers = [(n, m) for n, m in modules if n in targets and isinstance(m, QuantizedLinear)]
-        # Dense parameters by module (PEFT and FSDP2 replace Parameter objects, not modules): every
-        # parameter outside the quantized layers' packed data, LoRA excluded (it is not in the checkpoint).
         # 4-bit expert stacks (their packed Parameter sharded along the experts) and the tensors transformers'
         # conversion mapping builds from per-expert checkpoint tensors: streamed one target at a time.
         self.plain = dict(modules)  # the innermost module under each plain name (a wrapper's base layer)
         self.stacks = {f"{n.replace('.base_layer', '')}.{a}": (m, a) for n, m, a in quantized_stacks(model)}
         self.converted = getattr(source, "converted", {})
         streamed = set(self.stacks) | set(self.converted)
+        # Dense parameters by module (PEFT and FSDP2 replace Parameter objects, not modules): every
+        # parameter outside the quantized layers' packed data, LoRA excluded (it is not in the checkpoint).
         self.dense = [(n, m, a) for n, m in modules for a, p in m.named_parameters(recurse=False)
                       if not (n in targets and a == "weight") and ".lora_" not in f".{n}."
                       and f"{n}.{a}" not in streamed]
@@ -189,21 +195,21 @@ class _Streamer:
         module_name, _, attr = name.rpartition(".")
         module = self.plain[module_name]
         held = held_experts(module, attr)
-        full = None
+        whole = None  # rank 0: the whole stack, quantized (or the whole dense tensor)
         if self.world.is_main:
             if held is not None:
-                full = type(held).placeholder(*held.shape, device=self.device, compute_dtype=held.dtype,
-                                              quant_type=held.quant_type, blocksize=held.blocksize,
-                                              double_quant=held.double_quant, quant_storage=held.packed.dtype,
-                                              segments=held.segments)
-            full = self._read_converted(name, module, attr, full)
+                whole = type(held).placeholder(*held.shape, device=self.device, compute_dtype=held.dtype,
+                                               quant_type=held.quant_type, blocksize=held.blocksize,
+                                               double_quant=held.double_quant, quant_storage=held.packed.dtype,
+                                               segments=held.segments)
+            whole = self._read_converted(name, module, attr, whole)
         if held is None:
-            _scatter_rows(module._parameters[attr], full, self.world)
+            _scatter_rows(module._parameters[attr], whole, self.world)
             return
-        _scatter_rows(module._parameters[attr], None if full is None else full.packed, self.world)
+        _scatter_rows(module._parameters[attr], None if whole is None else whole.packed, self.world)
         for field, buffer in held_state(module, attr).items():  # the stack's state, as uint8 buffers: replicated
-            if full is not None:
-                buffer.copy_(getattr(full, field).contiguous().reshape(-1).view(torch.uint8))
+            if whole is not None:
+                buffer.copy_(getattr(whole, field).contiguous().reshape(-1).view(torch.uint8))
             _broadcast(buffer, self.world)
 
     def _read_converted(self, name: str, module: nn.Module, attr: str, stack):

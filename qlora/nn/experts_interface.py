@@ -89,13 +89,13 @@ def qlora_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, to
 
 def replace_expert_parameters(model: nn.Module, qconfig, skip=lambda name: False) -> list[str]:
     """Give every experts module of `model` 4-bit placeholders of its expert matrices (on their device,
-    meta while a skeleton is built) and switch the model to the "qlora" experts implementation.
-    Returns the full names of the quantized parameters."""
+    meta while a skeleton is built) and switch the model to the "qlora" experts implementation; an
+    experts module that computes its own stacks (Llama-4's) is first swapped for qlora's
+    (qlora.nn.bmm_experts). Returns the full names of the quantized parameters."""
     from qlora.quant.experts import expert_weight_class
 
-    from qlora.nn.experts import expert_segments
-
     from qlora.nn.bmm_experts import replace_bmm_experts
+    from qlora.nn.experts import expert_segments
 
     replace_bmm_experts(model, skip)  # Llama-4's experts bmm their own stacks: a qlora module computes them
     names, segments = [], expert_segments(model)
