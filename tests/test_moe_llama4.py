@@ -1,6 +1,6 @@
 """Llama-4's text experts in 4 bits: its experts module computes its own bmm, so qlora swaps it for a module of
-the same contract (qlora.nn.bmm_experts); each expert's gate, up and down are quantized as bitsandbytes
-quantizes the nn.Linear transformers' own Llama-4 swap gives them ([out, in]). The family battery
+the same contract (qlora.nn.bmm_experts); each expert's gate, up and down are quantized [out, in], as the
+nn.Linear of a bitsandbytes Llama-4 checkpoint (transformers' SequentialLlama4TextExperts) holds them. The family battery
 (tests/test_moe.py, tiny_moe.FAMILIES) and the PEFT round trip (tests/test_moe_lora.py) run it too."""
 import pytest
 import torch
@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 import qlora
 from qlora.nn import QuantizedLinear
 from qlora.nn.bmm_experts import BmmExperts
-from qlora.nn.experts import held_experts, quantized_stacks
+from qlora.nn.experts import held_experts, held_state, quantized_stacks
 from helpers import bnb_functional, requires_bnb
 from tiny_moe import build_model, save_tiny_moe
 
@@ -39,7 +39,7 @@ def test_experts_are_swapped_and_no_matrix_stays_16bit(llama4):
 
 @requires_bnb
 def test_each_expert_matrix_is_what_bitsandbytes_gives_for_its_linear(llama4):
-    """transformers + bitsandbytes quantizes Llama-4's experts as one nn.Linear per projection
+    """A bitsandbytes Llama-4 checkpoint holds one Linear4bit per expert and projection
     (`SequentialLlama4TextExperts`): gate_proj.weight = gate_up_proj[e][:, :I]^T, [out, in]."""
     bnb_f = bnb_functional()
     path, model = llama4
@@ -60,6 +60,17 @@ def test_each_expert_matrix_is_what_bitsandbytes_gives_for_its_linear(llama4):
             assert torch.equal(ours.absmax, state.as_dict(packed=True)["absmax"]), (e, s)
             rows = slice(s * matrix.shape[0], (s + 1) * matrix.shape[0])
             assert torch.equal(stack.dequantize_expert(e, torch.bfloat16)[rows], bnb_f.dequantize_4bit(packed, state))
+
+
+def test_saved_model_loads_back_bit_for_bit(llama4, tmp_path):
+    _, model = llama4
+    qlora.save_model(model, tmp_path / "nf4")
+    again = qlora.load_model(tmp_path / "nf4", device="cpu", progress=False)
+    expected = model.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in again.state_dict().items())
+    for (_, module, attr), (_, theirs, _) in zip(quantized_stacks(model), quantized_stacks(again)):
+        for field, buffer in held_state(module, attr).items():  # the scales too
+            assert torch.equal(held_state(theirs, attr)[field], buffer), (attr, field)
 
 
 def test_footprint_like_a_dense_model(llama4):

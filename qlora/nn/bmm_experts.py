@@ -11,8 +11,9 @@ PEFT's `target_parameters` and FSDP2 find them where they find the dense ones), 
 contract (rows already sorted by expert, E equal slices, already scaled by the router), and each
 projection through `grouped_projection`, the step qlora's experts implementation runs: the 4-bit
 grouped matmul plus any LoRA term. It declares itself transposed, like gpt-oss's experts, so the
-stack is held [E, out, in] with gate and up quantized apart, what transformers + bitsandbytes' own
-per-expert swap for Llama-4 (`SequentialLlama4TextExperts`, one nn.Linear per projection) quantizes.
+stack is held [E, out, in] with gate and up quantized apart: the matrices bitsandbytes holds for
+Llama-4, where transformers builds a bitsandbytes checkpoint's experts as `SequentialLlama4TextExperts`
+(one nn.Linear per expert and projection).
 
 The table below is keyed by class name, as transformers' own `MODULES_TO_PATCH_FOR_QUANTIZATION` is.
 """
