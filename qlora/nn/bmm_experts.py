@@ -43,6 +43,9 @@ class BmmExperts(nn.Module):
     # Stock PEFT, on the Llama4TextExperts this replaces (no is_transposed there), reads [E, H, 2I] as
     # [E, out, in]; qlora.lora_experts keeps that adapter layout, so the adapter loads on the 16-bit model.
     peft_reads_as_out_in = True
+    # A bitsandbytes checkpoint's names for each expert's matrices (SequentialLlama4TextExperts' Linear4bit:
+    # `experts.{e}.gate_proj.weight`, ...), in segment order; qlora.models.expert_checkpoint reads and writes them.
+    checkpoint_matrices = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
     def __init__(self, original: nn.Module):
         super().__init__()
