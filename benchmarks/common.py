@@ -30,6 +30,43 @@ def median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def write_shards(directory: Path, groups, shard_bytes: int = 1 << 30) -> int:
+    """Write a checkpoint as safetensors shards plus the index transformers reads; returns its bytes.
+
+    `groups` yields dicts of tensors, produced lazily by the caller: a group's tensors share a shard,
+    and a shard is written (and dropped) once it holds `shard_bytes` (0: every group its own shard),
+    so a random multi-GB checkpoint is never whole in memory. Shards are named as save_pretrained
+    names them (model-00001-of-00004.safetensors), renamed once their count is known."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written, shard, size, total = [], {}, 0, 0
+
+    def flush() -> None:
+        part = directory / f"shard-{len(written) + 1:05d}.partial"
+        save_file(shard, part, metadata={"format": "pt"})
+        written.append((part, list(shard)))
+
+    for group in groups:
+        for key, tensor in group.items():
+            shard[key] = tensor.contiguous()
+            size += tensor.numel() * tensor.element_size()
+            total += tensor.numel() * tensor.element_size()
+        if size >= shard_bytes:
+            flush()
+            shard, size = {}, 0
+    if shard:
+        flush()
+    weight_map = {}
+    for i, (part, keys) in enumerate(written, 1):
+        name = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        part.rename(directory / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return total
+
+
 def versions(*packages: str) -> dict:
     found = {}
     for name in ("qlora", "torch", "transformers", "safetensors", "bitsandbytes", *packages):

@@ -24,7 +24,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from common import device_name, peak_rss, print_table, versions, write_results  # noqa: E402
+from common import device_name, peak_rss, print_table, versions, write_results, write_shards  # noqa: E402
 
 # Qwen3-30B-A3B's config.json (48 layers there).
 SHAPE = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
@@ -34,9 +34,8 @@ RANK = 8
 
 
 def write_checkpoint(directory: Path, layers: int, shape: dict) -> int:
-    """A random bf16 checkpoint in the Hub's per-expert layout, tensor by tensor; returns its bytes."""
+    """A random bf16 checkpoint in the Hub's per-expert layout, one parameter's tensors per shard; returns its bytes."""
     from accelerate import init_empty_weights
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -46,18 +45,10 @@ def write_checkpoint(directory: Path, layers: int, shape: dict) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(directory)
     generator = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for i, (name, param) in enumerate(skeleton.named_parameters()):
-        tensor = (torch.randn(param.shape, generator=generator) * 0.02).to(torch.bfloat16)
-        pieces = revert_weight_conversion(skeleton, {name: tensor})  # per-expert tensors, as the Hub holds them
-        file = f"part-{i:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in pieces.items()}, directory / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(pieces, file))
-        total += tensor.numel() * 2
-        del tensor, pieces
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                         "weight_map": weight_map}))
-    return total
+    # Per-expert tensors, as the Hub holds them (transformers' own reverse conversion of each stack).
+    pieces = (revert_weight_conversion(skeleton, {name: (torch.randn(param.shape, generator=generator) * 0.02)
+                                                  .to(torch.bfloat16)}) for name, param in skeleton.named_parameters())
+    return write_shards(directory, pieces, shard_bytes=0)
 
 
 def write_adapter(run_dir: Path, checkpoint: Path) -> None:

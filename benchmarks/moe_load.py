@@ -24,7 +24,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from common import device_name, peak_rss, print_table, versions, write_results  # noqa: E402
+from common import device_name, peak_rss, print_table, versions, write_results, write_shards  # noqa: E402
 
 # Real dimensions, from each model's config.json on the Hub.
 MODELS = {
@@ -58,9 +58,8 @@ def hub_tensors(model_type: str, name: str, shape: torch.Size):
 
 
 def write_random_checkpoint(directory: Path, model: str, layers: int, shard_bytes: int = 1 << 30) -> dict:
-    """A random bf16 checkpoint in the Hub's layout, written tensor by tensor (never a whole model)."""
+    """A random bf16 checkpoint in the Hub's layout, written tensor by tensor (one shard in memory at a time)."""
     from accelerate import init_empty_weights
-    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = MODELS[model]
@@ -72,26 +71,17 @@ def write_random_checkpoint(directory: Path, model: str, layers: int, shard_byte
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(directory)
     generator = torch.Generator().manual_seed(0)
-    shards, shard, size = [], {}, 0
     counts = {"parameters": 0, "outside_layers": 0}
-    for name, param in skeleton.named_parameters():
-        counts["parameters"] += param.numel()
-        if ".layers." not in name:
-            counts["outside_layers"] += param.numel()
-        for key, shape in hub_tensors(spec["model_type"], name, param.shape):
-            shard[key] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-            size += shard[key].numel() * 2
-            if size >= shard_bytes:
-                shards.append(shard)
-                shard, size = {}, 0
-    if shard:
-        shards.append(shard)
-    weight_map = {}
-    for i, tensors in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(tensors, directory / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, file))
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    def tensors():
+        for name, param in skeleton.named_parameters():
+            counts["parameters"] += param.numel()
+            if ".layers." not in name:
+                counts["outside_layers"] += param.numel()
+            for key, shape in hub_tensors(spec["model_type"], name, param.shape):
+                yield {key: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)}
+
+    write_shards(directory, tensors(), shard_bytes)
     (directory / "counts.json").write_text(json.dumps(counts))
     return counts
 

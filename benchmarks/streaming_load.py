@@ -18,7 +18,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from common import device_name, peak_rss, print_table, versions, write_results  # noqa: E402
+from common import device_name, peak_rss, print_table, versions, write_results, write_shards  # noqa: E402
 
 # TinyLlama-1.1B's shape: 1.10 B parameters, 2.2 GB in bf16.
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
@@ -26,8 +26,8 @@ SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, n
 
 
 def write_random_checkpoint(directory: Path, layers: int, shard_bytes: int = 1 << 30) -> int:
-    """A random bf16 Llama checkpoint written tensor by tensor (never a whole model in memory)."""
-    from safetensors.torch import save_file
+    """A random bf16 Llama checkpoint written tensor by tensor (one shard in memory at a time); returns
+    its parameter count."""
     from transformers import AutoModelForCausalLM, LlamaConfig
     from accelerate import init_empty_weights
 
@@ -37,23 +37,9 @@ def write_random_checkpoint(directory: Path, layers: int, shard_bytes: int = 1 <
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(directory)
     generator = torch.Generator().manual_seed(0)
-    shards, shard, size, total = [], {}, 0, 0
-    for name, param in skeleton.named_parameters():
-        shard[name] = (torch.randn(param.shape, generator=generator) * 0.02).to(torch.bfloat16)
-        size += shard[name].numel() * 2
-        total += shard[name].numel()
-        if size >= shard_bytes:
-            shards.append(shard)
-            shard, size = {}, 0
-    if shard:
-        shards.append(shard)
-    weight_map = {}
-    for i, tensors in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(tensors, directory / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, file))
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return total
+    tensors = ({name: (torch.randn(param.shape, generator=generator) * 0.02).to(torch.bfloat16)}
+               for name, param in skeleton.named_parameters())
+    return write_shards(directory, tensors, shard_bytes) // 2
 
 
 def _child(loader: str, directory: str) -> None:

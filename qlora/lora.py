@@ -204,8 +204,10 @@ def _linear_names(model: nn.Module) -> list[str]:
     found = []
     for name, module in model.named_modules():
         name = name.removesuffix(".base_layer")
+        # A router that subclasses nn.Linear (Llama-4's returns scores and logits, a tuple PEFT's LoRA layer
+        # cannot add to) stays as it is, as it stays 16-bit (qlora.models.families).
         if (isinstance(module, (QuantizedLinear, nn.Linear)) and id(module) not in adapter_parts and name not in heads
-                and not name.startswith(vision)):
+                and not name.startswith(vision) and "router" not in type(module).__name__.lower()):
             found.append(name)
     return found
 

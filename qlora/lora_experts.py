@@ -42,6 +42,8 @@ class ParamWrapper(PeftParamWrapper):
         # own layout ([E, out, in], or [E, in, out] where is_transposed), which is what it would see on bf16.
         e, out_features, in_features = logical_shape(self.get_base_layer(), self.parameter_name)
         self.num_experts, self._param_ndim = e, 3
+        if _flipped(self.get_base_layer()):  # PEFT's roles for it are ([E, in, out] read as) in=out, out=in
+            return out_features, in_features
         if getattr(self.get_base_layer(), "is_transposed", False):
             return in_features, out_features
         return out_features, in_features  # PEFT swaps them back in update_layer, as for a dense stack
@@ -53,12 +55,23 @@ class ParamWrapper(PeftParamWrapper):
                                       "4-bit expert stacks; use True, False or 'gaussian'")
         super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # A stack still on meta (distributed.low_memory_load fills it after FSDP2 has sharded it): PEFT moves
+        # the freshly initialised adapter to meta too. Its values are kept here until qlora.distributed.low_memory
+        # copies them into the shards, as LoraQuantizedLinear does (the packed stack is uint8: no dtype cast).
+        if self.get_param().is_meta:
+            pending = self.__dict__.setdefault("pending_adapter_values", {})
+            pending.update({name: p.detach().clone() for name, p in self.named_parameters() if not p.is_meta})
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
+
     def factors(self, adapter_name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A [E, r, in], B [E, out, r], scaling) of one adapter, in the [out, in] orientation of the stack."""
         weight_a = self.lora_A[adapter_name].weight
         weight_b = self.lora_B[adapter_name].weight
         a = weight_a.reshape(self.num_experts, -1, weight_a.shape[-1])
         b = weight_b.reshape(weight_b.shape[0], -1, self.num_experts).permute(2, 0, 1)
+        if _flipped(self.get_base_layer()):  # PEFT's delta B A is on W^T: on W it is A^T B^T
+            a, b = b.transpose(1, 2), a.transpose(1, 2)
         return a.to(dtype), b.to(dtype), self.scaling[adapter_name]
 
     @contextlib.contextmanager
@@ -88,6 +101,13 @@ class ParamWrapper(PeftParamWrapper):
     def unmerge(self) -> None:
         if self.merged:
             raise NotImplementedError(_MERGE_ERROR)
+
+
+def _flipped(module: nn.Module) -> bool:
+    """Stock PEFT reads this module's [E, in, out] stacks as [E, out, in] (qlora.nn.bmm_experts: the module it
+    replaces, Llama-4's, has no is_transposed flag), so its lora_A spans the stack's outputs and lora_B its
+    inputs. The adapter keeps PEFT's layout, so that it loads on the 16-bit model; the compute flips it."""
+    return getattr(module, "peft_reads_as_out_in", False)
 
 
 def expert_target_parameters(model: nn.Module) -> list[str]:

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 import qlora
 from qlora.nn import QuantizedLinear
-from qlora.nn.experts import grouped_linear, held_experts, is_experts_module, quantized_stacks
+from qlora.nn.bmm_experts import BmmExperts
+from qlora.nn.experts import grouped_linear, held_experts, held_state, is_experts_module, quantized_stacks
 from qlora.quant.nf4.experts import ExpertWeight4bit
 from qlora.quant.nf4.weight import Weight4bit
 from helpers import bnb_functional, requires_bnb
@@ -132,7 +133,8 @@ def test_family_loads_with_experts_in_4bit(family, tmp_path, ids):
     stacks = quantized_stacks(model)
     experts = [m for m in model.modules() if is_experts_module(m)]
     assert experts and len(stacks) == 2 * len(experts)
-    assert model.config._experts_implementation == "qlora"
+    # Through transformers' experts interface, or (Llama-4) a qlora module in place of one that bmm's its stacks.
+    assert model.config._experts_implementation == "qlora" or all(isinstance(m, BmmExperts) for m in experts)
     # No matrix but embeddings, the head and the small routers ([experts <= 8, hidden 64]) stays 16-bit.
     for name, param in model.named_parameters():
         if param.dtype in (torch.bfloat16, torch.float32) and param.dim() >= 2 and not name.endswith("bias"):
@@ -265,3 +267,56 @@ def test_peak_rss_stays_near_quantized_model_plus_one_layer_of_experts(tmp_path)
     # layer's experts in 16 bits (48 MB: allocator slack and the read buffers of the dense tensors).
     assert over_baseline < result["footprint"] + layer_experts_bf16 // 2 + (48 << 20), result
     assert over_baseline < 0.6 * checkpoint_bytes, (over_baseline, checkpoint_bytes)
+
+
+# ---- distributed.low_memory_load: rank 0 converts and quantizes one expert at a time, ranks receive theirs -----
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_moe", "llama4_text"])  # per-expert tensors / fused stacks in the file
+def test_low_memory_load_of_moe_gives_the_normal_loads_bytes(family, tmp_path):
+    from test_distributed import build_states
+    from tiny_moe import save_tiny_moe_with_tokenizer
+    from tiny_run import write_copy_task
+
+    model_dir = save_tiny_moe_with_tokenizer(tmp_path / "model", family)
+    data_file = write_copy_task(tmp_path / "task.jsonl")
+    streamed = build_states(model_dir, data_file, tmp_path / "streamed", "distributed.low_memory_load=true")
+    # Every rank's every tensor against the normal FSDP2 load's (one family: 2 more processes, ~25 s).
+    normal = build_states(model_dir, data_file, tmp_path / "normal") if family == "qwen3_moe" else []
+    for rank in range(len(normal)):
+        expected, got = normal[rank]["state"], streamed[rank]["state"]
+        assert sorted(got) == sorted(expected)
+        for key in got:  # packed expert shards, their scales, LoRA's initial values on the experts: every byte
+            a, b = got[key], expected[key]
+            assert a.dtype == b.dtype and a.shape == b.shape, key
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), (rank, key)
+    # The ranks' whole experts, side by side, are the single-process load's stacks.
+    single = qlora.load_model(model_dir, device="cpu", dtype=torch.bfloat16, progress=False)
+    stacks = quantized_stacks(single)
+    assert len(stacks) == 4
+    for name, module, attr in stacks:
+        key = next(k for k in streamed[0]["state"] if k.replace(".base_layer", "") == f"base_model.model.{name}.{attr}")
+        shards = [streamed[rank]["state"][key] for rank in range(2)]
+        assert all(s.shape[0] == module._parameters[attr].shape[0] // 2 for s in shards)  # whole experts per rank
+        assert torch.equal(torch.cat(shards), module._parameters[attr].view(torch.uint8)), name
+        for field, buffer in held_state(module, attr).items():
+            assert torch.equal(streamed[1]["state"][f"buffer:{key}_{field}"], buffer), (name, field)
+
+
+def test_low_memory_load_names_a_missing_expert_before_sending_anything(tmp_path):
+    from qlora.distributed import World
+    from qlora.distributed.low_memory import _Streamer
+    from qlora.errors import DamagedFileError, UnsupportedError
+
+    path = save_tiny_moe("qwen3_moe", tmp_path / "moe")
+    _rewrite(path, lambda t: t.pop("model.layers.1.mlp.experts.5.up_proj.weight"))
+    model = qlora.load_model(path, device="meta", progress=False)
+    assert len(quantized_stacks(model)) == 4 and all(p.is_meta for p in model.parameters())
+    with pytest.raises(DamagedFileError, match=r"model.safetensors: expert 5 of model.layers.1.mlp.experts.gate_up_proj"
+                                               r" is missing \(no tensor model.layers.1.mlp.experts.5.up_proj.weight"):
+        _Streamer(model, model.qlora_unloaded, World(), torch.device("cpu")).run()
+    # A checkpoint whose experts are already 4-bit is refused there, in one line, before anything is built.
+    qlora.save_model(qlora.load_model(save_tiny_moe("mixtral", tmp_path / "mixtral"), device="cpu", progress=False),
+                     tmp_path / "prequantized")
+    with pytest.raises(UnsupportedError, match=r"low_memory_load streams 16-bit expert stacks only, this checkpoint "
+                                               r"holds model.layers.0.mlp.experts.gate_up_proj already quantized"):
+        qlora.load_model(tmp_path / "prequantized", device="meta", progress=False)

@@ -29,7 +29,7 @@ def _train(model, ids, steps=3):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "llama4_text"])
 def test_expert_adapter_trains_and_loads_in_plain_peft(family, tmp_path):
     path = save_tiny_moe(family, tmp_path / family)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))

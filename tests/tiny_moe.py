@@ -21,6 +21,9 @@ FAMILIES = {
                         q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16),
     "gpt_oss": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=16,
                     layer_types=["sliding_attention", "full_attention"]),
+    # Llama-4's text model: experts computed by its own bmm module (qlora.nn.bmm_experts), every layer MoE.
+    "llama4_text": dict(head_dim=16, intermediate_size=64, intermediate_size_mlp=128, num_local_experts=4,
+                        num_experts_per_tok=1, interleave_moe_layer_step=1),
 }
 
 

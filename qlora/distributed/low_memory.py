@@ -13,6 +13,12 @@ the packed bytes for NF4 + double quant) is broadcast. Host memory per rank: its
 streaming tensor (rank 0: one dense tensor and its quantized form). The bytes each rank ends with
 are the ones a normal load followed by `fully_shard` gives it, bit for bit: the same reader, the
 same quantizer, the same row split.
+
+Mixture-of-experts stacks go through transformers' checkpoint conversion as in the single-process
+loader (qlora.models.conversion), one expert at a time where the checkpoint holds per-expert
+tensors: rank 0 quantizes them into its copy of that one stack (one layer's projection in 4 bits,
+plus one expert in 16 bits), then scatters whole experts (rows of the packed [E, bytes] stack) and
+broadcasts the scales.
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ from torch import nn
 
 from qlora.distributed.world import World, _collective_device
 from qlora.errors import DamagedFileError
+from qlora.models.conversion import check_expert_sources, load_converted
+from qlora.nn.experts import held_experts, held_state, logical_shape, quantize_into, quantized_stacks
 from qlora.nn.quantized import QuantizedLinear
 
 log = logging.getLogger("qlora.distributed")
@@ -61,10 +69,17 @@ class _Streamer:
         modules = [(n.replace(".base_layer", ""), m) for n, m in model.named_modules()]
         targets = set(source.targets)
         self.layers = [(n, m) for n, m in modules if n in targets and isinstance(m, QuantizedLinear)]
+        # 4-bit expert stacks (their packed Parameter sharded along the experts) and the tensors transformers'
+        # conversion mapping builds from per-expert checkpoint tensors: streamed one target at a time.
+        self.plain = dict(modules)  # the innermost module under each plain name (a wrapper's base layer)
+        self.stacks = {f"{n.replace('.base_layer', '')}.{a}": (m, a) for n, m, a in quantized_stacks(model)}
+        self.converted = getattr(source, "converted", {})
+        streamed = set(self.stacks) | set(self.converted)
         # Dense parameters by module (PEFT and FSDP2 replace Parameter objects, not modules): every
         # parameter outside the quantized layers' packed data, LoRA excluded (it is not in the checkpoint).
         self.dense = [(n, m, a) for n, m in modules for a, p in m.named_parameters(recurse=False)
-                      if not (n in targets and a == "weight") and ".lora_" not in f".{n}."]
+                      if not (n in targets and a == "weight") and ".lora_" not in f".{n}."
+                      and f"{n}.{a}" not in streamed]
         self.reader = None
 
     def run(self) -> None:
@@ -80,6 +95,9 @@ class _Streamer:
                 raise DamagedFileError(f"model.name_or_path={self.source.directory}: {problem}")
             for name, layer in self.layers:
                 self._layer(name, layer)
+                _release_freed_memory()
+            for name in [*self.converted, *(n for n in self.stacks if n not in self.converted)]:
+                self._converted_or_stack(name)
                 _release_freed_memory()
             seen: set[int] = set()
             for name, module, attr in self.dense:
@@ -115,6 +133,16 @@ class _Streamer:
                             "another architecture")
             else:
                 wanted.append((f"{name}.weight", self.source.names.get(f"{name}.weight"), checkpoint_shape(layer)))
+        for target in self.converted.values():  # each expert present, all of one shape (one line naming it)
+            try:
+                check_expert_sources(_PlainNames(self.model, self.plain), self.reader, target)
+            except ValueError as err:
+                return str(err)
+        for name, (module, attr) in self.stacks.items():
+            if name not in self.converted:  # a fused stack, as the module holds it (gpt-oss, Llama-4)
+                e, out_features, in_features = logical_shape(module, attr)
+                layout = (e, in_features, out_features) if module.is_transposed else (e, out_features, in_features)
+                wanted.append((name, self.source.names.get(name), layout))
         seen: set[int] = set()
         for name, module, attr in self.dense:
             param = module._parameters[attr]
@@ -160,6 +188,50 @@ class _Streamer:
             layer._buffers[key] = tensor
         layer._template = template
 
+    def _converted_or_stack(self, name: str) -> None:
+        """One expert stack (rank 0 quantizes it one expert at a time, through transformers' conversion
+        where the checkpoint holds per-expert tensors; every rank receives its whole experts and the
+        replicated scales) or one other tensor the conversion builds (scattered like any dense one)."""
+        module_name, _, attr = name.rpartition(".")
+        module = self.plain[module_name]
+        held = held_experts(module, attr)
+        whole = None  # rank 0: the whole stack, quantized (or the whole dense tensor)
+        if self.world.is_main:
+            if held is not None:
+                whole = type(held).placeholder(*held.shape, device=self.device, compute_dtype=held.dtype,
+                                               quant_type=held.quant_type, blocksize=held.blocksize,
+                                               double_quant=held.double_quant, quant_storage=held.packed.dtype,
+                                               segments=held.segments)
+            whole = self._read_converted(name, module, attr, whole)
+        if held is None:
+            _scatter_rows(module._parameters[attr], whole, self.world)
+            return
+        _scatter_rows(module._parameters[attr], None if whole is None else whole.packed, self.world)
+        for field, buffer in held_state(module, attr).items():  # the stack's state, as uint8 buffers: replicated
+            if whole is not None:
+                buffer.copy_(getattr(whole, field).contiguous().reshape(-1).view(torch.uint8))
+            _broadcast(buffer, self.world)
+
+    def _read_converted(self, name: str, module: nn.Module, attr: str, stack):
+        """Rank 0: `name` read and converted; into `stack` (quantized, one expert at a time) when it is one."""
+        target = self.converted.get(name)
+        if target is None:  # a fused stack under its own name
+            quantize_into(stack, module.is_transposed, name, self.reader.get(self.source.names[name]).to(self.device))
+            return stack
+        dense = {}
+
+        def place(placed: str, tensor: torch.Tensor, first=None) -> None:
+            if placed != name:
+                raise NotImplementedError(f"{target.sources[0][1]}: its conversion also builds {placed}, which "
+                                          "low_memory_load does not stream; set distributed.low_memory_load=false")
+            if stack is not None:
+                quantize_into(stack, module.is_transposed, name, tensor.to(self.device), first)
+            else:
+                dense[name] = tensor.to(self.device, module._parameters[attr].dtype)
+
+        load_converted(_PlainNames(self.model, self.plain), self.reader, target, place)
+        return stack if stack is not None else dense[name]
+
     def _read_quantized(self, name: str, layer: QuantizedLinear):
         from qlora.models.conv1d import as_out_in
         from qlora.models.loading import layer_checkpoint_tensors
@@ -171,6 +243,24 @@ class _Streamer:
                                               **self.source.checkpoint_options)
         dense = as_out_in(layer, self.reader.get(self.source.names[f"{name}.weight"])).to(self.device)
         return weight_cls.quantize(dense, **layer.current_options())
+
+
+class _PlainNames:
+    """The model as qlora.models.conversion reads it, under the plain skeleton's names: PEFT has since
+    wrapped adapted modules (`experts` -> `experts.base_layer`), the converters look them up by their
+    own names."""
+
+    def __init__(self, model: nn.Module, plain: dict[str, nn.Module]):
+        self.config, self._plain = model.config, plain
+
+    def get_submodule(self, name: str) -> nn.Module:
+        if name not in self._plain:
+            raise AttributeError(name)
+        return self._plain[name]
+
+    def get_parameter(self, name: str) -> torch.Tensor:
+        module_name, _, attr = name.rpartition(".")
+        return getattr(self.get_submodule(module_name), attr)
 
 
 def _release_freed_memory() -> None:

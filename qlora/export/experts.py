@@ -60,8 +60,13 @@ class ExpertAdapter:
 
 def expert_stack_names(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """Full name of every 3-D expert stack of `model` -> (its experts module, the parameter name)."""
+    from qlora.nn.bmm_experts import BMM_EXPERTS_CLASSES
+
+    # A module of BMM_EXPERTS_CLASSES not swapped (base="original"): its [E, in, out] stack is what stock PEFT
+    # reads as [E, out, in], the orientation of its adapter's delta, so it merges as an untransposed stack.
     return {f"{module_name}.{param}": (module, param) for module_name, module in model.named_modules()
-            if is_experts_module(module) for param in expert_parameter_names(module)}
+            if is_experts_module(module) or type(module).__name__ in BMM_EXPERTS_CLASSES
+            for param in expert_parameter_names(module)}
 
 
 def adapter_layout(plain_skeleton: nn.Module, lora_config, modules: dict[str, dict]) -> dict[str, ExpertAdapter]:
@@ -158,6 +163,8 @@ def merged_stack(module: nn.Module, param: str, dense: torch.Tensor, adapter: Op
         matrix = matrix.float()  # aliases dense[i] only when it is fp32 and nothing below changes it
         if adapter is not None:
             delta = adapter.delta(first + i, num_experts)
+            if getattr(module, "peft_reads_as_out_in", False):  # PEFT's B A is on W^T there (qlora.nn.bmm_experts)
+                delta = delta.t()
             if tuple(delta.shape) != tuple(matrix.shape):
                 raise ValueError(f"{adapter.stack}: the adapter's expert delta is {list(delta.shape)}, the base's "
                                  f"expert is {list(matrix.shape)}; pass the run's own base checkpoint")

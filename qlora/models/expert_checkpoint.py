@@ -77,20 +77,23 @@ def load_prequantized_target(model, reader: ShardReader, target: ConvertedTarget
 
 def load_prequantized_fused(model, reader: ShardReader, name: str, key: str, device) -> Optional[list[str]]:
     """Fill the stack `name` from `<key>.<expert>[.<matrix>].weight` entries (what `expert_checkpoint_tensors`
-    writes for a family without per-expert names). None when the checkpoint has no such entries."""
+    writes for a family without per-expert names; bitsandbytes' names where the module knows them, see
+    `_fused_entry`). None when the checkpoint has no such entries."""
     module_name, _, attr = name.rpartition(".")
     if held_experts(model.get_submodule(module_name), attr) is None:
         return None
     stack = _placed_stack(model, name, device)
+    module = model.get_submodule(module_name)
     used = []
     for e in range(stack.num_experts):
         for s in range(stack.segments):
-            entry = f"{key}.{e}.weight" if stack.segments == 1 else f"{key}.{e}.{s}.weight"
+            entry = _fused_entry(module, attr, key, e, s, stack.segments)
             if not reader.has(entry):
                 if e == 0 and s == 0:
                     return None
-                raise ValueError(f"{reader.file_of(f'{key}.0.weight')}: expert {e} of {name} is missing (no tensor "
-                                 f"{entry}); the checkpoint is incomplete")
+                first = _fused_entry(module, attr, key, 0, 0, stack.segments)
+                raise ValueError(f"{reader.file_of(first)}: expert {e} of {name} is missing (no tensor {entry}); the "
+                                 "checkpoint is incomplete")
             weight, keys = _weight_entries(reader, entry, stack.device)
             try:
                 stack.set_segment(e, s, weight.packed, weight.state)
@@ -98,6 +101,16 @@ def load_prequantized_fused(model, reader: ShardReader, name: str, key: str, dev
                 raise ValueError(f"{reader.file_of(entry)}: {entry}: {err}") from None
             used += keys
     return used
+
+
+def _fused_entry(module, attr: str, key: str, expert: int, segment: int, segments: int) -> str:
+    """The checkpoint name of one (expert, matrix) of a stack `key` whose family names no per-expert tensors:
+    bitsandbytes' own names where the module knows them (Llama-4: `experts.{e}.gate_proj.weight`), else
+    qlora's `<stack>.<expert>[.<matrix>].weight`."""
+    names = getattr(module, "checkpoint_matrices", {}).get(attr)
+    if names is not None:
+        return f"{key.rpartition('.')[0]}.{expert}.{names[segment]}.weight"
+    return f"{key}.{expert}.weight" if segments == 1 else f"{key}.{expert}.{segment}.weight"
 
 
 def is_4bit_entry(reader: ShardReader, key: str) -> bool:
@@ -180,6 +193,12 @@ def expert_checkpoint_tensors(model) -> tuple[dict[str, torch.Tensor], set[str]]
                 base = key.removesuffix("weight")
                 entries.update({base + k[len(prefix):]: v.contiguous() for k, v in state.items()
                                 if k.startswith(prefix + "weight")})
+            elif hasattr(module, "checkpoint_matrices"):  # bitsandbytes' per-expert names for this module
+                for k, v in state.items():
+                    expert, rest = k.split(".", 1)
+                    matrix, rest = rest.split(".", 1) if s > 1 else ("0", rest)
+                    entries[_fused_entry(module, attr, key, int(expert), int(matrix), s).removesuffix("weight")
+                            + rest] = v.contiguous()
             else:  # checkpoints of this family hold the fused stack: qlora's per-expert entries under its name
                 entries.update({f"{key}.{k}": v.contiguous() for k, v in state.items()})
     return entries, replaced

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 
+from qlora.errors import UnsupportedError
 from qlora.quant.config import quant_config_from_any
 from qlora.quant.gptq.config import read_quantize_config
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
@@ -80,7 +81,8 @@ def load_model(
     directory = resolve_checkpoint(name_or_path, revision)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     saved = getattr(config, "quantization_config", None) or read_quantize_config(directory)
-    if is_mxfp4_config(saved):  # gpt-oss as published: experts in MXFP4 (held as they are), the rest 16-bit
+    mxfp4 = is_mxfp4_config(saved)
+    if mxfp4:  # gpt-oss as published: experts in MXFP4 (held as they are), the rest 16-bit
         saved = None
     prequantized = saved is not None
     if prequantized:
@@ -114,11 +116,20 @@ def load_model(
         model = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
         qconfig = _coverage(model, qconfig, prequantized, quantize_vision_tower)
         targets = replace_linear_layers(model, qconfig)
+        stacks = replace_expert_parameters(model, qconfig, lambda name: skipped_by(name, qconfig))
+        if stacks and (prequantized or mxfp4):
+            kind = "MXFP4" if mxfp4 else "4-bit"
+            raise UnsupportedError(f"{name_or_path}: distributed.low_memory_load streams 16-bit expert stacks only, "
+                                   f"this checkpoint holds {stacks[0]} already quantized ({kind}); set "
+                                   "distributed.low_memory_load=false (each rank then loads it and keeps its shards)")
         check_coverage(model, qconfig)
         with ShardReader(directory) as reader:  # the safetensors headers only
             names = checkpoint_names(model, reader)
+            # Per-expert tensors that transformers' conversion mapping merges, by target, named as on this
+            # plain skeleton (PEFT renames wrapped modules to <name>.base_layer before they are read).
+            converted = conversion_targets(model, reader)
         model.qlora_unloaded = UnloadedCheckpoint(directory, targets, names, prequantized,
-                                                  getattr(qconfig, "checkpoint_options", dict)())
+                                                  getattr(qconfig, "checkpoint_options", dict)(), converted)
     elif not prequantized and getattr(qconfig, "calibrating", False):
         # A format whose quantizer needs calibration activations (GPTQ) runs the dense model block by block.
         from qlora.models.gptq_calibration import load_and_quantize
@@ -160,6 +171,7 @@ class UnloadedCheckpoint:
     names: dict[str, str]  # model tensor name -> checkpoint key (checkpoint_names)
     prequantized: bool
     checkpoint_options: dict
+    converted: dict = dataclasses.field(default_factory=dict)  # conversion_targets: model name -> ConvertedTarget
 
 
 def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool, attn_implementation=None) -> PreTrainedModel:

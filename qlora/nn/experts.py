@@ -49,7 +49,7 @@ def logical_shape(module: nn.Module, name: str) -> tuple[int, int, int]:
     if name in held:
         return tuple(held[name][0].shape)
     e, a, b = getattr(module, name).shape
-    return (e, b, a) if module.is_transposed else (e, a, b)
+    return (e, b, a) if getattr(module, "is_transposed", False) else (e, a, b)
 
 
 def expert_segments(model: nn.Module) -> dict[str, int]:
@@ -113,6 +113,11 @@ def held_experts(module: nn.Module, name: str) -> Optional[ExpertWeight4bit]:
     return template.replace(**current)
 
 
+def held_state(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The stack `name`'s state (absmax, code books, ...): field -> the uint8 buffer holding its bytes."""
+    return {field: module._buffers[f"{name}_{field}"] for field in module.__dict__.get(_HELD, {})[name][1]}
+
+
 def quantized_stacks(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """(module name, module, parameter name) of every quantized expert stack of `model`."""
     return [(mname, m, p) for mname, m in model.named_modules() for p in m.__dict__.get(_HELD, {})]
@@ -129,8 +134,15 @@ def set_dense_experts(module: nn.Module, name: str, dense: torch.Tensor, first: 
                                               double_quant=template.double_quant, quant_storage=template.packed.dtype,
                                               **({"segments": template.segments} if template.segments > 1 else {}))
         hold_experts(module, name, template)
-    e, out_features, in_features = template.shape
-    matrix_shape = (in_features, out_features) if module.is_transposed else (out_features, in_features)
+    quantize_into(template, module.is_transposed, name, dense, first)
+
+
+def quantize_into(stack: ExpertWeight4bit, transposed: bool, name: str, dense: torch.Tensor,
+                  first: Optional[int] = None) -> None:
+    """Quantize dense experts ([count, in, out] where `transposed`, else [count, out, in]) into experts
+    first, first + 1, ... of `stack` (all of them without `first`), one expert at a time."""
+    e, out_features, in_features = stack.shape
+    matrix_shape = (in_features, out_features) if transposed else (out_features, in_features)
     count = e if first is None else dense.shape[0]
     start = first or 0
     if dense.dim() != 3 or tuple(dense.shape[1:]) != matrix_shape or start + count > e or \
@@ -138,5 +150,5 @@ def set_dense_experts(module: nn.Module, name: str, dense: torch.Tensor, first: 
         expected = [count, *matrix_shape] if first is not None else [e, *matrix_shape]
         raise ValueError(f"{name}: shape {list(dense.shape)}, the model built from config.json expects {expected}")
     for i in range(count):
-        matrix = dense[i].t() if module.is_transposed else dense[i]
-        template.set_expert(start + i, matrix.to(template.device))
+        matrix = dense[i].t() if transposed else dense[i]
+        stack.set_expert(start + i, matrix.to(stack.device))

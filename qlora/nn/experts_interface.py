@@ -28,7 +28,10 @@ def active_lora(module: torch.nn.Module) -> dict:
     return module.__dict__.setdefault(_LORA, {})
 
 
-def _project(module, name: str, x_sorted: torch.Tensor, counts: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+def grouped_projection(module, name: str, x_sorted: torch.Tensor, counts: torch.Tensor,
+                       bounds: list[int]) -> torch.Tensor:
+    """One projection `name` of an experts module over rows sorted by expert (counts [E], bounds = their
+    cumulative sums): the 4-bit stack or the dense one, plus every active LoRA term."""
     stack = held_experts(module, name)
     if stack is not None:
         y = grouped_linear(x_sorted, stack, counts)
@@ -66,11 +69,11 @@ def qlora_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, to
     bounds = [0] + torch.cumsum(counts, 0).tolist()
 
     first = "gate_up_proj" if self.has_gate else "up_proj"
-    proj = _project(self, first, x_sorted, counts, bounds)
+    proj = grouped_projection(self, first, x_sorted, counts, bounds)
     if self.has_bias:
         proj = proj + getattr(self, f"{first}_bias")[expert_ids_sorted].to(proj.dtype)
     proj = self._apply_gate(proj) if self.has_gate else self.act_fn(proj)
-    proj = _project(self, "down_proj", proj, counts, bounds)
+    proj = grouped_projection(self, "down_proj", proj, counts, bounds)
     if self.has_bias:
         proj = proj + self.down_proj_bias[expert_ids_sorted].to(proj.dtype)
     if self.has_post_expert_norm:
@@ -86,12 +89,15 @@ def qlora_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, to
 
 def replace_expert_parameters(model: nn.Module, qconfig, skip=lambda name: False) -> list[str]:
     """Give every experts module of `model` 4-bit placeholders of its expert matrices (on their device,
-    meta while a skeleton is built) and switch the model to the "qlora" experts implementation.
-    Returns the full names of the quantized parameters."""
+    meta while a skeleton is built) and switch the model to the "qlora" experts implementation; an
+    experts module that computes its own stacks (Llama-4's) is first swapped for qlora's
+    (qlora.nn.bmm_experts). Returns the full names of the quantized parameters."""
     from qlora.quant.experts import expert_weight_class
 
+    from qlora.nn.bmm_experts import replace_bmm_experts
     from qlora.nn.experts import expert_segments
 
+    replace_bmm_experts(model, skip)  # Llama-4's experts bmm their own stacks: a qlora module computes them
     names, segments = [], expert_segments(model)
     for module_name, module in model.named_modules():
         if not is_experts_module(module) or skip(module_name):
@@ -103,16 +109,17 @@ def replace_expert_parameters(model: nn.Module, qconfig, skip=lambda name: False
             dense = getattr(module, name)
             e, out_features, in_features = logical_shape(module, name)
             options = {k: v for k, v in qconfig.weight_options().items() if k != "format"}
-            if segments.get(f"{module_name}.{name}", 1) > 1:
-                options["segments"] = segments[f"{module_name}.{name}"]
+            count = segments.get(f"{module_name}.{name}", getattr(module, "stack_segments", {}).get(name, 1))
+            if count > 1:
+                options["segments"] = count
             hold_experts(module, name, weight_cls.placeholder(e, out_features, in_features, dense.device,
                                                               qconfig.compute_dtype, **options))
             names.append(f"{module_name}.{name}")
     if names:
         use_qlora_experts(model)
     held = {f"{m}.{p}" for m, _, p in quantized_stacks(model)}
-    # Expert stacks of a module that computes them itself (Llama-4's text experts bmm their
-    # Parameters directly): quantizing them would need changing that module's code.
+    # Expert stacks of a module that computes them itself and that qlora.nn.bmm_experts does not know:
+    # quantizing them would need changing that module's code.
     dense = [(n, list(p.shape)) for n, p in model.named_parameters()
              if p.dim() == 3 and p.is_floating_point() and n not in held and not skip(n.rpartition(".")[0])]
     if dense:
