@@ -234,3 +234,30 @@ def test_attaching_and_loading_an_adapter_warns_nothing(checkpoints, tmp_path):
         model = attach_lora(load(checkpoints), r=4)
         model.save_pretrained(tmp_path / "adapter")
         load_lora(load(checkpoints), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("scaling,bias", [(2.0, False), (0.25, True), (1 / 3, False)])
+def test_the_adapter_sum_is_peft_s_form(scaling, bias):
+    from qlora.lora import LoraQuantizedLinear
+
+    torch.manual_seed(0)
+    result = torch.randn(3, 5, 24, requires_grad=True)
+    hidden = torch.randn(3, 5, 4, requires_grad=True)
+    lora_b = torch.nn.Linear(4, 24, bias=bias)
+    grad = torch.randn(3, 5, 24)
+    fused = LoraQuantizedLinear._add_lora(result, hidden, lora_b, scaling)
+    fused.backward(grad)
+    fused_grads = [t.grad.clone() for t in (result, hidden, lora_b.weight)]
+    for t in (result, hidden, lora_b.weight):
+        t.grad = None
+    reference = result + lora_b(hidden) * scaling  # PEFT's LoRA Linear
+    reference.backward(grad)
+    if scaling == 2.0:  # a power of two scales exactly: the same bits
+        assert torch.equal(fused, reference)
+    # fp32 sums of 4 products, one rounding apart: a few ulp of values ~1.
+    assert rel_err(fused, reference) < 1e-6
+    for got, want in zip(fused_grads, (result.grad, hidden.grad, lora_b.weight.grad)):
+        assert rel_err(got, want) < 1e-6
+    # Different dtypes take PEFT's own form (promotion and all).
+    mixed = LoraQuantizedLinear._add_lora(result.detach().bfloat16(), hidden.detach(), lora_b, scaling)
+    assert mixed.dtype == torch.float32
