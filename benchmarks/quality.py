@@ -25,14 +25,18 @@ from pathlib import Path
 
 from common import RESULTS, device_name, print_table, versions, write_results
 
-# name -> (what it is, overrides). The embedded default recipe is NF4 + double quant, fp32 compute
-# (quantization=nf4_fp32); the others keep that compute dtype so only the base's format differs.
+# name -> (what it is, overrides). The format comparisons compute in fp32 (quantization=nf4_fp32 and
+# the like), so that only the base's format differs between them. The embedded default recipe
+# computes with quantization.compute_dtype=auto (bf16 on CPUs with bf16 units): "nf4_auto".
 CONFIGS = {
     "lora16": ("16-bit LoRA: the base in its own bf16 weights, computed in fp32",
                ["quantization=none", "quantization.compute_dtype=float32"]),
-    "nf4": ("NF4 + double quant QLoRA (the embedded default)", []),
+    "nf4": ("NF4 + double quant QLoRA computing in fp32 (the embedded default before compute_dtype=auto)",
+            ["quantization=nf4_fp32"]),
+    "nf4_auto": ("NF4 + double quant QLoRA, compute_dtype=auto (the embedded default)", []),
     "fp4": ("FP4 (bitsandbytes' fp4 recipe: no double quant)", ["quantization=fp4", "quantization.compute_dtype=float32"]),
-    "nf4_loftq": ("NF4 + double quant, LoftQ initialisation, 4 iterations", ["lora.init=loftq", "lora.loftq_iter=4"]),
+    "nf4_loftq": ("NF4 + double quant, LoftQ initialisation, 4 iterations",
+                  ["quantization=nf4_fp32", "lora.init=loftq", "lora.loftq_iter=4"]),
 }
 # Settings every run shares: evaluate the held-out loss every 25 steps for the curves, no samples
 # or intermediate checkpoints (they cost time and change nothing trained).

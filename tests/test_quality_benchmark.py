@@ -12,7 +12,7 @@ import pytest
 from tiny_run import save_tiny_model_with_tokenizer, write_copy_task
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-NAMES = ["lora16", "nf4", "fp4", "nf4_loftq"]
+NAMES = ["lora16", "nf4", "nf4_auto", "fp4", "nf4_loftq"]
 
 
 @pytest.mark.slow
@@ -38,11 +38,12 @@ def test_reduced_benchmark_writes_the_results_file_and_plot(tmp_path):
         assert math.isfinite(row["eval_loss"]) and row["eval_loss"] > 0 and entry["eval_loss_mean"] == row["eval_loss"]
         assert 0 <= entry["exact_match_mean"] <= 1
         assert [step for step, _ in entry["train_loss_mean"]] == [1, 2, 3]
-    # The runs really differ in their base: the 16-bit, NF4 and FP4 losses are not all the same.
-    assert len({c["eval_loss_mean"] for c in payload["configs"].values()}) == 4
+    # The runs really differ in their base or compute dtype: no two losses are the same.
+    assert len({c["eval_loss_mean"] for c in payload["configs"].values()}) == 5
     loftq = payload["configs"]["nf4_loftq"]["loftq"]
     assert loftq["iterations"] == 4 and loftq["relative_error_loftq"][-1] < loftq["relative_error_plain"]
-    assert set(payload["gaps"]) == {"nf4_vs_lora16_relative", "fp4_vs_lora16_relative", "nf4_loftq_vs_lora16_relative",
+    assert set(payload["gaps"]) == {"nf4_vs_lora16_relative", "nf4_auto_vs_lora16_relative", "fp4_vs_lora16_relative",
+                                    "nf4_loftq_vs_lora16_relative",
                                     "nf4_loftq_vs_nf4_relative", "loftq_fraction_of_nf4_gap_closed"}
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "lora16" in result.stdout and "held-out loss" in result.stdout
