@@ -101,6 +101,22 @@ def test_tiles_follow_the_arch_limits(arch, blocksize, in_features):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_fused_split_k_compiles_without_spills(arch):
+    # The split-K epilogue (partial sums, arrival counter, the last split's ordered sum) on top of
+    # the decode tile: 16-row tiles at 1 stage (decode) and 64-row tiles, both products.
+    from qlora.kernels.nf4.matmul import matmul_4bit_fused
+
+    weight = quantized((256, 512))
+    with launch.compile_only(arch) as compiled:
+        for m in (16, 64):
+            for transpose_weight, features in ((True, 512), (False, 256)):
+                matmul_4bit_fused(torch.randn(m, features, dtype=torch.bfloat16), weight, transpose_weight, split_k=2)
+    assert [launched.constexprs["DIRECT_STORE"] for launched in compiled] == [False] * 4
+    for launched in compiled:
+        check_launchable(launched, arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_4bit_kernels_compile_without_double_quant(arch):
     for launched in compile_4bit_launches(arch, torch.bfloat16, double_quant=False):
         check_launchable(launched, arch)
@@ -163,7 +179,8 @@ def test_committed_sweeps_are_launchable():
             assert (arch, "dequantize", blocksize, "flat", True, 1) in covered
             for decode in ("whole_block", "per_element"):
                 for transpose_weight in (True, False):
-                    for kernel, buckets in (("gemv", (1, 2, 4, 8, 16)), ("fused", (16, 32, 64))):
+                    for kernel, buckets in (("gemv", (1, 2, 4, 8, 16)), ("fused", (16, 32, 64)),
+                                            ("fused_split", (16, 32, 64))):
                         for m in buckets:
                             assert (arch, kernel, blocksize, decode, transpose_weight, m) in covered
     bad = sorted({(row["arch"], row["kernel"], row["blocksize"], row.get("decode", ""), row["transpose_weight"], row["M"],
