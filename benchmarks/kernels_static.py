@@ -200,7 +200,7 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     # the last split of each tile in the same launch
     config = fused_config(m, torch.bfloat16, (n, k), blocksize, transpose_weight, arch)
     tiles_m, tiles_n = math.ceil(m / config["BLOCK_M"]), math.ceil(cols / config["BLOCK_N"])
-    split_k, r_per_split = fused_split(tiles_m * tiles_n, r, config["BLOCK_R"], _Device(spec.sms))
+    split_k, r_per_split = fused_split(m, tiles_m * tiles_n, r, config["BLOCK_R"], _Device(spec.sms))
     constexprs, code = machine_code_for(arch, "fused_split" if split_k > 1 else "fused", m, blocksize, transpose_weight)
     partials = 8 * split_k * m * cols if split_k > 1 else 0
     bytes_moved = w4 * math.ceil(tiles_m / 8) + 2 * (m * r + m * cols) + partials
@@ -552,8 +552,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.launchability:
         torch.manual_seed(0)
+        save_codes = disk_cache(_CODE, "kernels/nf4")  # the sweep's compiles of the same keys
         write_launchability(tuple(ARCHS), args.workers,
                             tuple(args.launch_kernels.split(",")) if args.launch_kernels else None)
+        save_codes()
         return
     table_path = ROOT / "kernels" / "nf4" / "dispatch_table.json"
     if args.from_results:
