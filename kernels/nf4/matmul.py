@@ -188,11 +188,14 @@ def matmul_block_sizes(m: int, dtype: torch.dtype, min_r: int = 0, min_n: int = 
 # waiting a DRAM latency each trip: q_proj forward took 33.6 us in the machine-code model against
 # bf16's 18.6. Split towards 4 programs an SM it takes 16.9 us (H100, M = 16); the model put the
 # whole Llama-3-8B layer's fused products at 1.05x bf16 for 2 programs an SM, 1.14x for 4, 0.80x
-# for 6 (more than fit at once on sm_90's 5-7 blocks per SM: a second round), and the A100 at
-# 0.98x, 1.15x, 0.90x. Past 4 tiles an SM the tiles fill the SMs themselves.
+# for 6 (q_proj's busiest SM then gets 7 programs where 6 fit at once: a second round), and the
+# A100 at 0.98x, 1.15x, 0.90x. Past 4 tiles an SM the tiles fill the SMs themselves.
 FUSED_SPLIT_PROGRAMS_PER_SM = 4
 FUSED_SPLIT_BELOW_TILES_PER_SM = 4
 FUSED_SPLIT_MIN_TRIPS = 2
+# Tiles past 32 x 8192 products never split: the 64 x 256 x 32 tile (blocksize 256, backward) is at
+# 255 registers already, and the split epilogue beside it spilled 144 B on sm_80 and 16 B on sm_90.
+FUSED_SPLIT_MAX_PRODUCTS = 32 * 8192
 
 # Shared memory per block each arch lets a kernel take (opt-in maximum, CUDA C Programming Guide,
 # table "Technical Specifications per Compute Capability"): 8.0 163 KB, 8.6/8.9 99 KB, 9.0 227 KB.
@@ -281,6 +284,8 @@ def fused_workspace_shape(m: int, shape: Sequence[int], blocksize: int, transpos
     r, cols, _, _ = weight_strides(shape, transpose_weight)
     config = fused_config(m, dtype, shape, blocksize, transpose_weight, target_arch(device))
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
+    if config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_R"] > FUSED_SPLIT_MAX_PRODUCTS:
+        return 1, m, cols
     split_k, _ = fused_split(m, tiles, r, config["BLOCK_R"], device)
     return split_k, m, cols
 
@@ -298,7 +303,8 @@ def matmul_4bit_fused(
 
     `workspace`: fp32 of fused_workspace_shape(...) for a graph-captured call (no initialisation
     needed). `split_k` overrides fused_split's rule (the machine-code model compiles both variants;
-    a split larger than R's tiles is reduced to one tile of R per split)."""
+    a split larger than R's tiles is reduced to one tile of R per split; tiles past
+    FUSED_SPLIT_MAX_PRODUCTS never split)."""
     check_weight(weight)
     check_matmul_input(a, weight, transpose_weight, bias)
     shape, blocksize = weight.shape, weight.blocksize
@@ -311,6 +317,8 @@ def matmul_4bit_fused(
     packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(weight)
     config = fused_config(m, a.dtype, shape, blocksize, transpose_weight, target_arch(a.device))
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
+    if config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_R"] > FUSED_SPLIT_MAX_PRODUCTS:
+        split_k = 1
     if split_k is None:
         split_k, r_per_split = fused_split(m, tiles, r, config["BLOCK_R"], a.device)
     else:
