@@ -101,16 +101,20 @@ def test_tiles_follow_the_arch_limits(arch, blocksize, in_features):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fused_split_k_compiles_without_spills(arch):
+@pytest.mark.parametrize("dtype, double_quant", ((torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)),
+                         ids=str)
+def test_fused_split_k_compiles_without_spills(arch, dtype, double_quant):
     # The split-K epilogue (partial sums, arrival counter, the last split's ordered sum) on top of
-    # the decode tile: 16-row tiles at 1 stage (decode) and 64-row tiles, both products.
+    # the decode tile: 16-row tiles at 1 stage (decode) and 64-row tiles, both products, with and
+    # without double quant (the pair decode and the two 4-byte gathers), and fp32's CUDA-core tiles.
+    # The launchability sweep (benchmarks/kernels_static.py) covers every blocksize with double quant.
     from qlora.kernels.nf4.matmul import matmul_4bit_fused
 
-    weight = quantized((256, 512))
+    weight = quantized((256, 512), double_quant)
     with launch.compile_only(arch) as compiled:
         for m in (16, 64):
             for transpose_weight, features in ((True, 512), (False, 256)):
-                matmul_4bit_fused(torch.randn(m, features, dtype=torch.bfloat16), weight, transpose_weight, split_k=2)
+                matmul_4bit_fused(torch.randn(m, features, dtype=dtype), weight, transpose_weight, split_k=2)
     assert [launched.constexprs["DIRECT_STORE"] for launched in compiled] == [False] * 4
     for launched in compiled:
         check_launchable(launched, arch)

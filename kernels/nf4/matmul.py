@@ -197,6 +197,15 @@ FUSED_SPLIT_MIN_TRIPS = 2
 # 255 registers already, and the split epilogue beside it spilled 144 B on sm_80 and 16 B on sm_90.
 FUSED_SPLIT_MAX_PRODUCTS = 32 * 8192
 
+
+def fused_may_split(config: dict, blocksize: int) -> bool:
+    """Whether this tile configuration compiles with the split-K epilogue without spilling (the
+    launchability sweep, benchmarks/kernels_static.py): not past FUSED_SPLIT_MAX_PRODUCTS, and
+    tiles past 16 rows not at blocksize 32 (32 x 64 x 64 forward at 2 stages spilled 8 B on
+    sm_86/89: twice the scales of blocksize 64 live per tile)."""
+    products = config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_R"]
+    return products <= FUSED_SPLIT_MAX_PRODUCTS and (config["BLOCK_M"] == 16 or blocksize >= 64)
+
 # Shared memory per block each arch lets a kernel take (opt-in maximum, CUDA C Programming Guide,
 # table "Technical Specifications per Compute Capability"): 8.0 163 KB, 8.6/8.9 99 KB, 9.0 227 KB.
 SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -284,7 +293,7 @@ def fused_workspace_shape(m: int, shape: Sequence[int], blocksize: int, transpos
     r, cols, _, _ = weight_strides(shape, transpose_weight)
     config = fused_config(m, dtype, shape, blocksize, transpose_weight, target_arch(device))
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
-    if config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_R"] > FUSED_SPLIT_MAX_PRODUCTS:
+    if not fused_may_split(config, blocksize):
         return 1, m, cols
     split_k, _ = fused_split(m, tiles, r, config["BLOCK_R"], device)
     return split_k, m, cols
@@ -304,7 +313,7 @@ def matmul_4bit_fused(
     `workspace`: fp32 of fused_workspace_shape(...) for a graph-captured call (no initialisation
     needed). `split_k` overrides fused_split's rule (the machine-code model compiles both variants;
     a split larger than R's tiles is reduced to one tile of R per split; tiles past
-    FUSED_SPLIT_MAX_PRODUCTS never split)."""
+    FUSED_SPLIT_MAX_PRODUCTS never split: fused_may_split)."""
     check_weight(weight)
     check_matmul_input(a, weight, transpose_weight, bias)
     shape, blocksize = weight.shape, weight.blocksize
@@ -317,7 +326,7 @@ def matmul_4bit_fused(
     packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(weight)
     config = fused_config(m, a.dtype, shape, blocksize, transpose_weight, target_arch(a.device))
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
-    if config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_R"] > FUSED_SPLIT_MAX_PRODUCTS:
+    if not fused_may_split(config, blocksize):
         split_k = 1
     if split_k is None:
         split_k, r_per_split = fused_split(m, tiles, r, config["BLOCK_R"], a.device)
