@@ -6,7 +6,8 @@
 Steps, each with its own time limit so the whole run stays under 8 minutes:
 1. the GPU tests (pytest on the test files that hold CUDA tests, -m "not slow"; 240 s);
 2. `qlora doctor` (its kernel self-checks and timings; 120 s);
-3. timings of every 4-bit path (gemv, fused, dequant_matmul, and what the dispatcher picks) against
+3. timings of every 4-bit path (gemv, fused (split-K where its tiles leave SMs idle: each fused row
+   records its split_k), dequant_matmul, and what the dispatcher picks) against
    bf16 F.linear and bitsandbytes where installed, forward (Y = X W^T) and backward (dX = dY W), at
    the model's Llama-3-8B projections and M buckets: CUDA events, warm-up, median of --repeats, inputs
    rotated over fresh random tensors, L2 flushed before every call (benchmarks/kernels_gpu.Timer);
@@ -100,6 +101,7 @@ def measure(repeats: int) -> list[dict]:
 
     from qlora.kernels import set_backend
     from qlora.kernels.nf4 import ops
+    from qlora.kernels.nf4.matmul import fused_workspace_shape
 
     bnb, _ = import_bitsandbytes()
     timer = Timer(repeats)
@@ -135,6 +137,9 @@ def measure(repeats: int) -> list[dict]:
                         ms = timer(fn)
                     rows.append(dict(shape=name, N=n, K=k, M=m, direction=direction, path=path,
                                      measured_us=round(1e3 * ms, 2)))
+                    if path == "fused":  # which code ran: split-K (the last split sums) or one split
+                        rows[-1]["split_k"] = fused_workspace_shape(m, (n, k), 64, forward, torch.bfloat16,
+                                                                    xs[0].device)[0]
         print(f"timed {name}", file=sys.stderr, flush=True)
     set_backend(None)
     return rows

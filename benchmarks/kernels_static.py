@@ -6,7 +6,8 @@
     python benchmarks/kernels_static.py --quick          # sm_90, one shape: what CI runs
     python benchmarks/kernels_static.py --launchability  # only kernels-launchability.json: blocksize
                                                          # 32..4096 x both decodes x every M bucket x
-                                                         # both products x sm_80/86/89/90 (~800 launches)
+                                                         # both products x sm_80/86/89/90 (~1400 launches;
+                                                         # --launch-kernels fused,fused_split: those only)
     python benchmarks/kernels_static.py --from-results benchmarks/results/kernels-static.json
                                                          # the dispatch table, goals and docs' tables (docs/kernels.md)
                                                          # again from a sweep, compiling nothing
@@ -25,9 +26,11 @@ through the same path (benchmarks/calibration.py); the fit's held-out error is i
 ("calibration") and labels every table made from them.
 
 Bytes: the packed weight and its scales once per group of GROUP_M row tiles (L2 serves the group),
-the activations and the output once, the GEMV's fp32 split-K partial sums written and read back.
-Paths: dequant_matmul = the dequantize kernel + cuBLAS on the bf16 weight; fused; gemv (M <= 64,
-one launch: the last split of each output tile adds the partial sums). The dispatch table is per arch, modelled on that arch's datacenter card (A100,
+the activations and the output once, the GEMV's and the fused kernel's fp32 split-K partial sums
+written and read back. Paths: dequant_matmul = the dequantize kernel + cuBLAS on the bf16 weight;
+fused (split-K by matmul.fused_split where its tiles leave SMs idle: compiled as "fused_split", the
+partial sums added by the last split of each output tile in the same launch); gemv (M <= 64, one
+launch, the same last-split sum). The dispatch table is per arch, modelled on that arch's datacenter card (A100,
 A10, L4, H100), as the runtime knows the arch; the whole-layer rows (Llama-3-8B, Llama-3-70B) cover
 all six cards through that table, as a user's card would dispatch.
 """
@@ -69,13 +72,13 @@ GEMV_MAX_ROWS = 64  # gemv_4bit's own limit
 _CODE: dict = {}
 
 
-def representative(blocksize: int, per_element: bool = False):
+def representative(blocksize: int, per_element: bool = False, rows: int = 64):
     """A small NF4+DQ weight whose tiles take the same decode as the Llama shapes (row tiles up to
     blocksize 256), or with per_element an in_features that is no multiple of the blocksize."""
     import qlora
 
     in_features = max(512, blocksize) + (16 if per_element else 0)
-    packed, state = qlora.quantize_4bit(torch.randn(64, in_features) * 0.05, "nf4", blocksize, True)
+    packed, state = qlora.quantize_4bit(torch.randn(rows, in_features) * 0.05, "nf4", blocksize, True)
     return state.packed_view(packed)
 
 
@@ -89,12 +92,18 @@ def compile_key(arch: int, kernel: str, m: int, blocksize: int, transpose_weight
     return (arch, kernel, rows, blocksize, transpose_weight, per_element)
 
 
+# The fused kernel compiles to two codes: "fused" stores its tile (one split), "fused_split" stores
+# fp32 partial sums and the last split adds them (matmul.fused_split's rule picks one per launch).
+FUSED_KERNELS = ("fused", "fused_split")
+
+
 def compile_one(key):
     """Compile one configuration: (key, constexprs, MachineCode)."""
     from qlora.kernels import launch
 
     arch, kernel, rows, blocksize, transpose_weight, per_element = key
-    weight = representative(blocksize, per_element)
+    # 256 rows: the backward's reduction (W's rows) has tiles enough for two splits at any blocksize.
+    weight = representative(blocksize, per_element, 256 if kernel == "fused_split" else 64)
     features = weight.shape[1] if transpose_weight else weight.shape[0]
     a = torch.randn(rows, features, dtype=torch.bfloat16)
     with launch.compile_only(arch) as compiled:
@@ -109,7 +118,7 @@ def compile_one(key):
         else:
             from qlora.kernels.nf4.matmul import matmul_4bit_fused
 
-            matmul_4bit_fused(a, weight, transpose_weight)
+            matmul_4bit_fused(a, weight, transpose_weight, split_k=2 if kernel == "fused_split" else 1)
     return compiled_record(key, compiled, arch)
 
 
@@ -163,7 +172,7 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     `record(row)` receives each kernel launch's entry."""
     from qlora.kernels.nf4.dequantize import dequantize_elements
     from qlora.kernels.nf4.gemv import gemv_block_sizes, gemv_split
-    from qlora.kernels.nf4.matmul import fused_config, weight_strides
+    from qlora.kernels.nf4.matmul import fused_config, fused_may_split, fused_split, weight_strides
 
     spec = gpu_model.card(card)
     arch = spec.arch
@@ -184,13 +193,22 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     elements = dequantize_elements(blocksize)
     bounds = kernel_bounds(spec, code, math.ceil(n * k / elements), 1, w4 + 2 * n * k)
     out["dequant_matmul"] = entry("dequantize", code, bounds) + cublas_us(spec, m, cols, r)
-    # fused
-    constexprs, code = machine_code_for(arch, "fused", m, blocksize, transpose_weight)
+    # The last split waits on the counter's atomic and then on loading the partial sums: two DRAM
+    # latencies in series past the one the model charges every kernel's epilogue.
+    fixup_us = 2 * spec.dram_latency_cycles * gpu_model.PARAMETERS["latency_scale"] / (spec.clock_ghz * 1e3)
+    # fused: split-K (matmul.fused_split) where its tiles leave SMs idle, the partial sums summed by
+    # the last split of each tile in the same launch
     config = fused_config(m, torch.bfloat16, (n, k), blocksize, transpose_weight, arch)
     tiles_m, tiles_n = math.ceil(m / config["BLOCK_M"]), math.ceil(cols / config["BLOCK_N"])
-    bytes_moved = w4 * math.ceil(tiles_m / 8) + 2 * (m * r + m * cols)
-    bounds = kernel_bounds(spec, code, tiles_m * tiles_n, math.ceil(r / config["BLOCK_R"]), bytes_moved)
-    out["fused"] = entry("fused", code, bounds)
+    split_k, r_per_split = fused_split(m, tiles_m * tiles_n, r, config["BLOCK_R"], _Device(spec.sms))
+    if not fused_may_split(config, blocksize):
+        split_k, r_per_split = 1, math.ceil(r / config["BLOCK_R"]) * config["BLOCK_R"]
+    constexprs, code = machine_code_for(arch, "fused_split" if split_k > 1 else "fused", m, blocksize, transpose_weight)
+    partials = 8 * split_k * m * cols if split_k > 1 else 0
+    bytes_moved = w4 * math.ceil(tiles_m / 8) + 2 * (m * r + m * cols) + partials
+    bounds = kernel_bounds(spec, code, tiles_m * tiles_n * split_k, math.ceil(r_per_split / config["BLOCK_R"]),
+                           bytes_moved)
+    out["fused"] = entry("fused", code, {**bounds, "split_k": split_k}) + (fixup_us if split_k > 1 else 0.0)
     # GEMV: split-K partial sums, added up by the last split of each tile in the same launch
     if m <= GEMV_MAX_ROWS:
         _, code = machine_code_for(arch, "gemv", m, blocksize, transpose_weight)
@@ -201,10 +219,7 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
         partials = 8 * split_k * m * cols if split_k > 1 else 0
         bounds = kernel_bounds(spec, code, programs, math.ceil(r_per_split / block_r),
                                w4 * math.ceil(m / block_m) + 2 * m * r + partials + 2 * m * cols)
-        # The last split waits on the counter's atomic and then on loading the partial sums: two
-        # DRAM latencies in series past the one the model charges every kernel's epilogue.
-        fixup_us = 2 * spec.dram_latency_cycles * gpu_model.PARAMETERS["latency_scale"] / (spec.clock_ghz * 1e3)
-        out["gemv"] = entry("gemv", code, bounds) + (fixup_us if split_k > 1 else 0.0)
+        out["gemv"] = entry("gemv", code, {**bounds, "split_k": split_k}) + (fixup_us if split_k > 1 else 0.0)
     return out
 
 
@@ -226,7 +241,7 @@ def _shared_limit(arch: int) -> int:
 # ---- the sweep ---------------------------------------------------------------------------------------
 def sweep(archs, shapes, blocksizes, ms, workers: int = 1) -> tuple[list, list]:
     keys = [compile_key(arch, kernel, m, blocksize, transpose_weight) for arch in archs for blocksize in blocksizes
-            for kernel in ("dequantize", "gemv", "fused") for m in ms for transpose_weight in (True, False)
+            for kernel in ("dequantize", "gemv", *FUSED_KERNELS) for m in ms for transpose_weight in (True, False)
             if kernel != "gemv" or m <= GEMV_MAX_ROWS]
     compile_missing(keys, workers, compile_one, _CODE)
     kernels, dispatch = [], []
@@ -396,11 +411,12 @@ def goals(dispatch: list, kernels: list) -> dict:
 # BLOCK_M 16, 32, 64), both products, every arch. Past blocksize 256 both decodes are the same
 # per-element code (kernels.dequantize.MAX_TILE_BLOCKSIZE), compiled once and listed under both.
 LAUNCH_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-LAUNCH_ROWS = {"gemv": (1, 2, 4, 8, 16), "fused": (16, 32, 64)}
+LAUNCH_ROWS = {"gemv": (1, 2, 4, 8, 16), "fused": (16, 32, 64), "fused_split": (16, 32, 64)}
 
 
-def launch_keys(archs, blocksizes=LAUNCH_BLOCKSIZES) -> list:
-    """(compile key, decode label) of every launch the launchability sweep checks."""
+def launch_keys(archs, blocksizes=LAUNCH_BLOCKSIZES, kernels=None) -> list:
+    """(compile key, decode label) of every launch the launchability sweep checks (of `kernels` only,
+    when given)."""
     from qlora.kernels.nf4.dequantize import MAX_TILE_BLOCKSIZE
 
     out = []
@@ -411,23 +427,23 @@ def launch_keys(archs, blocksizes=LAUNCH_BLOCKSIZES) -> list:
             for m in rows:
                 key = (arch, kernel, m, bs, transpose_weight, per_element or bs > MAX_TILE_BLOCKSIZE)
                 out.append((key, "per_element" if per_element else "whole_block"))
-    return out
+    return [(key, decode) for key, decode in out if kernels is None or key[1] in kernels]
 
 
-def launchability(archs, blocksizes=LAUNCH_BLOCKSIZES, workers: int = 1) -> list:
+def launchability(archs, blocksizes=LAUNCH_BLOCKSIZES, workers: int = 1, kernels=None) -> list:
     """One row per (arch, kernel, blocksize, decode, M bucket, direction): the representative
     problem's shape and the compiled configuration's resources (the "kernels" rows' schema, less
     the bounds, which need a Llama shape)."""
     from qlora.kernels.machine_code import MAX_SHARED_PER_BLOCK
 
-    keys = launch_keys(archs, blocksizes)
+    keys = launch_keys(archs, blocksizes, kernels)
     compile_missing([key for key, _ in keys], workers, compile_one, _CODE)
     rows = []
     for key, decode in keys:
         arch, kernel, m, bs, transpose_weight, per_element = key
         constexprs, code = _CODE[key]
-        weight_in = max(512, bs) + (16 if per_element else 0)  # representative()'s weight: [64, weight_in]
-        rows.append(dict(arch=arch, kernel=kernel, M=m, N=64, K=weight_in, blocksize=bs, transpose_weight=transpose_weight,
+        weight_in = max(512, bs) + (16 if per_element else 0)  # representative()'s weight: [64 or 256, weight_in]
+        rows.append(dict(arch=arch, kernel=kernel, M=m, N=256 if kernel == "fused_split" else 64, K=weight_in, blocksize=bs, transpose_weight=transpose_weight,
                          decode=decode, constexprs=constexprs, num_warps=code.num_warps, registers=code.registers,
                          local_bytes=code.local_bytes, shared_bytes=code.shared_bytes,
                          shared_limit=MAX_SHARED_PER_BLOCK[arch], blocks_per_sm=code.blocks_per_sm))
@@ -529,13 +545,19 @@ def main() -> None:
     parser.add_argument("--launchability", action="store_true",
                         help="only the launchability sweep (blocksize 32..4096, both decodes, every M bucket, "
                              "both products, every arch): benchmarks/results/kernels-launchability.json")
+    parser.add_argument("--launch-kernels", default=None,
+                        help="with --launchability: only these kernels, comma-separated (dequantize, gemv, fused, "
+                             "fused_split); the other kernels' rows are kept from kernels-launchability.json")
     parser.add_argument("--no-launchability", action="store_true",
                         help="the full sweep without the launchability sweep that follows it (its results depend on "
                              "the kernels' code only, not on the model)")
     args = parser.parse_args()
     if args.launchability:
         torch.manual_seed(0)
-        write_launchability(tuple(ARCHS), args.workers)
+        save_codes = disk_cache(_CODE, "kernels/nf4")  # the sweep's compiles of the same keys
+        write_launchability(tuple(ARCHS), args.workers,
+                            tuple(args.launch_kernels.split(",")) if args.launch_kernels else None)
+        save_codes()
         return
     table_path = ROOT / "kernels" / "nf4" / "dispatch_table.json"
     if args.from_results:
@@ -619,8 +641,14 @@ def print_summary(result: dict) -> None:
     print(layers_markdown(result["layers"], calibration))
 
 
-def write_launchability(archs, workers: int) -> None:
-    launches = launchability(archs, LAUNCH_BLOCKSIZES, workers)
+def write_launchability(archs, workers: int, kernels=None) -> None:
+    """benchmarks/results/kernels-launchability.json; with `kernels`, only their launches are compiled
+    again and the other kernels' rows are kept from the file (for a change to one kernel's code)."""
+    launches = launchability(archs, LAUNCH_BLOCKSIZES, workers, kernels)
+    if kernels:
+        path = ROOT / "benchmarks" / "results" / "kernels-launchability.json"
+        kept = [row for row in json.loads(path.read_text())["launches"] if row["kernel"] not in kernels]
+        launches = kept + launches
     defects = [row for row in launches if row["local_bytes"] or row["shared_bytes"] > row["shared_limit"]
                or row["blocks_per_sm"] < 1]
     path = write_results("kernels-launchability", {"versions": versions("triton"), "launches": launches})

@@ -176,6 +176,56 @@ def test_interp_gemv_last_split_leaves_counters_zero_and_repeats_bit_for_bit():
     assert torch.equal(first, second)
 
 
+@interpreter_only
+@pytest.mark.parametrize("m, out_features, in_features, quant_type, blocksize, double_quant",
+                         [(5, 37, 321, "fp4", 128, False), (19, 50, 192, "nf4", 32, True), (3, 96, 320, "nf4", 64, True)])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+def test_interp_fused_split_k_forward_and_grad_input(dtype, m, out_features, in_features, quant_type, blocksize,
+                                                     double_quant):
+    # Split-K in the fused kernel: the last split of each output tile adds the fp32 partial sums in
+    # split order, adds the bias and zeroes its counter; per-element decode (in=321) and row tiles
+    # that end mid-tile (50 rows, 37 rows), forward and dX, against fp64 products of the twin's W.
+    from qlora.kernels.nf4 import gemv
+    from qlora.kernels.nf4.matmul import matmul_4bit_fused
+
+    weight = quantized((out_features, in_features), quant_type, blocksize, double_quant)
+    w = dense(weight, dtype)
+    x = torch.randn(in_features, m, dtype=dtype).T  # non-contiguous rows
+    grad_y = torch.randn(m, out_features, dtype=dtype)
+    bias = torch.randn(out_features, dtype=dtype)
+    products = [(x, True, bias, x.double() @ w.T + bias.double()), (grad_y, False, None, grad_y.double() @ w)]
+    for a, transpose_weight, b, expected in products:
+        whole = matmul_4bit_fused(a, weight, transpose_weight, bias=b, split_k=1)
+        for split_k in (2, 3):
+            out = nan_like(tuple(expected.shape), dtype)
+            matmul_4bit_fused(a, weight, transpose_weight, bias=b, out=out, split_k=split_k)
+            assert not out.isnan().any()
+            assert not gemv.split_counters(a.device, 1).any()  # every tile's counter is zero again
+            assert rel_err(out, expected) < TOLERANCE[dtype], (transpose_weight, split_k, rel_err(out, expected))
+            again = matmul_4bit_fused(a, weight, transpose_weight, bias=b, split_k=split_k)
+            assert torch.equal(out, again)  # the same sum in the same order, whichever split came last
+        assert rel_err(whole, expected) < TOLERANCE[dtype]
+
+
+@interpreter_only
+def test_interp_fused_split_rule_splits_only_when_tiles_leave_sms_idle():
+    # The interpreter's device counts as 4 SMs: a 16-row decode product with 2 column tiles splits
+    # its 16 tiles of R (in 4: the partial sums stay within the weight's bytes), a 512-row one (16
+    # tiles of 64 rows for 4 SMs) does not.
+    from qlora.kernels.nf4.matmul import fused_workspace_shape, matmul_4bit_fused
+
+    weight = quantized((96, 1024))
+    device = torch.device("cpu")
+    split_k = fused_workspace_shape(16, weight.shape, 64, True, torch.float16, device)[0]
+    assert split_k == 4
+    assert fused_workspace_shape(512, weight.shape, 64, True, torch.float16, device)[0] == 1
+    a = torch.randn(16, 1024, dtype=torch.float16)
+    expected = a.double() @ dense(weight, torch.float16).T.double()
+    workspace = nan_like((split_k, 16, 96), torch.float32)  # needs no initialisation
+    out = matmul_4bit_fused(a, weight, True, workspace=workspace)
+    assert rel_err(out, expected) < TOLERANCE[torch.float16]
+
+
 def test_code_pairs_hold_both_nibbles_of_each_byte():
     from qlora.kernels.nf4.dequantize import code_pairs
 

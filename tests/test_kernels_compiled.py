@@ -101,6 +101,28 @@ def test_tiles_follow_the_arch_limits(arch, blocksize, in_features):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype, double_quant", ((torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)),
+                         ids=str)
+def test_fused_split_k_compiles_without_spills(arch, dtype, double_quant):
+    # The split-K epilogue (partial sums, arrival counter, the last split's ordered sum) on top of
+    # the decode tile: 16-row tiles at 1 stage (decode) and 64-row tiles, both products, with and
+    # without double quant (the pair decode and the two 4-byte gathers), and fp32's CUDA-core tiles.
+    # The launchability sweep (benchmarks/kernels_static.py) covers every blocksize with double quant.
+    from qlora.kernels.nf4.matmul import matmul_4bit_fused
+
+    weight = quantized((256, 512), double_quant)
+    with launch.compile_only(arch) as compiled:
+        for m in (16, 64):
+            for transpose_weight, features in ((True, 512), (False, 256)):
+                matmul_4bit_fused(torch.randn(m, features, dtype=dtype), weight, transpose_weight, split_k=2)
+    # Without double quant 64-row tiles do not split (fused_may_split); fp32 tiles are 16 rows.
+    assert [launched.constexprs["DIRECT_STORE"] for launched in compiled] == [False] * 2 + [not double_quant] * 2
+    for launched in compiled:
+        if not launched.constexprs["DIRECT_STORE"]:  # the one-split code is checked above and by the sweeps
+            check_launchable(launched, arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_4bit_kernels_compile_without_double_quant(arch):
     for launched in compile_4bit_launches(arch, torch.bfloat16, double_quant=False):
         check_launchable(launched, arch)
@@ -163,7 +185,8 @@ def test_committed_sweeps_are_launchable():
             assert (arch, "dequantize", blocksize, "flat", True, 1) in covered
             for decode in ("whole_block", "per_element"):
                 for transpose_weight in (True, False):
-                    for kernel, buckets in (("gemv", (1, 2, 4, 8, 16)), ("fused", (16, 32, 64))):
+                    for kernel, buckets in (("gemv", (1, 2, 4, 8, 16)), ("fused", (16, 32, 64)),
+                                            ("fused_split", (16, 32, 64))):
                         for m in buckets:
                             assert (arch, kernel, blocksize, decode, transpose_weight, m) in covered
     bad = sorted({(row["arch"], row["kernel"], row["blocksize"], row.get("decode", ""), row["transpose_weight"], row["M"],

@@ -14,6 +14,13 @@ row-tile decode takes 44 KB of shared memory (3 blocks per SM) where the per-ele
 132 KB (1 per SM; 120 KB on sm_86/89, above their 99 KB limit: it could not launch on an RTX
 3090/4090, A10 or L4), and 85 global-load instructions per tile instead of 493.
 
+Split-K (fused_split): where the output tiles leave SMs idle (decode-sized M: 64 column tiles for a
+4096-wide projection on 132 SMs), R is split and each split stores fp32 partial sums; the last
+split of each output tile to arrive adds them in split order, adds the bias and casts, in the same
+launch, and zeroes its arrival counter (gemv.split_counters, shared with the GEMV): deterministic
+whichever split finishes last, no second launch, and CUDA-graph safe with a preallocated `out` and
+`workspace`.
+
 The twin is reference.linear_4bit / linear_4bit_grad_input on reference.dequantize_4bit.
 """
 from __future__ import annotations
@@ -33,16 +40,18 @@ from qlora.kernels.launch import launch, target_arch
 
 @triton.jit
 def _matmul_4bit_kernel(
-    a_ptr, out_ptr, bias_ptr,
+    a_ptr, out_ptr, bias_ptr, partial_ptr, counter_ptr,
     packed_ptr, absmax_ptr, code_ptr, pairs_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-    M, COLS, R, IN_FEATURES,
+    M, COLS, R, R_PER_SPLIT, SPLIT_K, IN_FEATURES,
     stride_am, stride_ar, stride_om, stride_oc, w_stride_r, w_stride_c,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr,
+    DIRECT_STORE: tl.constexpr,
 ):
     # Grouped program order: GROUP_M row tiles share each W column tile while it is in L2.
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(COLS, BLOCK_N)
     per_group = GROUP_M * tiles_n
@@ -64,7 +73,13 @@ def _matmul_4bit_kernel(
     # and with double quant; it spilled 8 B where the two 4-byte gathers do not at 8192 (blocksize
     # 256: 32 x 256, sm_80) and without double quant (32 x 64 x 64 at 2 stages, sm_89).
     PAIR_DECODE: tl.constexpr = BLOCK_N * BLOCK_R <= 4096 and DOUBLE_QUANT
-    for r0 in range(0, R, BLOCK_R):
+    if DIRECT_STORE:  # one split: the loop as it compiled before split-K (its registers and stages are tuned)
+        r_start = 0
+        r_stop = R
+    else:
+        r_start = split * R_PER_SPLIT
+        r_stop = r_start + R_PER_SPLIT
+    for r0 in range(r_start, r_stop, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
@@ -92,10 +107,31 @@ def _matmul_4bit_kernel(
                             nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
         # W rounded to the input dtype once, as the dequantize-then-matmul path does; fp32 accumulate.
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_oc,
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    last = True
+    if not DIRECT_STORE:
+        # Split K, as in the GEMV (gemv.py): each split stores its fp32 partial sums, and the last
+        # split of this output tile to arrive adds all of them in split order (the same sum whichever
+        # finishes last), adds the bias and casts, in the same launch; it zeroes the tile's arrival
+        # counter for the next launch, so a CUDA graph replays it as it is. The barrier orders every
+        # thread's partial stores before the counter's release; the acquire orders the loads below
+        # after the other splits' releases; .cg reads them from L2, past a stale L1.
+        partial_offsets = offs_m.to(tl.int64)[:, None] * COLS + offs_n[None, :]
+        tl.store(partial_ptr + split.to(tl.int64) * M * COLS + partial_offsets, acc, mask=mask_out)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
+        last = arrived == SPLIT_K - 1
+        if last:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for other in range(0, SPLIT_K):
+                acc += tl.load(partial_ptr + other * M * COLS + partial_offsets, mask=mask_out, other=0.0,
+                               cache_modifier=".cg")
+            tl.atomic_xchg(counter_ptr + pid, 0)
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_oc,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
 def weight_strides(shape: Sequence[int], transpose_weight: bool) -> tuple[int, int, int, int]:
@@ -152,6 +188,30 @@ def matmul_block_sizes(m: int, dtype: torch.dtype, min_r: int = 0, min_n: int = 
     return block_m, block_n, block_r
 
 
+# Split-K of the fused kernel (fused_split). At M <= 16 a 4096-wide projection has 64 column tiles of
+# 64 for 132 SMs (H100), 16 for k/v_proj, and each program walks all of R with one program per SM,
+# waiting a DRAM latency each trip: q_proj forward took 33.6 us in the machine-code model against
+# bf16's 18.6. Split towards 4 programs an SM it takes 16.9 us (H100, M = 16); the model put the
+# whole Llama-3-8B layer's fused products at 1.05x bf16 for 2 programs an SM, 1.14x for 4, 0.80x
+# for 6 (q_proj's busiest SM then gets 7 programs where 6 fit at once: a second round), and the
+# A100 at 0.98x, 1.15x, 0.90x. Past 4 tiles an SM the tiles fill the SMs themselves.
+FUSED_SPLIT_PROGRAMS_PER_SM = 4
+FUSED_SPLIT_BELOW_TILES_PER_SM = 4
+FUSED_SPLIT_MIN_TRIPS = 2
+# Tiles past 32 x 8192 products never split: the 64 x 256 x 32 tile (blocksize 256, backward) is at
+# 255 registers already, and the split epilogue beside it spilled 144 B on sm_80 and 16 B on sm_90.
+FUSED_SPLIT_MAX_PRODUCTS = 32 * 8192
+
+
+def fused_may_split(config: dict, blocksize: int, double_quant: bool = True) -> bool:
+    """Whether this tile configuration compiles with the split-K epilogue without spilling (the
+    launchability sweep, benchmarks/kernels_static.py, and tests/test_kernels_compiled.py): not past
+    FUSED_SPLIT_MAX_PRODUCTS, and tiles past 16 rows only with double quant at blocksize 64 or more
+    (32 x 64 x 64 forward at blocksize 32 spilled 8 B on sm_86/89, twice the scales of blocksize 64
+    live per tile; 64 x 64 x 64 forward without double quant 8 B on sm_80, at 168 registers)."""
+    products = config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_R"]
+    return products <= FUSED_SPLIT_MAX_PRODUCTS and (config["BLOCK_M"] == 16 or (blocksize >= 64 and double_quant))
+
 # Shared memory per block each arch lets a kernel take (opt-in maximum, CUDA C Programming Guide,
 # table "Technical Specifications per Compute Capability"): 8.0 163 KB, 8.6/8.9 99 KB, 9.0 227 KB.
 SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -183,6 +243,15 @@ def fused_stages(block_m: int, block_n: int, block_r: int, itemsize: int, whole_
     # and on sm_86/89 in backward at blocksize 64 (80 registers at 2 stages, 92 and no spill at 3).
     # sm_80 has no such spill at 2, and 3 stages there cost 15% in the model (78 registers, 6 blocks
     # per SM instead of 7).
+    # 16-row, 16-bit tiles of whole blocks (decode, M <= 16): 1 stage. Pipelined, Triton also routes
+    # the code-pair gathers through shared memory (an LDGSTS.64 and an LDS per packed byte: 32 KB of
+    # the 46 KB a 16 x 64 x 64 trip moved through shared memory on sm_80), and the kernel was bound by
+    # it; at 1 stage they are L1 gathers into registers. Split-K (fused_split) keeps 4 programs an SM
+    # to cover the DRAM latency instead: the model's Llama-3-8B layer at M = 16, H100, backward
+    # 0.89x -> 1.25x bf16, forward 1.13x -> 1.14x; A100 1.07x -> 1.25x and 1.11x -> 1.15x; A10
+    # 2.26x -> 2.92x. Compiled without spill on sm_80/86/89/90 (80-94 registers).
+    if whole_blocks and itemsize == 2 and block_m == 16 and block_n * block_r <= 4096:
+        return 1
     deepest = 1 if block_n * block_r > 4096 or not whole_blocks else 3 if itemsize == 4 or (
         block_m == 16 and arch != 80) else 2
     return int(max(1, min(deepest, fit)))
@@ -200,14 +269,57 @@ def fused_config(m: int, dtype: torch.dtype, shape: Sequence[int], blocksize: in
                 num_warps=4, num_stages=stages)
 
 
+def fused_split(m: int, tiles: int, r: int, block_r: int, device) -> tuple[int, int]:
+    """(SPLIT_K, R per split) of an m-row fused launch with `tiles` output tiles.
+
+    Decode-sized M (16-row tiles: 60-94 registers, 5-7 programs resident an SM) splits while the
+    tiles number fewer than FUSED_SPLIT_BELOW_TILES_PER_SM an SM; larger tiles (110+ registers and
+    41 KB of shared memory at 64 rows: 2-4 resident) only while they leave SMs idle: split to 4
+    programs an SM they ran in two rounds, and the model put the RTX 4090's Llama-3-8B layer at
+    M = 256 at 0.62x bf16 forward against 0.68x unsplit. Either way towards
+    FUSED_SPLIT_PROGRAMS_PER_SM programs an SM, at least FUSED_SPLIT_MIN_TRIPS tiles of R a split,
+    and the fp32 partial sums written and read back (8 x SPLIT_K x m bytes a column) within the
+    packed weight's R / 2 bytes a column. `device` may be anything with an `sms` attribute (the
+    machine-code model's GPUs)."""
+    from qlora.kernels.nf4.gemv import _multiprocessors
+
+    sms = getattr(device, "sms", None) or _multiprocessors(device)
+    trips = triton.cdiv(r, block_r)
+    split_k = 1
+    if tiles < (FUSED_SPLIT_BELOW_TILES_PER_SM if m <= 16 else 1) * sms:
+        split_k = max(1, min(triton.cdiv(FUSED_SPLIT_PROGRAMS_PER_SM * sms, tiles), trips // FUSED_SPLIT_MIN_TRIPS,
+                             r // (16 * max(m, 1))))
+    r_per_split = triton.cdiv(trips, split_k) * block_r
+    return triton.cdiv(r, r_per_split), r_per_split
+
+
+def fused_workspace_shape(m: int, shape: Sequence[int], blocksize: int, transpose_weight: bool, dtype: torch.dtype,
+                          device: torch.device, double_quant: bool = True) -> tuple[int, int, int]:
+    """fp32 partial sums of a fused launch: [SPLIT_K, M, cols] (SPLIT_K = 1: none are written)."""
+    r, cols, _, _ = weight_strides(shape, transpose_weight)
+    config = fused_config(m, dtype, shape, blocksize, transpose_weight, target_arch(device))
+    tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
+    if not fused_may_split(config, blocksize, double_quant):
+        return 1, m, cols
+    split_k, _ = fused_split(m, tiles, r, config["BLOCK_R"], device)
+    return split_k, m, cols
+
+
 def matmul_4bit_fused(
     a: torch.Tensor,
     weight: Packed4bit,
     transpose_weight: bool,
     bias: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
+    workspace: Optional[torch.Tensor] = None,
+    split_k: Optional[int] = None,
 ) -> torch.Tensor:
-    """a [M, R] (any strides) @ (W^T if transpose_weight else W) (+ bias) -> [M, cols] in a's dtype."""
+    """a [M, R] (any strides) @ (W^T if transpose_weight else W) (+ bias) -> [M, cols] in a's dtype.
+
+    `workspace`: fp32 of fused_workspace_shape(...) for a graph-captured call (no initialisation
+    needed). `split_k` overrides fused_split's rule (the machine-code model compiles both variants;
+    a split larger than R's tiles is reduced to one tile of R per split; tiles past
+    FUSED_SPLIT_MAX_PRODUCTS never split: fused_may_split)."""
     check_weight(weight)
     check_matmul_input(a, weight, transpose_weight, bias)
     shape, blocksize = weight.shape, weight.blocksize
@@ -219,15 +331,36 @@ def matmul_4bit_fused(
         return out  # nothing to launch: a grid of 0 programs is an error on CUDA
     packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(weight)
     config = fused_config(m, a.dtype, shape, blocksize, transpose_weight, target_arch(a.device))
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]),)
+    tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
+    if not fused_may_split(config, blocksize, double_quant):
+        split_k = 1
+    if split_k is None:
+        split_k, r_per_split = fused_split(m, tiles, r, config["BLOCK_R"], a.device)
+    else:
+        r_per_split = triton.cdiv(triton.cdiv(r, config["BLOCK_R"]), max(1, split_k)) * config["BLOCK_R"]
+        split_k = triton.cdiv(r, r_per_split)
+    if split_k > 1:
+        from qlora.kernels.nf4.gemv import split_counters
+
+        if workspace is None:
+            workspace = torch.empty((split_k, m, cols), dtype=torch.float32, device=a.device)
+        elif (tuple(workspace.shape) != (split_k, m, cols) or workspace.dtype != torch.float32
+              or not workspace.is_contiguous() or workspace.device != a.device):
+            raise ValueError(f"workspace must be a contiguous fp32 {[split_k, m, cols]} tensor on {a.device} "
+                             f"(fused_workspace_shape), got {list(workspace.shape)} {workspace.dtype} on {workspace.device}")
+        counters = split_counters(a.device, tiles)
+    else:
+        workspace = counters = out  # never read: DIRECT_STORE
     launch(
-        _matmul_4bit_kernel, grid,
-        a, out, bias if bias is not None else out,
+        _matmul_4bit_kernel, (tiles, split_k),
+        a, out, bias if bias is not None else out, workspace, counters,
         packed, absmax, weight.code.contiguous(), code_pairs(weight.code) if config["WHOLE_BLOCKS"] else weight.code,
         nested_absmax, nested_code, offset,
-        m, cols, r, shape[1], a.stride(0), a.stride(1), out.stride(0), out.stride(1), w_stride_r, w_stride_c,
+        m, cols, r, r_per_split, split_k, shape[1], a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+        w_stride_r, w_stride_c,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
-        GROUP_M=8, INPUT_PRECISION=input_precision(a.dtype), TRANSPOSED=transpose_weight, **config,
+        GROUP_M=8, INPUT_PRECISION=input_precision(a.dtype), TRANSPOSED=transpose_weight, DIRECT_STORE=split_k == 1,
+        **config,
         # No contraction: W must decode to the same bits here as in the dequantize kernel (the
         # double-quant scale code * absmax + offset is a multiply, then an add). The products run
         # on tensor cores (tl.dot), which fp fusion does not touch.

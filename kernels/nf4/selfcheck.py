@@ -39,9 +39,9 @@ def _check_dequantize(device, dtype):
     return mismatched == 0, f"{mismatched} of {got.numel()} elements differ from the reference"
 
 
-def _product_check(run: Callable, rows: int):
+def _product_check(run: Callable, rows: int, out_features: int = 48):
     def check(device, dtype):
-        weight = sample_weight(device)
+        weight = sample_weight(device, out_features)
         w = reference.dequantize_4bit_torch(weight, dtype).double()
         g = torch.Generator().manual_seed(1)
         errors = []
@@ -67,8 +67,23 @@ def _fused(a, weight, transpose_weight):
     return matmul_4bit_fused(a, weight, transpose_weight)
 
 
+def _fused_split(a, weight, transpose_weight):
+    from qlora.kernels.nf4.matmul import matmul_4bit_fused
+
+    return matmul_4bit_fused(a, weight, transpose_weight, split_k=2)
+
+
 register("gemv")(_product_check(_gemv, 3))
-register("fused")(_product_check(_fused, 20))
+_fused_whole, _fused_halves = _product_check(_fused, 20), _product_check(_fused_split, 5, out_features=128)
+
+
+@register("fused")
+def _check_fused(device, dtype):
+    """Both codes the fused path launches: 20 rows in one split, and 5 rows (the decode tiles) with
+    the reduction split in two, summed by the last split (a 128 x 128 weight: two R tiles both ways)."""
+    whole, whole_message = _fused_whole(device, dtype)
+    halves, halves_message = _fused_halves(device, dtype)
+    return whole and halves, f"one split: {whole_message}; split in two: {halves_message}"
 
 
 @register("cpu_dequantize")
