@@ -133,6 +133,17 @@ def test_interp_row_tile_decode_is_bit_exact(kernel, quant_type, blocksize, doub
         assert torch.equal(out, expected), (transpose_weight, (out - expected).abs().max())
 
 
+def forward_and_grad_input(m, out_features, in_features, quant_type, blocksize, double_quant, dtype):
+    """A quantized weight and its two products, (a, transpose_weight, bias, fp64 expected): the forward
+    X W^T + b (X with non-contiguous rows) and the backward to the input dY W."""
+    weight = quantized((out_features, in_features), quant_type, blocksize, double_quant)
+    w = dense(weight, dtype)
+    x = torch.randn(in_features, m, dtype=dtype).T  # non-contiguous rows
+    grad_y = torch.randn(m, out_features, dtype=dtype)
+    bias = torch.randn(out_features, dtype=dtype)
+    return weight, [(x, True, bias, x.double() @ w.T + bias.double()), (grad_y, False, None, grad_y.double() @ w)]
+
+
 @interpreter_only
 @pytest.mark.parametrize("m, out_features, in_features, quant_type, blocksize, double_quant", MATMUL_CASES)
 @pytest.mark.parametrize("kernel", ("fused", "gemv"))
@@ -141,12 +152,7 @@ def test_interp_kernel_forward_and_grad_input(kernel, dtype, m, out_features, in
     from qlora.kernels.nf4.gemv import gemv_4bit, gemv_workspace_shape
     from qlora.kernels.nf4.matmul import matmul_4bit_fused
 
-    weight = quantized((out_features, in_features), quant_type, blocksize, double_quant)
-    w = dense(weight, dtype)
-    x = torch.randn(in_features, m, dtype=dtype).T  # non-contiguous rows
-    grad_y = torch.randn(m, out_features, dtype=dtype)
-    bias = torch.randn(out_features, dtype=dtype)
-    products = [(x, True, bias, x.double() @ w.T + bias.double()), (grad_y, False, None, grad_y.double() @ w)]
+    weight, products = forward_and_grad_input(m, out_features, in_features, quant_type, blocksize, double_quant, dtype)
     for a, transpose_weight, b, expected in products:
         out = nan_like(tuple(expected.shape), dtype)
         if kernel == "fused":
@@ -188,12 +194,7 @@ def test_interp_fused_split_k_forward_and_grad_input(dtype, m, out_features, in_
     from qlora.kernels.nf4 import gemv
     from qlora.kernels.nf4.matmul import matmul_4bit_fused
 
-    weight = quantized((out_features, in_features), quant_type, blocksize, double_quant)
-    w = dense(weight, dtype)
-    x = torch.randn(in_features, m, dtype=dtype).T  # non-contiguous rows
-    grad_y = torch.randn(m, out_features, dtype=dtype)
-    bias = torch.randn(out_features, dtype=dtype)
-    products = [(x, True, bias, x.double() @ w.T + bias.double()), (grad_y, False, None, grad_y.double() @ w)]
+    weight, products = forward_and_grad_input(m, out_features, in_features, quant_type, blocksize, double_quant, dtype)
     for a, transpose_weight, b, expected in products:
         whole = matmul_4bit_fused(a, weight, transpose_weight, bias=b, split_k=1)
         for split_k in (2, 3):

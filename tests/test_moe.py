@@ -173,10 +173,14 @@ def test_fused_layout_loads_the_same(tmp_path, ids):
 def test_footprint_ratio_like_a_dense_model(tmp_path):
     path = save_tiny_moe("qwen3_moe", tmp_path / "moe", hidden_size=128, moe_intermediate_size=128)
     model = qlora.load_model(path, device="cpu", progress=False)
-    dense = build_model("qwen3_moe", hidden_size=128, moe_intermediate_size=128)
+    assert_footprint_like_a_dense_model(model, build_model("qwen3_moe", hidden_size=128, moe_intermediate_size=128))
+
+
+def assert_footprint_like_a_dense_model(model, dense) -> None:
+    """Each expert weight goes from 16 bits to ~4.127, like a dense linear (NF4 + double quant), and
+    the model saves what its experts and linears save."""
     stacks = [held_experts(m, p) for _, m, p in quantized_stacks(model)]
     expert_params = sum(s.shape.numel() for s in stacks)
-    # Each expert weight goes from 16 bits to ~4.127, like a dense linear (NF4 + double quant).
     assert sum(s.nbytes for s in stacks) * 8 / expert_params == pytest.approx(4.127, rel=0.05)
     saved = qlora.memory_footprint(dense) - qlora.memory_footprint(model)
     linear_params = expert_params + sum(m.in_features * m.out_features for m in model.modules()

@@ -8,7 +8,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import qlora
-from qlora.nn import QuantizedLinear
 from qlora.nn.bmm_experts import BmmExperts
 from qlora.nn.experts import held_experts, held_state, quantized_stacks
 from helpers import bnb_functional, requires_bnb
@@ -75,14 +74,9 @@ def test_saved_model_loads_back_bit_for_bit(llama4, tmp_path):
 
 def test_footprint_like_a_dense_model(llama4):
     _, model = llama4
-    dense = build_model("llama4_text", **SIZES)
-    stacks = [held_experts(m, p) for _, m, p in quantized_stacks(model)]
-    expert_params = sum(s.shape.numel() for s in stacks)
-    assert sum(s.nbytes for s in stacks) * 8 / expert_params == pytest.approx(4.127, rel=0.05)
-    saved = qlora.memory_footprint(dense) - qlora.memory_footprint(model)
-    linear_params = expert_params + sum(m.in_features * m.out_features for m in model.modules()
-                                        if isinstance(m, QuantizedLinear))
-    assert saved == pytest.approx(linear_params * (16 - 4.127) / 8, rel=0.05)
+    from test_moe import assert_footprint_like_a_dense_model
+
+    assert_footprint_like_a_dense_model(model, build_model("llama4_text", **SIZES))
 
 
 def test_logits_match_the_simulated_quantization_and_training_moves_the_experts(llama4):
