@@ -1,4 +1,4 @@
-/* fp32 -> 16-bit conversions as torch rounds them, shared by the CPU kernels (kernels/native.py
+/* fp32 -> 16-bit conversions as torch rounds them, and the loads back, shared by the CPU kernels (kernels/native.py
  * builds each .c with this folder on the include path). */
 #ifndef QLORA_NATIVE_CONVERT_H
 #define QLORA_NATIVE_CONVERT_H
@@ -20,6 +20,20 @@ static inline uint16_t fp16_from_float(float value) {
     uint16_t bits;
     memcpy(&bits, &half, 2);
     return bits;
+}
+
+/* element i of `in`, an array of OUT_* kind, as fp32 (exact: every bf16/fp16 value is an fp32 value). */
+static inline float load_as(const void *in, int64_t i, int kind) {
+    if (kind == OUT_FP32) return ((const float *)in)[i];
+    if (kind == OUT_BF16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)in)[i] << 16;
+        float value;
+        memcpy(&value, &bits, 4);
+        return value;
+    }
+    _Float16 half;
+    memcpy(&half, (const uint16_t *)in + i, 2);
+    return (float)half;
 }
 
 /* value into element i of `out`, an array of OUT_* kind. */

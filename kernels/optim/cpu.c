@@ -1,0 +1,221 @@
+/* The fused 8-bit AdamW step on CPU: one pass per quantization block decodes both moments, updates
+ * them and the parameter in fp32 and re-quantizes the moments with the block's fresh absmax.
+ *
+ * Bit for bit the twin (kernels/optim/reference.py) as torch's CPU kernels compute it, codes, absmax
+ * and parameter alike; the roundings, in the twin's order (built with -ffp-contract=off, so the only
+ * fused multiply-adds are the explicit fmaf calls, where torch's own kernels fuse):
+ * - decode: code[q] * absmax, one fp32 product;
+ * - m.lerp_(g, w): torch's vector lerp, fma(w, g - m, m) for w < 0.5, else fma(w - 1, g - m, g);
+ * - v.mul_(beta2).addcmul_(g, g, value=c): v * beta2 rounded, then fma(c * g, g, that);
+ * - p * decay, then p + (step_size * m) / (sqrt(v) / bias_correction2_sqrt + eps): IEEE division
+ *   and square root, each rounded (torch's addcdiv is self + value * t1 / t2, left to right);
+ * - re-quantize: absmax = max |x| (NaN if any x is NaN, as amax), x / (absmax if > 0 else 1) by true
+ *   division, and the code index is torch.bucketize's: the count of midpoints strictly below it
+ *   (NaN -> 255, past every midpoint).
+ * Callers split the blocks into ranges, one per thread; nothing here allocates or keeps state.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "native_convert.h"
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define QLORA_AVX512 1
+#endif
+
+#define MAX_BLOCKSIZE 4096
+
+/* torch's fp32 square root where it is not the IEEE one: torch built with MKL computes Tensor.sqrt
+ * with MKL's vmsSqrt (high-accuracy mode, within 1 ulp, not correctly rounded: 16% of uniform
+ * inputs land one ulp off). The caller passes that function from torch's own library, so the
+ * parameter is torch's bits; NULL means torch's sqrt is the IEEE one (sqrtf). */
+typedef void (*vector_sqrt)(int n, const float *in, float *out, int64_t mode);
+
+typedef struct {
+    float lerp_weight, beta2, one_minus_beta2, decay, step_size, bias_correction2_sqrt, eps;
+    int lerp_from_end;
+    vector_sqrt sqrt_fn;
+    int64_t sqrt_mode;
+} Hyper;
+
+/* Index of the nearest code of `x` (a value scaled into [-1, 1]): the count of the 255 sorted
+ * midpoints below x, padded to 256 with +inf so the branchless search ends at <= 255. */
+static inline int nearest_code(float x, const float *midpoints) {
+    int index = 0;
+    for (int step = 128; step > 0; step >>= 1)
+        index += midpoints[index + step - 1] < x ? step : 0;
+    return x != x ? 255 : index;
+}
+
+/* max |x| over n values; NaN if any is NaN. */
+static inline float absmax_of(const float *x, int64_t n) {
+    float best = 0.0f;
+    int nan = 0;
+    int64_t i = 0;
+#ifdef QLORA_AVX512
+    __m512 best16 = _mm512_setzero_ps();
+    __mmask16 nan16 = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+        nan16 |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+        best16 = _mm512_max_ps(best16, a);
+    }
+    best = _mm512_reduce_max_ps(best16);
+    nan = nan16 != 0;
+#endif
+    for (; i < n; ++i) {
+        float a = fabsf(x[i]);
+        nan |= a != a;
+        best = a > best ? a : best;
+    }
+    return nan ? NAN : best;
+}
+
+static inline void quantize_block(const float *x, int64_t n, const float *midpoints, uint8_t *codes, float *absmax) {
+    const float top = absmax_of(x, n);
+    const float divisor = top > 0.0f ? top : 1.0f; /* false for 0 and NaN: an all-zero block keeps code 0's place */
+    int64_t i = 0;
+#ifdef QLORA_AVX512
+    const __m512 divisor16 = _mm512_set1_ps(divisor);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 scaled = _mm512_div_ps(_mm512_loadu_ps(x + i), divisor16);
+        __m512i index = _mm512_setzero_si512();
+        for (int step = 128; step > 0; step >>= 1) { /* 8 gathers from a 1 KB table in L1 */
+            __m512 probe = _mm512_i32gather_ps(_mm512_add_epi32(index, _mm512_set1_epi32(step - 1)), midpoints, 4);
+            index = _mm512_mask_add_epi32(index, _mm512_cmp_ps_mask(probe, scaled, _CMP_LT_OQ), index,
+                                          _mm512_set1_epi32(step));
+        }
+        index = _mm512_mask_mov_epi32(index, _mm512_cmp_ps_mask(scaled, scaled, _CMP_UNORD_Q), _mm512_set1_epi32(255));
+        _mm_storeu_si128((__m128i *)(codes + i), _mm512_cvtepi32_epi8(index));
+    }
+#endif
+    for (; i < n; ++i) codes[i] = (uint8_t)nearest_code(x[i] / divisor, midpoints);
+    *absmax = top;
+}
+
+#ifdef QLORA_AVX512
+/* 16 elements of an OUT_* array from element i, as fp32. */
+static inline __m512 load16(const void *in, int64_t i, int kind) {
+    if (kind == OUT_FP32) return _mm512_loadu_ps((const float *)in + i);
+    __m256i half = _mm256_loadu_si256((const __m256i *)((const uint16_t *)in + i));
+    if (kind == OUT_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+    return _mm512_cvtph_ps(half);
+}
+
+/* 16 fp32 values into an OUT_* array, rounded as bf16_from_float / fp16_from_float do. */
+static inline void store16(void *out, int64_t i, __m512 value, int kind) {
+    if (kind == OUT_FP32) {
+        _mm512_storeu_ps((float *)out + i, value);
+        return;
+    }
+    __m256i half;
+    if (kind == OUT_BF16) {
+        __m512i bits = _mm512_castps_si512(value);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+        rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+        half = _mm512_cvtepi32_epi16(rounded);
+    } else {
+        half = _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), half);
+}
+#endif
+
+/* One block of n elements from offset `start`. Inlined with constant dtype kinds, so each of the nine
+ * (param, grad) combinations gets its own loop. */
+static inline __attribute__((always_inline)) void step_block(
+    void *param, const void *grad, uint8_t *exp_avg, float *exp_avg_absmax, uint8_t *exp_avg_sq,
+    float *exp_avg_sq_absmax, const float *signed_code, const float *unsigned_code, const float *signed_midpoints,
+    const float *unsigned_midpoints, int64_t block, int64_t start, int64_t n, const Hyper *h, const int param_kind,
+    const int grad_kind) {
+    float m[MAX_BLOCKSIZE], v[MAX_BLOCKSIZE], root[MAX_BLOCKSIZE];
+    const float m_scale = exp_avg_absmax[block], v_scale = exp_avg_sq_absmax[block];
+    const float lerp_weight = h->lerp_weight, lerp_coeff = h->lerp_weight - 1.0f, beta2 = h->beta2;
+    const float one_minus_beta2 = h->one_minus_beta2, decay = h->decay, step_size = h->step_size;
+    const float bias_correction2_sqrt = h->bias_correction2_sqrt, eps = h->eps;
+    const uint8_t *m_codes = exp_avg + start, *v_codes = exp_avg_sq + start;
+    /* The moments: decode, lerp, mul + addcmul. */
+    int64_t i = 0;
+#ifdef QLORA_AVX512
+    for (; i + 16 <= n; i += 16) {
+        const __m512 g = load16(grad, start + i, grad_kind);
+        __m512 mi = _mm512_mul_ps(_mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(m_codes + i))),
+                                                      signed_code, 4), _mm512_set1_ps(m_scale));
+        __m512 vi = _mm512_mul_ps(_mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(v_codes + i))),
+                                                      unsigned_code, 4), _mm512_set1_ps(v_scale));
+        const __m512 diff = _mm512_sub_ps(g, mi);
+        mi = h->lerp_from_end ? _mm512_fmadd_ps(_mm512_set1_ps(lerp_coeff), diff, g)
+                              : _mm512_fmadd_ps(_mm512_set1_ps(lerp_weight), diff, mi);
+        vi = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(one_minus_beta2), g), g,
+                             _mm512_mul_ps(vi, _mm512_set1_ps(beta2)));
+        _mm512_storeu_ps(m + i, mi);
+        _mm512_storeu_ps(v + i, vi);
+    }
+#endif
+    for (; i < n; ++i) {
+        const float g = load_as(grad, start + i, grad_kind);
+        float mi = signed_code[m_codes[i]] * m_scale;
+        float vi = unsigned_code[v_codes[i]] * v_scale;
+        m[i] = h->lerp_from_end ? fmaf(lerp_coeff, g - mi, g) : fmaf(lerp_weight, g - mi, mi);
+        v[i] = fmaf(one_minus_beta2 * g, g, vi * beta2);
+    }
+    if (h->sqrt_fn) {
+        h->sqrt_fn((int)n, v, root, h->sqrt_mode);
+    } else {
+        for (i = 0; i < n; ++i) root[i] = sqrtf(v[i]);
+    }
+    /* The parameter: p * decay + (step_size * m) / (root / bias_correction2_sqrt + eps). */
+    i = 0;
+#ifdef QLORA_AVX512
+    for (; i + 16 <= n; i += 16) {
+        const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_loadu_ps(root + i), _mm512_set1_ps(bias_correction2_sqrt)),
+                                           _mm512_set1_ps(eps));
+        const __m512 p = _mm512_mul_ps(load16(param, start + i, param_kind), _mm512_set1_ps(decay));
+        const __m512 update = _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(step_size), _mm512_loadu_ps(m + i)), denom);
+        store16(param, start + i, _mm512_add_ps(p, update), param_kind);
+    }
+#endif
+    for (; i < n; ++i) {
+        const float denom = root[i] / bias_correction2_sqrt + eps;
+        const float p = load_as(param, start + i, param_kind) * decay;
+        store_as(param, start + i, p + step_size * m[i] / denom, param_kind);
+    }
+    quantize_block(m, n, signed_midpoints, exp_avg + start, exp_avg_absmax + block);
+    quantize_block(v, n, unsigned_midpoints, exp_avg_sq + start, exp_avg_sq_absmax + block);
+}
+
+/* Blocks [first_block, last_block) of an n-element parameter. param_kind / grad_kind: OUT_* of
+ * native_convert.h. lerp_from_end: torch.lerp's switch for a weight >= 0.5 (computed by the caller
+ * on the fp32 weight, as torch does). blocksize <= MAX_BLOCKSIZE (checked by the caller). sqrt_fn, sqrt_mode:
+ * torch's square root (vector_sqrt above), or NULL for sqrtf. */
+void qlora_adamw8bit_step(void *param, int param_kind, const void *grad, int grad_kind, uint8_t *exp_avg,
+                          float *exp_avg_absmax, uint8_t *exp_avg_sq, float *exp_avg_sq_absmax,
+                          const float *signed_code, const float *unsigned_code, const float *signed_midpoints,
+                          const float *unsigned_midpoints, int64_t numel, int64_t blocksize, int64_t first_block,
+                          int64_t last_block, float lerp_weight, int lerp_from_end, float beta2,
+                          float one_minus_beta2, float decay, float step_size, float bias_correction2_sqrt,
+                          float eps, vector_sqrt sqrt_fn, int64_t sqrt_mode) {
+    const Hyper h = {lerp_weight, beta2, one_minus_beta2, decay, step_size, bias_correction2_sqrt, eps, lerp_from_end,
+                     sqrt_fn, sqrt_mode};
+    for (int64_t b = first_block; b < last_block; ++b) {
+        const int64_t start = b * blocksize;
+        const int64_t n = start + blocksize < numel ? blocksize : numel - start;
+#define STEP(P, G)                                                                                          \
+    step_block(param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, signed_code, unsigned_code, \
+               signed_midpoints, unsigned_midpoints, b, start, n, &h, P, G)
+        switch (param_kind * 3 + grad_kind) {
+        case OUT_FP32 * 3 + OUT_FP32: STEP(OUT_FP32, OUT_FP32); break;
+        case OUT_FP32 * 3 + OUT_BF16: STEP(OUT_FP32, OUT_BF16); break;
+        case OUT_FP32 * 3 + OUT_FP16: STEP(OUT_FP32, OUT_FP16); break;
+        case OUT_BF16 * 3 + OUT_FP32: STEP(OUT_BF16, OUT_FP32); break;
+        case OUT_BF16 * 3 + OUT_BF16: STEP(OUT_BF16, OUT_BF16); break;
+        case OUT_BF16 * 3 + OUT_FP16: STEP(OUT_BF16, OUT_FP16); break;
+        case OUT_FP16 * 3 + OUT_FP32: STEP(OUT_FP16, OUT_FP32); break;
+        case OUT_FP16 * 3 + OUT_BF16: STEP(OUT_FP16, OUT_BF16); break;
+        default: STEP(OUT_FP16, OUT_FP16); break;
+        }
+#undef STEP
+    }
+}

@@ -1,0 +1,117 @@
+"""The fast CPU path of the fused 8-bit AdamW step: one C pass per quantization block (cpu.c, built by
+kernels/native.py), blocks split over torch.get_num_threads() threads.
+
+Bit for bit the twin (reference.adamw8bit_update_): the codes, the absmax and the parameter, with
+the same fp32 roundings torch's CPU kernels make (listed in cpu.c). What differs is cost: the twin
+makes ~20 passes over n in fp32 temporaries (decode, lerp, mul, addcmul, sqrt, div, add, addcdiv,
+two quantizes of pad, abs, amax, divide, bucketize, cast, copy); this reads each element's state once
+and writes it once, with the moments of one block (at most 4096 values) in a stack buffer.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+
+from qlora.kernels import native
+from qlora.kernels.optim.checks import AdamW8bitHyper, AdamW8bitTensors
+from qlora.kernels.optim.reference import code_midpoints, lerp_from_end, step_scalars
+
+SOURCE = Path(__file__).with_name("cpu.c")
+SIGNATURES = {
+    "qlora_adamw8bit_step": (native.PTR, native.INT, native.PTR, native.INT, native.PTR, native.PTR, native.PTR,
+                             native.PTR, native.PTR, native.PTR, native.PTR, native.PTR, native.I64, native.I64,
+                             native.I64, native.I64, native.FLOAT, native.INT, native.FLOAT, native.FLOAT,
+                             native.FLOAT, native.FLOAT, native.FLOAT, native.FLOAT, native.PTR, native.I64),
+}
+# MKL's vector math mode as torch's ATen/cpu/vml.h passes it: VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
+MKL_SQRT_MODE = 0x2 | 0x140000 | 0x100
+# Blocks per thread below which one thread steps alone: 64 blocks of 256 = 16K elements, ~30 us.
+MIN_BLOCKS_PER_THREAD = 64
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The built step kernel, or None where no C compiler is available (warned once)."""
+    return native.library(SOURCE, SIGNATURES)
+
+
+def available() -> bool:
+    return library() is not None
+
+
+class TorchSqrt(NamedTuple):
+    """How torch computes Tensor.sqrt in fp32 here: `function` (an address) and `mode` for the kernel, or
+    function 0 where it is the IEEE square root; `exact` False where neither matched, so the parameter
+    may differ from the twin's by an fp32 rounding (the codes and absmax never depend on it)."""
+    function: int
+    mode: int
+    exact: bool
+    name: str
+
+
+def _sqrt_probe() -> torch.Tensor:
+    # Uniform values across every exponent a second moment takes (1e-30 .. 1e4), and the squares of
+    # floats with short mantissas, where a root is exact or a tie is near.
+    g = torch.Generator().manual_seed(0)
+    spread = torch.rand(1 << 16, generator=g) * torch.pow(10.0, torch.randint(-30, 5, (1 << 16,), generator=g).float())
+    exact = torch.arange(1, 4097, dtype=torch.float32) ** 2
+    return torch.cat((spread, exact, exact + 1, torch.tensor([0.0, 1e-45, 3e38, float("inf")])))
+
+
+@functools.cache
+def torch_sqrt() -> TorchSqrt:
+    """Which fp32 square root torch's CPU Tensor.sqrt is, found once by comparing on a probe set:
+    the IEEE one (torch without MKL: Vectorized::sqrt, sqrtps / fsqrt), or MKL's vmsSqrt in torch's
+    high-accuracy mode, called from torch's own library (torch with MKL on x86)."""
+    probe = _sqrt_probe()
+    want = probe.sqrt()
+    if torch.equal(want, probe.double().sqrt().float()):
+        return TorchSqrt(0, 0, True, "IEEE sqrt")
+    function = _mkl_sqrt()
+    if function is not None:
+        got = torch.empty_like(probe)
+        ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(function)(
+            probe.numel(), probe.data_ptr(), got.data_ptr(), MKL_SQRT_MODE)
+        if torch.equal(got, want):
+            return TorchSqrt(function, MKL_SQRT_MODE, True, "MKL vmsSqrt (as torch)")
+    return TorchSqrt(0, 0, False, "IEEE sqrt (torch's differs: the parameter within one fp32 rounding)")
+
+
+def _mkl_sqrt() -> Optional[int]:
+    """The address of vmsSqrt in torch's CPU library, where torch links MKL and exports it."""
+    for path in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
+        try:
+            return ctypes.cast(ctypes.CDLL(str(path)).vmsSqrt, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def adamw8bit_update_cpu(tensors: AdamW8bitTensors, hyper: AdamW8bitHyper) -> None:
+    """reference.adamw8bit_update_ in one fused pass: param, both moments and their absmax in place.
+    The arguments are checked by the caller (checks.check_adamw8bit_args); blocksize <= 4096 there,
+    the kernel's stack buffers."""
+    lib = library()
+    param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, signed_code, unsigned_code = tensors
+    numel, blocksize = param.numel(), hyper.blocksize
+    if numel == 0:
+        return
+    # The Python scalars as the twin's tensor ops see them: float64 on the host, one rounding to fp32
+    # when passed (ctypes.c_float rounds to nearest, as torch does).
+    lerp_weight, beta2, one_minus_beta2, decay, step_size, bias_correction2_sqrt, eps = step_scalars(hyper)
+    signed_midpoints, unsigned_midpoints = code_midpoints(signed_code), code_midpoints(unsigned_code)
+    pointers = [t.data_ptr() for t in (param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax,
+                                       signed_code, unsigned_code, signed_midpoints, unsigned_midpoints)]
+    kinds = native.DTYPE_KIND[param.dtype], native.DTYPE_KIND[grad.dtype]
+    root = torch_sqrt()
+    scalars = (lerp_weight, int(lerp_from_end(lerp_weight)), beta2, one_minus_beta2, decay, step_size,
+               bias_correction2_sqrt, eps, root.function or None, root.mode)
+
+    def run(first: int, last: int) -> None:
+        lib.qlora_adamw8bit_step(pointers[0], kinds[0], pointers[1], kinds[1], *pointers[2:], numel, blocksize,
+                                 first, last, *scalars)
+
+    native.parallel_ranges(run, -(-numel // blocksize), MIN_BLOCKS_PER_THREAD)
