@@ -193,3 +193,32 @@ def test_no_compiler_steps_with_the_twin_after_one_warning(monkeypatch):
     finally:
         native.load.cache_clear()
         set_backend(None)
+
+
+@needs_compiler
+@pytest.mark.parametrize("code_kind", ["dynamic", "random"])
+def test_nearest_code_is_bucketize_at_midpoints_and_ties(code_kind):
+    # beta1 = 0 makes the new first moment the gradient itself, and a 1.0 at the head of every block
+    # makes its absmax 1: the scaled values are the gradient's, exactly. They sit on every midpoint
+    # (ties go to the lower code), one float either side, on the codes, at +-1 and +-0. A random code
+    # has midpoints closer than the bucket width: the table's extra compares run.
+    signed, _ = codes()
+    if code_kind == "random":
+        signed = torch.sort(torch.rand(256, generator=torch.Generator().manual_seed(4)) * 2 - 1).values
+        signed[0], signed[-1] = -1.0, 1.0
+    assert code_kind == "dynamic" or cpu.nearest_table(signed).extra > 0
+    mid = 0.5 * (signed[:-1] + signed[1:])
+    values = torch.cat((mid, mid.nextafter(torch.tensor(-2.0)), mid.nextafter(torch.tensor(2.0)), signed,
+                        torch.tensor([-1.0, 1.0, 0.0, -0.0, 1e-40, -1e-40])))
+    blocks = values.split(255)
+    grad = torch.cat([torch.cat((torch.ones(1), block)) for block in blocks])
+    n = grad.numel()
+    state, _ = random_state(n, torch.float32, 256)
+    want = {k: v.clone() for k, v in state.items()}
+    unsigned = dynamic_map("cpu", signed=False)
+    for update, target in ((cpu.adamw8bit_update_cpu, state), (reference.adamw8bit_update_, want)):
+        update(AdamW8bitTensors(grad=grad, **target, signed_code=signed, unsigned_code=unsigned),
+               AdamW8bitHyper(step=1, **{**HYPER, "beta1": 0.0}))
+    assert (want["exp_avg_absmax"] == 1).all()
+    assert torch.equal(state["exp_avg"], want["exp_avg"])
+    assert torch.equal(want["exp_avg"][1:256].long(), torch.bucketize(blocks[0], mid))  # the twin is bucketize

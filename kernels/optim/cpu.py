@@ -23,7 +23,10 @@ from qlora.kernels.optim.reference import code_midpoints, lerp_from_end, step_sc
 SOURCE = Path(__file__).with_name("cpu.c")
 SIGNATURES = {
     "qlora_adamw8bit_step": (native.PTR, native.INT, native.PTR, native.INT, native.PTR, native.PTR, native.PTR,
-                             native.PTR, native.PTR, native.PTR, native.PTR, native.PTR, native.I64, native.I64,
+                             native.PTR, native.PTR, native.PTR,
+                             native.PTR, native.PTR, native.PTR, native.I64, native.INT, native.INT,
+                             native.PTR, native.PTR, native.PTR, native.I64, native.INT, native.INT,
+                             native.I64, native.I64,
                              native.I64, native.I64, native.FLOAT, native.INT, native.FLOAT, native.FLOAT,
                              native.FLOAT, native.FLOAT, native.FLOAT, native.FLOAT, native.PTR, native.I64),
 }
@@ -40,6 +43,50 @@ def library() -> Optional[ctypes.CDLL]:
 
 def available() -> bool:
     return library() is not None
+
+
+class NearestTable(NamedTuple):
+    """The bucket table cpu.c finds a code's nearest index with (see NearestTable there)."""
+    first: torch.Tensor  # uint8 [buckets + 3]: midpoints below each bucket's smallest value
+    threshold: torch.Tensor  # fp32 [buckets]: midpoints[first], the one midpoint that may fall inside
+    midpoints: torch.Tensor  # fp32 [256 + extra]: the 255 midpoints, then +inf
+    shift: int
+    extra: int
+
+
+KEY_OFFSET = 0x3F800001  # cpu.c: minus the sign-folded key of -1.0f
+# Coarsest bucket width tried first: 2^19 keys = 4 mantissa bits per binade, 4066 buckets (4 KB + 16 KB).
+COARSEST_SHIFT, FINEST_SHIFT = 19, 14
+_TABLES: dict[int, tuple[torch.Tensor, int, NearestTable]] = {}
+
+
+def nearest_table(code: torch.Tensor) -> NearestTable:
+    """The bucket table of a sorted 256-value code: the coarsest bucket width (fewest bytes in cache) at
+    which no bucket holds more than one midpoint, else the finest tried and `extra` compares. For the
+    dynamic maps 2^16 keys (32514 buckets, 160 KB, of which a step touches the binades its values
+    reach): signed needs 2^17, unsigned 2^16 (measured: 2^17 leaves 8 buckets with two midpoints)."""
+    cached = _TABLES.get(id(code))
+    if cached is not None and cached[0] is code and cached[1] == code._version:
+        return cached[2]
+    midpoints = code_midpoints(code)[:255]  # the twin's expression
+    for shift in range(COARSEST_SHIFT, FINEST_SHIFT - 1, -1):
+        buckets = ((0x3F800000 + KEY_OFFSET) >> shift) + 1
+        keys = (torch.arange(buckets, dtype=torch.int64) << shift) - KEY_OFFSET
+        keys = keys.clamp(max=0x3F800000).to(torch.int32)
+        smallest = torch.where(keys < 0, keys ^ 0x7FFFFFFF, keys).view(torch.float32)  # each bucket's smallest value
+        first = torch.searchsorted(midpoints, smallest)  # midpoints strictly below it
+        # A value of bucket b is below bucket b + 1's smallest (or is at most 1.0 in the last one).
+        upper = torch.cat((first[1:], torch.searchsorted(midpoints, torch.tensor([1.0]), right=True)))
+        most = int((upper - first).max())
+        if most <= 1:
+            break
+    padded = torch.cat((midpoints, midpoints.new_full((1 + max(most - 1, 0),), float("inf"))))
+    table = NearestTable(torch.cat((first.to(torch.uint8), first.new_zeros(3, dtype=torch.uint8))),
+                         padded[first].contiguous(), padded.contiguous(), shift, max(most - 1, 0))
+    if len(_TABLES) >= 16:
+        _TABLES.clear()
+    _TABLES[id(code)] = (code, code._version, table)
+    return table
 
 
 class TorchSqrt(NamedTuple):
@@ -102,9 +149,13 @@ def adamw8bit_update_cpu(tensors: AdamW8bitTensors, hyper: AdamW8bitHyper) -> No
     # The Python scalars as the twin's tensor ops see them: float64 on the host, one rounding to fp32
     # when passed (ctypes.c_float rounds to nearest, as torch does).
     lerp_weight, beta2, one_minus_beta2, decay, step_size, bias_correction2_sqrt, eps = step_scalars(hyper)
-    signed_midpoints, unsigned_midpoints = code_midpoints(signed_code), code_midpoints(unsigned_code)
+    tables = []
+    for code in (signed_code, unsigned_code):
+        table = nearest_table(code)
+        tables += [table.first.data_ptr(), table.threshold.data_ptr(), table.midpoints.data_ptr(),
+                   table.threshold.numel(), table.shift, table.extra]
     pointers = [t.data_ptr() for t in (param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax,
-                                       signed_code, unsigned_code, signed_midpoints, unsigned_midpoints)]
+                                       signed_code, unsigned_code)] + tables
     kinds = native.DTYPE_KIND[param.dtype], native.DTYPE_KIND[grad.dtype]
     root = torch_sqrt()
     scalars = (lerp_weight, int(lerp_from_end(lerp_weight)), beta2, one_minus_beta2, decay, step_size,
