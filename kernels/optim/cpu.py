@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -92,11 +92,15 @@ def nearest_table(code: torch.Tensor) -> NearestTable:
 class TorchSqrt(NamedTuple):
     """How torch computes Tensor.sqrt in fp32 here: `function` (an address) and `mode` for the kernel, or
     function 0 where it is the IEEE square root; `exact` False where neither matched, so the parameter
-    may differ from the twin's by an fp32 rounding (the codes and absmax never depend on it)."""
+    may differ from the twin's by an fp32 rounding (the codes and absmax never depend on it).
+    `one_thread`: MKL_Set_Num_Threads_Local, which each caller of the kernel sets to 1 around
+    it: MKL would otherwise open an OpenMP team inside every 256-element call, and two of our threads
+    doing so spin against each other (measured: 8M elements on 2 threads, 625 ms instead of 43)."""
     function: int
     mode: int
     exact: bool
     name: str
+    one_thread: Optional[Callable[[int], int]] = None
 
 
 def _sqrt_probe() -> torch.Tensor:
@@ -117,21 +121,26 @@ def torch_sqrt() -> TorchSqrt:
     want = probe.sqrt()
     if torch.equal(want, probe.double().sqrt().float()):
         return TorchSqrt(0, 0, True, "IEEE sqrt")
-    function = _mkl_sqrt()
-    if function is not None:
+    mkl = _mkl()
+    if mkl is not None:
+        function, one_thread = mkl
         got = torch.empty_like(probe)
         ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(function)(
             probe.numel(), probe.data_ptr(), got.data_ptr(), MKL_SQRT_MODE)
         if torch.equal(got, want):
-            return TorchSqrt(function, MKL_SQRT_MODE, True, "MKL vmsSqrt (as torch)")
+            return TorchSqrt(function, MKL_SQRT_MODE, True, "MKL vmsSqrt (as torch)", one_thread)
     return TorchSqrt(0, 0, False, "IEEE sqrt (torch's differs: the parameter within one fp32 rounding)")
 
 
-def _mkl_sqrt() -> Optional[int]:
-    """The address of vmsSqrt in torch's CPU library, where torch links MKL and exports it."""
+def _mkl() -> Optional[tuple[int, Callable[[int], int]]]:
+    """(address of vmsSqrt, MKL_Set_Num_Threads_Local) from torch's CPU library, where torch links MKL
+    and exports them."""
     for path in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
         try:
-            return ctypes.cast(ctypes.CDLL(str(path)).vmsSqrt, ctypes.c_void_p).value
+            lib = ctypes.CDLL(str(path))
+            one_thread = lib.MKL_Set_Num_Threads_Local  # the C entry (mkl_set_num_threads_local is the Fortran one)
+            one_thread.argtypes, one_thread.restype = (ctypes.c_int,), ctypes.c_int
+            return ctypes.cast(lib.vmsSqrt, ctypes.c_void_p).value, one_thread
         except (OSError, AttributeError):
             continue
     return None
@@ -162,7 +171,12 @@ def adamw8bit_update_cpu(tensors: AdamW8bitTensors, hyper: AdamW8bitHyper) -> No
                bias_correction2_sqrt, eps, root.function or None, root.mode)
 
     def run(first: int, last: int) -> None:
-        lib.qlora_adamw8bit_step(pointers[0], kinds[0], pointers[1], kinds[1], *pointers[2:], numel, blocksize,
-                                 first, last, *scalars)
+        before = root.one_thread(1) if root.one_thread else None
+        try:
+            lib.qlora_adamw8bit_step(pointers[0], kinds[0], pointers[1], kinds[1], *pointers[2:], numel, blocksize,
+                                     first, last, *scalars)
+        finally:
+            if before is not None:
+                root.one_thread(before)  # 0, this thread's usual "follow the global setting"
 
     native.parallel_ranges(run, -(-numel // blocksize), MIN_BLOCKS_PER_THREAD)
