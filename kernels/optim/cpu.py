@@ -21,14 +21,15 @@ from qlora.kernels.optim.checks import AdamW8bitHyper, AdamW8bitTensors
 from qlora.kernels.optim.reference import code_midpoints, lerp_from_end, step_scalars
 
 SOURCE = Path(__file__).with_name("cpu.c")
+_TABLE = (native.PTR, native.PTR, native.PTR, native.I64, native.INT, native.INT)  # a NearestTable's fields
 SIGNATURES = {
-    "qlora_adamw8bit_step": (native.PTR, native.INT, native.PTR, native.INT, native.PTR, native.PTR, native.PTR,
-                             native.PTR, native.PTR, native.PTR,
-                             native.PTR, native.PTR, native.PTR, native.I64, native.INT, native.INT,
-                             native.PTR, native.PTR, native.PTR, native.I64, native.INT, native.INT,
-                             native.I64, native.I64,
-                             native.I64, native.I64, native.FLOAT, native.INT, native.FLOAT, native.FLOAT,
-                             native.FLOAT, native.FLOAT, native.FLOAT, native.FLOAT, native.PTR, native.I64),
+    "qlora_adamw8bit_step": (
+        native.PTR, native.INT, native.PTR, native.INT,  # param and its dtype kind, grad and its kind
+        native.PTR, native.PTR, native.PTR, native.PTR,  # exp_avg, its absmax, exp_avg_sq, its absmax
+        native.PTR, native.PTR, *_TABLE, *_TABLE,  # the signed and unsigned codes, their nearest tables
+        native.I64, native.I64, native.I64, native.I64,  # numel, blocksize, first and last block
+        native.FLOAT, native.INT, *(native.FLOAT,) * 6,  # step_scalars() with the lerp switch after the weight
+        native.PTR, native.I64),  # torch's sqrt (or NULL) and its mode
 }
 # MKL's vector math mode as torch's ATen/cpu/vml.h passes it: VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
 MKL_SQRT_MODE = 0x2 | 0x140000 | 0x100
