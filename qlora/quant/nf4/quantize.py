@@ -134,8 +134,8 @@ def _check_cpu_quantize(device, dtype):
     w = torch.randn(37 * 97, generator=g)
     for quant_type in QUANT_TYPES:
         midpoints, order = quantize_bounds(quant_type, "cpu")
-        w[64:79] = midpoints  # block 1's absmax is 1: scaled values on the midpoints exactly
-        w[79] = 1.0
+        # Block 1's absmax is 1 (scaled by exactly 1): its values sit on the midpoints.
+        w[64:128] = torch.cat((midpoints, torch.ones(1), torch.linspace(-0.9, 0.9, 48)))
         w[128:192] = 0.0
         w[192:256] = 1e-40
         w[300], w[400] = float("inf"), float("nan")
