@@ -5,7 +5,8 @@ run. Writes benchmarks/results/quantize_cpu.json.
     python benchmarks/quantize_cpu.py [--size 4096] [--rounds 3] [--repeats 5] [--threads 1,2]
 
 Rows: NF4 + double quant, NF4, FP4 (blocksize 64), LLM.int8, GPTQ 4-bit (group 128, act order;
-no bitsandbytes peer). Dequantize writes bf16 (the compute dtype of training), quantize reads the
+no bitsandbytes peer). The 4-bit rows time the quantize too: the C quantize, the twin's and
+bitsandbytes'. Dequantize writes bf16 (the compute dtype of training), quantize reads the
 bf16 weight. Implementations are timed interleaved (`rounds` rounds of each, median of `repeats`
 calls): the machine is shared, and a row's noise is the max/min of qlora's per-round medians.
 Every qlora output is checked against the twin's (bytes) and bitsandbytes' before timing.
@@ -36,13 +37,14 @@ def on_backend(backend: str, fn):
 
 
 def cases(w: torch.Tensor, bnb_f):
-    """{name: {"qlora"/"twin"/"bnb" dequantize, "qlora quantize"/"bnb quantize": callables}}."""
+    """{name: {"qlora"/"twin"/"bnb" dequantize, "qlora quantize"/"twin quantize"/"bnb quantize": callables}}."""
     out = {}
     for name, quant_type, double_quant in (("nf4+dq", "nf4", True), ("nf4", "nf4", False), ("fp4", "fp4", False)):
         packed, state = qlora.quantize_4bit(w, quant_type, 64, double_quant)
         deq = lambda packed=packed, state=state: qlora.dequantize_4bit(packed, state, torch.bfloat16)  # noqa: E731
+        quantize = lambda q=quant_type, d=double_quant: qlora.quantize_4bit(w, q, 64, d)  # noqa: E731
         case = {"qlora": on_backend("cpu", deq), "twin": on_backend("torch", deq),
-                "qlora quantize": lambda q=quant_type, d=double_quant: qlora.quantize_4bit(w, q, 64, d)}
+                "qlora quantize": on_backend("cpu", quantize), "twin quantize": on_backend("torch", quantize)}
         if bnb_f is not None:
             p, s = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
             assert torch.equal(p, packed), "packed bytes differ from bitsandbytes': the comparison would be meaningless"
@@ -64,6 +66,10 @@ def cases(w: torch.Tensor, bnb_f):
     for name, case in out.items():
         got, want = case["qlora"](), case["twin"]()
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), f"{name}: the CPU path is not the twin's bytes"
+        if "qlora quantize" in case:
+            (packed, state), (want_packed, want_state) = case["qlora quantize"](), case["twin quantize"]()
+            assert torch.equal(packed, want_packed) and torch.equal(state.absmax, want_state.absmax), \
+                f"{name}: the CPU quantize is not the twin's bytes"
     return out
 
 
@@ -97,6 +103,8 @@ def main():
                    "dequantize twin/qlora": ms["twin"] / ms["qlora"]}
             if "bnb" in ms:
                 row["dequantize bnb/qlora"] = ms["bnb"] / ms["qlora"]
+            if "twin quantize" in ms:
+                row["quantize twin/qlora"] = ms["twin quantize"] / ms["qlora quantize"]
             if "bnb quantize" in ms:
                 row["quantize bnb/qlora"] = ms["bnb quantize"] / ms["qlora quantize"]
             rows.append(row)
@@ -107,7 +115,7 @@ def main():
     path = write_results("quantize_cpu", {
         "device": device_name(), "versions": versions(), "shape": [args.size, args.size], "dtype": "bfloat16",
         "blocksize": 64, "rounds": args.rounds, "repeats": args.repeats,
-        "qlora": "the CPU path (QLORA_BACKEND=cpu); twin: QLORA_BACKEND=torch",
+        "qlora": "the CPU path (QLORA_BACKEND=cpu: the C decode and the C quantize); twin: QLORA_BACKEND=torch",
         "noise": "max/min of qlora's per-round medians", "rows": rows,
     })
     print(f"wrote {path}")

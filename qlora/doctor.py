@@ -88,7 +88,7 @@ def interpreter_checks() -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-CPU_CHECKS = ("cpu_dequantize", "cpu_int8_dequantize", "cpu_gptq_dequantize")
+CPU_CHECKS = ("cpu_dequantize", "cpu_int8_dequantize", "cpu_gptq_dequantize", "cpu_quantize", "cpu_adamw8bit")
 
 
 def cpu_path() -> dict:
@@ -176,7 +176,47 @@ def time_cpu(repeats: int = 5, size: int = 4096, layer_size: int = 2048, rows: i
     except ImportError:
         pass
     out[layer_case] = layer
+    out.update(time_cpu_quantize_and_optimizer(median_ms, layer_weight))
     return out
+
+
+def time_cpu_quantize_and_optimizer(median_ms, weight: torch.Tensor) -> dict:
+    """The NF4 + DQ quantize of `weight` and one 8-bit AdamW step over as many fp32 parameters: the
+    CPU path against the twin, bitsandbytes (when installed) and, for the step, torch's fused AdamW."""
+    from qlora.kernels.backend import set_backend
+    from qlora.optim import PagedAdamW8bit
+    from qlora.quant import quantize_4bit
+
+    def on(backend, fn):
+        def run():
+            set_backend(backend)
+            try:
+                fn()
+            finally:
+                set_backend(None)
+        return run
+
+    def stepper(make):
+        param = torch.nn.Parameter(weight.float().clone())
+        param.grad = torch.randn_like(param) * 1e-3
+        return make([param]).step
+
+    size = "x".join(map(str, weight.shape))
+    quantize = lambda: quantize_4bit(weight, "nf4", 64, True)  # noqa: E731
+    rows = {f"quantize {size} nf4+dq fp32": {"twin": median_ms(on("torch", quantize)), "cpu path": median_ms(on("cpu", quantize))},
+            f"8-bit AdamW step {weight.numel() / 1e6:.2g}M fp32": {
+                "twin": median_ms(on("torch", stepper(PagedAdamW8bit))),
+                "cpu path": median_ms(on("cpu", stepper(PagedAdamW8bit))),
+                "torch AdamW fused (32-bit)": median_ms(stepper(lambda p: torch.optim.AdamW(p, fused=True)))}}
+    try:
+        import bitsandbytes as bnb
+
+        rows[f"quantize {size} nf4+dq fp32"]["bitsandbytes"] = median_ms(
+            lambda: bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True))
+        rows[f"8-bit AdamW step {weight.numel() / 1e6:.2g}M fp32"]["bitsandbytes"] = median_ms(stepper(bnb.optim.AdamW8bit))
+    except ImportError:
+        pass
+    return rows
 
 
 def predictions(arch: int) -> dict:

@@ -52,8 +52,11 @@ def test_doctor_times_the_cpu_path_against_its_peers():
     dequantize = timings["dequantize 256x256 nf4+dq bf16"]
     layer = timings["layer 128x128 M=16 bf16 forward+backward"]
     assert dequantize["twin"] > 0 and layer["twin"] > 0 and layer["dense F.linear"] > 0
+    quantize, step = timings["quantize 128x128 nf4+dq fp32"], timings["8-bit AdamW step 0.016M fp32"]
+    assert quantize["twin"] > 0 and step["twin"] > 0
     if doctor.cpu_path()["built"]:
         assert dequantize["cpu path"] > 0 and layer["cpu path"] > 0
+        assert quantize["cpu path"] > 0 and step["cpu path"] > 0
 
 
 def test_doctor_names_the_reference_when_forced(monkeypatch):

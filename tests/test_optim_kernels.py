@@ -226,7 +226,8 @@ def test_interp_dispatch_runs_the_kernel(monkeypatch):
 
 # ---- CPU: dispatch and checks --------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ("torch", "auto"))
-def test_dispatch_uses_the_reference_on_cpu(monkeypatch, backend):
+def test_dispatch_on_cpu_never_imports_the_triton_kernel(monkeypatch, backend):
+    # torch runs the reference, auto the C kernel where a compiler builds it (tests/test_cpu_optim.py).
     monkeypatch.setenv("QLORA_BACKEND", backend)
     monkeypatch.delitem(sys.modules, "qlora.kernels.optim.adamw8bit", raising=False)
     compare_steps(public_op, 257, torch.float32, torch.float32, steps=2)

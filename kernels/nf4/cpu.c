@@ -11,11 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "native_convert.h"
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define QLORA_AVX512 1
-#endif
+#include "native_convert.h" /* and immintrin.h, QLORA_AVX512 where the CPU has AVX-512 F + BW */
 
 /* fp32 scales of blocks [first, last): nested_code[q] * nested_absmax[b / nested_blocksize] + offset. */
 void qlora_decode_absmax(const uint8_t *codes, const float *nested_code, const float *nested_absmax, float offset,

@@ -81,3 +81,40 @@ def matmul_4bit_cpu(a: torch.Tensor, weight: Packed4bit, bias: Optional[torch.Te
     if transpose_weight:
         return linear_dequantized(a, dense, bias)
     return linear_dequantized_grad_input(a, dense)
+
+
+# ---- the quantize ---------------------------------------------------------------------------------
+QUANTIZE_SOURCE = Path(__file__).with_name("cpu_quantize.c")
+QUANTIZE_SIGNATURES = {
+    "qlora_quantize_4bit": (native.PTR, native.INT, native.I64, native.I64, native.I64, native.I64, native.PTR,
+                            native.PTR, native.FLOAT, native.PTR, native.PTR),
+}
+# The twin's clamp of absmax before its reciprocal (qlora/quant/nf4/quantize.py): fp32(1e-38), a subnormal.
+MIN_ABSMAX = 1e-38
+
+
+def quantize_available() -> bool:
+    return native.library(QUANTIZE_SOURCE, QUANTIZE_SIGNATURES) is not None
+
+
+def quantize_4bit_cpu(w: torch.Tensor, blocksize: int, midpoints: torch.Tensor,
+                      order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (fp32/bf16/fp16, any shape) -> (packed uint8 [(n + 1) // 2], fp32 absmax [blocks]): the twin's
+    bytes. `midpoints` are the 15 sorted code midpoints, `order` maps a sorted position to its code
+    (qlora.quant.nf4.codes.quantize_bounds)."""
+    lib = native.library(QUANTIZE_SOURCE, QUANTIZE_SIGNATURES)
+    flat = w.reshape(-1).contiguous()
+    numel = flat.numel()
+    blocks = -(-numel // blocksize)
+    packed = torch.empty((numel + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(blocks, dtype=torch.float32)
+    midpoints = midpoints.float().contiguous()
+    order = order.to(torch.uint8).contiguous()
+    args = (flat.data_ptr(), native.DTYPE_KIND[flat.dtype], numel, blocksize)
+
+    def quantize(first: int, last: int) -> None:
+        lib.qlora_quantize_4bit(*args, first, last, midpoints.data_ptr(), order.data_ptr(), MIN_ABSMAX,
+                                packed.data_ptr(), absmax.data_ptr())
+
+    native.parallel_ranges(quantize, blocks, MIN_BLOCKS_PER_THREAD)
+    return packed, absmax

@@ -23,14 +23,13 @@ the reference by an fp32 ulp (the moments do not depend on it).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from qlora.kernels.launch import launch
 from qlora.kernels.optim.checks import AdamW8bitHyper, AdamW8bitTensors, check_adamw8bit_args
+from qlora.kernels.optim.reference import code_midpoints, lerp_from_end, step_scalars
 
 
 @triton.jit
@@ -101,46 +100,21 @@ def _adamw8bit_kernel(
     tl.store(exp_avg_sq_absmax_ptr + block, v_absmax)
 
 
-# Midpoint tables by code tensor. The entry keeps the code tensor alive, so its id is not reused
-# while cached, and its version counter catches in-place edits of the code.
-_MIDPOINTS: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
-_MIDPOINTS_MAX = 16
-
-
-def code_midpoints(code: torch.Tensor) -> torch.Tensor:
-    """The 255 decision midpoints of a sorted 256-entry code, padded with +inf to 256 entries."""
-    cached = _MIDPOINTS.get(id(code))
-    if cached is not None and cached[0] is code and cached[1] == code._version:
-        return cached[2]
-    # Exactly the reference's expression, so the fp32 midpoints are the same numbers.
-    midpoints = 0.5 * (code[:-1] + code[1:])
-    table = torch.cat((midpoints, midpoints.new_full((1,), math.inf))).contiguous()
-    if len(_MIDPOINTS) >= _MIDPOINTS_MAX:
-        _MIDPOINTS.clear()
-    _MIDPOINTS[id(code)] = (code, code._version, table)
-    return table
-
-
 def adamw8bit_update_triton(tensors: AdamW8bitTensors, hyper: AdamW8bitHyper) -> None:
     """Triton twin of reference.adamw8bit_update_: param, both moments and their absmax in place."""
     check_adamw8bit_args(tensors, hyper)
     param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, signed_code, unsigned_code = tensors
-    step, lr, beta1, beta2, eps, weight_decay, blocksize = hyper
+    blocksize = hyper.blocksize
     numel = param.numel()
     if numel == 0:
         return
-    # Host-side scalars in float64, rounded to fp32 at the launch exactly as torch rounds the
-    # Python scalars of the reference's tensor ops.
-    lerp_weight = 1 - beta1
-    # torch.lerp's switch: |w| < 0.5 interpolates from the start, otherwise back from the end.
-    lerp_from_end = not abs(float(torch.tensor(lerp_weight, dtype=torch.float32))) < 0.5
+    lerp_weight, beta2, one_minus_beta2, decay, step_size, bias_correction2_sqrt, eps = step_scalars(hyper)
     launch(
         _adamw8bit_kernel, (triton.cdiv(numel, blocksize),),
         param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, signed_code, unsigned_code,
         code_midpoints(signed_code), code_midpoints(unsigned_code), numel,
-        lerp_weight, beta2, 1 - beta2, 1 - lr * weight_decay, -lr / (1 - beta1 ** step),
-        math.sqrt(1 - beta2 ** step), eps,
-        BLOCKSIZE=blocksize, LERP_FROM_END=lerp_from_end,
+        lerp_weight, beta2, one_minus_beta2, decay, step_size, bias_correction2_sqrt, eps,
+        BLOCKSIZE=blocksize, LERP_FROM_END=lerp_from_end(lerp_weight),
         # 256 elements on 2 warps: 4 per thread. To be tuned on H100.
         num_warps=2 if blocksize <= 256 else 4,
         enable_fp_fusion=False,

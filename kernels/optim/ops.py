@@ -1,5 +1,7 @@
-"""The fused 8-bit AdamW step: the public op, and the dispatch between the Triton kernel and the
-reference (the checks they share are in checks.py)."""
+"""The fused 8-bit AdamW step: the public op, and the dispatch between the Triton kernel, the C kernel
+(cpu.py) and the reference (the checks they share are in checks.py), by the one rule of
+kernels/backend.py: Triton on a capable GPU, the C kernel on CPU where a compiler builds it, the
+reference otherwise or under QLORA_BACKEND=torch."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +9,8 @@ import torch
 from qlora.kernels.optim import reference
 from qlora.kernels import selfcheck
 from qlora.kernels.optim import selfcheck as _checks  # noqa: F401  (registers the step's self-check)
-from qlora.kernels.backend import use_triton
+from qlora.kernels.backend import use_cpu_kernels, use_triton
+from qlora.kernels.optim import cpu as cpu_kernels
 from qlora.kernels.optim.checks import AdamW8bitHyper, AdamW8bitTensors, check_adamw8bit_args
 
 
@@ -31,8 +34,8 @@ def adamw8bit_update_(
 ) -> None:
     """One AdamW step with 8-bit moments, in place (see reference.adamw8bit_update_ for the math).
 
-    Runs the fused Triton kernel when the backend picks Triton for param's device, the reference
-    otherwise. Either way it runs outside autograd, as an optimizer step does: the kernel writes
+    Runs the fused Triton kernel when the backend picks Triton for param's device, the C kernel when
+    it picks the CPU kernels, the reference otherwise (all three give the same codes and absmax). Either way it runs outside autograd, as an optimizer step does: the kernel writes
     through raw pointers, which autograd could not record anyway.
     """
     tensors = AdamW8bitTensors(param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, signed_code,
@@ -46,4 +49,7 @@ def adamw8bit_update_(
             adamw8bit_update_triton(tensors, hyper)
             return
         check_adamw8bit_args(tensors, hyper)
+        if use_cpu_kernels(param.device, cpu_kernels.available) and selfcheck.passed("cpu_adamw8bit", param.device, grad.dtype):
+            cpu_kernels.adamw8bit_update_cpu(tensors, hyper)
+            return
         reference.adamw8bit_update_(tensors, hyper)

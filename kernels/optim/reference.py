@@ -64,3 +64,39 @@ def adamw8bit_update_(tensors: AdamW8bitTensors, hyper: AdamW8bitHyper) -> None:
     codes, absmax = quantize_blockwise_8bit(v, unsigned_code, blocksize)
     exp_avg_sq.copy_(codes.view_as(exp_avg_sq))
     exp_avg_sq_absmax.copy_(absmax)
+
+
+# ---- what the fused implementations (Triton, C) share with the twin ------------------------------
+# Midpoint tables by code tensor. The entry keeps the code tensor alive, so its id is not reused
+# while cached, and its version counter catches in-place edits of the code.
+_MIDPOINTS: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+_MIDPOINTS_MAX = 16
+
+
+def code_midpoints(code: torch.Tensor) -> torch.Tensor:
+    """The 255 decision midpoints of a sorted 256-entry code, padded with +inf to 256 entries."""
+    cached = _MIDPOINTS.get(id(code))
+    if cached is not None and cached[0] is code and cached[1] == code._version:
+        return cached[2]
+    # Exactly the reference's expression, so the fp32 midpoints are the same numbers.
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    table = torch.cat((midpoints, midpoints.new_full((1,), math.inf))).contiguous()
+    if len(_MIDPOINTS) >= _MIDPOINTS_MAX:
+        _MIDPOINTS.clear()
+    _MIDPOINTS[id(code)] = (code, code._version, table)
+    return table
+
+
+def step_scalars(hyper: AdamW8bitHyper) -> tuple[float, ...]:
+    """(lerp weight, beta2, 1 - beta2, decay, step size, sqrt(bias correction 2), eps): the twin's Python
+    scalars, computed in float64 as it computes them; each is rounded to fp32 when passed to a kernel,
+    as torch rounds a Python scalar for an fp32 tensor op."""
+    step, lr, beta1, beta2, eps, weight_decay, _ = hyper
+    return (1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, -lr / (1 - beta1 ** step),
+            math.sqrt(1 - beta2 ** step), eps)
+
+
+def lerp_from_end(lerp_weight: float) -> bool:
+    """torch.lerp's switch, taken on the fp32 weight: |w| < 0.5 interpolates from the start, otherwise
+    back from the end (a different formula, so a different rounding)."""
+    return not abs(float(torch.tensor(lerp_weight, dtype=torch.float32))) < 0.5

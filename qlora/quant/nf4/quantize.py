@@ -10,6 +10,9 @@ import functools
 
 import torch
 
+from qlora.kernels import selfcheck
+from qlora.kernels.backend import use_cpu_kernels
+from qlora.kernels.nf4 import cpu as cpu_kernels
 from qlora.kernels.nf4 import ops
 from qlora.kernels.dtypes import FLOAT_DTYPES
 from qlora.kernels.nf4.format import NESTED_BLOCKSIZE, check_blocksize, check_storage_dtype
@@ -48,6 +51,17 @@ _CHUNK = 1 << 20
 
 
 def _quantize_4bit_codes(w: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 [(n + 1) // 2], fp32 absmax per block): on CPU tensors the C quantize
+    (kernels/nf4/cpu_quantize.c, the same bytes in one pass; backend rule of kernels/backend.py),
+    else the twin below."""
+    if use_cpu_kernels(w.device, cpu_kernels.quantize_available) and selfcheck.passed("cpu_quantize", w.device, w.dtype):
+        midpoints, order = quantize_bounds(quant_type, w.device)
+        return cpu_kernels.quantize_4bit_cpu(w, blocksize, midpoints, order)
+    return _quantize_4bit_codes_torch(w, blocksize, quant_type)
+
+
+def _quantize_4bit_codes_torch(w: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The twin: bitsandbytes' CPU quantizer op for op, in chunks of _CHUNK elements."""
     flat = w.reshape(-1)
     if flat.numel() <= _CHUNK:
         return _quantize_4bit_chunk(flat, blocksize, quant_type)
@@ -109,6 +123,30 @@ def _build_bin_table(code: torch.Tensor) -> torch.Tensor:
     bins = torch.arange(_NESTED_BINS, dtype=torch.float32, device=code.device)
     bin_values = -1.0 + (2.0 * bins) / float(_NESTED_BINS - 1)
     return torch.searchsorted(midpoints, bin_values, side="left").to(torch.uint8)
+
+
+@selfcheck.register("cpu_quantize")
+def _check_cpu_quantize(device, dtype):
+    """The C quantize, built for this CPU: the twin's bytes on an odd-sized weight (a partial last
+    block, an odd element count) holding ties at NF4 and FP4 midpoints, zeros, a subnormal block, inf
+    and NaN."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37 * 97, generator=g)
+    for quant_type in QUANT_TYPES:
+        midpoints, order = quantize_bounds(quant_type, "cpu")
+        # Block 1's absmax is 1 (scaled by exactly 1): its values sit on the midpoints.
+        w[64:128] = torch.cat((midpoints, torch.ones(1), torch.linspace(-0.9, 0.9, 48)))
+        w[128:192] = 0.0
+        w[192:256] = 1e-40
+        w[300], w[400] = float("inf"), float("nan")
+        x = w.to(dtype)
+        for blocksize in (64, 256):
+            got = cpu_kernels.quantize_4bit_cpu(x, blocksize, midpoints, order)
+            want = _quantize_4bit_codes_torch(x, blocksize, quant_type)
+            if not (torch.equal(got[0], want[0]) and torch.equal(got[1].view(torch.int32), want[1].view(torch.int32))):
+                differ = (got[0] != want[0]).sum().item()
+                return False, f"{quant_type} blocksize {blocksize}: {differ} packed bytes differ from the twin's, or the absmax"
+    return True, "the twin's bytes"
 
 
 def quantize_4bit(
