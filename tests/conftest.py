@@ -19,3 +19,12 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("QLORA_CACHE_DIR", None)
     else:
         os.environ["QLORA_CACHE_DIR"] = previous
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """torch's intra-op threads for the test: the CPU kernels split work by them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

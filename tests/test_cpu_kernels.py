@@ -32,14 +32,6 @@ def same_bytes(got: torch.Tensor, want: torch.Tensor) -> bool:
         got.contiguous().view(-1).view(torch.uint8), want.contiguous().view(-1).view(torch.uint8))
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @needs_compiler
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (37, 97), (64, 64), (5, 1000), (130, 257)])
 @pytest.mark.parametrize("quant_type,blocksize,double_quant", [

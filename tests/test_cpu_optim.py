@@ -21,14 +21,6 @@ HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 GUARD = 64  # elements past the end of every state tensor that no step may touch
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def codes():
     return dynamic_map("cpu", signed=True), dynamic_map("cpu", signed=False)
 

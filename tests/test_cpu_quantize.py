@@ -18,14 +18,6 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def assert_twins_bytes(w, blocksize, quant_type):
     midpoints, order = quantize_bounds(quant_type, "cpu")
     packed, absmax = nf4_cpu.quantize_4bit_cpu(w, blocksize, midpoints, order)

@@ -173,3 +173,21 @@ def test_the_base_score_is_remembered_for_the_next_run_of_the_same_base_and_prom
         run(compose_run(assets, tmp_path / "third", **{**scored, "trainer.exact_match_examples": 2}),
             run_dir=tmp_path / "third")
     assert "remembered from an earlier run" not in caplog.text
+
+
+def test_exact_match_is_the_same_whatever_the_generation_batch(assets):
+    # trainer.generation_batch_size only groups the prompts (left-padded, masked): same answers.
+    import qlora
+    from transformers import AutoTokenizer
+
+    from qlora.train.evaluation import exact_match
+
+    model_dir, data = assets
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = qlora.load_model(model_dir, qlora.QuantConfig(compute_dtype=torch.float32), progress=False)
+    records = [json.loads(line) for line in data.read_text().splitlines()[:7]]
+    examples = [{"prompt": r["prompt"], "completion": r["completion"]} for r in records]
+    one_by_one = exact_match(model, tokenizer, examples, 4, batch_size=1)
+    assert exact_match(model, tokenizer, examples, 4, batch_size=7) == one_by_one
+    assert exact_match(model, tokenizer, examples, 4, batch_size=3) == one_by_one

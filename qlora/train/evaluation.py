@@ -54,11 +54,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return outputs
 
 
-def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int) -> tuple[float, list[dict]]:
+def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int,
+                batch_size: int = 16) -> tuple[float, list[dict]]:
     """Fraction of examples whose greedy completion equals the reference (whitespace-trimmed)."""
     if not examples:
         return 0.0, []
-    predictions = generate(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens)
+    predictions = generate(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens, batch_size)
     rows = [{"prompt": e["prompt"], "reference": e["completion"].strip(), "generated": p.strip()}
             for e, p in zip(examples, predictions)]
     hits = sum(r["generated"] == r["reference"] for r in rows)

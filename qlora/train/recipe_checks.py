@@ -163,6 +163,7 @@ _CHOICES = {
 }
 _POSITIVE = ("lora.r", "data.max_seq_len", "trainer.max_steps", "trainer.micro_batch_size",
              "trainer.gradient_accumulation_steps", "trainer.keep_last", "trainer.max_new_tokens",
+             "trainer.generation_batch_size",
              "trainer.log_every")
 _NON_NEGATIVE = ("lora.dropout", "trainer.max_grad_norm", "trainer.eval_every", "trainer.save_every",
                  "trainer.eval_batches", "trainer.eval_samples", "trainer.exact_match_examples",

@@ -107,6 +107,7 @@ class TrainerConfig:
     eval_samples: int = 3  # generated samples written to the log at each evaluation
     exact_match_examples: int = 0  # held-out prompts scored by exact match before and after; 0 = off
     max_new_tokens: int = 48
+    generation_batch_size: int = 16  # prompts generated at once for samples and exact match
     save_every: int = 50  # steps; 0 = only at the end
     keep_last: int = 2  # checkpoints kept
     # false, true (newest complete checkpoint of an earlier run with this run_name) or a checkpoint path.

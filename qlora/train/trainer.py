@@ -155,7 +155,7 @@ class Trainer:
             samples = [self.eval_data[i] for i in range(min(self.t.eval_samples, len(self.eval_data)))]
             if samples:
                 outputs = generate(self.accelerator.unwrap_model(self.model), self.tokenizer,
-                                   [s["prompt"] for s in samples], self.t.max_new_tokens)
+                                   [s["prompt"] for s in samples], self.t.max_new_tokens, self.t.generation_batch_size)
                 rows = [{"prompt": s["prompt"], "generated": o} for s, o in zip(samples, outputs)]
                 self.metrics.log_text("samples", rows, step)
                 for row in rows:
@@ -179,7 +179,7 @@ class Trainer:
                      "remembered from an earlier run; QLORA_CACHE_DIR holds it)", label, 100 * score, count)
             return score
         score, rows = exact_match(self.accelerator.unwrap_model(self.model), self.tokenizer, examples,
-                                  self.t.max_new_tokens)
+                                  self.t.max_new_tokens, self.t.generation_batch_size)
         base_score.remember(entry, score)
         self.metrics.log({f"exact_match_{label}": score}, step)
         log.info("exact match %s training: %.1f%% of %d held-out prompts", label, 100 * score, count)
