@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fine-tune a causal LM with QLoRA: the base frozen in NF4, LoRA adapters trained through PEFT.
 
-    python train.py                                   # the embedded default: a few minutes on a CPU
+    python train.py                                   # the embedded default: under a minute on a CPU
     python train.py recipe=llama7b_nf4                # the QLoRA paper setup for a 7B Llama
     python train.py recipe=llama7b_nf4 lora.r=16 trainer.max_steps=500 logger=wandb
     python train.py recipe=llama7b_nf4 trainer.resume=true
