@@ -15,9 +15,7 @@ QLORA_DEBUG=1 (or HYDRA_FULL_ERROR=1) adds the traceback.
 """
 import sys
 
-from qlora.process import skip_final_collection
 from qlora.train.command import main
 
 if __name__ == "__main__":
     main(program=sys.argv[0])  # as invoked, so that messages can give the exact command again
-    skip_final_collection()

@@ -253,15 +253,5 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
 
 
-def entry() -> None:
-    """The `qlora` console command: main()'s exit status, without the interpreter's final collection
-    (qlora.process). main() itself returns, for callers in a process that goes on."""
-    from qlora.process import skip_final_collection
-
-    status = main()
-    skip_final_collection()
-    sys.exit(status)
-
-
 if __name__ == "__main__":
-    entry()
+    sys.exit(main())
