@@ -23,7 +23,7 @@ from peft.tuners.lora.layer import ParamWrapper as PeftParamWrapper
 from torch import nn
 
 from qlora.nn.experts import held_experts, is_experts_module, logical_shape, quantized_stacks
-from qlora.nn.experts_interface import active_lora
+from qlora.nn.expert_projection import active_lora
 
 log = logging.getLogger(__name__)
 _MERGE_ERROR = ("merging a LoRA adapter into 4-bit expert stacks is not supported (re-quantizing W + BA adds a "

@@ -66,7 +66,9 @@ def assets(tmp_path_factory):
 def overrides(assets, run_dir: Path, world: int, **extra) -> list[str]:
     model_dir, data_file = assets
     values = {
-        "model.name_or_path": model_dir, "model.dtype": "float32", "data.source": data_file,
+        # fp32 compute (not the default's auto, bf16 on CPUs with bf16 units): LOSS_RTOL is fp32's.
+        "model.name_or_path": model_dir, "model.dtype": "float32", "quantization.compute_dtype": "float32",
+        "data.source": data_file,
         "data.format._target_": "qlora.data.PromptCompletionFormat", "data.max_seq_len": 32,
         "data.eval_fraction": 0.1, "trainer.max_steps": STEPS, "trainer.micro_batch_size": 4,
         # the same global batch of 16 for any world size

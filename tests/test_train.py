@@ -48,7 +48,7 @@ def train_process(assets, run_dir, **extra):
 def test_run_writes_every_artifact(assets, tmp_path):
     from qlora.train import run
 
-    summary = run(compose_run(assets, tmp_path / "run"), run_dir=tmp_path / "run")
+    summary = run(compose_run(assets, tmp_path / "run", **{"quantization.compute_dtype": "auto"}), run_dir=tmp_path / "run")
     run_dir = tmp_path / "run"
     assert summary["steps"] == 6 and summary["tokens"] > 0 and summary["final_eval_loss"] > 0
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss_curve.png", "adapter/adapter_config.json",
@@ -58,7 +58,7 @@ def test_run_writes_every_artifact(assets, tmp_path):
     assert checkpoints == ["step-000004", "step-000006"]  # keep_last=2 of 2, 4, 6
     assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]
     assert any("samples" in m for m in read_metrics(run_dir))
-    # The default recipe's compute_dtype=auto is recorded as the dtype the run computed in.
+    # compute_dtype=auto (the embedded default's) is recorded as the dtype the run computed in.
     from qlora.train.recipes import native_compute_dtype
 
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["quantization"]["compute_dtype"]

@@ -39,11 +39,10 @@ import triton
 import triton.language as tl
 
 from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
-from qlora.kernels.nf4.packed import Packed4bit
+from qlora.kernels.nf4.packed import Packed4bit, weight_strides
 from qlora.kernels.nf4.dequantize import (code_pairs, decode_4bit, decode_row_tile, decode_row_tile_pairs,
                                           weight_pointers, whole_block_tiles)
 from qlora.kernels.launch import launch
-from qlora.kernels.nf4.matmul import weight_strides
 
 GEMV_BLOCK_M = 16  # rows per program
 # No software pipelining of the main loop: at 2-3 stages Triton also pipelines the code-table gathers

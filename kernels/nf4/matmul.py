@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
-from qlora.kernels.nf4.packed import Packed4bit
+from qlora.kernels.nf4.packed import Packed4bit, weight_strides
 from qlora.kernels.nf4.dequantize import (code_pairs, decode_4bit, decode_row_tile, decode_row_tile_pairs,
                                           weight_pointers, whole_block_tiles)
 from qlora.kernels.launch import launch, target_arch
@@ -132,14 +132,6 @@ def _matmul_4bit_kernel(
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_oc,
                  acc.to(out_ptr.dtype.element_ty), mask=mask_out)
-
-
-def weight_strides(shape: Sequence[int], transpose_weight: bool) -> tuple[int, int, int, int]:
-    """(R, cols, element stride along R, element stride along cols) of B = W^T or W."""
-    out_features, in_features = shape
-    if transpose_weight:
-        return in_features, out_features, 1, in_features
-    return out_features, in_features, in_features, 1
 
 
 def tf32_allowed() -> bool:

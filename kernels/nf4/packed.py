@@ -6,7 +6,7 @@ arguments, in its field order; everything on either side of that boundary passes
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -41,3 +41,11 @@ class Packed4bit(NamedTuple):
     @property
     def device(self) -> torch.device:
         return self.packed.device
+
+
+def weight_strides(shape: Sequence[int], transpose_weight: bool) -> tuple[int, int, int, int]:
+    """(R, cols, element stride along R, element stride along cols) of B = W^T or W."""
+    out_features, in_features = shape
+    if transpose_weight:
+        return in_features, out_features, 1, in_features
+    return out_features, in_features, in_features, 1

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qlora.nn.expert_projection import grouped_projection
+
 # Class names of the modules whose forward is `x.view(E, -1, H) @ gate_up_proj -> chunk(2) ->
 # (up * act(gate)) @ down_proj` over attributes num_experts, hidden_size, expert_dim, act_fn.
 BMM_EXPERTS_CLASSES = {"Llama4TextExperts"}
@@ -58,8 +60,6 @@ class BmmExperts(nn.Module):
         self.replaces = type(original).__name__
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        from qlora.nn.experts_interface import grouped_projection
-
         x = hidden_states.reshape(-1, self.hidden_size)
         if x.shape[0] % self.num_experts:
             raise ValueError(f"{self.replaces}: {x.shape[0]} rows do not split into {self.num_experts} experts' "
