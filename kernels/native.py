@@ -94,7 +94,9 @@ def load(source: Path) -> Optional[ctypes.CDLL]:
 
 
 I64, PTR, INT, FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-_typed: set[int] = set()
+# Libraries whose functions are typed, held so that an id is never reused: after load.cache_clear() a
+# new CDLL could otherwise take a freed one's id and be called untyped (pointers cut to 32 bits).
+_typed: dict[int, ctypes.CDLL] = {}
 
 
 def library(source: Path, signatures: dict[str, tuple]) -> Optional[ctypes.CDLL]:
@@ -105,7 +107,7 @@ def library(source: Path, signatures: dict[str, tuple]) -> Optional[ctypes.CDLL]
         for name, argtypes in signatures.items():
             function = getattr(lib, name)
             function.argtypes, function.restype = argtypes, None
-        _typed.add(id(lib))
+        _typed[id(lib)] = lib
     return lib
 
 

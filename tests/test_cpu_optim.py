@@ -214,3 +214,35 @@ def test_nearest_code_is_bucketize_at_midpoints_and_ties(code_kind):
     assert (want["exp_avg_absmax"] == 1).all()
     assert torch.equal(state["exp_avg"], want["exp_avg"])
     assert torch.equal(want["exp_avg"][1:256].long(), torch.bucketize(blocks[0], mid))  # the twin is bucketize
+
+
+@needs_compiler
+def test_a_step_that_evicts_its_own_tables_from_the_cache(threads):
+    # The table cache holds 16 codes; with 15 held, looking up the unsigned code clears it, dropping the
+    # signed code's table: the step must still read that table, not freed memory (tables rebuilt from
+    # fresh random codes every time, as doctor's self-check does).
+    for _ in range(4):
+        cpu._TABLES.clear()
+        for seed in range(15):
+            cpu.nearest_table(torch.sort(torch.rand(256, generator=torch.Generator().manual_seed(seed))).values)
+        g = torch.Generator().manual_seed(20)
+        signed = torch.sort(torch.rand(256, generator=g) * 2 - 1).values
+        unsigned = torch.sort(torch.rand(256, generator=g)).values
+        got, _ = random_state(4096, torch.float32, 256)
+        want = {k: v.clone() for k, v in got.items()}
+        grad = torch.randn(4096, generator=g) * 0.1
+        for update, state in ((cpu.adamw8bit_update_cpu, got), (reference.adamw8bit_update_, want)):
+            update(AdamW8bitTensors(grad=grad, **state, signed_code=signed, unsigned_code=unsigned),
+                   AdamW8bitHyper(step=1, **HYPER))
+            torch.rand(1 << 16)  # allocations between steps would take over freed table memory
+        assert_same_state(got, want, "tables evicted mid-step")
+
+
+def test_reloaded_libraries_are_typed_again():
+    # After load.cache_clear() a new CDLL may take a dropped one's id: it must still get its argtypes.
+    if not cpu.available():
+        pytest.skip("no C compiler")
+    for _ in range(20):
+        native.load.cache_clear()
+        assert cpu.library().qlora_adamw8bit_step.argtypes is not None  # dropped at once: its id is free again
+    native.load.cache_clear()

@@ -159,13 +159,14 @@ def adamw8bit_update_cpu(tensors: AdamW8bitTensors, hyper: AdamW8bitHyper) -> No
     # The Python scalars as the twin's tensor ops see them: float64 on the host, one rounding to fp32
     # when passed (ctypes.c_float rounds to nearest, as torch does).
     lerp_weight, beta2, one_minus_beta2, decay, step_size, bias_correction2_sqrt, eps = step_scalars(hyper)
-    tables = []
-    for code in (signed_code, unsigned_code):
-        table = nearest_table(code)
-        tables += [table.first.data_ptr(), table.threshold.data_ptr(), table.midpoints.data_ptr(),
-                   table.threshold.numel(), table.shift, table.extra]
+    # Both tables are held here until the kernel returns: the second lookup may evict the first from
+    # the cache, and the kernel reads them through bare pointers.
+    tables = [nearest_table(code) for code in (signed_code, unsigned_code)]
+    table_args = [arg for table in tables for arg in (table.first.data_ptr(), table.threshold.data_ptr(),
+                                                      table.midpoints.data_ptr(), table.threshold.numel(),
+                                                      table.shift, table.extra)]
     pointers = [t.data_ptr() for t in (param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax,
-                                       signed_code, unsigned_code)] + tables
+                                       signed_code, unsigned_code)] + table_args
     kinds = native.DTYPE_KIND[param.dtype], native.DTYPE_KIND[grad.dtype]
     root = torch_sqrt()
     scalars = (lerp_weight, int(lerp_from_end(lerp_weight)), beta2, one_minus_beta2, decay, step_size,
