@@ -15,7 +15,9 @@ QLORA_DEBUG=1 (or HYDRA_FULL_ERROR=1) adds the traceback.
 """
 import sys
 
+from qlora.fast_exit import exit_process
 from qlora.train.command import main
 
 if __name__ == "__main__":
     main(program=sys.argv[0])  # as invoked, so that messages can give the exact command again
+    exit_process(0)  # everything is written: skip the interpreter's second-long teardown

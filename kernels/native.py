@@ -126,11 +126,14 @@ def failures() -> dict[str, str]:
     return dict(_failures)
 
 
+POOL_THREAD_PREFIX = "qlora-cpu"  # qlora.fast_exit knows these workers: idle between calls, safe to end
+
+
 @functools.cache
 def _pool(workers: int, pid: int) -> concurrent.futures.ThreadPoolExecutor:
     # Keyed by process id: a forked child inherits the parent's pool object but none of its threads,
     # and work submitted to it would wait forever.
-    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="qlora-cpu")
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=POOL_THREAD_PREFIX)
 
 
 def parallel_ranges(run: Callable[[int, int], None], count: int, min_per_thread: int) -> None:

@@ -253,5 +253,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
 
 
+def console() -> None:
+    """The `qlora` console script: main(), then an exit without the interpreter's teardown (fast_exit)."""
+    from qlora.fast_exit import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
