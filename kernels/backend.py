@@ -96,6 +96,25 @@ def use_cpu_kernels(device: torch.device, available) -> bool:
     return True
 
 
+def call_directly(a: torch.Tensor) -> bool:
+    """True where an op's implementation may run as a plain Python call instead of through its
+    torch.library custom op: `a` a plain CPU tensor, no torch.compile tracing and no dispatch mode
+    (make_fx, FakeTensorMode, FlopCounterMode) that must see the op whole. The dispatcher's Python
+    layers cost ~70 us a call, about as much as decoding and multiplying a 256x256 layer on CPU,
+    where a small model makes ~80 such calls a training step. CUDA tensors keep the op: there the
+    call overlaps the GPU's work."""
+    return (type(a) is torch.Tensor and a.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not _in_dispatch_mode())
+
+
+def _in_dispatch_mode() -> bool:
+    try:
+        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+    except ImportError:  # a torch without it: always the op
+        return True
+    return is_in_torch_dispatch_mode()
+
+
 def compute_capability(device: torch.device) -> tuple[int, int]:
     # torch caches device properties: a lookup, not a device sync.
     return torch.cuda.get_device_capability(device)

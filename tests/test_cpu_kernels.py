@@ -263,3 +263,41 @@ def test_thread_ranges_in_a_forked_child_after_the_parent_used_its_pool():
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         torch.set_num_threads(before)
+
+
+class _SeenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that reaches the dispatcher, and runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("transpose_weight", [True, False])
+def test_eager_cpu_calls_skip_the_dispatcher_with_the_same_result(transpose_weight):
+    # Eager CPU calls run the op's body directly (backend.call_directly); a dispatch mode (make_fx,
+    # FakeTensorMode, FlopCounterMode) must still see qlora::matmul_4bit whole, with the same product.
+    weight = quantized((48, 80))
+    a = torch.randn(5, 80 if transpose_weight else 48, dtype=torch.bfloat16)
+    direct = ops.matmul(a, weight, None, transpose_weight)
+    with _SeenOps() as mode:
+        dispatched = ops.matmul(a, weight, None, transpose_weight)
+    assert "qlora.matmul_4bit.default" in mode.seen
+    assert torch.equal(direct, dispatched)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiled:
+        ops.matmul(a, weight, None, transpose_weight)
+    names = {event.name for event in profiled.events()}
+    assert "aten::mm" in names and "qlora::matmul_4bit" not in names  # the body ran, the dispatcher did not
+    assert backend.call_directly(a) and not backend.call_directly(a.to("meta"))
+
+
+def test_eager_direct_call_keeps_the_ops_checks():
+    weight = quantized((48, 80))
+    with pytest.raises(ValueError, match="path must be one of"):
+        ops.matmul(torch.randn(2, 80), weight, None, True, path="bogus")
+    with pytest.raises((ValueError, RuntimeError), match="80"):
+        ops.matmul(torch.randn(2, 81), weight, None, True)

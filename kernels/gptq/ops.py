@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from qlora.kernels import selfcheck
-from qlora.kernels.backend import use_cpu_kernels, use_triton
+from qlora.kernels.backend import call_directly, use_cpu_kernels, use_triton
 from qlora.kernels.gptq import cpu as cpu_kernels
 from qlora.kernels.gptq import selfcheck as _checks  # noqa: F401  (registers the GPTQ paths' self-checks)
 from qlora.kernels.nf4.checks import check_compute_dtype
@@ -75,6 +75,8 @@ def dequantize(weight: PackedGPTQ, dtype: torch.dtype) -> torch.Tensor:
 
 def matmul(a: torch.Tensor, weight: PackedGPTQ, bias: Optional[torch.Tensor], transpose_weight: bool) -> torch.Tensor:
     """a [M, in] @ W^T (+ bias) if transpose_weight, else a [M, out] @ W, through qlora::matmul_gptq."""
+    if call_directly(a):  # eager CPU: the op's body without the dispatcher (backend.call_directly)
+        return _checked_matmul_gptq(a, weight, bias, transpose_weight)
     return matmul_gptq_op(a, *weight, bias, transpose_weight)
 
 
@@ -111,6 +113,11 @@ def _(*fields_and_dtype):
                          schema=f"(Tensor a, {op_schema(PackedGPTQ)}, Tensor? bias, bool transpose_weight) -> Tensor")
 def matmul_gptq_op(a: torch.Tensor, *fields_and_options) -> torch.Tensor:
     weight, (bias, transpose_weight) = from_op_args(PackedGPTQ, fields_and_options)
+    return _checked_matmul_gptq(a, weight, bias, transpose_weight)
+
+
+def _checked_matmul_gptq(a: torch.Tensor, weight: PackedGPTQ, bias: Optional[torch.Tensor],
+                         transpose_weight: bool) -> torch.Tensor:
     check_packed(weight)
     check_matmul_input(a, weight, transpose_weight, bias)
     if not use_triton(a.device):

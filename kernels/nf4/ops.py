@@ -32,7 +32,7 @@ import torch
 from qlora.kernels.nf4 import reference
 from qlora.kernels import selfcheck
 from qlora.kernels.nf4 import selfcheck as _checks  # noqa: F401  (registers the 4-bit paths' self-checks)
-from qlora.kernels.backend import use_cpu_kernels, use_triton
+from qlora.kernels.backend import call_directly, use_cpu_kernels, use_triton
 from qlora.kernels.nf4 import cpu as cpu_kernels
 from qlora.kernels.nf4.checks import check_compute_dtype, check_matmul_input, check_weight
 from qlora.kernels.nf4.packed import Packed4bit
@@ -103,6 +103,8 @@ def matmul(a: torch.Tensor, weight: Packed4bit, bias: Optional[torch.Tensor], tr
            path: str = "auto") -> torch.Tensor:
     """a [M, in] @ W^T (+ bias) if transpose_weight, else a [M, out] @ W, through qlora::matmul_4bit."""
     a, bias = autocast_inputs(a, bias)
+    if call_directly(a):  # eager CPU: the op's body without the dispatcher (backend.call_directly)
+        return _checked_matmul_4bit(a, weight, bias, transpose_weight, path)
     return matmul_4bit_op(a, *weight, bias, transpose_weight, path)
 
 
@@ -152,10 +154,17 @@ def matmul_4bit_op(a: torch.Tensor, *weight_fields_and_options) -> torch.Tensor:
     """(a, *Packed4bit fields, bias, transpose_weight, path): a [M, in] @ W^T (+ bias) if
     transpose_weight, else a [M, out] @ W; in a's dtype."""
     weight, (bias, transpose_weight, path) = from_op_args(Packed4bit, weight_fields_and_options)
+    return _checked_matmul_4bit(a, weight, bias, transpose_weight, path)
+
+
+def _checked_matmul_4bit(a: torch.Tensor, weight: Packed4bit, bias: Optional[torch.Tensor], transpose_weight: bool,
+                         path: str) -> torch.Tensor:
     check_weight(weight)
     check_matmul_input(a, weight, transpose_weight, bias)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if not torch.is_autocast_enabled(a.device.type):
+        return _matmul_4bit(a, weight, bias, transpose_weight, path)
     # Autocast is applied by ops.matmul before the op: in here every path computes in a's dtype.
     with torch.autocast(a.device.type, enabled=False):
         return _matmul_4bit(a, weight, bias, transpose_weight, path)
