@@ -107,12 +107,11 @@ def call_directly(a: torch.Tensor) -> bool:
             and not _in_dispatch_mode())
 
 
-def _in_dispatch_mode() -> bool:
-    try:
-        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-    except ImportError:  # a torch without it: always the op
+try:  # looked up once: call_directly runs on every 4-bit matmul
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _in_dispatch_mode
+except ImportError:  # a torch without it: always the op
+    def _in_dispatch_mode() -> bool:
         return True
-    return is_in_torch_dispatch_mode()
 
 
 def compute_capability(device: torch.device) -> tuple[int, int]:
