@@ -9,8 +9,11 @@ source files the kernels need (dtypes, config, utils and the three A16W4 kernels
 package, with those three module-level device queries replaced by the modelled card's values, and
 imports that copy; the installed gemlite is never modified. Each launch uses the configuration
 gemlite itself tuned for the card (gemlite/configs/<card>.json; its RTX 4090 file for the RTX 3090,
-which has none), as gemlite's own launcher picks it: GEMV_REVSPLITK for M <= 4, GEMM_SPLITK below
-64 rows, GEMM from 64 (gemlite.core.get_matmul_type).
+which has none). The kernel is the one gemlite's own launcher picks today (GEMV_REVSPLITK for M <= 4,
+GEMM_SPLITK below 64 rows, GEMM from 64: gemlite.core.get_matmul_type), accumulating in fp32 (today's
+default), unless a caller asks for another: the published plots were drawn in October 2024 by a
+gemlite that timed several kernels per M and ran the fastest (published_candidates), accumulating fp16
+products in fp16.
 """
 from __future__ import annotations
 
@@ -68,28 +71,47 @@ def _load(sms: int):
 
 
 def matmul_type(m: int) -> str:
-    """gemlite.core.get_matmul_type for 4-bit weights."""
+    """gemlite.core.get_matmul_type for 4-bit weights: the one kernel today's gemlite runs at m rows."""
     return "GEMV_REVSPLITK" if m <= 4 else "GEMM_SPLITK" if m < 64 else "GEMM"
 
 
-def tuned_config(card: str, m: int, n: int, k: int) -> dict:
+def published_candidates(m: int) -> tuple[str, ...]:
+    """The kernels gemlite's published plots chose among at m rows. Its benchmark
+    (examples/benchmark_triton.py at 39c74ff, October 2024, matmul_type "AUTO") timed every kernel
+    its warm-up allowed and ran the fastest: GEMV_REVSPLITK up to 2 rows, GEMM_SPLITK up to 32, GEMM
+    from 16 (gemlite/core.py `warmup` at that commit). Its plain GEMV kernel (1 row) is not compiled
+    here, so at M = 1 the modelled choice can only be slower than the plotted one."""
+    kinds = []
+    if m <= 2:
+        kinds.append("GEMV_REVSPLITK")
+    if m <= 32:
+        kinds.append("GEMM_SPLITK")
+    if m >= 16:
+        kinds.append("GEMM")
+    return tuple(kinds)
+
+
+def tuned_config(card: str, m: int, n: int, k: int, kind: str | None = None) -> dict:
     """gemlite's tuned configuration for this card and problem: its own file's entry for (M bucket, N, K),
     falling back to the nearest tuned shape (its files tune 4096 x 4096 for 4-bit)."""
-    from_file = json.loads((installed() / "configs" / CONFIG_FILES[card]).read_text())[matmul_type(m)]
+    from_file = json.loads((installed() / "configs" / CONFIG_FILES[card]).read_text())[kind or matmul_type(m)]
     utils = sys.modules[f"{_PACKAGE}.triton_kernels.utils"]
     bucket = utils.get_closest_m(m)
     wanted = (bucket, n, k, GROUP_SIZE, ELEMENTS_PER_WORD, 104)  # type_id 104: fp16 activations, 4 bits
     candidates = {tuple(int(v) for v in key.strip("()").split(",")): value for key, value in from_file.items()}
     same = [key for key in candidates if key[3:] == wanted[3:]]
     if not same:
-        raise RuntimeError(f"gemlite has no tuned 4-bit group-128 {matmul_type(m)} configuration for {card}")
+        raise RuntimeError(f"gemlite has no tuned 4-bit group-128 {kind or matmul_type(m)} configuration for {card}")
     best = min(same, key=lambda key: (abs(math.log2(key[0] / bucket)), abs(math.log2(key[1] * key[2] / (n * k)))))
     return dict(candidates[best])
 
 
-def compile_launch(card: str, arch: int, sms: int, m: int, n: int, k: int):
+def compile_launch(card: str, arch: int, sms: int, m: int, n: int, k: int, kind: str | None = None,
+                   accumulate: str = "fp32"):
     """(MachineCode, programs, loop trips, DRAM bytes, config) of gemlite's launch for Y[m, n] = X[m, k] W^T
-    (fp16, 4-bit group-128 asymmetric weights, as its published plots) compiled for sm_<arch>."""
+    (fp16, 4-bit group-128 asymmetric weights, as its published plots) compiled for sm_<arch>: the
+    kernel `kind` (default: the one today's gemlite picks), accumulating in `accumulate` ("fp32", today's
+    default; "fp16", the default of the October 2024 gemlite that drew the published plots)."""
     import torch
     import triton
 
@@ -100,8 +122,8 @@ def compile_launch(card: str, arch: int, sms: int, m: int, n: int, k: int):
     modules = {name: importlib.import_module(f"{_PACKAGE}.triton_kernels.{name}")
                for name in ("gemv_revsplitK_kernels", "gemm_splitK_kernels", "gemm_kernels")}
     tl = triton.language
-    config = tuned_config(card, m, n, k)
-    kind = matmul_type(m)
+    kind = kind or matmul_type(m)
+    config = tuned_config(card, m, n, k, kind)
     x = torch.empty(m, k, dtype=torch.float16)
     w = torch.empty(k // ELEMENTS_PER_WORD, n, dtype=torch.int32)
     scales = torch.empty(k // GROUP_SIZE, n, dtype=torch.float16)
@@ -110,7 +132,7 @@ def compile_launch(card: str, arch: int, sms: int, m: int, n: int, k: int):
     warps, stages = config.pop("num_warps"), config.pop("num_stages")
     for extra in ("num_ctas", "num_buffers_warp_spec", "num_consumer_groups", "reg_dec_producer", "reg_inc_consumer"):
         config.pop(extra, None)
-    common = dict(input_dtype=tl.float16, output_dtype=tl.float16, acc_dtype=tl.float32, meta_dtype=tl.float16,
+    common = dict(input_dtype=tl.float16, output_dtype=tl.float16, acc_dtype={"fp32": tl.float32, "fp16": tl.float16}[accumulate], meta_dtype=tl.float16,
                   channel_scale_mode=0, W_group_mode=3, zero_is_scalar=False, data_contiguous=True,
                   num_warps=warps, num_stages=stages)
     bm, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
@@ -146,8 +168,9 @@ def compile_launch(card: str, arch: int, sms: int, m: int, n: int, k: int):
         launch.launch(kernel, grid, *args, **kwargs)
     code = machine_code(compiled[0].kernel, arch)
     programs = math.prod(grid)
-    return code, programs, trips, dram_bytes(kind, config, m, n, k), {"kernel": kind, "num_warps": warps,
-                                                                      "num_stages": stages, **config}
+    return code, programs, trips, dram_bytes(kind, config, m, n, k), {"kernel": kind, "accumulate": accumulate,
+                                                                      "num_warps": warps, "num_stages": stages,
+                                                                      **config}
 
 
 def dram_bytes(kind: str, config: dict, m: int, n: int, k: int) -> float:

@@ -57,7 +57,13 @@ DIRECTIONS = (("forward", True), ("backward", False))
 _CODE: dict = {}
 
 
+# The GPTQ kernels' gathers read rows of scales, zeros (and act-order weights) picked by g_idx, across
+# consecutive lanes: charged like coalesced loads (gpu_model.table_wavefronts), not table lookups.
+GATHERS = {4: "coalesced", 8: "coalesced", 16: "coalesced"}
+
+
 # ---- compiling each distinct configuration once ----------------------------------------------------
+
 def representative(bits: int, features: int = 4096, group_size: int = 128):
     """A held GPTQ weight [features, features] of random codes: what the kernels compile against."""
     from qlora.kernels.gptq.format import PackedGPTQ, packed_words
@@ -142,7 +148,7 @@ def path_estimates(arch: int, m: int, n: int, k: int, bits: int, group_size: int
     out = {}
     constexprs, code = code_for(arch, "dequantize", bits, 1, True)
     programs = math.ceil(k / constexprs["BLOCK_K"]) * math.ceil(n / constexprs["BLOCK_N"])
-    bounds = kernel_bounds(card, code, programs, 1, packed + 2 * n * k)
+    bounds = kernel_bounds(card, code, programs, 1, packed + 2 * n * k, GATHERS)
     out["dequant_matmul"] = entry("dequantize", code, bounds) + cublas_us(card, m, cols, reduction)
 
     constexprs, code = code_for(arch, "fused", bits, m, transpose_weight)
@@ -151,7 +157,7 @@ def path_estimates(arch: int, m: int, n: int, k: int, bits: int, group_size: int
                                    else (constexprs["BLOCK_K"], constexprs["BLOCK_N"]))
     programs = math.ceil(m / block_m) * math.ceil(cols / block_cols)
     bounds = kernel_bounds(card, code, programs, math.ceil(reduction / block_reduction),
-                           packed + 2 * (m * reduction + m * cols))
+                           packed + 2 * (m * reduction + m * cols), GATHERS)
     out["fused"] = entry("fused", code, bounds)
 
     if transpose_weight and bits in GEMV_BITS:
@@ -161,7 +167,7 @@ def path_estimates(arch: int, m: int, n: int, k: int, bits: int, group_size: int
         programs = math.ceil(n / config["BLOCK_N"]) * config["SPLIT_K"] * tiles_m
         workspace = 4 * config["SPLIT_K"] * m * n
         bounds = kernel_bounds(card, code, programs, math.ceil(config["WORDS_PER_SPLIT"] / config["BLOCK_W"]),
-                               packed * tiles_m + 2 * m * k + workspace)
+                               packed * tiles_m + 2 * m * k + workspace, GATHERS)
         out["gemv"] = entry("gemv", code, bounds) + gpu_model.bandwidth_us(card, workspace + 2 * m * n)
     return out
 

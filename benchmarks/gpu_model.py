@@ -16,16 +16,24 @@ The same rules for every kernel, ours and the peers', so a ratio between two est
      at its own rate per scheduler and clock: any instruction 1, integer ALU 0.5 (16 lanes per
      partition on sm_80-90), fp32 0.5 on sm_80 (16 lanes) and 1 on sm_86/89/90 (32), MUFU and
      F2F/I2F/F2I conversions 0.125 (16 per SM), load/store unit 0.25 (one warp instruction per SM
-     and clock); and per SM: shared memory 128 B per clock (LDS/STS/LDSM bytes);
+     and clock); and per SM the L1/shared-memory data path: shared memory 128 B per clock
+     (LDS/STS/LDSM bytes), plus one clock per 128 B of a coalesced global load or store, plus each
+     gather's clocks: the L1 looks up 4 line tags and moves 4 sectors a clock, so a warp's 32
+     lookups into a table cost max(distinct lines, distinct sectors) / 4 clocks, expected over
+     uniform indices (gather_wavefronts): 1 for the 16 fp32 NF4 codes (64 B), ~6.3 for a 2 KB
+     table of 8-byte code pairs. What a gather reads is the caller's to say (gather_tables);
+     an unknown table is charged 8 (every lane its own line);
    - tensor: the loop's MMA FLOPs of the c resident programs over the SM's tensor rate x
-     TENSOR_EFFICIENCY (mma.sync on sm_90 at HMMA_SM90_FRACTION of the wgmma peak);
-   (issue, shared memory and tensor cores overlap imperfectly: the largest of the three plus OVERLAP
+     TENSOR_EFFICIENCY (mma.sync on sm_90 at HMMA_SM90_FRACTION of the wgmma peak; an MMA that
+     accumulates in fp16, HMMA.16816.F16, at the card's fp16-accumulate rate: twice the fp32 one
+     on GeForce cards);
+   (issue, the L1/shared-memory path and tensor cores overlap imperfectly: the largest of the three plus OVERLAP
    times the other two)
    - dependency chain: the longest register chain through one trip, with per-opcode latencies
      (LATENCY), plus BARRIER_CYCLES per BAR.SYNC;
    - memory latency: each DRAM stream of the loop (an LDG/LDGSTS whose address does not come from
-     another load of the same trip; gathers such as code-table lookups hit L1/L2 and sit in the
-     chain instead) is consumed d trips after it is issued, read from the code: the first reader of
+     another load of the same trip or of the trip before; gathers such as code-table lookups hit
+     L1/L2 and sit in the chain instead) is consumed d trips after it is issued, read from the code: the first reader of
      the LDG's register, or the LDS of the LDGSTS's shared address, or Triton's num_stages - 1 when
      the buffer rotates. A load used d < 1 trips later stalls the warp: trip >= latency + (1 - d) x
      the rest; d >= 1 trips ahead: trip >= latency / d (Little's law: bytes in flight per SM =
@@ -51,11 +59,12 @@ accumulation, which is what both our kernels and cuBLAS use):
 - H100 SXM5 80 GB, sm_90: 132 SMs, 1830 MHz (the clock of the spec TFLOP/s), 3350 GB/s, 989 TFLOP/s,
   int8 1979 TOPS (H100 datasheet, Hopper whitepaper table 2).
 - A10, sm_86: 72 SMs, 1695 MHz, 600 GB/s, 125 TFLOP/s, int8 250 TOPS (A10 datasheet).
-- RTX 3090, sm_86: 82 SMs, 1695 MHz, 936 GB/s, 71 TFLOP/s with fp32 accumulation, int8 284 TOPS
-  (GA102 whitepaper, appendix table: GeForce cards run fp32-accumulate MMAs at half rate).
+- RTX 3090, sm_86: 82 SMs, 1695 MHz, 936 GB/s, 71 TFLOP/s with fp32 accumulation (142 accumulating
+  in fp16), int8 284 TOPS (GA102 whitepaper, appendix table: GeForce cards run fp32-accumulate MMAs
+  at half rate). An MMA's accumulator is in its SASS (HMMA.16816.F32 against HMMA.16816.F16).
 - L4, sm_89: 58 SMs, 2040 MHz, 300 GB/s, 121 TFLOP/s, int8 242.5 TOPS (L4 datasheet).
-- RTX 4090, sm_89: 128 SMs, 2520 MHz, 1008 GB/s, 165.2 TFLOP/s with fp32 accumulation, int8 660.6
-  TOPS (Ada whitepaper, appendix table).
+- RTX 4090, sm_89: 128 SMs, 2520 MHz, 1008 GB/s, 165.2 TFLOP/s with fp32 accumulation (330.3 in
+  fp16), int8 660.6 TOPS (Ada whitepaper, appendix table).
 DRAM load latency in cycles from microbenchmark papers (Jia et al. 2018-2019 for the method; "Dissecting
 the Ampere GPU architecture" and "Benchmarking and dissecting the Nvidia Hopper GPU architecture",
 Luo et al. 2024): ~470 (A100), ~480 (H100), ~520 (GA10x), ~540 (AD10x); LATENCY_SCALE calibrates them.
@@ -81,6 +90,12 @@ class Card:
     tensor_tflops: float  # dense bf16/fp16 with fp32 accumulation
     dram_latency_cycles: int
     int8_tops: float  # dense int8 tensor ops with int32 accumulation
+    fp16_accumulate_tflops: float = 0.0  # dense fp16 MMAs accumulating in fp16, where faster (GeForce)
+
+    @property
+    def fp16_accumulate_flop_per_clock(self) -> float:
+        """Per SM; the fp32-accumulate rate where the card runs both alike."""
+        return (self.fp16_accumulate_tflops or self.tensor_tflops) * 1e12 / (self.sms * self.clock_ghz * 1e9)
 
     @property
     def int8_op_per_clock(self) -> float:
@@ -102,12 +117,13 @@ CARDS = {
     "A100": Card("A100", 80, 108, 1.41, 2039, 312, 470, 624),
     "H100": Card("H100", 90, 132, 1.83, 3350, 989, 480, 1979),
     "A10": Card("A10", 86, 72, 1.695, 600, 125, 520, 250),
-    "RTX 3090": Card("RTX 3090", 86, 82, 1.695, 936, 71, 520, 284),
+    "RTX 3090": Card("RTX 3090", 86, 82, 1.695, 936, 71, 520, 284, 142),
     "L4": Card("L4", 89, 58, 2.04, 300, 121, 540, 242.5),
-    "RTX 4090": Card("RTX 4090", 89, 128, 2.52, 1008, 165.2, 540, 660.6),
+    "RTX 4090": Card("RTX 4090", 89, 128, 2.52, 1008, 165.2, 540, 660.6, 330.3),
 }
 SCHEDULERS = 4
-SHARED_BYTES_PER_CLOCK = 128  # per SM
+SHARED_BYTES_PER_CLOCK = 128  # per SM: the L1/shared-memory data stage
+LINE_BYTES, SECTOR_BYTES, TAGS_PER_CLOCK = 128, 32, 4  # L1: 128-byte lines of 32-byte sectors, 4 tag lookups a clock
 BARRIER_CYCLES = 20  # a BAR.SYNC that every warp reaches together; more when they do not
 HMMA_SM90_FRACTION = 0.6  # mma.sync on Hopper reaches ~60% of the wgmma peak (Luo et al. 2024, fig. 12)
 
@@ -177,7 +193,7 @@ def _split(mnemonic: str, operands: str):
         if base == "LDSM":
             width = {"": 1, "X2": 2, "X4": 4}.get((re.search(r"\.(X2|X4)\b", mnemonic) or [None, ""])[1], 1)
     elif base in ("HMMA", "IMMA"):
-        width = 4 if "16816" in mnemonic or "1688" in mnemonic else 2
+        width = 4 if ("16816" in mnemonic or "1688" in mnemonic) and not _fp16_accumulate(mnemonic) else 2
     elif base == "CS2R" or mnemonic.endswith(".64") or ".WIDE" in mnemonic:
         width = 2
     first = int(parts[0][1:].split(".")[0]) if parts[0][1:].split(".")[0].isdigit() else None
@@ -200,6 +216,8 @@ class LoopFacts:
     chain_cycles: float  # longest register dependency chain + barriers
     stream_distance: float | None  # trips between issuing a DRAM stream and its first use (min over streams)
     streams: int  # DRAM stream loads per trip
+    stream_wavefronts: float = 0.0  # per warp: L1 cycles of the loop's coalesced global loads and stores
+    gathers: dict = None  # per warp: gather instructions by bytes per lane, {4: 32, 8: 16}
 
 
 _FACTS: dict = {}  # (id(code), fp32 rate) -> (code, LoopFacts): the SASS is read once per code
@@ -212,13 +230,34 @@ def loop_facts(code, card: Card) -> LoopFacts:
     return _FACTS[key][1]
 
 
+def _gathers(lines: list) -> set[int]:
+    """Indices of the loop's gathers: LDG/LDGSTS whose address comes from a loaded value, whether
+    loaded earlier in the same trip or in the trip before (a register carried round the loop, as
+    when the next trip's bytes are fetched ahead); the loop is walked twice for the carried ones."""
+    loaded: set[int] = set()
+    found: set[int] = set()
+    for i, (mnemonic, operands) in enumerate(lines + lines):
+        base = mnemonic.split(".")[0]
+        destination, sources = _split(mnemonic, operands)
+        if base in ("LDG", "LDGSTS") and any(r in loaded for r in sources):
+            found.add(i % len(lines))
+        for r in destination:
+            # LDC reads a kernel parameter from the constant bank: an address made from it is a stream.
+            if base in ("LDG", "LDS", "LDSM") or any(s in loaded for s in sources):
+                loaded.add(r)
+            else:
+                loaded.discard(r)
+    return found
+
+
 def _read_loop(code, card: Card) -> LoopFacts:
     lines = code.loop_lines
+    gathers = _gathers(lines)
     counts = {"any": 0.0, "int": 0.0, "fp32": 0.0, "slow": 0.0, "lsu": 0.0}
     shared = 0.0
     ready: dict[int, float] = {}  # register -> cycle its value is ready, within the trip
-    loaded: set[int] = set()  # registers derived from a load of this trip (their addresses make gathers)
     chain, barriers, streams, distances = 0.0, 0, 0, []
+    wavefronts, by_width = 0.0, {}
     n = len(lines)
     for i, (mnemonic, operands) in enumerate(lines):
         base = mnemonic.split(".")[0]
@@ -239,7 +278,11 @@ def _read_loop(code, card: Card) -> LoopFacts:
             barriers += 1
         destination, sources = _split(mnemonic, operands)
         start = max((ready.get(r, 0.0) for r in sources), default=0.0)
-        gather = base in ("LDG", "LDGSTS") and any(r in loaded for r in sources)
+        gather = i in gathers
+        if gather:
+            by_width[_access_bytes(mnemonic)] = by_width.get(_access_bytes(mnemonic), 0) + 1
+        elif base in ("LDG", "STG", "LDGSTS", "RED", "ATOMG", "REDG"):
+            wavefronts += math.ceil(32 * _access_bytes(mnemonic) / LINE_BYTES)  # a warp's contiguous bytes
         if base in ("LDG", "LDGSTS") and not gather:
             streams += 1
             distances.append(_stream_distance(lines, i, destination, code.num_stages))
@@ -252,13 +295,34 @@ def _read_loop(code, card: Card) -> LoopFacts:
         chain = max(chain, done)
         for r in destination:
             ready[r] = done
-            if base in ("LDG", "LDS", "LDSM", "LDC") or any(s in loaded for s in sources):
-                loaded.add(r)
-            else:
-                loaded.discard(r)
     issue = max(counts["any"], counts["int"] / 0.5, counts["fp32"] / card.fp32_per_clock, counts["slow"] / 0.125,
                 counts["lsu"] / 0.25)
-    return LoopFacts(issue, shared, chain + BARRIER_CYCLES * barriers, min(distances) if distances else None, streams)
+    return LoopFacts(issue, shared, chain + BARRIER_CYCLES * barriers, min(distances) if distances else None, streams,
+                     wavefronts, by_width)
+
+
+def table_wavefronts(access_bytes: int, tables) -> float:
+    """L1 cycles of one gather of `access_bytes` a lane: `tables` is one table's bytes, or a list of
+    (table bytes, share of these gathers) where one width reads several tables, or "coalesced" (a
+    row picked by a loaded index, read by consecutive lanes: as a stream), or None (unknown)."""
+    if tables == "coalesced":
+        return max(1.0, 32 * access_bytes / LINE_BYTES)
+    if tables is None or isinstance(tables, (int, float)):
+        return gather_wavefronts(access_bytes, tables)
+    return sum(share * gather_wavefronts(access_bytes, size) for size, share in tables)
+
+
+def gather_wavefronts(access_bytes: int, table_bytes: int | None) -> float:
+    """L1 cycles of one warp's gather: 32 lanes at uniformly random entries of a `table_bytes` table
+    (None: unknown, every lane its own line). The L1 looks up 4 cache-line tags a clock and its data
+    stage moves 4 sectors (128 B) a clock (NVIDIA's description of Volta's L1, unchanged through
+    Hopper), so a gather takes max(distinct lines / 4, distinct sectors / 4) clocks; the expected
+    number of distinct items among 32 draws from n is n (1 - (1 - 1/n)^32)."""
+    if table_bytes is None:
+        return 32 / TAGS_PER_CLOCK
+    lines, sectors = max(1, math.ceil(table_bytes / LINE_BYTES)), max(1, math.ceil(table_bytes / SECTOR_BYTES))
+    distinct = lambda n: n * (1 - (1 - 1 / n) ** 32)  # noqa: E731
+    return max(1.0, distinct(lines) / TAGS_PER_CLOCK, distinct(sectors) * SECTOR_BYTES / LINE_BYTES)
 
 
 def _stream_distance(lines: list, i: int, destination: list, stages: int) -> float:
@@ -280,11 +344,21 @@ def _stream_distance(lines: list, i: int, destination: list, stages: int) -> flo
 
 
 # ---- one launch --------------------------------------------------------------------------------------
-def mma_per_trip(code) -> tuple[float, float]:
-    """(16-bit tensor FLOPs, int8 tensor ops) of one program's loop trip, all its warps."""
-    flops = ops = 0.0
+def _fp16_accumulate(mnemonic: str) -> bool:
+    """An HMMA whose accumulator is fp16 (HMMA.16816.F16), not fp32 (HMMA.16816.F32[.BF16])."""
+    return mnemonic.startswith("HMMA") and ".F32" not in mnemonic
+
+
+def mma_per_trip(code) -> tuple[float, float, float]:
+    """(16-bit tensor FLOPs accumulating in fp32, int8 tensor ops, 16-bit FLOPs accumulating in fp16) of
+    one program's loop trip, all its warps."""
+    flops = ops = half = 0.0
     for mnemonic, operands in code.loop_lines:
-        if mnemonic.startswith("HMMA.16816"):
+        if mnemonic.startswith("HMMA.16816") and _fp16_accumulate(mnemonic):
+            half += 4096
+        elif mnemonic.startswith("HMMA.1688") and _fp16_accumulate(mnemonic):
+            half += 2048
+        elif mnemonic.startswith("HMMA.16816"):
             flops += 4096
         elif mnemonic.startswith("HMMA.1688"):
             flops += 2048
@@ -299,12 +373,15 @@ def mma_per_trip(code) -> tuple[float, float]:
                 flops += work
             else:
                 ops += work
-    return flops * code.num_warps, ops * code.num_warps
+    return flops * code.num_warps, ops * code.num_warps, half * code.num_warps
 
 
-def kernel_time(code, card_name, programs: int, trips: float, dram_bytes: float, parameters: dict | None = None) -> dict:
+def kernel_time(code, card_name, programs: int, trips: float, dram_bytes: float, parameters: dict | None = None,
+                gather_tables: dict | None = None) -> dict:
     """Modelled microseconds of one launch of `code` (a MachineCode compiled for the card's arch) with
     `programs` programs, `trips` trips of its main loop each, moving `dram_bytes` to and from DRAM.
+    `gather_tables`: {bytes a lane gathers: bytes of the table those gathers read}, what the SASS cannot
+    say (a width not listed is charged as an unknown table, every lane its own line).
     Returns {"estimate_us", "breakdown": {...every bound in us, the stream distance, occupancy}}."""
     p = {**PARAMETERS, **(parameters or {})}
     spec = card(card_name)
@@ -316,10 +393,14 @@ def kernel_time(code, card_name, programs: int, trips: float, dram_bytes: float,
     latency = spec.dram_latency_cycles * p["latency_scale"]
     facts = loop_facts(code, spec)
     sync_mma = HMMA_SM90_FRACTION if spec.arch == 90 and any(m.startswith(("HMMA", "IMMA")) for m, _ in code.loop_lines) else 1.0
-    flops, ops = mma_per_trip(code)
+    flops, ops, half = mma_per_trip(code)
     issue = warps_per_scheduler * facts.issue_cycles
-    shared = resident * code.num_warps * facts.shared_bytes / SHARED_BYTES_PER_CLOCK
-    tensor = resident * (flops / spec.tensor_flop_per_clock + ops / spec.int8_op_per_clock) / (p["tensor_efficiency"] * sync_mma)
+    gathers = sum(count * table_wavefronts(width, (gather_tables or {}).get(width))
+                  for width, count in (facts.gathers or {}).items())
+    l1 = resident * code.num_warps * (facts.stream_wavefronts + gathers)
+    shared = resident * code.num_warps * facts.shared_bytes / SHARED_BYTES_PER_CLOCK + l1
+    tensor = resident * (flops / spec.tensor_flop_per_clock + ops / spec.int8_op_per_clock
+                         + half / spec.fp16_accumulate_flop_per_clock) / (p["tensor_efficiency"] * sync_mma)
     # Units overlap imperfectly: the largest term plus OVERLAP of the others (0 = perfect overlap).
     units = (issue, shared, tensor)
     execute = max(max(units) + p["overlap"] * (sum(units) - max(units)), facts.chain_cycles)
@@ -339,6 +420,7 @@ def kernel_time(code, card_name, programs: int, trips: float, dram_bytes: float,
     breakdown = dict(
         programs_busiest_sm=per_sm, resident_programs=resident, rounds=rounds,
         issue_us=rounds * trips * issue / clock, shared_us=rounds * trips * shared / clock,
+        l1_us=rounds * trips * l1 / clock,
         tensor_us=rounds * trips * tensor / clock, chain_us=rounds * trips * facts.chain_cycles / clock,
         latency_us=rounds * trips * (trip - execute) / clock if trip > execute else 0.0,
         stream_distance_trips=None if d is None else round(d, 3),

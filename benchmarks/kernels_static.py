@@ -157,9 +157,21 @@ def weight_bytes(n: int, k: int, blocksize: int) -> float:
     return n * k / 2 + blocks + 4 * blocks / 256  # packed nibbles, uint8 absmax codes, fp32 nested absmax
 
 
-def kernel_bounds(card, code, programs: int, trips: float, bytes_moved: float) -> dict:
-    """gpu_model.kernel_time of one launch, flattened: estimate_us and the breakdown's bounds."""
-    timed = gpu_model.kernel_time(code, card, programs, trips, bytes_moved)
+def gather_tables(blocksize: int, whole_blocks: bool = True, double_quant: bool = True) -> dict:
+    """What a 4-bit kernel's gathers read, by bytes a lane (gpu_model.kernel_time's gather_tables): the
+    4-byte ones read the 16 fp32 codes (64 B, one line: one per weight) and double quant's 256 fp32
+    nested codes (1 KB: one per quantization block in a row tile, one per weight in the
+    element-by-element decode), in those proportions. Any other gather would be charged as an unknown
+    table."""
+    nested = (1.0 if whole_blocks else float(blocksize)) if double_quant else 0.0
+    code = float(blocksize)
+    return {4: [(64, code / (code + nested)), (1024, nested / (code + nested))]}
+
+
+def kernel_bounds(card, code, programs: int, trips: float, bytes_moved: float, tables: dict | None = None) -> dict:
+    """gpu_model.kernel_time of one launch, flattened: estimate_us and the breakdown's bounds; `tables`:
+    what its gathers read (gather_tables for the 4-bit kernels)."""
+    timed = gpu_model.kernel_time(code, card, programs, trips, bytes_moved, gather_tables=tables)
     return {"estimate_us": timed["estimate_us"], **timed["breakdown"]}
 
 
@@ -191,7 +203,7 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     # dequantize, then cuBLAS
     _, code = machine_code_for(arch, "dequantize", 1, blocksize, True)
     elements = dequantize_elements(blocksize)
-    bounds = kernel_bounds(spec, code, math.ceil(n * k / elements), 1, w4 + 2 * n * k)
+    bounds = kernel_bounds(spec, code, math.ceil(n * k / elements), 1, w4 + 2 * n * k, gather_tables(blocksize))
     out["dequant_matmul"] = entry("dequantize", code, bounds) + cublas_us(spec, m, cols, r)
     # The last split waits on the counter's atomic and then on loading the partial sums: two DRAM
     # latencies in series past the one the model charges every kernel's epilogue.
@@ -207,18 +219,19 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     partials = 8 * split_k * m * cols if split_k > 1 else 0
     bytes_moved = w4 * math.ceil(tiles_m / 8) + 2 * (m * r + m * cols) + partials
     bounds = kernel_bounds(spec, code, tiles_m * tiles_n * split_k, math.ceil(r_per_split / config["BLOCK_R"]),
-                           bytes_moved)
+                           bytes_moved, gather_tables(blocksize, constexprs["WHOLE_BLOCKS"]))
     out["fused"] = entry("fused", code, {**bounds, "split_k": split_k}) + (fixup_us if split_k > 1 else 0.0)
     # GEMV: split-K partial sums, added up by the last split of each tile in the same launch
     if m <= GEMV_MAX_ROWS:
         _, code = machine_code_for(arch, "gemv", m, blocksize, transpose_weight)
-        block_m, block_n, block_r, _ = gemv_block_sizes(m, (n, k), blocksize, transpose_weight)
+        block_m, block_n, block_r, whole_blocks = gemv_block_sizes(m, (n, k), blocksize, transpose_weight)
+        tables = gather_tables(blocksize, whole_blocks)
         split_k, r_per_split = gemv_split(m, cols, r, block_n, block_r, _Device(spec.sms))
         programs = math.ceil(cols / block_n) * split_k * math.ceil(m / block_m)
         # fp32 partial sums written and read back once (split > 1), and the output stored once.
         partials = 8 * split_k * m * cols if split_k > 1 else 0
         bounds = kernel_bounds(spec, code, programs, math.ceil(r_per_split / block_r),
-                               w4 * math.ceil(m / block_m) + 2 * m * r + partials + 2 * m * cols)
+                               w4 * math.ceil(m / block_m) + 2 * m * r + partials + 2 * m * cols, tables)
         out["gemv"] = entry("gemv", code, {**bounds, "split_k": split_k}) + (fixup_us if split_k > 1 else 0.0)
     return out
 

@@ -95,12 +95,13 @@ def machine_code_model():
         _, code = kernels_static.machine_code_for(gpu_model.card(card).arch, "dequantize", 1, blocksize, True)
         numel = active * n * k
         return kernel_bounds(card, code, math.ceil(numel / dequantize_elements(blocksize)), 1,
-                             active * kernels_static.weight_bytes(n, k, blocksize) + 2 * numel)["estimate_us"]
+                             active * kernels_static.weight_bytes(n, k, blocksize) + 2 * numel,
+                             kernels_static.gather_tables(blocksize))["estimate_us"]
 
-    def kernel_bounds(card: str, code, programs: int, trips: float, bytes_moved: float) -> dict:
-        return kernels_static.kernel_bounds(card, code, programs, trips, bytes_moved)
+    def kernel_bounds(card: str, code, programs: int, trips: float, bytes_moved: float, tables: dict) -> dict:
+        return kernels_static.kernel_bounds(card, code, programs, trips, bytes_moved, tables)
 
-    return types.SimpleNamespace(cards=gpu_model.CARDS, kernel_bounds=kernel_bounds, gemm_us=kernels_static.cublas_us,
+    return types.SimpleNamespace(cards=gpu_model.CARDS, kernel_bounds=kernel_bounds, gather_tables=kernels_static.gather_tables, gemm_us=kernels_static.cublas_us,
                                  grouped_gemm_us=grouped_gemm_us, dequantize_us=dequantize_us,
                                  memory_us=gpu_model.bandwidth_us, weight_bytes=kernels_static.weight_bytes,
                                  calibration=gpu_model.PARAMETERS, method="benchmarks/gpu_model.py docstring")
@@ -189,7 +190,8 @@ def grouped_4bit_us(model, card: str, counts: list[int], num_experts: int, n: in
     weight = model.weight_bytes(n, k, BLOCKSIZE) * sum(math.ceil(t / GROUP_M) for t in tiles_per_expert)
     partial = 4 * split * rows * cols if split > 1 else 0
     bounds = model.kernel_bounds(card, code, programs, math.ceil(plan["r_per_split"] / block_r),
-                                 weight + 2 * rows * r + (partial or 2 * rows * cols))
+                                 weight + 2 * rows * r + (partial or 2 * rows * cols),
+                                 model.gather_tables(BLOCKSIZE, constexprs["WHOLE_BLOCKS"]))
     estimate = bounds["estimate_us"]
     if split > 1:  # the fixed-order sum of the partials (fp32) and its cast to the output dtype: two launches
         bounds["split_sum_us"] = model.memory_us(card, partial + 4 * rows * cols) + model.memory_us(card, 6 * rows * cols)

@@ -76,6 +76,66 @@ def test_gathers_sit_in_the_chain_not_in_the_streams():
     assert facts.chain_cycles >= gpu_model.LATENCY["gather"]
 
 
+def test_a_gather_from_the_trip_before_is_still_a_gather():
+    """The next trip's bytes loaded ahead: the lookups they index are gathers, not DRAM streams."""
+    lines = [("LEA", "R6, P0, R4, UR8, 0x2"), ("LDG.E", "R8, desc[UR4][R6.64]"), ("FFMA", "R10, R8, R9, R10"),
+             ("LDG.E", "R4, desc[UR4][R2.64]"), ("IADD3", "R2, P0, R2, 0x4, RZ"), ("BRA", "`(.L_x_1)")]
+    facts = gpu_model.loop_facts(Code(lines), gpu_model.CARDS["H100"])
+    assert facts.streams == 1 and facts.gathers == {4: 1}
+
+
+def test_a_parameter_read_inside_the_loop_does_not_make_gathers():
+    lines = [("LDC", "R16, c[0x0][0x254]"), ("IMAD.IADD", "R2, R2, 0x1, R16"), ("LDG.E", "R4, desc[UR4][R2.64]"),
+             ("FFMA", "R10, R4, R5, R10"), ("BRA", "`(.L_x_1)")]
+    facts = gpu_model.loop_facts(Code(lines), gpu_model.CARDS["H100"])
+    assert facts.streams == 1 and not facts.gathers
+
+
+def test_l1_cycles_of_a_gather_grow_with_the_lines_and_sectors_its_table_spans():
+    one_line = gpu_model.gather_wavefronts(4, 64)  # 16 fp32 codes: every lane in one line
+    pairs = gpu_model.gather_wavefronts(8, 2048)  # 256 8-byte entries: ~14 lines, ~25 sectors of 64
+    assert one_line == 1.0
+    assert pairs == pytest.approx(64 * (1 - (63 / 64) ** 32) / 4, rel=1e-9) and 6 < pairs < 6.5
+    assert gpu_model.gather_wavefronts(4, None) == 8.0  # unknown: every lane its own line
+    assert gpu_model.table_wavefronts(16, "coalesced") == 4.0  # 512 contiguous bytes: four lines
+    mixed = gpu_model.table_wavefronts(4, [(64, 0.75), (1024, 0.25)])
+    assert mixed == pytest.approx(0.75 + 0.25 * gpu_model.gather_wavefronts(4, 1024))
+
+
+def test_gathers_are_charged_to_the_l1_data_path():
+    gather = [("LEA", f"R{6 + 2 * i}, P0, R4, UR8, 0x3") for i in range(16)]
+    lines = [("LDG.E", "R4, desc[UR4][R2.64]")] + gather + [
+        ("LDG.E.64", f"R{40 + 2 * i}, desc[UR4][R{6 + 2 * i}.64]") for i in range(16)] + [("BRA", "`(.L_x_1)")]
+    code = Code(lines, blocks_per_sm=8)
+    small = gpu_model.kernel_time(code, "H100", 132 * 8, 100, 0, PARAMETERS, gather_tables={8: 64})
+    large = gpu_model.kernel_time(code, "H100", 132 * 8, 100, 0, PARAMETERS, gather_tables={8: 2048})
+    assert large["breakdown"]["l1_us"] > 5 * small["breakdown"]["l1_us"]
+    assert large["breakdown"]["bound"] == "shared" and large["estimate_us"] > small["estimate_us"]
+
+
+def test_fp16_accumulating_mmas_run_at_the_geforce_fp16_rate():
+    def tensor_us(mnemonic):
+        code = Code([(mnemonic, "R4, R8, R12, R4")] * 64 + [("BRA", "`(.L_x_1)")], blocks_per_sm=1)
+        return gpu_model.kernel_time(code, "RTX 4090", 128, 100, 0, PARAMETERS)["breakdown"]["tensor_us"]
+    assert tensor_us("HMMA.16816.F32") == pytest.approx(2 * tensor_us("HMMA.16816.F16"), rel=0.01)
+    a100 = lambda m: gpu_model.kernel_time(Code([(m, "R4, R8, R12, R4")] * 64, blocks_per_sm=1), "A100", 108, 100, 0,  # noqa: E731
+                                           PARAMETERS)["breakdown"]["tensor_us"]
+    assert a100("HMMA.16816.F32.BF16") == pytest.approx(a100("HMMA.16816.F16"))
+
+
+def test_published_points_are_modelled_as_the_benchmark_ran_them():
+    import gemlite_kernels
+
+    # gemlite's October 2024 AUTO mode: GEMV_REVSPLITK up to 2 rows, GEMM_SPLITK up to 32, GEMM from 16
+    assert gemlite_kernels.published_candidates(1) == ("GEMV_REVSPLITK", "GEMM_SPLITK")
+    assert gemlite_kernels.published_candidates(4) == ("GEMM_SPLITK",)
+    assert gemlite_kernels.published_candidates(16) == ("GEMM_SPLITK", "GEMM")
+    assert gemlite_kernels.published_candidates(64) == ("GEMM",)
+    calibration = json.loads((ROOT / "benchmarks" / "results" / "calibration.json").read_text())
+    for point in calibration["points"]:
+        assert point["launch"] in gemlite_kernels.published_candidates(point["M"])
+
+
 def test_integer_ops_issue_at_half_rate():
     ints = gpu_model.loop_facts(Code([("LOP3.LUT", f"R{i}, R1, 0xf, RZ, 0xc0, !PT") for i in range(2, 66)]),
                                 gpu_model.CARDS["H100"])
