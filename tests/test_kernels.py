@@ -227,15 +227,37 @@ def test_interp_fused_split_rule_splits_only_when_tiles_leave_sms_idle():
     assert rel_err(out, expected) < TOLERANCE[torch.float16]
 
 
-def test_code_pairs_hold_both_nibbles_of_each_byte():
-    from qlora.kernels.nf4.dequantize import code_pairs
+def test_aligned_code_places_the_table_where_lookup_code_can_or_into_its_address():
+    from qlora.kernels.nf4.dequantize import CODE_ALIGNMENT, aligned_code
 
-    code = torch.randn(16)
-    pairs = code_pairs(code).view(torch.float32).view(256, 2)
-    byte = torch.arange(256)
-    assert torch.equal(pairs[:, 0], code[byte >> 4]) and torch.equal(pairs[:, 1], code[byte & 15])
-    code.mul_(2)  # modified in place: the table is built again
-    assert torch.equal(code_pairs(code).view(torch.float32).view(256, 2)[:, 0], code[byte >> 4])
+    storage = torch.randn(64)
+    start = next(i for i in range(1, 16) if (storage.data_ptr() + 4 * i) % CODE_ALIGNMENT)
+    code = storage[start:start + 16]  # a view 4 bytes (or more) past an aligned address
+    table = aligned_code(code)
+    assert table.data_ptr() % CODE_ALIGNMENT == 0 and torch.equal(table, code)
+    assert aligned_code(code) is table  # one copy per tensor, not one per call
+    code.mul_(2)  # modified in place: copied again
+    assert torch.equal(aligned_code(code), code)
+    aligned = table.clone()
+    assert aligned.data_ptr() % CODE_ALIGNMENT or aligned_code(aligned) is aligned
+
+
+@interpreter_only
+def test_interp_row_tiles_decode_from_a_packed_view_that_starts_mid_word():
+    """decode_row_tile reads 32-bit words: a weight whose bytes start 1 byte into a buffer is copied
+    to an aligned one first, and decodes as the twin does."""
+    from qlora.kernels.nf4.gemv import gemv_4bit
+    from qlora.kernels.nf4.matmul import matmul_4bit_fused
+
+    weight = quantized((96, 256))
+    buffer = torch.empty(weight.packed.numel() + 1, dtype=torch.uint8)
+    buffer[1:].copy_(weight.packed.reshape(-1))
+    shifted = weight._replace(packed=buffer[1:].reshape(weight.packed.shape))
+    assert shifted.packed.data_ptr() % 4
+    a = torch.randn(3, 256, dtype=torch.float32)
+    expected = a.double() @ dense(weight, torch.float32).T.double()
+    assert rel_err(gemv_4bit(a, shifted), expected) < TOLERANCE[torch.float32]
+    assert rel_err(matmul_4bit_fused(a, shifted, True), expected) < TOLERANCE[torch.float32]
 
 
 @interpreter_only

@@ -37,7 +37,7 @@ def compile_4bit_launches(arch, dtype, double_quant=True):
     bias = torch.randn(out_features, dtype=dtype)
     with launch.compile_only(arch) as compiled:
         dequantize_4bit_triton(weight, dtype)
-        for m in (16, 32, 37):  # BLOCK_M 16, 32, 64
+        for m in (16, 32, 37, 48):  # BLOCK_M 16, 32, 64; and 64 at a multiple of 16 (Triton specialises on it)
             matmul_4bit_fused(torch.randn(m, in_features, dtype=dtype), weight, transpose_weight=True, bias=bias)
         matmul_4bit_fused(torch.randn(37, out_features, dtype=dtype), weight, transpose_weight=False)
         for m in (1, 4, 37):  # BLOCK_M 1 (decode), 4, and 16 (rows spread over three programs)

@@ -32,7 +32,7 @@ from qlora.kernels.launch import launch, target_arch
 from qlora.kernels.moe.checks import check_experts, check_grouped_input
 from qlora.kernels.moe.packed import PackedExperts4bit
 from qlora.kernels.nf4.checks import check_triton_size
-from qlora.kernels.nf4.dequantize import decode_4bit, decode_row_tile
+from qlora.kernels.nf4.dequantize import aligned_code, decode_4bit, decode_row_tile
 from qlora.kernels.nf4.matmul import fused_config, input_precision, weight_strides
 
 
@@ -182,6 +182,8 @@ def expert_pointers(experts: PackedExperts4bit):
     """Kernel arguments of the stack: (packed bytes, absmax, nested absmax, nested code, offset, their
     per-expert strides (bytes, absmax, nested absmax) and double quant), dummies for absent DQ tensors."""
     packed = experts.packed_bytes()
+    if packed.data_ptr() % 4 or packed.stride(0) % 4:  # decode_row_tile reads the bytes as 32-bit words
+        packed = packed.clone(memory_format=torch.contiguous_format)
     absmax = experts.absmax.reshape(experts.num_experts, -1)
     if not experts.double_quant:
         # exact: fp16/bf16 values are fp32 values; the interpreter cannot load bf16
@@ -223,7 +225,7 @@ def grouped_matmul_4bit(a: torch.Tensor, experts: PackedExperts4bit, counts: tor
     launch(
         _grouped_matmul_4bit_kernel, (programs, split),
         a, out, partial, counts,
-        packed, absmax, experts.code.contiguous(), nested_absmax, nested_code, offset,
+        packed, absmax, aligned_code(experts.code), nested_absmax, nested_code, offset,
         rows, cols, r, experts.shape[2], experts.num_experts, tiles_m,
         a.stride(0), a.stride(1), out.stride(0), out.stride(1), w_stride_r, w_stride_c,
         packed_stride, absmax_stride, nested_stride, r_per_split, SPLIT_K=split,

@@ -9,7 +9,11 @@ measurable (one multiply-add per 64 elements).
 
 The helpers `decode_4bit` / `load_scale` are shared with the matmul and GEMV kernels, which
 decode W at arbitrary element indices (any K, including odd K where a byte straddles two rows);
-`decode_row_tile` is their fast path when rows of W hold whole quantization blocks.
+`decode_row_tile` (forward tiles, read as 32-bit words) and `decode_row_tile_bytes` (backward
+tiles) are their fast paths when rows of W hold whole quantization blocks. Row tiles look codes up
+in a 16-entry fp32 table (64 B, one L1 line per warp's lookup); a 256-entry table of code pairs
+issued fewer instructions but spread each warp's lookups over ~14 lines, and the machine-code model
+found its L1 traffic the bound of every kernel that used it (docs/kernels.md).
 """
 from __future__ import annotations
 
@@ -56,17 +60,26 @@ def decode_4bit(packed_ptr, index, mask, absmax_ptr, code_ptr, nested_absmax_ptr
 
 
 @triton.jit
-def decode_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
-                    nested_code_ptr, offset_ptr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                    NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """fp32 W[rows, col0 : col0 + COLS] from whole bytes and whole quantization blocks.
+def lookup_code(code_ptr, offset):
+    """The fp32 code at byte `offset` (4 x a nibble, int32 in 0..60) of a 64-byte-aligned table.
 
-    Needs IN_FEATURES % BLOCKSIZE == 0, col0 % BLOCKSIZE == 0 and COLS % BLOCKSIZE == 0: every
-    row then starts on a byte and on a block, so a row's bytes are one contiguous run (vector loads,
-    each byte read once for its two nibbles) and the tile's scales are COLS / BLOCKSIZE per row
-    rather than one load chain per element as in decode_4bit. Elements past the edges decode to
-    finite values (scale 0, or the offset): callers mask them out of products and stores.
-    """
+    The table's address is OR-ed with the offset rather than added: with the low 6 bits of the
+    base zero the two agree, and the OR is one 32-bit logic op on the address's low word where a
+    pointer add is a 64-bit add with carry (LEA + LEA.HI.X per lookup in the sm_90 SASS)."""
+    address = code_ptr.to(tl.int64, bitcast=True) | offset.to(tl.int64)
+    return tl.load(address.to(tl.pointer_type(tl.float32), bitcast=True))
+
+
+@triton.jit
+def decode_row_tile_bytes(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
+                          nested_code_ptr, offset_ptr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                          NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """decode_row_tile's values from bytes rather than words, each nibble's code by a pointer add:
+    more integer work per byte, but fewer registers (the OR-ed addresses keep a copy of the table's
+    high address word per lookup). The backward's tiles take it: in the fused kernel the wide ones
+    (256 columns at blocksize 256, or fp32 products split over K) spilled 8-224 B on sm_90 with the
+    word decode or the OR-ed lookups, and the GEMV's Llama-3-8B layer at M = 1 was 0.82x bf16 with
+    the word decode against 0.95x with this one (the machine-code model, H100)."""
     HALF: tl.constexpr = COLS // 2
     BLOCKS: tl.constexpr = COLS // BLOCKSIZE
     byte_cols = col0 // 2 + tl.arange(0, HALF)
@@ -84,80 +97,63 @@ def decode_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, c
 
 
 @triton.jit
-def load_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, nested_absmax_ptr,
-                  COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                  DOUBLE_QUANT: tl.constexpr):
-    """The DRAM half of decode_row_tile (what a pipelined loop may issue ahead of its decode):
-    (bytes int32 [rows, COLS / 2], absmax as stored [rows, COLS / BLOCKSIZE], nested absmax (DQ) of
-    the same blocks). Same layout conditions as decode_row_tile; masked rows load zeros."""
-    HALF: tl.constexpr = COLS // 2
+def decode_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
+                    nested_code_ptr, offset_ptr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                    NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """fp32 W[rows, col0 : col0 + COLS] from whole 32-bit words and whole quantization blocks.
+
+    Needs IN_FEATURES % BLOCKSIZE == 0, col0 % BLOCKSIZE == 0, COLS % BLOCKSIZE == 0 (so every row
+    starts on a word and on a block: a row's bytes are one contiguous run of words, each read once
+    for its eight nibbles, and the tile's scales are COLS / BLOCKSIZE per row), a 4-byte-aligned
+    packed tensor and a 64-byte-aligned code table (aligned_tables). Each nibble's table offset is
+    one shift and one mask of its word: extracting bytes first cost a PRMT, a redundant mask and two
+    shifts per byte in the sm_90 SASS. Elements past the edges decode to finite values (scale 0, or
+    the offset): callers mask them out of products and stores.
+    """
+    WORDS: tl.constexpr = COLS // 8
     BLOCKS: tl.constexpr = COLS // BLOCKSIZE
-    byte_cols = col0 // 2 + tl.arange(0, HALF)
-    byte_mask = row_mask[:, None] & (byte_cols < IN_FEATURES // 2)[None, :]
-    byte = tl.load(packed_ptr + rows[:, None] * (IN_FEATURES // 2) + byte_cols[None, :], mask=byte_mask,
-                   other=0).to(tl.int32)
+    words_per_row = IN_FEATURES // 8
+    word_cols = col0 // 8 + tl.arange(0, WORDS)
+    word = tl.load(packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + rows[:, None] * words_per_row
+                   + word_cols[None, :], mask=row_mask[:, None] & (word_cols < words_per_row)[None, :], other=0)
+    # Byte k of a word holds elements 2k (high nibble, bits 8k+4..8k+7) and 2k+1 (low nibble);
+    # 4 x a nibble at bit b is (word >> (b - 2)) & 60. Arithmetic shifts are fine: the mask drops
+    # every copied sign bit but the nibble's own.
+    pair0 = tl.join(lookup_code(code_ptr, (word >> 2) & 60), lookup_code(code_ptr, (word << 2) & 60))
+    pair1 = tl.join(lookup_code(code_ptr, (word >> 10) & 60), lookup_code(code_ptr, (word >> 6) & 60))
+    pair2 = tl.join(lookup_code(code_ptr, (word >> 18) & 60), lookup_code(code_ptr, (word >> 14) & 60))
+    pair3 = tl.join(lookup_code(code_ptr, (word >> 26) & 60), lookup_code(code_ptr, (word >> 22) & 60))
+    # [rows, WORDS, nibble of the byte, byte & 1, byte >> 1] -> element order 8 w + 2 k + nibble
+    values = tl.join(tl.join(pair0, pair1), tl.join(pair2, pair3))
+    values = tl.reshape(tl.permute(values, (0, 1, 4, 3, 2)), (values.shape[0], COLS))
     block_cols = col0 // BLOCKSIZE + tl.arange(0, BLOCKS)
     blocks_per_row = IN_FEATURES // BLOCKSIZE
-    block = rows[:, None] * blocks_per_row + block_cols[None, :]
-    block_mask = row_mask[:, None] & (block_cols < blocks_per_row)[None, :]
-    if DOUBLE_QUANT:
-        absmax = tl.load(absmax_ptr + block, mask=block_mask, other=0).to(tl.int32)
-        nested_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=block_mask, other=0.0)
-    else:
-        absmax = tl.load(absmax_ptr + block, mask=block_mask, other=0.0).to(tl.float32)
-        nested_scale = absmax
-    return byte, absmax, nested_scale
-
-
-@triton.jit
-def decode_loaded_row_tile(byte, absmax, nested_scale, pairs_ptr, nested_code_ptr, offset_ptr,
-                           COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """fp32 W tile from load_row_tile's registers, bit for bit decode_row_tile's values.
-
-    The nibbles decode through code_pairs' 256-entry table: one 8-byte gather per byte gives both
-    fp32 code values, where two 4-byte gathers and their nibble extraction took ~7 integer
-    instructions per byte in the sm_90 GEMV loop (80 LEA + 51 PRMT for 32 weights a thread).
-    """
-    BLOCKS: tl.constexpr = COLS // BLOCKSIZE
-    pair = tl.load(pairs_ptr + byte)  # the table is 2 KB: L1-resident after the first trips
-    high = pair.to(tl.int32).to(tl.float32, bitcast=True)  # element 2i: the high nibble, low word
-    low = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    values = tl.interleave(high, low)
-    if DOUBLE_QUANT:
-        scale = tl.load(nested_code_ptr + absmax) * nested_scale + tl.load(offset_ptr)
-    else:
-        scale = absmax
+    scale = load_scale(absmax_ptr, rows[:, None] * blocks_per_row + block_cols[None, :],
+                       row_mask[:, None] & (block_cols < blocks_per_row)[None, :], nested_absmax_ptr, nested_code_ptr,
+                       offset_ptr, NESTED_BLOCKSIZE, DOUBLE_QUANT)
     values = tl.reshape(values, (values.shape[0], BLOCKS, BLOCKSIZE)) * scale[:, :, None]
     return tl.reshape(values, (values.shape[0], COLS))
 
 
-@triton.jit
-def decode_row_tile_pairs(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, pairs_ptr, nested_absmax_ptr,
-                          nested_code_ptr, offset_ptr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                          NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """decode_row_tile's values through code_pairs' table (`pairs_ptr`): load, then decode, in one trip."""
-    byte, absmax, nested_scale = load_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr,
-                                               nested_absmax_ptr, COLS, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
-    return decode_loaded_row_tile(byte, absmax, nested_scale, pairs_ptr, nested_code_ptr, offset_ptr, COLS, BLOCKSIZE,
-                                  DOUBLE_QUANT)
+_ALIGNED_CODE = torch.utils.weak.WeakTensorKeyDictionary()
+CODE_ALIGNMENT = 64  # bytes: lookup_code ORs nibble offsets (0..60) into the table's address
 
 
-_CODE_PAIRS = torch.utils.weak.WeakTensorKeyDictionary()
-
-
-def code_pairs(code: torch.Tensor) -> torch.Tensor:
-    """int64 [256]: entry b holds the fp32 bits of code[b >> 4] in its low word and of code[b & 15]
-    in its high word (little-endian), so one 8-byte load decodes a whole packed byte. Built once per
-    code tensor and device (and again if the tensor is modified in place): a decode step captured in
-    a CUDA graph after the first call launches nothing extra."""
-    cached = _CODE_PAIRS.get(code)
+def aligned_code(code: torch.Tensor) -> torch.Tensor:
+    """The 16 fp32 codes at a 64-byte-aligned address, as lookup_code needs: the tensor itself when it
+    is, else a copy made once per code tensor (and again if it is modified in place), so a decode step
+    captured in a CUDA graph after the first call launches nothing extra."""
+    if code.dtype == torch.float32 and code.is_contiguous() and code.data_ptr() % CODE_ALIGNMENT == 0:
+        return code
+    cached = _ALIGNED_CODE.get(code)
     if cached is not None and cached[0] == code._version:
         return cached[1]
-    index = torch.arange(256, device=code.device)
-    table = torch.stack([code.float()[index >> 4], code.float()[index & 15]], dim=1).contiguous().view(torch.int64)
-    table = table.reshape(256)
-    _CODE_PAIRS[code] = (code._version, table)
-    return table
+    # An allocation of its own: torch's allocators align every block to at least 64 bytes.
+    copy = torch.empty(16, dtype=torch.float32, device=code.device).copy_(code.reshape(16))
+    if copy.data_ptr() % CODE_ALIGNMENT:
+        raise RuntimeError(f"could not place the 4-bit code table at a {CODE_ALIGNMENT}-byte-aligned address")
+    _ALIGNED_CODE[code] = (code._version, copy)
+    return copy
 
 
 # Tiles span at least one quantization block along W's rows; past 256 the tiles would not fit in
@@ -204,6 +200,10 @@ def weight_pointers(weight: Packed4bit):
     packed, absmax = weight.packed, weight.absmax
     # A float storage dtype is only reinterpreted as bytes; converting would canonicalise NaN patterns.
     packed = packed.contiguous().view(torch.uint8).reshape(-1) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    if packed.data_ptr() % 4:
+        # decode_row_tile reads 32-bit words: a view that starts mid-word (never one of our own
+        # weights, whose storage starts aligned) is copied so the words are aligned.
+        packed = packed.clone()
     if not weight.double_quant:
         if absmax.dtype != torch.float32:
             absmax = absmax.float()  # exact: fp16/bf16 values are fp32 values; the interpreter cannot load bf16

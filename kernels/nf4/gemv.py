@@ -21,10 +21,11 @@ exist), and one launch per product, where a separate reduction kernel cost a sec
 time (~6 us in the calibrated model: a third of a bf16 4096x4096 decode). For M=1, N=4096 and
 SPLIT_K=4 the workspace is 64 KB, <1% of W.
 
-Tiles of whole blocks decode through code_pairs' 256-entry table (decode_row_tile_pairs): one
-8-byte load gives both values of a packed byte. Compiled for sm_90 (M=1, forward) the loop went
-from 383 to 278 instructions per 32 weights a thread, its integer half-rate issue from 518 to 340
-cycles a trip.
+Tiles of whole blocks decode through decode_row_tile: 32-bit words of packed nibbles, each
+nibble's code one shift, one mask-and-OR into the 64-byte-aligned table's address, and one 4-byte
+gather that stays within one L1 line. A 256-entry table of code pairs (one 8-byte gather per byte)
+issued fewer instructions, but its gathers spread over 16 lines and ~25 sectors of L1 each (about
+6 L1 cycles a warp against 1), which the machine-code model found the binding limit.
 
 `gemv_4bit` takes preallocated `out` and `workspace` and does no host sync (no .item(), the
 offset is read through a pointer), so a decode step built on it can be captured in a CUDA graph,
@@ -40,14 +41,14 @@ import triton.language as tl
 
 from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
 from qlora.kernels.nf4.packed import Packed4bit, weight_strides
-from qlora.kernels.nf4.dequantize import (code_pairs, decode_4bit, decode_row_tile, decode_row_tile_pairs,
+from qlora.kernels.nf4.dequantize import (aligned_code, decode_4bit, decode_row_tile, decode_row_tile_bytes,
                                           weight_pointers, whole_block_tiles)
 from qlora.kernels.launch import launch
 
 GEMV_BLOCK_M = 16  # rows per program
 # No software pipelining of the main loop: at 2-3 stages Triton also pipelines the code-table gathers
-# through shared memory (LDGSTS + LDS per pair), and the model put Llama-3-8B's M=1 layer at 187 us
-# (3 stages) against 181 us at 1 on the H100.
+# through shared memory (an LDGSTS and an LDS per lookup), and the model put Llama-3-8B's M=1 layer
+# at 187 us (3 stages) against 181 us at 1 on the H100 (with the code-pair table of the time).
 GEMV_STAGES: tl.constexpr = tl.constexpr(1)
 # Products a program may keep in registers across the loop: 8192 fp32 over 128 threads = 64 each
 # (168 registers on sm_90 at 1 x 128 x 64, no spill). Twice the 4096 of before halves the loop's
@@ -57,10 +58,16 @@ GEMV_STAGES: tl.constexpr = tl.constexpr(1)
 # products (1 x 64 x 64, blocksize 4096, backward) sm_90 took 255 registers and spilled 24 B; at
 # 2048 (1 x 64 x 32) 96 registers and no spill, the same instructions per weight.
 GEMV_REGISTER_PRODUCTS = 8192
+# The forward's word decode (decode_row_tile) keeps the table's high address word beside each lookup:
+# at 8192 products sm_90 took 224 registers (2 programs an SM) and the model's Llama-3-8B M=1 layer
+# was 0.90x bf16 on the H100, at 4096 96 registers (5 an SM) and 0.96x, at 2048 0.76x.
+GEMV_FORWARD_PRODUCTS = 4096
 GEMV_REGISTER_PRODUCTS_PER_ELEMENT = 2048
 
 
-def gemv_register_products(whole_blocks: bool, blocksize: int = 64) -> int:
+def gemv_register_products(whole_blocks: bool, blocksize: int = 64, transpose_weight: bool = False) -> int:
+    if whole_blocks and transpose_weight and blocksize <= 128:
+        return GEMV_FORWARD_PRODUCTS
     if blocksize > 128:
         # 8192 products over 256-element rows (1 x 32 x 256 forward, 2 x 256 x 16 backward) spilled
         # 8 B on sm_86/89/90: the longer rows keep more bytes and scales live per thread. 4096 there.
@@ -78,14 +85,14 @@ def gemv_num_warps(block_m: int, block_n: int, block_r: int, whole_blocks: bool,
     sum goes away. Elsewhere 2 warps cost more in the model than they save (2 x 256 x 16 at
     blocksize 256, the forward 8 x 16 x 64: 1.3-1.9x), so 4."""
     products = block_m * block_n * block_r
-    per_tile = gemv_register_products(whole_blocks, blocksize) < products <= 8192
+    per_tile = gemv_register_products(whole_blocks, blocksize, transpose_weight) < products <= 8192
     return 2 if per_tile and block_m == 8 and not transpose_weight else 4
 
 
 @triton.jit
 def _gemv_4bit_kernel(
     a_ptr, partial_ptr, counter_ptr, out_ptr, bias_ptr,
-    packed_ptr, absmax_ptr, code_ptr, pairs_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
     M, COLS, R, R_PER_SPLIT, SPLIT_K, IN_FEATURES,
     stride_am, stride_ar, w_stride_r, w_stride_c, stride_om, stride_oc,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
@@ -113,9 +120,6 @@ def _gemv_4bit_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     r_start = split * R_PER_SPLIT
     r_end = r_start + R_PER_SPLIT
-    # code_pairs' table up to blocksize 128; 256-element rows of bytes, scales and pairs spilled 8 B
-    # (sm_80 backward at 1 x 256 x 16, sm_90 forward at 1 x 32 x 256), the 4-byte gathers none.
-    PAIR_DECODE: tl.constexpr = BLOCKSIZE <= 128
     for r0 in tl.range(r_start, r_end, BLOCK_R, num_stages=GEMV_STAGES):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
@@ -125,14 +129,8 @@ def _gemv_4bit_kernel(
         # the register array's product-and-add one explicit FMA (the launch disables contraction
         # elsewhere, so W's decode rounds exactly as in the dequantize kernel).
         if WHOLE_BLOCKS and TRANSPOSED:  # forward: W[cols tile, r tile] decoded along its rows
-            if PAIR_DECODE:
-                w = decode_row_tile_pairs(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, pairs_ptr,
-                                          nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
-                                          NESTED_BLOCKSIZE, DOUBLE_QUANT)
-            else:
-                w = decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
-                                    nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
-                                    NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            w = decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
             w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
             if ACC_IN_REGISTERS:
                 acc3 = tl.fma(tl.broadcast_to(a[:, None, :], acc3.shape), tl.broadcast_to(w[None, :, :], acc3.shape),
@@ -141,14 +139,9 @@ def _gemv_4bit_kernel(
                 acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
         else:
             if WHOLE_BLOCKS:  # backward: W[r tile, cols tile] as stored
-                if PAIR_DECODE:
-                    w = decode_row_tile_pairs(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr,
-                                              pairs_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N,
-                                              BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
-                else:
-                    w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
-                                        nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
-                                        NESTED_BLOCKSIZE, DOUBLE_QUANT)
+                w = decode_row_tile_bytes(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
+                                    nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
+                                    NESTED_BLOCKSIZE, DOUBLE_QUANT)
             else:  # any shape: element by element
                 index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
                 w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
@@ -203,7 +196,7 @@ def gemv_block_sizes(m: int, shape: Sequence[int], blocksize: int, transpose_wei
     # a 4-warp program: 64 registers/thread), shrinking the dimension that is free to shrink.
     # Row tiles of whole blocks fix the tile along W's rows to >= blocksize: BLOCK_R in forward,
     # BLOCK_N in backward.
-    target = gemv_register_products(whole_blocks, blocksize)
+    target = gemv_register_products(whole_blocks, blocksize, transpose_weight)
     if whole_blocks and transpose_weight:
         block_r = max(64, blocksize)
         block_n = max(16, target // (block_m * block_r))
@@ -296,14 +289,13 @@ def gemv_4bit(
     launch(
         _gemv_4bit_kernel, (triton.cdiv(cols, block_n), split_k, triton.cdiv(m, block_m)),
         a, workspace, split_counters(a.device, triton.cdiv(cols, block_n) * triton.cdiv(m, block_m)), out,
-        bias if bias is not None else out, packed, absmax, weight.code.contiguous(),
-        code_pairs(weight.code) if whole_blocks else weight.code, nested_absmax, nested_code, offset,
+        bias if bias is not None else out, packed, absmax, aligned_code(weight.code), nested_absmax, nested_code, offset,
         m, cols, r, r_per_split, split_k, shape[1], a.stride(0), a.stride(1), w_stride_r, w_stride_c,
         out.stride(0), out.stride(1),
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, WHOLE_BLOCKS=whole_blocks, TRANSPOSED=transpose_weight,
         DIRECT_STORE=split_k == 1, HAS_BIAS=bias is not None,
-        ACC_IN_REGISTERS=block_m * block_n * block_r <= gemv_register_products(whole_blocks, blocksize),
+        ACC_IN_REGISTERS=block_m * block_n * block_r <= gemv_register_products(whole_blocks, blocksize, transpose_weight),
         num_warps=gemv_num_warps(block_m, block_n, block_r, whole_blocks, transpose_weight, blocksize),
         # No contraction: W decodes to the same bits as in the dequantize kernel; the products are
         # explicit tl.fma, so the inner loop keeps one FFMA per weight and row.

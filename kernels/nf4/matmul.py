@@ -33,7 +33,7 @@ import triton.language as tl
 
 from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
 from qlora.kernels.nf4.packed import Packed4bit, weight_strides
-from qlora.kernels.nf4.dequantize import (code_pairs, decode_4bit, decode_row_tile, decode_row_tile_pairs,
+from qlora.kernels.nf4.dequantize import (aligned_code, decode_4bit, decode_row_tile, decode_row_tile_bytes,
                                           weight_pointers, whole_block_tiles)
 from qlora.kernels.launch import launch, target_arch
 
@@ -41,7 +41,7 @@ from qlora.kernels.launch import launch, target_arch
 @triton.jit
 def _matmul_4bit_kernel(
     a_ptr, out_ptr, bias_ptr, partial_ptr, counter_ptr,
-    packed_ptr, absmax_ptr, code_ptr, pairs_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
     M, COLS, R, R_PER_SPLIT, SPLIT_K, IN_FEATURES,
     stride_am, stride_ar, stride_om, stride_oc, w_stride_r, w_stride_c,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -69,10 +69,6 @@ def _matmul_4bit_kernel(
     # view of a larger buffer). W's own indices stay int32: check_triton_size bounds its numel.
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Row tiles decode through code_pairs' table (one 8-byte gather per byte) up to 4096 elements
-    # and with double quant; it spilled 8 B where the two 4-byte gathers do not at 8192 (blocksize
-    # 256: 32 x 256, sm_80) and without double quant (32 x 64 x 64 at 2 stages, sm_89).
-    PAIR_DECODE: tl.constexpr = BLOCK_N * BLOCK_R <= 4096 and DOUBLE_QUANT
     if DIRECT_STORE:  # one split: the loop as it compiled before split-K (its registers and stages are tuned)
         r_start = 0
         r_stop = R
@@ -84,23 +80,13 @@ def _matmul_4bit_kernel(
         mask_r = offs_r < R
         a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         if WHOLE_BLOCKS and TRANSPOSED:  # B = W^T: decode W[cols tile, r tile] along its rows, transpose
-            if PAIR_DECODE:
-                w = tl.trans(decode_row_tile_pairs(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, pairs_ptr,
-                                                   nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
-                                                   NESTED_BLOCKSIZE, DOUBLE_QUANT))
-            else:
-                w = tl.trans(decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
-                                             nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
-                                             NESTED_BLOCKSIZE, DOUBLE_QUANT))
+            w = tl.trans(decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
+                                         nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
+                                         NESTED_BLOCKSIZE, DOUBLE_QUANT))
         elif WHOLE_BLOCKS:  # B = W: the tile is W[r tile, cols tile] as stored
-            if PAIR_DECODE:
-                w = decode_row_tile_pairs(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr,
-                                          pairs_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N,
-                                          BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
-            else:
-                w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
-                                    nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
-                                    NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            w = decode_row_tile_bytes(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
+                                nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
+                                NESTED_BLOCKSIZE, DOUBLE_QUANT)
         else:  # any shape: element by element
             index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
             w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
@@ -346,8 +332,7 @@ def matmul_4bit_fused(
     launch(
         _matmul_4bit_kernel, (tiles, split_k),
         a, out, bias if bias is not None else out, workspace, counters,
-        packed, absmax, weight.code.contiguous(), code_pairs(weight.code) if config["WHOLE_BLOCKS"] else weight.code,
-        nested_absmax, nested_code, offset,
+        packed, absmax, aligned_code(weight.code), nested_absmax, nested_code, offset,
         m, cols, r, r_per_split, split_k, shape[1], a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         w_stride_r, w_stride_c,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
