@@ -76,10 +76,10 @@ def decode_row_tile_bytes(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_
                           NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
     """decode_row_tile's values from bytes rather than words, each nibble's code by a pointer add:
     more integer work per byte, but fewer registers (the OR-ed addresses keep a copy of the table's
-    high address word per lookup). The backward's tiles take it: in the fused kernel the wide ones
-    (256 columns at blocksize 256, or fp32 products split over K) spilled 8-224 B on sm_90 with the
-    word decode or the OR-ed lookups, and the GEMV's Llama-3-8B layer at M = 1 was 0.82x bf16 with
-    the word decode against 0.95x with this one (the machine-code model, H100)."""
+    high address word per lookup). Backward tiles that the word decode does not suit take it: the
+    fused kernel's at blocksize 256 or with fp32 products spilled 8-224 B on sm_90 with the words or
+    the OR-ed lookups, and the GEMV's Llama-3-8B layer at M = 1 was 0.82x bf16 with the word decode
+    against 0.95x with this one (the machine-code model, H100)."""
     HALF: tl.constexpr = COLS // 2
     BLOCKS: tl.constexpr = COLS // BLOCKSIZE
     byte_cols = col0 // 2 + tl.arange(0, HALF)

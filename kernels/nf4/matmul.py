@@ -83,10 +83,16 @@ def _matmul_4bit_kernel(
             w = tl.trans(decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
                                          nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
                                          NESTED_BLOCKSIZE, DOUBLE_QUANT))
-        elif WHOLE_BLOCKS:  # B = W: the tile is W[r tile, cols tile] as stored
-            w = decode_row_tile_bytes(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
+        elif WHOLE_BLOCKS and BLOCKSIZE <= 128 and INPUT_PRECISION != "ieee":  # B = W: W[r tile, cols tile] as stored
+            # Words, as the forward (Llama-3-8B backward at M = 4..16 on the H100 0.90x -> 1.01x bf16 by the
+            # model); 256-column tiles and fp32 products spill with them (decode_row_tile_bytes).
+            w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
                                 nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
                                 NESTED_BLOCKSIZE, DOUBLE_QUANT)
+        elif WHOLE_BLOCKS:
+            w = decode_row_tile_bytes(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
+                                      nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
+                                      NESTED_BLOCKSIZE, DOUBLE_QUANT)
         else:  # any shape: element by element
             index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
             w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
