@@ -79,13 +79,17 @@ def _matmul_4bit_kernel(
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        if WHOLE_BLOCKS and TRANSPOSED:  # B = W^T: decode W[cols tile, r tile] along its rows, transpose
+        if WHOLE_BLOCKS and TRANSPOSED and BLOCKSIZE >= 64:  # B = W^T: decode W[cols tile, r tile], transpose
             w = tl.trans(decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
                                          nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
                                          NESTED_BLOCKSIZE, DOUBLE_QUANT))
-        elif WHOLE_BLOCKS and BLOCKSIZE <= 128 and INPUT_PRECISION != "ieee":  # B = W: W[r tile, cols tile] as stored
+        elif WHOLE_BLOCKS and TRANSPOSED:  # blocksize 32: the word decode put 112 B on the stack (sm_90, 16 rows)
+            w = tl.trans(decode_row_tile_bytes(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
+                                               nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
+                                               NESTED_BLOCKSIZE, DOUBLE_QUANT))
+        elif WHOLE_BLOCKS and 64 <= BLOCKSIZE and BLOCKSIZE <= 128 and INPUT_PRECISION != "ieee":  # B = W as stored
             # Words, as the forward (Llama-3-8B backward at M = 4..16 on the H100 0.90x -> 1.01x bf16 by the
-            # model); 256-column tiles and fp32 products spill with them (decode_row_tile_bytes).
+            # model); 256-column tiles, fp32 products and blocksize 32 spill with them (decode_row_tile_bytes).
             w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
                                 nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
                                 NESTED_BLOCKSIZE, DOUBLE_QUANT)
@@ -227,8 +231,8 @@ def fused_stages(block_m: int, block_n: int, block_r: int, itemsize: int, whole_
     # and on sm_86/89 in backward at blocksize 64 (80 registers at 2 stages, 92 and no spill at 3).
     # sm_80 has no such spill at 2, and 3 stages there cost 15% in the model (78 registers, 6 blocks
     # per SM instead of 7).
-    # 16-row, 16-bit tiles of whole blocks (decode, M <= 16): 1 stage. Pipelined, Triton also routes
-    # the code-pair gathers through shared memory (an LDGSTS.64 and an LDS per packed byte: 32 KB of
+    # 16-row, 16-bit tiles of whole blocks (decode, M <= 16): 1 stage. Pipelined, Triton also routed
+    # the code-pair gathers of the time through shared memory (an LDGSTS.64 and an LDS per packed byte: 32 KB of
     # the 46 KB a 16 x 64 x 64 trip moved through shared memory on sm_80), and the kernel was bound by
     # it; at 1 stage they are L1 gathers into registers. Split-K (fused_split) keeps 4 programs an SM
     # to cover the DRAM latency instead: the model's Llama-3-8B layer at M = 16, H100, backward
