@@ -15,8 +15,10 @@ core.py at 39c74ff, October 2024): its AUTO mode timed every kernel its warm-up 
 launches; and that gemlite accumulated fp16 products in fp16 (GEMLITE_ACC_DTYPE), which GeForce cards
 run at twice their fp32-accumulate tensor rate. Modelled as today's gemlite runs (one kernel per M,
 fp32 accumulation), the M = 2-4 points came out twice as slow as published and the RTX cards' large-M
-points 1.7-2.3x, a 182% worst held-out error that was the harness's, not the model's. A point's modelled speed-up is cuBLAS / gemlite, both modelled; its published time is the
-model's cuBLAS time over the published speed-up, so |model_us - published_us| / published_us is the
+points 1.7-2.3x, a 182% worst held-out error that was the harness's, not the model's.
+
+A point's modelled speed-up is cuBLAS / gemlite, both modelled; its published time is the model's
+cuBLAS time over the published speed-up, so |model_us - published_us| / published_us is the
 speed-up's relative error (the one quantity the plots give).
 
 Fit: the 4096 x 4096 plots (44 points) are the training set; the 8192 x 8192 plots (44 points) are

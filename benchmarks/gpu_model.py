@@ -33,8 +33,8 @@ The same rules for every kernel, ours and the peers', so a ratio between two est
      (LATENCY), plus BARRIER_CYCLES per BAR.SYNC;
    - memory latency: each DRAM stream of the loop (an LDG/LDGSTS whose address does not come from
      another load of the same trip or of the trip before; gathers such as code-table lookups hit
-     L1/L2 and sit in the chain instead) is consumed d trips after it is issued, read from the code: the first reader of
-     the LDG's register, or the LDS of the LDGSTS's shared address, or Triton's num_stages - 1 when
+     L1/L2 and sit in the chain instead) is consumed d trips after it is issued, read from the
+     code: the first reader of the LDG's register, or the LDS of the LDGSTS's shared address, or Triton's num_stages - 1 when
      the buffer rotates. A load used d < 1 trips later stalls the warp: trip >= latency + (1 - d) x
      the rest; d >= 1 trips ahead: trip >= latency / d (Little's law: bytes in flight per SM =
      resident programs x bytes per trip x d).
@@ -315,8 +315,8 @@ def table_wavefronts(access_bytes: int, tables) -> float:
 def gather_wavefronts(access_bytes: int, table_bytes: int | None) -> float:
     """L1 cycles of one warp's gather: 32 lanes at uniformly random entries of a `table_bytes` table
     (None: unknown, every lane its own line). The L1 looks up 4 cache-line tags a clock and its data
-    stage moves 4 sectors (128 B) a clock (NVIDIA's description of Volta's L1, unchanged through
-    Hopper), so a gather takes max(distinct lines / 4, distinct sectors / 4) clocks; the expected
+    stage moves 4 sectors (128 B) a clock (NVIDIA's description of Volta's L1, taken as unchanged
+    through Hopper: a row for gpu_check.py to settle), so a gather takes max(distinct lines / 4, distinct sectors / 4) clocks; the expected
     number of distinct items among 32 draws from n is n (1 - (1 - 1/n)^32)."""
     if table_bytes is None:
         return 32 / TAGS_PER_CLOCK
