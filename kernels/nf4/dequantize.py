@@ -105,7 +105,7 @@ def decode_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, c
     Needs IN_FEATURES % BLOCKSIZE == 0, col0 % BLOCKSIZE == 0, COLS % BLOCKSIZE == 0 (so every row
     starts on a word and on a block: a row's bytes are one contiguous run of words, each read once
     for its eight nibbles, and the tile's scales are COLS / BLOCKSIZE per row), a 4-byte-aligned
-    packed tensor and a 64-byte-aligned code table (aligned_tables). Each nibble's table offset is
+    packed tensor and a 64-byte-aligned code table (aligned_code). Each nibble's table offset is
     one shift and one mask of its word: extracting bytes first cost a PRMT, a redundant mask and two
     shifts per byte in the sm_90 SASS. Elements past the edges decode to finite values (scale 0, or
     the offset): callers mask them out of products and stores.
