@@ -32,7 +32,7 @@ from qlora.kernels.launch import launch, target_arch
 from qlora.kernels.moe.checks import check_experts, check_grouped_input
 from qlora.kernels.moe.packed import PackedExperts4bit
 from qlora.kernels.nf4.checks import check_triton_size
-from qlora.kernels.nf4.dequantize import aligned_code, decode_4bit, decode_row_tile
+from qlora.kernels.nf4.dequantize import aligned_code, decode_4bit, decode_row_tile, word_aligned
 from qlora.kernels.nf4.matmul import fused_config, input_precision, weight_strides
 
 
@@ -181,9 +181,7 @@ def split_k(programs: int, r: int, block_r: int, sms: int) -> tuple[int, int]:
 def expert_pointers(experts: PackedExperts4bit):
     """Kernel arguments of the stack: (packed bytes, absmax, nested absmax, nested code, offset, their
     per-expert strides (bytes, absmax, nested absmax) and double quant), dummies for absent DQ tensors."""
-    packed = experts.packed_bytes()
-    if packed.data_ptr() % 4 or packed.stride(0) % 4:  # decode_row_tile reads the bytes as 32-bit words
-        packed = packed.clone(memory_format=torch.contiguous_format)
+    packed = word_aligned(experts.packed_bytes())
     absmax = experts.absmax.reshape(experts.num_experts, -1)
     if not experts.double_quant:
         # exact: fp16/bf16 values are fp32 values; the interpreter cannot load bf16

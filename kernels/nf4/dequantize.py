@@ -71,6 +71,22 @@ def lookup_code(code_ptr, offset):
 
 
 @triton.jit
+def scale_row_tile(values, rows, row_mask, col0, IN_FEATURES, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                   COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                   DOUBLE_QUANT: tl.constexpr):
+    """A row tile's code values [rows, COLS] times their blocks' scales, COLS / BLOCKSIZE per row
+    (the row tile decoders' common last step)."""
+    BLOCKS: tl.constexpr = COLS // BLOCKSIZE
+    block_cols = col0 // BLOCKSIZE + tl.arange(0, BLOCKS)
+    blocks_per_row = IN_FEATURES // BLOCKSIZE
+    scale = load_scale(absmax_ptr, rows[:, None] * blocks_per_row + block_cols[None, :],
+                       row_mask[:, None] & (block_cols < blocks_per_row)[None, :], nested_absmax_ptr, nested_code_ptr,
+                       offset_ptr, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+    values = tl.reshape(values, (values.shape[0], BLOCKS, BLOCKSIZE)) * scale[:, :, None]
+    return tl.reshape(values, (values.shape[0], COLS))
+
+
+@triton.jit
 def decode_row_tile_bytes(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
                           nested_code_ptr, offset_ptr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr,
                           NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
@@ -81,19 +97,13 @@ def decode_row_tile_bytes(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_
     the OR-ed lookups, and the GEMV's Llama-3-8B layer at M = 1 was 0.82x bf16 with the word decode
     against 0.95x with this one (the machine-code model, H100)."""
     HALF: tl.constexpr = COLS // 2
-    BLOCKS: tl.constexpr = COLS // BLOCKSIZE
     byte_cols = col0 // 2 + tl.arange(0, HALF)
     byte_mask = row_mask[:, None] & (byte_cols < IN_FEATURES // 2)[None, :]
     byte = tl.load(packed_ptr + rows[:, None] * (IN_FEATURES // 2) + byte_cols[None, :], mask=byte_mask,
                    other=0).to(tl.int32)
     values = tl.interleave(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15)))  # high nibble first
-    block_cols = col0 // BLOCKSIZE + tl.arange(0, BLOCKS)
-    blocks_per_row = IN_FEATURES // BLOCKSIZE
-    scale = load_scale(absmax_ptr, rows[:, None] * blocks_per_row + block_cols[None, :],
-                       row_mask[:, None] & (block_cols < blocks_per_row)[None, :], nested_absmax_ptr, nested_code_ptr,
-                       offset_ptr, NESTED_BLOCKSIZE, DOUBLE_QUANT)
-    values = tl.reshape(values, (values.shape[0], BLOCKS, BLOCKSIZE)) * scale[:, :, None]
-    return tl.reshape(values, (values.shape[0], COLS))
+    return scale_row_tile(values, rows, row_mask, col0, IN_FEATURES, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                          offset_ptr, COLS, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
 
 
 @triton.jit
@@ -111,7 +121,6 @@ def decode_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, c
     the offset): callers mask them out of products and stores.
     """
     WORDS: tl.constexpr = COLS // 8
-    BLOCKS: tl.constexpr = COLS // BLOCKSIZE
     words_per_row = IN_FEATURES // 8
     word_cols = col0 // 8 + tl.arange(0, WORDS)
     word = tl.load(packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + rows[:, None] * words_per_row
@@ -126,13 +135,8 @@ def decode_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, c
     # [rows, WORDS, nibble of the byte, byte & 1, byte >> 1] -> element order 8 w + 2 k + nibble
     values = tl.join(tl.join(pair0, pair1), tl.join(pair2, pair3))
     values = tl.reshape(tl.permute(values, (0, 1, 4, 3, 2)), (values.shape[0], COLS))
-    block_cols = col0 // BLOCKSIZE + tl.arange(0, BLOCKS)
-    blocks_per_row = IN_FEATURES // BLOCKSIZE
-    scale = load_scale(absmax_ptr, rows[:, None] * blocks_per_row + block_cols[None, :],
-                       row_mask[:, None] & (block_cols < blocks_per_row)[None, :], nested_absmax_ptr, nested_code_ptr,
-                       offset_ptr, NESTED_BLOCKSIZE, DOUBLE_QUANT)
-    values = tl.reshape(values, (values.shape[0], BLOCKS, BLOCKSIZE)) * scale[:, :, None]
-    return tl.reshape(values, (values.shape[0], COLS))
+    return scale_row_tile(values, rows, row_mask, col0, IN_FEATURES, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                          offset_ptr, COLS, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
 
 
 _ALIGNED_CODE = torch.utils.weak.WeakTensorKeyDictionary()
@@ -195,15 +199,22 @@ def _dequantize_4bit_kernel(
     tl.store(out_ptr + element, out.to(out_ptr.dtype.element_ty), mask=element < numel)
 
 
+def word_aligned(packed: torch.Tensor) -> torch.Tensor:
+    """`packed` (bytes, 1-D or one row per expert), or a contiguous copy where it does not start, or
+    its rows do not step, on a 32-bit word: decode_row_tile reads the bytes as words. Never one of
+    our own weights, whose storage starts aligned and whose rows hold whole blocks: a view that
+    starts mid-word."""
+    if packed.data_ptr() % 4 or (packed.dim() > 1 and packed.stride(0) % 4):
+        return packed.clone(memory_format=torch.contiguous_format)
+    return packed
+
+
 def weight_pointers(weight: Packed4bit):
     """Kernel arguments: packed as uint8 bytes, absmax as the kernel reads it, dummies for absent DQ tensors."""
     packed, absmax = weight.packed, weight.absmax
     # A float storage dtype is only reinterpreted as bytes; converting would canonicalise NaN patterns.
     packed = packed.contiguous().view(torch.uint8).reshape(-1) if packed.dtype != torch.uint8 else packed.reshape(-1)
-    if packed.data_ptr() % 4:
-        # decode_row_tile reads 32-bit words: a view that starts mid-word (never one of our own
-        # weights, whose storage starts aligned) is copied so the words are aligned.
-        packed = packed.clone()
+    packed = word_aligned(packed)
     if not weight.double_quant:
         if absmax.dtype != torch.float32:
             absmax = absmax.float()  # exact: fp16/bf16 values are fp32 values; the interpreter cannot load bf16
