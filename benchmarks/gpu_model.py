@@ -16,8 +16,10 @@ The same rules for every kernel, ours and the peers', so a ratio between two est
      at its own rate per scheduler and clock: any instruction 1, integer ALU 0.5 (16 lanes per
      partition on sm_80-90), fp32 0.5 on sm_80 (16 lanes) and 1 on sm_86/89/90 (32), MUFU and
      F2F/I2F/F2I conversions 0.125 (16 per SM), load/store unit 0.25 (one warp instruction per SM
-     and clock); and per SM the L1/shared-memory data path: shared memory 128 B per clock
-     (LDS/STS/LDSM bytes), plus one clock per 128 B of a coalesced global load or store, plus each
+     and clock; SHFL with them: 32 results per SM and clock); and per SM the L1/shared-memory data
+     path: shared memory 128 B per clock (LDS/STS/LDSM bytes, a warp shuffle's 32 x 4 B; not what a
+     warpgroup MMA reads of its operands from shared memory: charged at 128 B a clock, those reads put
+     gemlite's H100 GEMM at M = 256 at 0.23x bf16 against 0.41x published), plus one clock per 128 B of a coalesced global load or store, plus each
      gather's clocks: the L1 looks up 4 line tags and moves 4 sectors a clock, so a warp's 32
      lookups into a table cost max(distinct lines, distinct sectors) / 4 clocks, expected over
      uniform indices (gather_wavefronts): 1 for the 16 fp32 NF4 codes (64 B), ~6.3 for a 2 KB
@@ -32,8 +34,9 @@ The same rules for every kernel, ours and the peers', so a ratio between two est
    - dependency chain: the longest register chain through one trip, with per-opcode latencies
      (LATENCY), plus BARRIER_CYCLES per BAR.SYNC;
    - memory latency: each DRAM stream of the loop (an LDG/LDGSTS whose address does not come from
-     another load of the same trip or of the trip before; gathers such as code-table lookups hit
-     L1/L2 and sit in the chain instead) is consumed d trips after it is issued, read from the
+     another load of the same trip or of the trip before, and is not the same every trip; gathers
+     such as code-table lookups, and loads of one address every trip, hit L1/L2 and sit in the chain
+     instead) is consumed d trips after it is issued, read from the
      code: the first reader of the LDG's register, or the LDS of the LDGSTS's shared address, or Triton's num_stages - 1 when
      the buffer rotates. A load used d < 1 trips later stalls the warp: trip >= latency + (1 - d) x
      the rest; d >= 1 trips ahead: trip >= latency / d (Little's law: bytes in flight per SM =
@@ -137,7 +140,7 @@ INTEGER = {"IMAD", "IADD3", "IADD", "LOP3", "SHF", "LEA", "PRMT", "ISETP", "IMNM
 FP32 = {"FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "FSETP", "HFMA2", "HADD2", "HMUL2", "FCHK", "FSWZADD"}
 SLOW = {"MUFU", "F2F", "F2I", "I2F", "FRND"}  # 16 per SM and clock
 LOAD_STORE = {"LDG", "STG", "LDGSTS", "LDS", "STS", "LDSM", "ATOM", "ATOMG", "RED", "LD", "ST", "LDC", "ATOMS",
-              "UTMALDG", "UTMASTG"}
+              "UTMALDG", "UTMASTG", "SHFL"}  # SHFL: 32 results per SM and clock (CUDA guide's throughput table)
 # Latency in cycles of a dependent use (Jia et al. 2019 for Turing/Ampere; fixed-latency ALU 4-6).
 LATENCY = {"default": 5, "IMAD": 5, "MUFU": 20, "F2F": 12, "F2I": 12, "I2F": 12, "LDS": 30, "LDSM": 32,
            "LDC": 30, "HMMA": 32, "HGMMA": 64, "IMMA": 32, "SHFL": 30, "gather": 40}
@@ -201,6 +204,43 @@ def _split(mnemonic: str, operands: str):
     return destination, _registers(",".join(parts[1:]))
 
 
+_VARYING = {"LDG", "LDS", "LDSM", "LD", "LDGSTS", "SHFL", "ATOM", "ATOMG", "ATOMS", "RED", "HMMA", "HGMMA", "IMMA",
+            "IGMMA", "S2UR", "CS2R", "R2UR", "VOTE", "MATCH", "POPC"}
+
+
+def _same_address_every_trip(lines: list) -> set[int]:
+    """Indices of the loop's LDGs whose address is the same every trip: made in the loop (ptxas
+    recomputes such addresses rather than hold them in registers) only from constants, kernel
+    parameters (LDC), the lane or thread index and registers the loop does not change. A register's
+    state at the top of the trip is its state at the end of the last one, so the loop is walked until
+    that settles. Anything loaded, shuffled or chosen by a predicate varies."""
+    uniform_written = {u for mnemonic, operands in lines if mnemonic.startswith("U")
+                       for u in re.findall(r"^\s*UR(\d+)", operands)}
+    # Pessimistic start: whatever the loop writes varies (a counter r = r + 64 only ever reads itself)
+    # until an instruction in this trip makes it from invariant values.
+    varying = {r for mnemonic, operands in lines for r in _split(mnemonic, operands)[0]}
+    found: set[int] = set()
+    for _ in range(4):
+        before, found = set(varying), set()
+        for i, (mnemonic, operands) in enumerate(lines):
+            base = mnemonic.split(".")[0]
+            destination, sources = _split(mnemonic, operands)
+            uniform = {int(u) for u in re.findall(r"\bUR(\d+)", operands.split(",", 1)[-1])}
+            if base == "LDG":
+                address = re.findall(r"\[([^\]]*)\]", operands)[-1:]
+                if address and not (set(_registers(address[0])) & varying) and not (
+                        {int(u) for u in re.findall(r"\bUR(\d+)", address[0])} & {int(u) for u in uniform_written}):
+                    found.add(i)
+            lane = base == "S2R" and re.search(r"SR_(LANEID|TID)", operands)
+            varies = (base in _VARYING or (base == "S2R" and not lane) or re.search(r"\bP[0-6]\b|@", mnemonic + operands)
+                      or set(sources) & varying or uniform & {int(u) for u in uniform_written})
+            for r in destination:
+                (varying.add if varies else varying.discard)(r)
+        if varying == before:
+            break
+    return found
+
+
 def _access_bytes(mnemonic: str) -> int:
     """Bytes per thread of a load/store: .64 / .128 suffixes, else 4 (U8/U16 still take a 4-byte slot)."""
     size = re.search(r"\.(64|128)\b", mnemonic)
@@ -212,7 +252,7 @@ class LoopFacts:
     """What one trip of the main loop costs a warp, read from its SASS."""
 
     issue_cycles: float  # per warp, with per-unit rates (before warps share a scheduler)
-    shared_bytes: float  # per warp: LDS/STS/LDSM/LDGSTS-to-shared bytes
+    shared_bytes: float  # per warp: LDS/STS/LDSM/LDGSTS-to-shared bytes and SHFL's
     chain_cycles: float  # longest register dependency chain + barriers
     stream_distance: float | None  # trips between issuing a DRAM stream and its first use (min over streams)
     streams: int  # DRAM stream loads per trip
@@ -259,6 +299,7 @@ def _read_loop(code, card: Card) -> LoopFacts:
     chain, barriers, streams, distances = 0.0, 0, 0, []
     wavefronts, by_width = 0.0, {}
     n = len(lines)
+    same_every_trip = _same_address_every_trip(lines)
     for i, (mnemonic, operands) in enumerate(lines):
         base = mnemonic.split(".")[0]
         counts["any"] += 1
@@ -274,6 +315,8 @@ def _read_loop(code, card: Card) -> LoopFacts:
             shared += 32 * _access_bytes(mnemonic) * (4 if base == "LDSM" and "X4" in mnemonic else 1)
         if base == "LDGSTS":
             shared += 32 * _access_bytes(mnemonic)
+        if base == "SHFL":
+            shared += 32 * 4  # a warp shuffle crosses the same data path: 32 lanes x 4 B a clock
         if base == "BAR":
             barriers += 1
         destination, sources = _split(mnemonic, operands)
@@ -283,7 +326,11 @@ def _read_loop(code, card: Card) -> LoopFacts:
             by_width[_access_bytes(mnemonic)] = by_width.get(_access_bytes(mnemonic), 0) + 1
         elif base in ("LDG", "STG", "LDGSTS", "RED", "ATOMG", "REDG"):
             wavefronts += math.ceil(32 * _access_bytes(mnemonic) / LINE_BYTES)  # a warp's contiguous bytes
-        if base in ("LDG", "LDGSTS") and not gather:
+        if i in same_every_trip and not gather:
+            # The same address every trip (a constant table's line, one per lane): an L1 hit after
+            # the first trip, not a DRAM stream.
+            latency = LATENCY["gather"]
+        elif base in ("LDG", "LDGSTS") and not gather:
             streams += 1
             distances.append(_stream_distance(lines, i, destination, code.num_stages))
             latency = 0.0  # charged by the memory-latency bound, not the chain

@@ -69,7 +69,7 @@ def test_prefetch_distance_read_from_the_loop_bounds_latency():
 
 
 def test_gathers_sit_in_the_chain_not_in_the_streams():
-    lines = [("LDG.E", "R4, desc[UR4][R2.64]"), ("LEA", "R6, P0, R4, UR8, 0x2"),
+    lines = [("IADD3", "R2, P0, R2, 0x4, RZ"), ("LDG.E", "R4, desc[UR4][R2.64]"), ("LEA", "R6, P0, R4, UR8, 0x2"),
              ("LDG.E", "R8, desc[UR4][R6.64]"), ("FFMA", "R10, R8, R9, R10"), ("BRA", "`(.L_x_1)")]
     facts = gpu_model.loop_facts(Code(lines), gpu_model.CARDS["A100"])
     assert facts.streams == 1  # the second load's address comes from the first: a table lookup
@@ -89,6 +89,32 @@ def test_a_parameter_read_inside_the_loop_does_not_make_gathers():
              ("FFMA", "R10, R4, R5, R10"), ("BRA", "`(.L_x_1)")]
     facts = gpu_model.loop_facts(Code(lines), gpu_model.CARDS["H100"])
     assert facts.streams == 1 and not facts.gathers
+
+
+def test_a_load_of_the_same_address_every_trip_is_an_l1_hit_not_a_stream():
+    """ptxas recomputes a table's per-lane address inside the loop (lane id, parameter, multiply):
+    the same line every trip, so not a DRAM stream; an address stepped by a counter is one."""
+    table = [("S2R", "R3, SR_LANEID"), ("LDC.64", "R20, c[0x0][0x248]"), ("LOP3.LUT", "R3, R3, 0xf, RZ, 0xc0, !PT"),
+             ("IMAD.WIDE.U32", "R20, R3, 0x4, R20"), ("LDG.E.CONSTANT", "R7, desc[UR4][R20.64]")]
+    stream = [("IADD3", "R2, P0, R2, 0x10, RZ"), ("LDG.E.128", "R8, desc[UR4][R2.64]")]
+    use = [("FFMA", "R30, R7, R8, R30"), ("BRA", "`(.L_x_1)")]
+    facts = gpu_model.loop_facts(Code(table + stream + use), gpu_model.CARDS["H100"])
+    assert facts.streams == 1 and not facts.gathers
+    assert gpu_model._same_address_every_trip(table + stream + use) == {4}
+    # The same table address, then overwritten by a counter-stepped one before a second load: only the first is the same every trip.
+    stepped = table + [("IMAD.WIDE", "R20, R2, 0x4, R20"), ("LDG.E", "R9, desc[UR4][R20.64]")] + stream + use
+    assert gpu_model._same_address_every_trip(stepped) == {4}
+    # A register the loop only ever adds to (an induction variable) varies, though it reads nothing loaded.
+    counter = [("VIADD", "R12, R12, 0x40"), ("IMAD.WIDE", "R14, R12, 0x4, R20"), ("LDG.E", "R9, desc[UR4][R14.64]")]
+    assert gpu_model._same_address_every_trip(counter + use) == set()
+
+
+def test_warp_shuffles_use_the_shared_memory_data_path():
+    """32 results per SM and clock: a shuffle is a load/store-unit issue and 128 B of the L1/shared path."""
+    shuffles = [("SHFL.IDX", f"PT, R{10 + i}, R4, R{40 + i}, 0x101f") for i in range(32)] + [("BRA", "`(.L_x_1)")]
+    facts = gpu_model.loop_facts(Code(shuffles), gpu_model.CARDS["H100"])
+    assert facts.shared_bytes == 32 * 32 * 4
+    assert facts.issue_cycles == 32 / 0.25  # one warp instruction per SM and clock
 
 
 def test_l1_cycles_of_a_gather_grow_with_the_lines_and_sectors_its_table_spans():
