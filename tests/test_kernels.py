@@ -131,6 +131,18 @@ def test_interp_row_tile_decode_is_bit_exact(kernel, quant_type, blocksize, doub
         else:
             out = gemv_4bit(eye, weight, transpose_weight)
         assert torch.equal(out, expected), (transpose_weight, (out - expected).abs().max())
+        # 16-bit decode-sized products take other loops (tiles fetched a trip ahead; on sm_90, which
+        # the interpreter stands for, W as the MMA's A operand): one-hot rows 16 at a time (fused) and
+        # one at a time (GEMV) must still give W rounded to fp16, bit for bit.
+        eye16, expected16 = eye.half(), expected.half()
+        if kernel == "fused":
+            for first in range(0, eye16.shape[0], 16):
+                got = matmul_4bit_fused(eye16[first:first + 16], weight, transpose_weight)
+                assert torch.equal(got, expected16[first:first + 16]), (transpose_weight, first)
+        else:
+            for row in (0, 17, eye16.shape[0] - 1):
+                got = gemv_4bit(eye16[row:row + 1], weight, transpose_weight)
+                assert torch.equal(got, expected16[row:row + 1]), (transpose_weight, row)
 
 
 def forward_and_grad_input(m, out_features, in_features, quant_type, blocksize, double_quant, dtype):
@@ -227,19 +239,61 @@ def test_interp_fused_split_rule_splits_only_when_tiles_leave_sms_idle():
     assert rel_err(out, expected) < TOLERANCE[torch.float16]
 
 
-def test_aligned_code_places_the_table_where_lookup_code_can_or_into_its_address():
-    from qlora.kernels.nf4.dequantize import CODE_ALIGNMENT, aligned_code
+def run_shuffle_word(ptx: str, words: list[int], table: list[float]) -> list[list[float]]:
+    """The PTX of lookup_word's GPU path executed for one warp, by PTX's own semantics of each
+    instruction it uses (shfl.sync.idx: source lane (lane & ~segmask) | (b & ~segmask) within the
+    clamp, segmask = c[12:8]); `table` sits at address 0, 4 bytes an entry. Returns lane -> 8 outputs."""
+    regs = [{"%laneid": lane, "$8": words[lane], "$9": 0} for lane in range(32)]
+    value = lambda r, token: r[token] if token in r else int(token, 0)  # noqa: E731
+    for line in ptx.splitlines():
+        op, _, rest = line.strip().rstrip(";").partition(" ")
+        args = [a.strip() for a in rest.split(",")]
+        if op in ("{", "}") or op.startswith(".reg"):
+            continue
+        if op == "shfl.sync.idx.b32":
+            d, a, b, c, mask = args
+            assert value({}, mask) & 0xFFFFFFFF == 0xFFFFFFFF, "every lane takes part"
+            segmask, clamp = (int(c, 0) >> 8) & 31, int(c, 0) & 31
+            sources = []
+            for lane, r in enumerate(regs):
+                low, high = lane & segmask, (lane & segmask) | (clamp & ~segmask)
+                j = low | (value(r, b) & 31 & ~segmask)
+                sources.append(regs[j][a] if j <= high else r[a])
+            for r, got in zip(regs, sources):
+                r[d] = got
+            continue
+        for r in regs:
+            if op == "mov.u32":
+                r[args[0]] = value(r, args[1])
+            elif op == "and.b32":
+                r[args[0]] = value(r, args[1]) & value(r, args[2])
+            elif op in ("mul.wide.u32", "add.s64"):
+                x, y = value(r, args[1]), value(r, args[2])
+                r[args[0]] = x * y if op == "mul.wide.u32" else x + y
+            elif op == "shr.u32":
+                r[args[0]] = (value(r, args[1]) & 0xFFFFFFFF) >> value(r, args[2])
+            elif op == "ld.global.nc.f32":
+                r[args[0]] = table[value(r, args[1].strip("[]")) // 4]
+            else:
+                raise AssertionError(f"no semantics here for {op}")
+    return [[r[f"${k}"] for k in range(8)] for r in regs]
 
-    storage = torch.randn(64)
-    start = next(i for i in range(1, 16) if (storage.data_ptr() + 4 * i) % CODE_ALIGNMENT)
-    code = storage[start:start + 16]  # a view 4 bytes (or more) past an aligned address
-    table = aligned_code(code)
-    assert table.data_ptr() % CODE_ALIGNMENT == 0 and torch.equal(table, code)
-    assert aligned_code(code) is table  # one copy per tensor, not one per call
-    code.mul_(2)  # modified in place: copied again
-    assert torch.equal(aligned_code(code), code)
-    aligned = table.clone()
-    assert aligned.data_ptr() % CODE_ALIGNMENT or aligned_code(aligned) is aligned
+
+def test_lookup_words_shuffle_gives_each_nibble_its_code_in_element_order():
+    """lookup_word's GPU path (PTX the interpreter cannot run), executed by PTX's semantics: every
+    lane's 8 outputs are the codes of its word's nibbles in element order (high nibble of byte 0
+    first, bitsandbytes' packing), as the interpreter's loads give them."""
+    from qlora.kernels.nf4.dequantize import _SHUFFLE_WORD, WORD_SHIFTS
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(16, generator=g).tolist()
+    words = torch.randint(-2**31, 2**31, (32,), generator=g, dtype=torch.int64).tolist()
+    got = run_shuffle_word(_SHUFFLE_WORD.value, words, table)
+    for lane, word in enumerate(words):
+        packed = (word & 0xFFFFFFFF).to_bytes(4, "little")
+        nibbles = [n for byte in packed for n in (byte >> 4, byte & 15)]
+        assert got[lane] == [table[n] for n in nibbles]
+        assert got[lane] == [table[((word & 0xFFFFFFFF) >> s) & 15] for s in WORD_SHIFTS]
 
 
 @interpreter_only

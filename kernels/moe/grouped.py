@@ -4,9 +4,10 @@ Rows of the input are sorted by expert, counts[e] of them for expert e (some exp
 kernel serves both products of the frozen expert linears, as kernels/nf4/matmul.py does for one weight:
 - forward  Y[rows of e]  = X[rows of e]  @ W_e^T  (R = in,  cols = out);
 - backward dX[rows of e] = dY[rows of e] @ W_e    (R = out, cols = in).
-W_e's tiles are decoded inside the R loop by kernels/nf4's decode_row_tile / decode_4bit on expert e's
-slice of the stack (its bytes, scales and double-quant state sit at e times a row stride), so no dense
-W of any expert exists in memory and each expert decodes to the same bits as the dense 4-bit kernels.
+W_e's tiles are decoded inside the R loop by kernels/nf4's decode_row_tile (decode_row_tile_bytes for
+backward tiles past 16 rows) / decode_4bit on expert e's slice of the stack (its bytes, scales and
+double-quant state sit at e times a row stride), so no dense W of any expert exists in memory and each
+expert decodes to the same bits as the dense 4-bit kernels.
 
 The schedule needs no host sync (so a step stays CUDA-graph capturable): the grid is an upper bound
 on the row tiles, min(T, cdiv(T, BLOCK_M) + min(E, T)) (each expert with tokens wastes less than one
@@ -32,7 +33,7 @@ from qlora.kernels.launch import launch, target_arch
 from qlora.kernels.moe.checks import check_experts, check_grouped_input
 from qlora.kernels.moe.packed import PackedExperts4bit
 from qlora.kernels.nf4.checks import check_triton_size
-from qlora.kernels.nf4.dequantize import aligned_code, decode_4bit, decode_row_tile, word_aligned
+from qlora.kernels.nf4.dequantize import decode_4bit, decode_row_tile, decode_row_tile_bytes, word_aligned
 from qlora.kernels.nf4.matmul import fused_config, input_precision, weight_strides
 
 
@@ -96,10 +97,14 @@ def _grouped_matmul_4bit_kernel(
             w = tl.trans(decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
                                          nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
                                          NESTED_BLOCKSIZE, DOUBLE_QUANT))
-        elif WHOLE_BLOCKS:  # B = W_e: the tile is W_e[r tile, cols tile] as stored
+        elif WHOLE_BLOCKS and BLOCK_M == 16:  # B = W_e: the tile is W_e[r tile, cols tile] as stored
             w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
                                 nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE,
                                 DOUBLE_QUANT)
+        elif WHOLE_BLOCKS:  # larger tiles by bytes: 64-row ones spilled 16 B on sm_80 with the word decode
+            w = decode_row_tile_bytes(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
+                                      nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
+                                      NESTED_BLOCKSIZE, DOUBLE_QUANT)
         else:  # any shape: element by element
             index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
             w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
@@ -223,7 +228,7 @@ def grouped_matmul_4bit(a: torch.Tensor, experts: PackedExperts4bit, counts: tor
     launch(
         _grouped_matmul_4bit_kernel, (programs, split),
         a, out, partial, counts,
-        packed, absmax, aligned_code(experts.code), nested_absmax, nested_code, offset,
+        packed, absmax, experts.code, nested_absmax, nested_code, offset,
         rows, cols, r, experts.shape[2], experts.num_experts, tiles_m,
         a.stride(0), a.stride(1), out.stride(0), out.stride(1), w_stride_r, w_stride_c,
         packed_stride, absmax_stride, nested_stride, r_per_split, SPLIT_K=split,

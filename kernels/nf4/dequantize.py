@@ -10,10 +10,11 @@ measurable (one multiply-add per 64 elements).
 The helpers `decode_4bit` / `load_scale` are shared with the matmul and GEMV kernels, which
 decode W at arbitrary element indices (any K, including odd K where a byte straddles two rows);
 `decode_row_tile` (forward tiles, read as 32-bit words) and `decode_row_tile_bytes` (backward
-tiles) are their fast paths when rows of W hold whole quantization blocks. Row tiles look codes up
-in a 16-entry fp32 table (64 B, one L1 line per warp's lookup); a 256-entry table of code pairs
-issued fewer instructions but spread each warp's lookups over ~14 lines, and the machine-code model
-found its L1 traffic the bound of every kernel that used it (docs/kernels.md).
+tiles) are their fast paths when rows of W hold whole quantization blocks. Word tiles take their
+codes by warp shuffle from the 16 fp32 codes held across each half-warp (lookup_word); byte tiles
+load them from the 16-entry table (64 B, one L1 line per warp's lookup). A 256-entry table of code
+pairs issued fewer instructions but spread each warp's lookups over ~14 lines, and the machine-code
+model found its L1 traffic the bound of every kernel that used it (docs/kernels.md).
 """
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ import math
 from typing import Optional, Sequence
 
 import torch
-import torch.utils.weak
 import triton
 import triton.language as tl
 
 from qlora.kernels.nf4.checks import check_compute_dtype, check_triton_size, check_weight
 from qlora.kernels.nf4.packed import Packed4bit
+from qlora.kernels.backend import interpreter_enabled
 from qlora.kernels.launch import launch
 
 
@@ -59,15 +60,46 @@ def decode_4bit(packed_ptr, index, mask, absmax_ptr, code_ptr, nested_absmax_ptr
     return value * scale
 
 
-@triton.jit
-def lookup_code(code_ptr, offset):
-    """The fp32 code at byte `offset` (4 x a nibble, int32 in 0..60) of a 64-byte-aligned table.
+# Nibble k of a word's 8 elements in element order: byte b holds element 2b in its high nibble.
+WORD_SHIFTS = (4, 0, 12, 8, 20, 16, 28, 24)
+# GPU: one warp shuffle per code. Lanes l and l + 16 hold code[l & 15] (one load per word's lookups,
+# which ptxas merges across a thread's words), and each lane reads the lane its nibble names within its
+# own 16-lane half: shfl.sync.idx with c = 0x101f is CUDA's __shfl_sync(mask, v, src, width=16), which
+# uses only the low 4 bits of src, so a nibble needs a shift and no mask. Everything here is uniform
+# across the warp (no divergence inside a tile's decode), as shfl.sync with a full mask requires.
+_SHUFFLE_WORD = tl.constexpr("\n".join(
+    ["{", ".reg .b32 lane, nibble;", ".reg .b64 address;", ".reg .f32 table;",
+     "mov.u32 lane, %laneid;", "and.b32 lane, lane, 15;", "mul.wide.u32 address, lane, 4;",
+     "add.s64 address, address, $9;", "ld.global.nc.f32 table, [address];"]
+    + [line for k, shift in enumerate(WORD_SHIFTS) for line in (
+        [f"shfl.sync.idx.b32 ${k}, table, $8, 0x101f, -1;"] if shift == 0 else
+        [f"shr.u32 nibble, $8, {shift};", f"shfl.sync.idx.b32 ${k}, table, nibble, 0x101f, -1;"])]
+    + ["}"]))
+# The interpreter cannot run PTX: there the same codes come from a load per nibble.
+SHUFFLE_LOOKUPS = tl.constexpr(not interpreter_enabled())
 
-    The table's address is OR-ed with the offset rather than added: with the low 6 bits of the
-    base zero the two agree, and the OR is one 32-bit logic op on the address's low word where a
-    pointer add is a 64-bit add with carry (LEA + LEA.HI.X per lookup in the sm_90 SASS)."""
-    address = code_ptr.to(tl.int64, bitcast=True) | offset.to(tl.int64)
-    return tl.load(address.to(tl.pointer_type(tl.float32), bitcast=True))
+
+@triton.jit
+def lookup_word(code_ptr, word):
+    """The 8 fp32 codes of int32 `word` of packed nibbles, in element order (WORD_SHIFTS).
+
+    On a GPU one SHFL per code: a load from the 16-entry table cost a shift, a mask-and-OR into the
+    table's address, a copy of the address's high word and the load itself, each lookup an L1
+    wavefront besides (sm_90 fused decode loop: 340 instructions a trip against 264)."""
+    if SHUFFLE_LOOKUPS:
+        base = tl.zeros_like(word).to(tl.int64) + code_ptr.to(tl.int64, bitcast=True)
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            _SHUFFLE_WORD, "=r,=r,=r,=r,=r,=r,=r,=r,r,l", [word, base], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        v0 = tl.load(code_ptr + ((word >> 4) & 15))
+        v1 = tl.load(code_ptr + (word & 15))
+        v2 = tl.load(code_ptr + ((word >> 12) & 15))
+        v3 = tl.load(code_ptr + ((word >> 8) & 15))
+        v4 = tl.load(code_ptr + ((word >> 20) & 15))
+        v5 = tl.load(code_ptr + ((word >> 16) & 15))
+        v6 = tl.load(code_ptr + ((word >> 28) & 15))
+        v7 = tl.load(code_ptr + ((word >> 24) & 15))
+    return v0, v1, v2, v3, v4, v5, v6, v7
 
 
 @triton.jit
@@ -115,49 +147,66 @@ def decode_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, c
     Needs IN_FEATURES % BLOCKSIZE == 0, col0 % BLOCKSIZE == 0, COLS % BLOCKSIZE == 0 (so every row
     starts on a word and on a block: a row's bytes are one contiguous run of words, each read once
     for its eight nibbles, and the tile's scales are COLS / BLOCKSIZE per row), a 4-byte-aligned
-    packed tensor and a 64-byte-aligned code table (aligned_code). Each nibble's table offset is
-    one shift and one mask of its word: extracting bytes first cost a PRMT, a redundant mask and two
-    shifts per byte in the sm_90 SASS. Elements past the edges decode to finite values (scale 0, or
-    the offset): callers mask them out of products and stores.
+    packed tensor. Each word's 8 codes come from lookup_word (a shift and a warp shuffle each on a
+    GPU): extracting bytes first cost a PRMT, a redundant mask and two shifts per byte in the sm_90
+    SASS. Elements past the edges decode to finite values (scale 0, or the offset): callers mask them
+    out of products and stores.
     """
+    word, absmax, nested_scale = fetch_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, IN_FEATURES, absmax_ptr,
+                                                nested_absmax_ptr, COLS, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+    return decode_fetched_row_tile(word, absmax, nested_scale, code_ptr, nested_code_ptr, offset_ptr, COLS, BLOCKSIZE,
+                                   DOUBLE_QUANT)
+
+
+@triton.jit
+def fetch_row_tile(packed_ptr, rows, row_mask, col0, col_end, IN_FEATURES, absmax_ptr, nested_absmax_ptr,
+                   COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                   DOUBLE_QUANT: tl.constexpr):
+    """What decode_row_tile reads from DRAM for W[rows, col0 : col0 + COLS]: the tile's 32-bit words
+    [rows, COLS / 8] and per block its absmax (the uint8 code, with double quant) and nested scale
+    [rows, COLS / BLOCKSIZE]; nothing at or past column `col_end` (a multiple of BLOCKSIZE, at most
+    IN_FEATURES). Loops fetch the next tile while they decode this one (decode_fetched_row_tile), so
+    no load is used in the trip that issues it."""
     WORDS: tl.constexpr = COLS // 8
+    BLOCKS: tl.constexpr = COLS // BLOCKSIZE
     words_per_row = IN_FEATURES // 8
     word_cols = col0 // 8 + tl.arange(0, WORDS)
     word = tl.load(packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + rows[:, None] * words_per_row
-                   + word_cols[None, :], mask=row_mask[:, None] & (word_cols < words_per_row)[None, :], other=0)
-    # Byte k of a word holds elements 2k (high nibble, bits 8k+4..8k+7) and 2k+1 (low nibble);
-    # 4 x a nibble at bit b is (word >> (b - 2)) & 60. Arithmetic shifts are fine: the mask drops
-    # every copied sign bit but the nibble's own.
-    pair0 = tl.join(lookup_code(code_ptr, (word >> 2) & 60), lookup_code(code_ptr, (word << 2) & 60))
-    pair1 = tl.join(lookup_code(code_ptr, (word >> 10) & 60), lookup_code(code_ptr, (word >> 6) & 60))
-    pair2 = tl.join(lookup_code(code_ptr, (word >> 18) & 60), lookup_code(code_ptr, (word >> 14) & 60))
-    pair3 = tl.join(lookup_code(code_ptr, (word >> 26) & 60), lookup_code(code_ptr, (word >> 22) & 60))
+                   + word_cols[None, :], mask=row_mask[:, None] & (word_cols < col_end // 8)[None, :], other=0)
+    blocks_per_row = IN_FEATURES // BLOCKSIZE
+    block_cols = col0 // BLOCKSIZE + tl.arange(0, BLOCKS)
+    block = rows[:, None] * blocks_per_row + block_cols[None, :]
+    block_mask = row_mask[:, None] & (block_cols < col_end // BLOCKSIZE)[None, :]
+    if DOUBLE_QUANT:
+        absmax = tl.load(absmax_ptr + block, mask=block_mask, other=0).to(tl.int32)
+        nested_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=block_mask, other=0.0)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=block_mask, other=0.0).to(tl.float32)
+        nested_scale = absmax
+    return word, absmax, nested_scale
+
+
+@triton.jit
+def decode_fetched_row_tile(word, absmax, nested_scale, code_ptr, nested_code_ptr, offset_ptr, COLS: tl.constexpr,
+                            BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """fp32 values of a tile fetched by fetch_row_tile: codes (lookup_word) times scales. Masked-off
+    blocks decode to the offset (absmax code 0, nested scale 0) or 0, as load_scale's do."""
+    BLOCKS: tl.constexpr = COLS // BLOCKSIZE
+    v0, v1, v2, v3, v4, v5, v6, v7 = lookup_word(code_ptr, word)
+    pair0 = tl.join(v0, v1)
+    pair1 = tl.join(v2, v3)
+    pair2 = tl.join(v4, v5)
+    pair3 = tl.join(v6, v7)
     # [rows, WORDS, nibble of the byte, byte & 1, byte >> 1] -> element order 8 w + 2 k + nibble
     values = tl.join(tl.join(pair0, pair1), tl.join(pair2, pair3))
     values = tl.reshape(tl.permute(values, (0, 1, 4, 3, 2)), (values.shape[0], COLS))
-    return scale_row_tile(values, rows, row_mask, col0, IN_FEATURES, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
-                          offset_ptr, COLS, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
-
-
-_ALIGNED_CODE = torch.utils.weak.WeakTensorKeyDictionary()
-CODE_ALIGNMENT = 64  # bytes: lookup_code ORs nibble offsets (0..60) into the table's address
-
-
-def aligned_code(code: torch.Tensor) -> torch.Tensor:
-    """The 16 fp32 codes at a 64-byte-aligned address, as lookup_code needs: the tensor itself when it
-    is, else a copy made once per code tensor (and again if it is modified in place), so a decode step
-    captured in a CUDA graph after the first call launches nothing extra."""
-    if code.dtype == torch.float32 and code.is_contiguous() and code.data_ptr() % CODE_ALIGNMENT == 0:
-        return code
-    cached = _ALIGNED_CODE.get(code)
-    if cached is not None and cached[0] == code._version:
-        return cached[1]
-    # An allocation of its own: torch's allocators align every block to at least 64 bytes.
-    copy = torch.empty(16, dtype=torch.float32, device=code.device).copy_(code.reshape(16))
-    if copy.data_ptr() % CODE_ALIGNMENT:
-        raise RuntimeError(f"could not place the 4-bit code table at a {CODE_ALIGNMENT}-byte-aligned address")
-    _ALIGNED_CODE[code] = (code._version, copy)
-    return copy
+    if DOUBLE_QUANT:
+        # As load_scale: a multiply then an add, two roundings (the launches disable contraction).
+        scale = tl.load(nested_code_ptr + absmax) * nested_scale + tl.load(offset_ptr)
+    else:
+        scale = absmax
+    values = tl.reshape(values, (values.shape[0], BLOCKS, BLOCKSIZE)) * scale[:, :, None]
+    return tl.reshape(values, (values.shape[0], COLS))
 
 
 # Tiles span at least one quantization block along W's rows; past 256 the tiles would not fit in

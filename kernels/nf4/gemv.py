@@ -21,11 +21,12 @@ exist), and one launch per product, where a separate reduction kernel cost a sec
 time (~6 us in the calibrated model: a third of a bf16 4096x4096 decode). For M=1, N=4096 and
 SPLIT_K=4 the workspace is 64 KB, <1% of W.
 
-Tiles of whole blocks decode through decode_row_tile: 32-bit words of packed nibbles, each
-nibble's code one shift, one mask-and-OR into the 64-byte-aligned table's address, and one 4-byte
-gather that stays within one L1 line. A 256-entry table of code pairs (one 8-byte gather per byte)
-issued fewer instructions, but its gathers spread over 16 lines and ~25 sectors of L1 each (about
-6 L1 cycles a warp against 1), which the machine-code model found the binding limit.
+Forward tiles of whole blocks are fetched a trip ahead (fetch_row_tile: 32-bit words of packed
+nibbles and the blocks' scales, in registers) and decoded by decode_fetched_row_tile: each nibble's
+code one shift and one warp shuffle (lookup_word). A load per code from the 16-entry table cost a
+mask-and-OR into its address, a copy of the address's high word and an L1 access besides; a
+256-entry table of code pairs (one 8-byte gather per byte) spread its gathers over 16 lines and ~25
+sectors of L1 each, which the machine-code model found the binding limit.
 
 `gemv_4bit` takes preallocated `out` and `workspace` and does no host sync (no .item(), the
 offset is read through a pointer), so a decode step built on it can be captured in a CUDA graph,
@@ -41,8 +42,8 @@ import triton.language as tl
 
 from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
 from qlora.kernels.nf4.packed import Packed4bit, weight_strides
-from qlora.kernels.nf4.dequantize import (aligned_code, decode_4bit, decode_row_tile, decode_row_tile_bytes,
-                                          weight_pointers, whole_block_tiles)
+from qlora.kernels.nf4.dequantize import (decode_4bit, decode_fetched_row_tile, decode_row_tile, decode_row_tile_bytes,
+                                          fetch_row_tile, weight_pointers, whole_block_tiles)
 from qlora.kernels.launch import launch
 
 GEMV_BLOCK_M = 16  # rows per program
@@ -58,9 +59,10 @@ GEMV_STAGES: tl.constexpr = tl.constexpr(1)
 # products (1 x 64 x 64, blocksize 4096, backward) sm_90 took 255 registers and spilled 24 B; at
 # 2048 (1 x 64 x 32) 96 registers and no spill, the same instructions per weight.
 GEMV_REGISTER_PRODUCTS = 8192
-# The forward's word decode (decode_row_tile) keeps the table's high address word beside each lookup:
+# The forward's word decode with table loads kept the table's high address word beside each lookup:
 # at 8192 products sm_90 took 224 registers (2 programs an SM) and the model's Llama-3-8B M=1 layer
-# was 0.90x bf16 on the H100, at 4096 96 registers (5 an SM) and 0.96x, at 2048 0.76x.
+# was 0.90x bf16 on the H100, at 4096 96 registers (5 an SM) and 0.96x, at 2048 0.76x. With shuffled
+# lookups and the next tile fetched ahead, 4096 products compile to 96 registers on sm_90.
 GEMV_FORWARD_PRODUCTS = 4096
 GEMV_REGISTER_PRODUCTS_PER_ELEMENT = 2048
 
@@ -119,18 +121,45 @@ def _gemv_4bit_kernel(
         acc3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N) if ACC_IN_REGISTERS else (1, 1, 1), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     r_start = split * R_PER_SPLIT
-    r_end = r_start + R_PER_SPLIT
+    r_end = tl.minimum(r_start + R_PER_SPLIT, R)
+    # At M = 1 the next trip's words, scales and inputs are loaded a trip ahead, in registers (4 words
+    # and 2 scale bytes a thread): loaded and used in the same trip, every trip waited a DRAM latency,
+    # 11.4 of the 41.0 us the model put on gate_proj at M = 1 on the H100. Software pipelining
+    # (GEMV_STAGES) does the same through shared memory and cost more (43.1 us). With more rows sm_86/89
+    # compiled the 4 x 16 x 64 tile to 64 registers and 8 B of spill, and the fused kernel is faster
+    # there anyway.
+    AHEAD: tl.constexpr = WHOLE_BLOCKS and TRANSPOSED and BLOCK_M == 1
+    if AHEAD:
+        word, absmax, nested_scale = fetch_row_tile(packed_ptr, offs_n, mask_n, r_start, r_end, IN_FEATURES,
+                                                    absmax_ptr, nested_absmax_ptr, BLOCK_R, BLOCKSIZE,
+                                                    NESTED_BLOCKSIZE, DOUBLE_QUANT)
+        next_r = r_start + tl.arange(0, BLOCK_R)
+        a_next = tl.load(a_rows + next_r[None, :].to(tl.int64) * stride_ar,
+                         mask=mask_m[:, None] & (next_r < r_end)[None, :], other=0.0).to(tl.float32)
     for r0 in tl.range(r_start, r_end, BLOCK_R, num_stages=GEMV_STAGES):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :],
-                    other=0.0).to(tl.float32)
         # W is rounded to the input dtype first, as in the other paths; products and sums in fp32,
         # the register array's product-and-add one explicit FMA (the launch disables contraction
         # elsewhere, so W's decode rounds exactly as in the dequantize kernel).
         if WHOLE_BLOCKS and TRANSPOSED:  # forward: W[cols tile, r tile] decoded along its rows
-            w = decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
-                                nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            if AHEAD:
+                a = a_next
+                # The next tile's loads first, so they are in flight through this whole trip.
+                next_word, next_absmax, next_nested_scale = fetch_row_tile(  # nothing past this split's end
+                    packed_ptr, offs_n, mask_n, r0 + BLOCK_R, r_end, IN_FEATURES, absmax_ptr, nested_absmax_ptr,
+                    BLOCK_R, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+                next_r = offs_r + BLOCK_R
+                a_next = tl.load(a_rows + next_r[None, :].to(tl.int64) * stride_ar,
+                                 mask=mask_m[:, None] & (next_r < r_end)[None, :], other=0.0).to(tl.float32)
+                w = decode_fetched_row_tile(word, absmax, nested_scale, code_ptr, nested_code_ptr, offset_ptr, BLOCK_R,
+                                            BLOCKSIZE, DOUBLE_QUANT)
+                word, absmax, nested_scale = next_word, next_absmax, next_nested_scale
+            else:
+                a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :],
+                            other=0.0).to(tl.float32)
+                w = decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                    nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
             w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
             if ACC_IN_REGISTERS:
                 acc3 = tl.fma(tl.broadcast_to(a[:, None, :], acc3.shape), tl.broadcast_to(w[None, :, :], acc3.shape),
@@ -138,6 +167,8 @@ def _gemv_4bit_kernel(
             else:
                 acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
         else:
+            a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :],
+                        other=0.0).to(tl.float32)
             if WHOLE_BLOCKS:  # backward: W[r tile, cols tile] as stored
                 w = decode_row_tile_bytes(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
                                     nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
@@ -289,7 +320,7 @@ def gemv_4bit(
     launch(
         _gemv_4bit_kernel, (triton.cdiv(cols, block_n), split_k, triton.cdiv(m, block_m)),
         a, workspace, split_counters(a.device, triton.cdiv(cols, block_n) * triton.cdiv(m, block_m)), out,
-        bias if bias is not None else out, packed, absmax, aligned_code(weight.code), nested_absmax, nested_code, offset,
+        bias if bias is not None else out, packed, absmax, weight.code, nested_absmax, nested_code, offset,
         m, cols, r, r_per_split, split_k, shape[1], a.stride(0), a.stride(1), w_stride_r, w_stride_c,
         out.stride(0), out.stride(1),
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant,

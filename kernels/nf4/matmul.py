@@ -33,8 +33,8 @@ import triton.language as tl
 
 from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
 from qlora.kernels.nf4.packed import Packed4bit, weight_strides
-from qlora.kernels.nf4.dequantize import (aligned_code, decode_4bit, decode_row_tile, decode_row_tile_bytes,
-                                          weight_pointers, whole_block_tiles)
+from qlora.kernels.nf4.dequantize import (decode_4bit, decode_fetched_row_tile, decode_row_tile, decode_row_tile_bytes,
+                                          fetch_row_tile, weight_pointers, whole_block_tiles)
 from qlora.kernels.launch import launch, target_arch
 
 
@@ -47,7 +47,7 @@ def _matmul_4bit_kernel(
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr,
-    DIRECT_STORE: tl.constexpr,
+    DIRECT_STORE: tl.constexpr, PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     # Grouped program order: GROUP_M row tiles share each W column tile while it is in L2.
     pid = tl.program_id(0)
@@ -68,41 +68,95 @@ def _matmul_4bit_kernel(
     # int64 row offsets: M * stride passes 2**31 at M = 150K for a 14336-wide input (or any strided
     # view of a larger buffer). W's own indices stay int32: check_triton_size bounds its numel.
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if DIRECT_STORE:  # one split: the loop as it compiled before split-K (its registers and stages are tuned)
         r_start = 0
         r_stop = R
     else:
         r_start = split * R_PER_SPLIT
         r_stop = r_start + R_PER_SPLIT
+    # Tiles read as words (decode_row_tile): forward at blocksize 64+, backward at 64-128 with 16-bit inputs.
+    FORWARD_WORDS: tl.constexpr = WHOLE_BLOCKS and TRANSPOSED and BLOCKSIZE >= 64
+    # Backward words only in 16-row tiles: 64-row ones (no double quant) spilled 16 B on sm_80/89 with
+    # the shuffled lookups.
+    BACKWARD_WORDS: tl.constexpr = (WHOLE_BLOCKS and not TRANSPOSED and 64 <= BLOCKSIZE and BLOCKSIZE <= 128
+                                    and INPUT_PRECISION != "ieee" and BLOCK_M == 16)
+    # Without software pipelining (PREFETCH: 1 stage, decode-sized tiles) the next trip's words, scales
+    # and inputs are loaded a trip ahead in registers, as in the GEMV: loaded and used in one trip,
+    # each trip waited a DRAM latency. Not for fp32 scales (no double quant): the split forward tile
+    # spilled 8 B on sm_80 with them.
+    AHEAD: tl.constexpr = PREFETCH and DOUBLE_QUANT and (FORWARD_WORDS or BACKWARD_WORDS)
+    r_last = tl.minimum(r_stop, R)
+    if AHEAD:
+        if FORWARD_WORDS:
+            word, absmax, nested_scale = fetch_row_tile(packed_ptr, offs_n, mask_n, r_start, r_last, IN_FEATURES,
+                                                        absmax_ptr, nested_absmax_ptr, BLOCK_R, BLOCKSIZE,
+                                                        NESTED_BLOCKSIZE, DOUBLE_QUANT)
+        else:
+            first_r = r_start + tl.arange(0, BLOCK_R)
+            word, absmax, nested_scale = fetch_row_tile(packed_ptr, first_r, first_r < r_last, pid_n * BLOCK_N,
+                                                        IN_FEATURES, IN_FEATURES, absmax_ptr, nested_absmax_ptr,
+                                                        BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+        next_r = r_start + tl.arange(0, BLOCK_R)
+        a_next = tl.load(a_rows + next_r[None, :].to(tl.int64) * stride_ar,
+                         mask=mask_m[:, None] & (next_r < r_last)[None, :], other=0.0)
     for r0 in range(r_start, r_stop, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        if WHOLE_BLOCKS and TRANSPOSED and BLOCKSIZE >= 64:  # B = W^T: decode W[cols tile, r tile], transpose
-            w = tl.trans(decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
-                                         nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
-                                         NESTED_BLOCKSIZE, DOUBLE_QUANT))
-        elif WHOLE_BLOCKS and TRANSPOSED:  # blocksize 32: the word decode put 112 B on the stack (sm_90, 16 rows)
-            w = tl.trans(decode_row_tile_bytes(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
-                                               nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
-                                               NESTED_BLOCKSIZE, DOUBLE_QUANT))
-        elif WHOLE_BLOCKS and 64 <= BLOCKSIZE and BLOCKSIZE <= 128 and INPUT_PRECISION != "ieee":  # B = W as stored
-            # Words, as the forward (Llama-3-8B backward at M = 4..16 on the H100 0.90x -> 1.01x bf16 by the
-            # model); 256-column tiles, fp32 products and blocksize 32 spill with them (decode_row_tile_bytes).
-            w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
-                                nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
-                                NESTED_BLOCKSIZE, DOUBLE_QUANT)
-        elif WHOLE_BLOCKS:
-            w = decode_row_tile_bytes(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
-                                      nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
-                                      NESTED_BLOCKSIZE, DOUBLE_QUANT)
-        else:  # any shape: element by element
-            index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
-            w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
-                            nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+        if AHEAD:
+            a = a_next
+            next_r = offs_r + BLOCK_R
+            next_mask = next_r < r_last  # nothing past this split's end (or R) is read
+            if FORWARD_WORDS:
+                next_word, next_absmax, next_nested_scale = fetch_row_tile(
+                    packed_ptr, offs_n, mask_n, r0 + BLOCK_R, r_last, IN_FEATURES, absmax_ptr, nested_absmax_ptr,
+                    BLOCK_R, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            else:
+                next_word, next_absmax, next_nested_scale = fetch_row_tile(
+                    packed_ptr, next_r, next_mask, pid_n * BLOCK_N, IN_FEATURES, IN_FEATURES, absmax_ptr,
+                    nested_absmax_ptr, BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            a_next = tl.load(a_rows + next_r[None, :].to(tl.int64) * stride_ar,
+                             mask=mask_m[:, None] & next_mask[None, :], other=0.0)
+            w = decode_fetched_row_tile(word, absmax, nested_scale, code_ptr, nested_code_ptr, offset_ptr,
+                                        BLOCK_R if FORWARD_WORDS else BLOCK_N, BLOCKSIZE, DOUBLE_QUANT)
+            if FORWARD_WORDS:
+                w = tl.trans(w)
+            word, absmax, nested_scale = next_word, next_absmax, next_nested_scale
+        else:
+            a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :],
+                        other=0.0)
+            if FORWARD_WORDS:  # B = W^T: decode W[cols tile, r tile], transpose
+                w = tl.trans(decode_row_tile(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
+                                             nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
+                                             NESTED_BLOCKSIZE, DOUBLE_QUANT))
+            elif WHOLE_BLOCKS and TRANSPOSED:  # blocksize 32: the word decode put 112 B on the stack (sm_90, 16 rows)
+                w = tl.trans(decode_row_tile_bytes(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
+                                                   nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
+                                                   NESTED_BLOCKSIZE, DOUBLE_QUANT))
+            elif BACKWARD_WORDS:  # B = W as stored
+                # Words, as the forward (Llama-3-8B backward at M = 4..16 on the H100 0.90x -> 1.01x bf16 by the
+                # model); 256-column tiles, fp32 products and blocksize 32 spill with them (decode_row_tile_bytes).
+                w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
+                                    nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
+                                    NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            elif WHOLE_BLOCKS:
+                w = decode_row_tile_bytes(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
+                                          nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
+                                          NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            else:  # any shape: element by element
+                index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
+                w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
+                                nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
         # W rounded to the input dtype once, as the dequantize-then-matmul path does; fp32 accumulate.
-        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+        if SWAP_AB:
+            acc_t = tl.dot(tl.trans(w.to(a.dtype)), tl.trans(a), acc_t, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+    if SWAP_AB:
+        acc = tl.trans(acc_t)
     mask_out = mask_m[:, None] & mask_n[None, :]
     last = True
     if not DIRECT_STORE:
@@ -186,6 +240,9 @@ def matmul_block_sizes(m: int, dtype: torch.dtype, min_r: int = 0, min_n: int = 
 FUSED_SPLIT_PROGRAMS_PER_SM = 4
 FUSED_SPLIT_BELOW_TILES_PER_SM = 4
 FUSED_SPLIT_MIN_TRIPS = 2
+# Programs of a 16-row tile sure to fit an SM at once: with the next trip's loads in registers they
+# compile to 95-128 registers (128 on sm_80 with split-K), and 4 x 128 threads x 128 fill its 64K.
+FUSED_SPLIT_MAX_RESIDENT = 4
 # Tiles past 32 x 8192 products never split: the 64 x 256 x 32 tile (blocksize 256, backward) is at
 # 255 registers already, and the split epilogue beside it spilled 144 B on sm_80 and 16 B on sm_90.
 FUSED_SPLIT_MAX_PRODUCTS = 32 * 8192
@@ -257,6 +314,19 @@ def fused_config(m: int, dtype: torch.dtype, shape: Sequence[int], blocksize: in
                 num_warps=4, num_stages=stages)
 
 
+def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int) -> dict:
+    """The dense fused kernel's own loop constexprs for a fused_config (the grouped MoE kernel shares
+    the tiles, not these)."""
+    decode_tile = config["BLOCK_M"] == 16
+    # Decode-sized 16-bit products on sm_90: W as the warpgroup MMA's A operand (64 rows of it, the 16
+    # rows of the input as B). As B, the decoded tile went to shared memory and back into registers for
+    # mma.sync (STS + LDS, 6.5 KB a warp a trip); as A it is stored once and read by LDSM, and the
+    # Llama-3-8B gate_proj at M = 1 went from 38.1 to 30.3 us in the model, backward 35.2 to 30.2.
+    # On sm_80 (mma.sync either way) it was slower: 85.1 us against 57.2 on the A100.
+    return dict(PREFETCH=decode_tile and config["num_stages"] == 1,
+                SWAP_AB=decode_tile and dtype.itemsize == 2 and arch >= 90)
+
+
 def fused_split(m: int, tiles: int, r: int, block_r: int, device) -> tuple[int, int]:
     """(SPLIT_K, R per split) of an m-row fused launch with `tiles` output tiles.
 
@@ -277,6 +347,12 @@ def fused_split(m: int, tiles: int, r: int, block_r: int, device) -> tuple[int, 
     if tiles < (FUSED_SPLIT_BELOW_TILES_PER_SM if m <= 16 else 1) * sms:
         split_k = max(1, min(triton.cdiv(FUSED_SPLIT_PROGRAMS_PER_SM * sms, tiles), trips // FUSED_SPLIT_MIN_TRIPS,
                              r // (16 * max(m, 1))))
+        # Never a second round on the busiest SM: gate_proj's 224 tiles split 3 ways put 6 programs
+        # on some of the H100's 132 SMs, where 5 fit at 100 registers: 60.2 us in the model against
+        # 40.1 us split 2 ways; on the A100 (128 registers, 4 fit) 2 ways put 5 on some: 85.0 us
+        # against 72.1 unsplit.
+        while m <= 16 and split_k > 1 and triton.cdiv(tiles * split_k, sms) > FUSED_SPLIT_MAX_RESIDENT:
+            split_k -= 1
     r_per_split = triton.cdiv(trips, split_k) * block_r
     return triton.cdiv(r, r_per_split), r_per_split
 
@@ -318,7 +394,8 @@ def matmul_4bit_fused(
     if m == 0:
         return out  # nothing to launch: a grid of 0 programs is an error on CUDA
     packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(weight)
-    config = fused_config(m, a.dtype, shape, blocksize, transpose_weight, target_arch(a.device))
+    arch = target_arch(a.device)
+    config = fused_config(m, a.dtype, shape, blocksize, transpose_weight, arch)
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
     if not fused_may_split(config, blocksize, double_quant):
         split_k = 1
@@ -342,12 +419,12 @@ def matmul_4bit_fused(
     launch(
         _matmul_4bit_kernel, (tiles, split_k),
         a, out, bias if bias is not None else out, workspace, counters,
-        packed, absmax, aligned_code(weight.code), nested_absmax, nested_code, offset,
+        packed, absmax, weight.code, nested_absmax, nested_code, offset,
         m, cols, r, r_per_split, split_k, shape[1], a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         w_stride_r, w_stride_c,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
         GROUP_M=8, INPUT_PRECISION=input_precision(a.dtype), TRANSPOSED=transpose_weight, DIRECT_STORE=split_k == 1,
-        **config,
+        **config, **fused_loop_flags(config, a.dtype, arch),
         # No contraction: W must decode to the same bits here as in the dequantize kernel (the
         # double-quant scale code * absmax + offset is a multiply, then an add). The products run
         # on tensor cores (tl.dot), which fp fusion does not touch.
