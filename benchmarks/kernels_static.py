@@ -348,10 +348,10 @@ def flagged(rows: list) -> list:
         path = choose_path(row["M"], torch.bfloat16, row["arch"], True, row["N"], (row["N"], row["K"]), 64)
         if path == "dequant_matmul":
             continue
-        speedup = row["bf16_estimate_us"] / row["estimates"][path]
+        speedup = round(row["bf16_estimate_us"] / row["estimates"][path], 3)  # as written: 1.513 is not above 1.513
         if speedup > best[0]:
             out.append(dict(card=row["card"], M=row["M"], N=row["N"], K=row["K"], path=path,
-                            model_speedup=round(speedup, 3), published_best_cuda=best[1], published_speedup=best[0],
+                            model_speedup=speedup, published_best_cuda=best[1], published_speedup=best[0],
                             source=best[2], note="model error: a prediction above the best hand-written CUDA kernel"))
     return out
 

@@ -122,12 +122,12 @@ def scale_row_tile(values, rows, row_mask, col0, IN_FEATURES, absmax_ptr, nested
 def decode_row_tile_bytes(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
                           nested_code_ptr, offset_ptr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr,
                           NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """decode_row_tile's values from bytes rather than words, each nibble's code by a pointer add:
-    more integer work per byte, but fewer registers (the OR-ed addresses keep a copy of the table's
-    high address word per lookup). Backward tiles that the word decode does not suit take it: the
-    fused kernel's at blocksize 256 or with fp32 products spilled 8-224 B on sm_90 with the words or
-    the OR-ed lookups, and the GEMV's Llama-3-8B layer at M = 1 was 0.82x bf16 with the word decode
-    against 0.95x with this one (the machine-code model, H100)."""
+    """decode_row_tile's values from bytes rather than words, each nibble's code by a table load
+    with a pointer add: more work per weight, but fewer registers. Backward tiles that the word
+    decode does not suit take it: the fused kernel's at blocksize 256, with fp32 products or past
+    16 rows spilled 8-224 B with words (table loads with OR-ed addresses, or shuffles), and the
+    GEMV's Llama-3-8B layer at M = 1 was 0.82x bf16 with the word decode against 0.95x with this
+    one (the machine-code model, H100, with table loads)."""
     HALF: tl.constexpr = COLS // 2
     byte_cols = col0 // 2 + tl.arange(0, HALF)
     byte_mask = row_mask[:, None] & (byte_cols < IN_FEATURES // 2)[None, :]

@@ -251,11 +251,13 @@ FUSED_SPLIT_MAX_PRODUCTS = 32 * 8192
 def fused_may_split(config: dict, blocksize: int, double_quant: bool = True) -> bool:
     """Whether this tile configuration compiles with the split-K epilogue without spilling (the
     launchability sweep, benchmarks/kernels_static.py, and tests/test_kernels_compiled.py): not past
-    FUSED_SPLIT_MAX_PRODUCTS, and tiles past 16 rows only with double quant at blocksize 64 or more
-    (32 x 64 x 64 forward at blocksize 32 spilled 8 B on sm_86/89, twice the scales of blocksize 64
-    live per tile; 64 x 64 x 64 forward without double quant 8 B on sm_80, at 168 registers)."""
+    FUSED_SPLIT_MAX_PRODUCTS, and tiles past 16 rows only with double quant at blocksize 64 (32 x 64
+    x 64 forward at blocksize 32 spilled 8 B on sm_86/89, twice the scales of blocksize 64 live per
+    tile; 64 x 64 x 64 forward without double quant 8 B on sm_80, at 168 registers; with the shuffled
+    code lookups 32 x 64 x 128 forward at blocksize 128 8 B on sm_86/89 and 32 x 32 x 256 at 256 on
+    sm_90, at 96 registers)."""
     products = config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_R"]
-    return products <= FUSED_SPLIT_MAX_PRODUCTS and (config["BLOCK_M"] == 16 or (blocksize >= 64 and double_quant))
+    return products <= FUSED_SPLIT_MAX_PRODUCTS and (config["BLOCK_M"] == 16 or (blocksize == 64 and double_quant))
 
 # Shared memory per block each arch lets a kernel take (opt-in maximum, CUDA C Programming Guide,
 # table "Technical Specifications per Compute Capability"): 8.0 163 KB, 8.6/8.9 99 KB, 9.0 227 KB.
