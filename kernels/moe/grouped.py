@@ -33,7 +33,7 @@ from qlora.kernels.launch import launch, target_arch
 from qlora.kernels.moe.checks import check_experts, check_grouped_input
 from qlora.kernels.moe.packed import PackedExperts4bit
 from qlora.kernels.nf4.checks import check_triton_size
-from qlora.kernels.nf4.dequantize import decode_4bit, decode_row_tile, decode_row_tile_bytes, word_aligned
+from qlora.kernels.nf4.dequantize import decode_row_tile, decode_stored_tile, word_aligned
 from qlora.kernels.nf4.matmul import fused_config, input_precision, weight_strides
 
 
@@ -101,14 +101,10 @@ def _grouped_matmul_4bit_kernel(
             w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
                                 nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE,
                                 DOUBLE_QUANT)
-        elif WHOLE_BLOCKS:  # larger tiles by bytes: 64-row ones spilled 16 B on sm_80 with the word decode
-            w = decode_row_tile_bytes(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
-                                      nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
-                                      NESTED_BLOCKSIZE, DOUBLE_QUANT)
-        else:  # any shape: element by element
-            index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
-            w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
-                            nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+        else:  # larger backward tiles by bytes (64-row ones spilled 16 B on sm_80 with words); any shape by element
+            w = decode_stored_tile(packed_ptr, offs_r, mask_r, offs_n, mask_n, pid_n * BLOCK_N, w_stride_r, w_stride_c,
+                                   IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                   BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, WHOLE_BLOCKS)
         # W_e rounded to the input dtype once, as the twin's dequantize-then-matmul does; fp32 accumulation.
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
     mask = mask_m[:, None] & mask_n[None, :]

@@ -139,6 +139,24 @@ def decode_row_tile_bytes(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_
 
 
 @triton.jit
+def decode_stored_tile(packed_ptr, offs_r, mask_r, offs_n, mask_n, col0, w_stride_r, w_stride_c, IN_FEATURES, absmax_ptr,
+                       code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, COLS: tl.constexpr,
+                       BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                       WHOLE_BLOCKS: tl.constexpr):
+    """fp32 tile [offs_r, offs_n] of a product's B operand the word decode does not take: with whole
+    blocks W[r tile, col0 : col0 + COLS] as stored (the backward's tile, decode_row_tile_bytes),
+    otherwise element by element at W's strides (any shape, either direction)."""
+    if WHOLE_BLOCKS:
+        w = decode_row_tile_bytes(packed_ptr, offs_r, mask_r, col0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                  nested_code_ptr, offset_ptr, COLS, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+    else:
+        index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
+        w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr, nested_absmax_ptr,
+                        nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+    return w
+
+
+@triton.jit
 def decode_row_tile(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
                     nested_code_ptr, offset_ptr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr,
                     NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):

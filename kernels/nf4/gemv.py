@@ -42,8 +42,8 @@ import triton.language as tl
 
 from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
 from qlora.kernels.nf4.packed import Packed4bit, weight_strides
-from qlora.kernels.nf4.dequantize import (decode_4bit, decode_fetched_row_tile, decode_row_tile, decode_row_tile_bytes,
-                                          fetch_row_tile, weight_pointers, whole_block_tiles)
+from qlora.kernels.nf4.dequantize import (decode_fetched_row_tile, decode_row_tile, decode_stored_tile, fetch_row_tile,
+                                          weight_pointers, whole_block_tiles)
 from qlora.kernels.launch import launch
 
 GEMV_BLOCK_M = 16  # rows per program
@@ -169,15 +169,10 @@ def _gemv_4bit_kernel(
         else:
             a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :],
                         other=0.0).to(tl.float32)
-            if WHOLE_BLOCKS:  # backward: W[r tile, cols tile] as stored
-                w = decode_row_tile_bytes(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
-                                    nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
-                                    NESTED_BLOCKSIZE, DOUBLE_QUANT)
-            else:  # any shape: element by element
-                index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
-                w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
-                                nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE,
-                                DOUBLE_QUANT)
+            # backward: W[r tile, cols tile] as stored, by bytes; any shape element by element
+            w = decode_stored_tile(packed_ptr, offs_r, mask_r, offs_n, mask_n, pid_n * BLOCK_N, w_stride_r, w_stride_c,
+                                   IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                   BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, WHOLE_BLOCKS)
             w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
             if ACC_IN_REGISTERS:
                 acc3 = tl.fma(tl.broadcast_to(a[:, :, None], acc3.shape), tl.broadcast_to(w[None, :, :], acc3.shape),

@@ -33,8 +33,8 @@ import triton.language as tl
 
 from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
 from qlora.kernels.nf4.packed import Packed4bit, weight_strides
-from qlora.kernels.nf4.dequantize import (decode_4bit, decode_fetched_row_tile, decode_row_tile, decode_row_tile_bytes,
-                                          fetch_row_tile, weight_pointers, whole_block_tiles)
+from qlora.kernels.nf4.dequantize import (decode_fetched_row_tile, decode_row_tile, decode_row_tile_bytes,
+                                          decode_stored_tile, fetch_row_tile, weight_pointers, whole_block_tiles)
 from qlora.kernels.launch import launch, target_arch
 
 
@@ -142,14 +142,10 @@ def _matmul_4bit_kernel(
                 w = decode_row_tile(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
                                     nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
                                     NESTED_BLOCKSIZE, DOUBLE_QUANT)
-            elif WHOLE_BLOCKS:
-                w = decode_row_tile_bytes(packed_ptr, offs_r, mask_r, pid_n * BLOCK_N, IN_FEATURES, absmax_ptr, code_ptr,
-                                          nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_N, BLOCKSIZE,
-                                          NESTED_BLOCKSIZE, DOUBLE_QUANT)
-            else:  # any shape: element by element
-                index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
-                w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr,
-                                nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            else:  # backward tiles by bytes; any shape element by element
+                w = decode_stored_tile(packed_ptr, offs_r, mask_r, offs_n, mask_n, pid_n * BLOCK_N, w_stride_r, w_stride_c,
+                                       IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                       BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, WHOLE_BLOCKS)
         # W rounded to the input dtype once, as the dequantize-then-matmul path does; fp32 accumulate.
         if SWAP_AB:
             acc_t = tl.dot(tl.trans(w.to(a.dtype)), tl.trans(a), acc_t, input_precision=INPUT_PRECISION)
