@@ -239,11 +239,12 @@ def test_interp_fused_split_rule_splits_only_when_tiles_leave_sms_idle():
     assert rel_err(out, expected) < TOLERANCE[torch.float16]
 
 
-def run_shuffle_word(ptx: str, words: list[int], table: list[float]) -> list[list[float]]:
-    """The PTX of lookup_word's GPU path executed for one warp, by PTX's own semantics of each
-    instruction it uses (shfl.sync.idx: source lane (lane & ~segmask) | (b & ~segmask) within the
-    clamp, segmask = c[12:8]); `table` sits at address 0, 4 bytes an entry. Returns lane -> 8 outputs."""
-    regs = [{"%laneid": lane, "$8": words[lane], "$9": 0} for lane in range(32)]
+def run_shuffle_lookup(ptx: str, outputs: int, words: list[int], table: list[float]) -> list[list[float]]:
+    """The PTX of lookup_word's / lookup_byte's GPU path executed for one warp, by PTX's own semantics
+    of each instruction it uses (shfl.sync.idx: source lane (lane & ~segmask) | (b & ~segmask) within
+    the clamp, segmask = c[12:8]); `table` sits at address 0, 4 bytes an entry. Returns lane -> its
+    `outputs` results."""
+    regs = [{"%laneid": lane, f"${outputs}": words[lane], f"${outputs + 1}": 0} for lane in range(32)]
     value = lambda r, token: r[token] if token in r else int(token, 0)  # noqa: E731
     for line in ptx.splitlines():
         op, _, rest = line.strip().rstrip(";").partition(" ")
@@ -276,24 +277,28 @@ def run_shuffle_word(ptx: str, words: list[int], table: list[float]) -> list[lis
                 r[args[0]] = table[value(r, args[1].strip("[]")) // 4]
             else:
                 raise AssertionError(f"no semantics here for {op}")
-    return [[r[f"${k}"] for k in range(8)] for r in regs]
+    return [[r[f"${k}"] for k in range(outputs)] for r in regs]
 
 
-def test_lookup_words_shuffle_gives_each_nibble_its_code_in_element_order():
-    """lookup_word's GPU path (PTX the interpreter cannot run), executed by PTX's semantics: every
-    lane's 8 outputs are the codes of its word's nibbles in element order (high nibble of byte 0
-    first, bitsandbytes' packing), as the interpreter's loads give them."""
-    from qlora.kernels.nf4.dequantize import _SHUFFLE_WORD, WORD_SHIFTS
+def test_shuffled_lookups_give_each_nibble_its_code_in_element_order():
+    """lookup_word's and lookup_byte's GPU path (PTX the interpreter cannot run), executed by PTX's
+    semantics: every lane's outputs are the codes of its nibbles in element order (a byte's high
+    nibble first, bitsandbytes' packing), as the interpreter's loads give them."""
+    from qlora.kernels.nf4.dequantize import _SHUFFLE_BYTE, _SHUFFLE_WORD, WORD_SHIFTS
 
     g = torch.Generator().manual_seed(0)
     table = torch.randn(16, generator=g).tolist()
     words = torch.randint(-2**31, 2**31, (32,), generator=g, dtype=torch.int64).tolist()
-    got = run_shuffle_word(_SHUFFLE_WORD.value, words, table)
+    got = run_shuffle_lookup(_SHUFFLE_WORD.value, 8, words, table)
     for lane, word in enumerate(words):
         packed = (word & 0xFFFFFFFF).to_bytes(4, "little")
         nibbles = [n for byte in packed for n in (byte >> 4, byte & 15)]
         assert got[lane] == [table[n] for n in nibbles]
         assert got[lane] == [table[((word & 0xFFFFFFFF) >> s) & 15] for s in WORD_SHIFTS]
+    # lookup_byte: a byte (0..255, as the byte decode loads it) to its high then low nibble's code.
+    bytes_ = torch.randint(0, 256, (32,), generator=g).tolist()
+    got = run_shuffle_lookup(_SHUFFLE_BYTE.value, 2, bytes_, table)
+    assert got == [[table[b >> 4], table[b & 15]] for b in bytes_]
 
 
 @interpreter_only

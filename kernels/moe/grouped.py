@@ -104,7 +104,7 @@ def _grouped_matmul_4bit_kernel(
         else:  # larger backward tiles by bytes (64-row ones spilled 16 B on sm_80 with words); any shape by element
             w = decode_stored_tile(packed_ptr, offs_r, mask_r, offs_n, mask_n, pid_n * BLOCK_N, w_stride_r, w_stride_c,
                                    IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                                   BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, WHOLE_BLOCKS)
+                                   BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, WHOLE_BLOCKS, BLOCK_M == 16)
         # W_e rounded to the input dtype once, as the twin's dequantize-then-matmul does; fp32 accumulation.
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
     mask = mask_m[:, None] & mask_n[None, :]

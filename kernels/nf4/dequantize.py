@@ -10,11 +10,12 @@ measurable (one multiply-add per 64 elements).
 The helpers `decode_4bit` / `load_scale` are shared with the matmul and GEMV kernels, which
 decode W at arbitrary element indices (any K, including odd K where a byte straddles two rows);
 `decode_row_tile` (forward tiles, read as 32-bit words) and `decode_row_tile_bytes` (backward
-tiles) are their fast paths when rows of W hold whole quantization blocks. Word tiles take their
-codes by warp shuffle from the 16 fp32 codes held across each half-warp (lookup_word); byte tiles
-load them from the 16-entry table (64 B, one L1 line per warp's lookup). A 256-entry table of code
-pairs issued fewer instructions but spread each warp's lookups over ~14 lines, and the machine-code
-model found its L1 traffic the bound of every kernel that used it (docs/kernels.md).
+tiles) are their fast paths when rows of W hold whole quantization blocks. They take their codes
+by warp shuffle from the 16 fp32 codes held across each half-warp (lookup_word, lookup_byte), or,
+where that spilled, load them from the 16-entry table (64 B, one L1 line per warp's lookup). A
+256-entry table of code pairs issued fewer instructions but spread each warp's lookups over ~14
+lines, and the machine-code model found its L1 traffic the bound of every kernel that used it
+(docs/kernels.md).
 """
 from __future__ import annotations
 
@@ -67,14 +68,23 @@ WORD_SHIFTS = (4, 0, 12, 8, 20, 16, 28, 24)
 # own 16-lane half: shfl.sync.idx with c = 0x101f is CUDA's __shfl_sync(mask, v, src, width=16), which
 # uses only the low 4 bits of src, so a nibble needs a shift and no mask. Everything here is uniform
 # across the warp (no divergence inside a tile's decode), as shfl.sync with a full mask requires.
-_SHUFFLE_WORD = tl.constexpr("\n".join(
-    ["{", ".reg .b32 lane, nibble;", ".reg .b64 address;", ".reg .f32 table;",
-     "mov.u32 lane, %laneid;", "and.b32 lane, lane, 15;", "mul.wide.u32 address, lane, 4;",
-     "add.s64 address, address, $9;", "ld.global.nc.f32 table, [address];"]
-    + [line for k, shift in enumerate(WORD_SHIFTS) for line in (
-        [f"shfl.sync.idx.b32 ${k}, table, $8, 0x101f, -1;"] if shift == 0 else
-        [f"shr.u32 nibble, $8, {shift};", f"shfl.sync.idx.b32 ${k}, table, nibble, 0x101f, -1;"])]
-    + ["}"]))
+def shuffle_lookup_ptx(shifts) -> str:
+    """PTX for one asm block: the codes of the nibbles at `shifts` of $n (n = len(shifts)) into $0..$n-1,
+    the table at address $n+1."""
+    n = len(shifts)
+    lines = ["{", ".reg .b32 lane, nibble;", ".reg .b64 address;", ".reg .f32 table;",
+             "mov.u32 lane, %laneid;", "and.b32 lane, lane, 15;", "mul.wide.u32 address, lane, 4;",
+             f"add.s64 address, address, ${n + 1};", "ld.global.nc.f32 table, [address];"]
+    for k, shift in enumerate(shifts):
+        if shift == 0:
+            lines.append(f"shfl.sync.idx.b32 ${k}, table, ${n}, 0x101f, -1;")
+        else:
+            lines += [f"shr.u32 nibble, ${n}, {shift};", f"shfl.sync.idx.b32 ${k}, table, nibble, 0x101f, -1;"]
+    return "\n".join(lines + ["}"])
+
+
+_SHUFFLE_WORD = tl.constexpr(shuffle_lookup_ptx(WORD_SHIFTS))
+_SHUFFLE_BYTE = tl.constexpr(shuffle_lookup_ptx((4, 0)))  # a byte's high nibble first
 # The interpreter cannot run PTX: there the same codes come from a load per nibble.
 SHUFFLE_LOOKUPS = tl.constexpr(not interpreter_enabled())
 
@@ -103,6 +113,20 @@ def lookup_word(code_ptr, word):
 
 
 @triton.jit
+def lookup_byte(code_ptr, byte, SHUFFLE: tl.constexpr):
+    """The codes of int32 `byte`'s high and low nibbles: shuffled as lookup_word's where SHUFFLE (and
+    not interpreted), else two table loads."""
+    if SHUFFLE_LOOKUPS and SHUFFLE:
+        base = tl.zeros_like(byte).to(tl.int64) + code_ptr.to(tl.int64, bitcast=True)
+        high, low = tl.inline_asm_elementwise(_SHUFFLE_BYTE, "=r,=r,r,l", [byte, base], dtype=(tl.float32,) * 2,
+                                              is_pure=True, pack=1)
+    else:
+        high = tl.load(code_ptr + (byte >> 4))
+        low = tl.load(code_ptr + (byte & 15))
+    return high, low
+
+
+@triton.jit
 def scale_row_tile(values, rows, row_mask, col0, IN_FEATURES, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                    COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                    DOUBLE_QUANT: tl.constexpr):
@@ -121,19 +145,20 @@ def scale_row_tile(values, rows, row_mask, col0, IN_FEATURES, absmax_ptr, nested
 @triton.jit
 def decode_row_tile_bytes(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
                           nested_code_ptr, offset_ptr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                          NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """decode_row_tile's values from bytes rather than words, each nibble's code by a table load
-    with a pointer add: more work per weight, but fewer registers. Backward tiles that the word
-    decode does not suit take it: the fused kernel's at blocksize 256, with fp32 products or past
-    16 rows spilled 8-224 B with words (table loads with OR-ed addresses, or shuffles), and the
-    GEMV's Llama-3-8B layer at M = 1 was 0.82x bf16 with the word decode against 0.95x with this
-    one (the machine-code model, H100, with table loads)."""
+                          NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SHUFFLE: tl.constexpr):
+    """decode_row_tile's values from bytes rather than words, each byte's two codes by lookup_byte
+    (SHUFFLE: by warp shuffle, else table loads): more work per weight, but fewer registers.
+    Backward tiles that the word decode does not suit take it: the fused kernel's at blocksize 256,
+    with fp32 products or past 16 rows spilled 8-224 B with words (table loads with OR-ed addresses,
+    or shuffles), and the GEMV's Llama-3-8B layer at M = 1 was 0.82x bf16 with the word decode
+    against 0.95x with this one (the machine-code model, H100, with table loads)."""
     HALF: tl.constexpr = COLS // 2
     byte_cols = col0 // 2 + tl.arange(0, HALF)
     byte_mask = row_mask[:, None] & (byte_cols < IN_FEATURES // 2)[None, :]
     byte = tl.load(packed_ptr + rows[:, None] * (IN_FEATURES // 2) + byte_cols[None, :], mask=byte_mask,
                    other=0).to(tl.int32)
-    values = tl.interleave(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15)))  # high nibble first
+    high, low = lookup_byte(code_ptr, byte, SHUFFLE)
+    values = tl.interleave(high, low)  # high nibble first
     return scale_row_tile(values, rows, row_mask, col0, IN_FEATURES, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                           offset_ptr, COLS, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
 
@@ -142,13 +167,13 @@ def decode_row_tile_bytes(packed_ptr, rows, row_mask, col0, IN_FEATURES, absmax_
 def decode_stored_tile(packed_ptr, offs_r, mask_r, offs_n, mask_n, col0, w_stride_r, w_stride_c, IN_FEATURES, absmax_ptr,
                        code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, COLS: tl.constexpr,
                        BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                       WHOLE_BLOCKS: tl.constexpr):
+                       WHOLE_BLOCKS: tl.constexpr, SHUFFLE: tl.constexpr):
     """fp32 tile [offs_r, offs_n] of a product's B operand the word decode does not take: with whole
     blocks W[r tile, col0 : col0 + COLS] as stored (the backward's tile, decode_row_tile_bytes),
     otherwise element by element at W's strides (any shape, either direction)."""
     if WHOLE_BLOCKS:
         w = decode_row_tile_bytes(packed_ptr, offs_r, mask_r, col0, IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr,
-                                  nested_code_ptr, offset_ptr, COLS, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+                                  nested_code_ptr, offset_ptr, COLS, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SHUFFLE)
     else:
         index = offs_r[:, None] * w_stride_r + offs_n[None, :] * w_stride_c
         w = decode_4bit(packed_ptr, index, mask_r[:, None] & mask_n[None, :], absmax_ptr, code_ptr, nested_absmax_ptr,

@@ -47,7 +47,7 @@ def _matmul_4bit_kernel(
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr,
-    DIRECT_STORE: tl.constexpr, PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr,
+    DIRECT_STORE: tl.constexpr, PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr, SHUFFLE_BYTES: tl.constexpr,
 ):
     # Grouped program order: GROUP_M row tiles share each W column tile while it is in L2.
     pid = tl.program_id(0)
@@ -135,7 +135,7 @@ def _matmul_4bit_kernel(
             elif WHOLE_BLOCKS and TRANSPOSED:  # blocksize 32: the word decode put 112 B on the stack (sm_90, 16 rows)
                 w = tl.trans(decode_row_tile_bytes(packed_ptr, offs_n, mask_n, r0, IN_FEATURES, absmax_ptr, code_ptr,
                                                    nested_absmax_ptr, nested_code_ptr, offset_ptr, BLOCK_R, BLOCKSIZE,
-                                                   NESTED_BLOCKSIZE, DOUBLE_QUANT))
+                                                   NESTED_BLOCKSIZE, DOUBLE_QUANT, SHUFFLE_BYTES))
             elif BACKWARD_WORDS:  # B = W as stored
                 # Words, as the forward (Llama-3-8B backward at M = 4..16 on the H100 0.90x -> 1.01x bf16 by the
                 # model); 256-column tiles, fp32 products and blocksize 32 spill with them (decode_row_tile_bytes).
@@ -145,7 +145,7 @@ def _matmul_4bit_kernel(
             else:  # backward tiles by bytes; any shape element by element
                 w = decode_stored_tile(packed_ptr, offs_r, mask_r, offs_n, mask_n, pid_n * BLOCK_N, w_stride_r, w_stride_c,
                                        IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                                       BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, WHOLE_BLOCKS)
+                                       BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, WHOLE_BLOCKS, SHUFFLE_BYTES)
         # W rounded to the input dtype once, as the dequantize-then-matmul path does; fp32 accumulate.
         if SWAP_AB:
             acc_t = tl.dot(tl.trans(w.to(a.dtype)), tl.trans(a), acc_t, input_precision=INPUT_PRECISION)
@@ -321,8 +321,13 @@ def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int) -> dict:
     # mma.sync (STS + LDS, 6.5 KB a warp a trip); as A it is stored once and read by LDSM, and the
     # Llama-3-8B gate_proj at M = 1 went from 38.1 to 30.3 us in the model, backward 35.2 to 30.2.
     # On sm_80 (mma.sync either way) it was slower: 85.1 us against 57.2 on the A100.
+    # Byte tiles (backward past the word decode's reach, blocksize 32 forward) take their codes by
+    # shuffle where that compiles without spills: 16-row tiles anywhere, and every tile on sm_90. The
+    # H100's gate_proj backward at M = 64 went from 102.4 to 48.6 us in the model; 64-row tiles spilled
+    # 16 B on sm_80/89 (128 registers).
     return dict(PREFETCH=decode_tile and config["num_stages"] == 1,
-                SWAP_AB=decode_tile and dtype.itemsize == 2 and arch >= 90)
+                SWAP_AB=decode_tile and dtype.itemsize == 2 and arch >= 90,
+                SHUFFLE_BYTES=decode_tile or arch >= 90)
 
 
 def fused_split(m: int, tiles: int, r: int, block_r: int, device) -> tuple[int, int]:
