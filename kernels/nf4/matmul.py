@@ -12,7 +12,9 @@ W tiles are decoded by decode_row_tile (whole bytes, one scale per block) when r
 whole quantization blocks, else element by element. Compiled for sm_90 at 4096x4096, M=256, the
 row-tile decode takes 44 KB of shared memory (3 blocks per SM) where the per-element one took
 132 KB (1 per SM; 120 KB on sm_86/89, above their 99 KB limit: it could not launch on an RTX
-3090/4090, A10 or L4), and 85 global-load instructions per tile instead of 493.
+3090/4090, A10 or L4), and 85 global-load instructions per tile instead of 493. Decode-sized tiles
+(16 rows) fetch the next tile's words and scales a trip ahead (PREFETCH) and, on sm_90, run W as the
+warpgroup MMA's A operand (SWAP_AB); fused_loop_flags says where.
 
 Split-K (fused_split): where the output tiles leave SMs idle (decode-sized M: 64 column tiles for a
 4096-wide projection on 132 SMs), R is split and each split stores fp32 partial sums; the last
