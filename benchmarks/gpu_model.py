@@ -19,8 +19,8 @@ The same rules for every kernel, ours and the peers', so a ratio between two est
      and clock; SHFL with them: 32 results per SM and clock); and per SM the L1/shared-memory data
      path: shared memory 128 B per clock (LDS/STS/LDSM bytes, a warp shuffle's 32 x 4 B; not what a
      warpgroup MMA reads of its operands from shared memory: charged at 128 B a clock, those reads put
-     gemlite's H100 GEMM at M = 256 at 0.23x bf16 against 0.41x published), plus one clock per 128 B of a coalesced global load or store, plus each
-     gather's clocks: the L1 looks up 4 line tags and moves 4 sectors a clock, so a warp's 32
+     gemlite's H100 GEMM at M = 256 at 0.23x bf16 against 0.41x published), plus one clock per
+     128 B of a coalesced global load or store, plus each gather's clocks: the L1 looks up 4 line tags and moves 4 sectors a clock, so a warp's 32
      lookups into a table cost max(distinct lines, distinct sectors) / 4 clocks, expected over
      uniform indices (gather_wavefronts): 1 for the 16 fp32 NF4 codes (64 B), ~6.3 for a 2 KB
      table of 8-byte code pairs. What a gather reads is the caller's to say (gather_tables);
@@ -36,9 +36,9 @@ The same rules for every kernel, ours and the peers', so a ratio between two est
    - memory latency: each DRAM stream of the loop (an LDG/LDGSTS whose address does not come from
      another load of the same trip or of the trip before, and is not the same every trip; gathers
      such as code-table lookups, and loads of one address every trip, hit L1/L2 and sit in the chain
-     instead) is consumed d trips after it is issued, read from the
-     code: the first reader of the LDG's register, or the LDS of the LDGSTS's shared address, or Triton's num_stages - 1 when
-     the buffer rotates. A load used d < 1 trips later stalls the warp: trip >= latency + (1 - d) x
+     instead) is consumed d trips after it is issued, read from the code: the first reader of the
+     LDG's register, or the LDS of the LDGSTS's shared address, or Triton's num_stages - 1 when the
+     buffer rotates. A load used d < 1 trips later stalls the warp: trip >= latency + (1 - d) x
      the rest; d >= 1 trips ahead: trip >= latency / d (Little's law: bytes in flight per SM =
      resident programs x bytes per trip x d).
    The code outside the loop adds its issue time and one DRAM latency (prologue loads, epilogue
@@ -214,7 +214,7 @@ def _same_address_every_trip(lines: list) -> set[int]:
     parameters (LDC), the lane or thread index and registers the loop does not change. A register's
     state at the top of the trip is its state at the end of the last one, so the loop is walked until
     that settles. Anything loaded, shuffled or chosen by a predicate varies."""
-    uniform_written = {u for mnemonic, operands in lines if mnemonic.startswith("U")
+    uniform_written = {int(u) for mnemonic, operands in lines if mnemonic.startswith("U")
                        for u in re.findall(r"^\s*UR(\d+)", operands)}
     # Pessimistic start: whatever the loop writes varies (a counter r = r + 64 only ever reads itself)
     # until an instruction in this trip makes it from invariant values.
@@ -229,11 +229,11 @@ def _same_address_every_trip(lines: list) -> set[int]:
             if base == "LDG":
                 address = re.findall(r"\[([^\]]*)\]", operands)[-1:]
                 if address and not (set(_registers(address[0])) & varying) and not (
-                        {int(u) for u in re.findall(r"\bUR(\d+)", address[0])} & {int(u) for u in uniform_written}):
+                        {int(u) for u in re.findall(r"\bUR(\d+)", address[0])} & uniform_written):
                     found.add(i)
             lane = base == "S2R" and re.search(r"SR_(LANEID|TID)", operands)
             varies = (base in _VARYING or (base == "S2R" and not lane) or re.search(r"\bP[0-6]\b|@", mnemonic + operands)
-                      or set(sources) & varying or uniform & {int(u) for u in uniform_written})
+                      or set(sources) & varying or uniform & uniform_written)
             for r in destination:
                 (varying.add if varies else varying.discard)(r)
         if varying == before:
