@@ -14,12 +14,15 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import qlora
 from qlora.kernels import linear_4bit, set_backend
 from qlora.kernels.nf4 import ops, reference
 from qlora.kernels import backend
 from qlora.kernels.backend import use_triton
+from qlora.kernels.nf4.dequantize import mma_k_order, mma_row_order, mma_row_order_inverse
 from helpers import rel_err, run_interpreter_child
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -299,6 +302,41 @@ def test_shuffled_lookups_give_each_nibble_its_code_in_element_order():
     bytes_ = torch.randint(0, 256, (32,), generator=g).tolist()
     got = run_shuffle_lookup(_SHUFFLE_BYTE.value, 2, bytes_, table)
     assert got == [[table[b >> 4], table[b & 15]] for b in bytes_]
+
+
+@triton.jit
+def relabel_tile(source, relabelled, restored, K_WIDTH: tl.constexpr):
+    """A [64, 64] tile through mma_k_order and mma_row_order, and back through the inverse."""
+    offsets = tl.arange(0, 64)[:, None] * 64 + tl.arange(0, 64)[None, :]
+    tile = mma_row_order(mma_k_order(tl.load(source + offsets), 64, K_WIDTH))
+    tl.store(relabelled + offsets, tile)
+    tl.store(restored + offsets, mma_row_order_inverse(tile))
+
+
+@interpreter_only
+@pytest.mark.parametrize("k_width", (2, 4))
+def test_interp_mma_relabelling_is_the_documented_permutation(k_width):
+    """mma_k_order and mma_row_order only relabel a decoded [64, 64] tile: each value lands where the
+    docstrings say (K: element bits 1, 2 | lanes | bit 4 | a thread's words for kWidth 4; bit 1 |
+    lanes | bits 2, 4 | words for kWidth 2; rows 32 apart to 8 apart), and the inverse undoes the rows."""
+    source = torch.arange(64 * 64, dtype=torch.int32).reshape(64, 64)
+    relabelled, restored = torch.empty_like(source), torch.empty_like(source)
+    relabel_tile[(1,)](source, relabelled, restored, K_WIDTH=k_width)
+
+    def column(k):  # the element of the row that logical column k holds
+        e1, lane = k & 1, (k >> 1) & 3 if k_width == 2 else (k >> 2) & 3
+        e2 = (k >> 3) & 1 if k_width == 2 else (k >> 1) & 1
+        e4, thread_word = (k >> 4) & 1, k >> 5
+        return 8 * (2 * lane + thread_word) + 4 * e4 + 2 * e2 + e1
+
+    def row(j):  # bits 8, 16, 32 of the relabelled row come from rows' bits 32, 8, 16
+        return (j & 7) | ((j >> 3) & 1) << 5 | ((j >> 4) & 1) << 3 | ((j >> 5) & 1) << 4
+
+    expected = torch.tensor([[row(j) * 64 + column(k) for k in range(64)] for j in range(64)], dtype=torch.int32)
+    assert torch.equal(relabelled, expected)
+    assert sorted({column(k) for k in range(64)}) == list(range(64))
+    # The product's rows are restored (the MMA's K order never needs undoing: a sum over K).
+    assert torch.equal(restored[:, :], source[:, [column(k) for k in range(64)]])
 
 
 @interpreter_only

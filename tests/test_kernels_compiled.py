@@ -45,6 +45,12 @@ def compile_4bit_launches(arch, dtype, double_quant=True):
     return compiled
 
 
+def store_bytes(mnemonic: str) -> int:
+    """Bytes a lane stores with an STS (STS.64: 8; STS: 4)."""
+    widths = [int(part) for part in mnemonic.split(".")[1:] if part.isdigit()]
+    return widths[0] // 8 if widths else 4
+
+
 def check_launchable(launched, arch):
     code = machine_code(launched.kernel, arch)
     where = f"{launched.name} {launched.constexprs} on sm_{arch}"
@@ -62,6 +68,7 @@ def test_4bit_kernels_compile_without_spills(arch, dtype):
     assert names.count("_dequantize_4bit_kernel") == 1
     assert names.count("_matmul_4bit_kernel") == 5
     assert names.count("_gemv_4bit_kernel") == 3 and "_gemv_reduce_kernel" not in names  # one launch per product
+    register_a = 0
     for launched in compiled:
         code = check_launchable(launched, arch)
         # Every path decodes W to the same bits: no kernel may contract the double-quant scale
@@ -70,6 +77,14 @@ def test_4bit_kernels_compile_without_spills(arch, dtype):
         if launched.name == "_matmul_4bit_kernel" and dtype != torch.float32:
             # The fused kernel exists to keep the product on the tensor cores while it decodes W.
             assert code.count(TENSOR_CORE_MMAS) > 0, f"{launched.constexprs}: no tensor-core MMA in {code.opcodes}"
+            constexprs = launched.constexprs
+            if constexprs["BLOCK_M"] == 16 and constexprs["TRANSPOSED"] and constexprs["REGISTER_A"]:
+                # The decoded W tile is the MMA's A operand where it was decoded: the loop stores
+                # only the input's 16 rows to shared memory, never W's tile.
+                stored = sum(32 * store_bytes(mnemonic) for mnemonic, _ in code.loop_lines if mnemonic.startswith("STS"))
+                assert stored <= 16 * constexprs["BLOCK_R"] * dtype.itemsize // code.num_warps, (constexprs, stored)
+                register_a += 1
+    assert register_a == (dtype.itemsize == 2)  # the 16-row forward, in 16 bits
 
 
 # The configurations that overflowed shared memory or spilled before tiles followed the arch's

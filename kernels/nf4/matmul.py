@@ -13,8 +13,9 @@ whole quantization blocks, else element by element. Compiled for sm_90 at 4096x4
 row-tile decode takes 44 KB of shared memory (3 blocks per SM) where the per-element one took
 132 KB (1 per SM; 120 KB on sm_86/89, above their 99 KB limit: it could not launch on an RTX
 3090/4090, A10 or L4), and 85 global-load instructions per tile instead of 493. Decode-sized tiles
-(16 rows) fetch the next tile's words and scales a trip ahead (PREFETCH) and, on sm_90, run W as the
-warpgroup MMA's A operand (SWAP_AB); fused_loop_flags says where.
+(16 rows) fetch the next tile's words and scales a trip ahead (PREFETCH) and run W as the MMA's A
+operand: in the forward straight from the registers it was decoded in (REGISTER_A, mma_k_order), on
+sm_90 elsewhere through shared memory (SWAP_AB); fused_loop_flags says where.
 
 Split-K (fused_split): where the output tiles leave SMs idle (decode-sized M: 64 column tiles for a
 4096-wide projection on 132 SMs), R is split and each split stores fp32 partial sums; the last
@@ -36,7 +37,8 @@ import triton.language as tl
 from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
 from qlora.kernels.nf4.packed import Packed4bit, weight_strides
 from qlora.kernels.nf4.dequantize import (decode_fetched_row_tile, decode_row_tile, decode_row_tile_bytes,
-                                          decode_stored_tile, fetch_row_tile, weight_pointers, whole_block_tiles)
+                                          decode_stored_tile, fetch_row_tile, mma_k_order, mma_row_order,
+                                          mma_row_order_inverse, weight_pointers, whole_block_tiles)
 from qlora.kernels.launch import launch, target_arch
 
 
@@ -50,6 +52,7 @@ def _matmul_4bit_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr,
     DIRECT_STORE: tl.constexpr, PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr, SHUFFLE_BYTES: tl.constexpr,
+    REGISTER_A: tl.constexpr,
 ):
     # Grouped program order: GROUP_M row tiles share each W column tile while it is in L2.
     pid = tl.program_id(0)
@@ -70,10 +73,6 @@ def _matmul_4bit_kernel(
     # int64 row offsets: M * stride passes 2**31 at M = 150K for a 14336-wide input (or any strided
     # view of a larger buffer). W's own indices stay int32: check_triton_size bounds its numel.
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-    if SWAP_AB:
-        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if DIRECT_STORE:  # one split: the loop as it compiled before split-K (its registers and stages are tuned)
         r_start = 0
         r_stop = R
@@ -91,6 +90,15 @@ def _matmul_4bit_kernel(
     # each trip waited a DRAM latency. Not for fp32 scales (no double quant): the split forward tile
     # spilled 8 B on sm_80 with them.
     AHEAD: tl.constexpr = PREFETCH and DOUBLE_QUANT and (FORWARD_WORDS or BACKWARD_WORDS)
+    # W's tile, fetched ahead and decoded as words, is the MMA's A operand where it was decoded
+    # (mma_k_order: REGISTER_A is the operand's kWidth); the 16 rows of the input are its B. 64 rows:
+    # mma_row_order's 4 warps of 16.
+    A_FROM_DECODE: tl.constexpr = REGISTER_A > 0 and FORWARD_WORDS and AHEAD and BLOCK_N == 64
+    SWAPPED: tl.constexpr = SWAP_AB or A_FROM_DECODE
+    if SWAPPED:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     r_last = tl.minimum(r_stop, R)
     if AHEAD:
         if FORWARD_WORDS:
@@ -124,7 +132,10 @@ def _matmul_4bit_kernel(
                              mask=mask_m[:, None] & next_mask[None, :], other=0.0)
             w = decode_fetched_row_tile(word, absmax, nested_scale, code_ptr, nested_code_ptr, offset_ptr,
                                         BLOCK_R if FORWARD_WORDS else BLOCK_N, BLOCKSIZE, DOUBLE_QUANT)
-            if FORWARD_WORDS:
+            if A_FROM_DECODE:  # [N, R]
+                w = mma_row_order(mma_k_order(w, BLOCK_R, REGISTER_A))
+                a = mma_k_order(a, BLOCK_R, REGISTER_A)
+            elif FORWARD_WORDS:
                 w = tl.trans(w)
             word, absmax, nested_scale = next_word, next_absmax, next_nested_scale
         else:
@@ -149,11 +160,15 @@ def _matmul_4bit_kernel(
                                        IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                                        BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, WHOLE_BLOCKS, SHUFFLE_BYTES)
         # W rounded to the input dtype once, as the dequantize-then-matmul path does; fp32 accumulate.
-        if SWAP_AB:
+        if A_FROM_DECODE:
+            acc_t = tl.dot(w.to(a.dtype), tl.trans(a), acc_t, input_precision=INPUT_PRECISION)
+        elif SWAP_AB:
             acc_t = tl.dot(tl.trans(w.to(a.dtype)), tl.trans(a), acc_t, input_precision=INPUT_PRECISION)
         else:
             acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
-    if SWAP_AB:
+    if A_FROM_DECODE:
+        acc = tl.trans(mma_row_order_inverse(acc_t))
+    elif SWAP_AB:
         acc = tl.trans(acc_t)
     mask_out = mask_m[:, None] & mask_n[None, :]
     last = True
@@ -323,12 +338,18 @@ def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int) -> dict:
     # mma.sync (STS + LDS, 6.5 KB a warp a trip); as A it is stored once and read by LDSM, and the
     # Llama-3-8B gate_proj at M = 1 went from 38.1 to 30.3 us in the model, backward 35.2 to 30.2.
     # On sm_80 (mma.sync either way) it was slower: 85.1 us against 57.2 on the A100.
+    # REGISTER_A (the operand's kWidth in Triton's mma layouts: 4 for mma.sync, 2 for the warpgroup
+    # MMA) makes the forward's tile, fetched ahead and decoded as words, the A operand in the
+    # registers it was decoded in (mma_k_order), on every arch: gate_proj at M = 1 went from 72.1 to
+    # 51.6 us on the A100 (shared-memory traffic 10.5 -> 6.5 KB a warp a trip) and from 30.3 to 27.6
+    # on the H100 (264 -> 202 instructions a trip: no store and LDSM of the tile).
     # Byte tiles (backward past the word decode's reach, blocksize 32 forward) take their codes by
     # shuffle where that compiles without spills: 16-row tiles anywhere, and every tile on sm_90. The
     # H100's gate_proj backward at M = 64 went from 102.4 to 48.6 us in the model; 64-row tiles spilled
     # 16 B on sm_80/89 (128 registers).
     return dict(PREFETCH=decode_tile and config["num_stages"] == 1,
                 SWAP_AB=decode_tile and dtype.itemsize == 2 and arch >= 90,
+                REGISTER_A=(2 if arch >= 90 else 4) if decode_tile and dtype.itemsize == 2 else 0,
                 SHUFFLE_BYTES=decode_tile or arch >= 90)
 
 
