@@ -85,10 +85,11 @@ def representative(blocksize: int, per_element: bool = False, rows: int = 64):
 def compile_key(arch: int, kernel: str, m: int, blocksize: int, transpose_weight: bool, per_element: bool = False):
     """The representative problem keeps what selects a configuration and what Triton specialises on
     (M == 1; every other size a multiple of 16, like the Llama shapes): the GEMV's rows up to its 16-row
-    tile, the fused kernel's BLOCK_M bucket (16, 32, 64)."""
+    tile, the fused kernel's BLOCK_M bucket (16, 32, 64) and, within the 16-row one, the 8 rows its
+    16-bit forward multiplies at M <= 8 (matmul.fused_loop_flags' ROWS)."""
     if kernel == "dequantize":
         return (arch, kernel, 1, blocksize, True, per_element)
-    rows = min(m, 16) if kernel == "gemv" else 16 if m <= 16 else 32 if m <= 32 else 64
+    rows = min(m, 16) if kernel == "gemv" else 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
     return (arch, kernel, rows, blocksize, transpose_weight, per_element)
 
 
@@ -424,7 +425,7 @@ def goals(dispatch: list, kernels: list) -> dict:
 # BLOCK_M 16, 32, 64), both products, every arch. Past blocksize 256 both decodes are the same
 # per-element code (kernels.dequantize.MAX_TILE_BLOCKSIZE), compiled once and listed under both.
 LAUNCH_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-LAUNCH_ROWS = {"gemv": (1, 2, 4, 8, 16), "fused": (16, 32, 64), "fused_split": (16, 32, 64)}
+LAUNCH_ROWS = {"gemv": (1, 2, 4, 8, 16), "fused": (8, 16, 32, 64), "fused_split": (8, 16, 32, 64)}
 
 
 def launch_keys(archs, blocksizes=LAUNCH_BLOCKSIZES, kernels=None) -> list:

@@ -68,7 +68,8 @@ def target_arch(device) -> int:
     """The CUDA architecture a launch on `device` compiles for: sm_<arch> as an int (90 = H100).
 
     Inside compile_only() it is that block's target; on a CUDA device its compute capability; on
-    CPU (the interpreter) 90, so the interpreter runs the tile choices of an H100.
+    CPU (the interpreter) 90, so the interpreter runs the tile choices of an H100, or inside
+    interpreted_as() that block's arch.
     """
     compiling = _TARGET.get()
     if compiling is not None:
@@ -141,3 +142,19 @@ def compile_only(arch: int) -> Iterator[list[CompiledLaunch]]:
         driver.set_active(previous)  # None: the next real launch looks for a GPU again
         _TARGET.reset(arch_token)
         _COMPILED.reset(token)
+
+
+@contextlib.contextmanager
+def interpreted_as(arch: int) -> Iterator[None]:
+    """Within the block, launches under TRITON_INTERPRET=1 take sm_<arch>'s tile choices and loop flags
+    (target_arch) rather than the H100's, so the interpreter checks what each arch's launch computes."""
+    from triton import knobs
+
+    if not knobs.runtime.interpret:
+        raise RuntimeError("interpreted_as() picks the arch of interpreted launches; TRITON_INTERPRET=1 is not set "
+                           "(compile_only() compiles for an arch)")
+    token = _TARGET.set(arch)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)

@@ -114,11 +114,12 @@ MATMUL_CASES = [
 
 @interpreter_only
 @pytest.mark.parametrize("quant_type, blocksize, double_quant", (("nf4", 64, True), ("fp4", 32, False)))
-@pytest.mark.parametrize("kernel", ("fused", "gemv"))
-def test_interp_row_tile_decode_is_bit_exact(kernel, quant_type, blocksize, double_quant):
+@pytest.mark.parametrize("kernel, arch", (("fused", 90), ("fused", 80), ("gemv", 90)))
+def test_interp_row_tile_decode_is_bit_exact(kernel, arch, quant_type, blocksize, double_quant):
     # W as the matmul kernels decode it must be the dequantized W bit for bit. With fp32 one-hot
     # rows a product is one code * scale plus exact zeros (the fused fp32 dot is "ieee"), so the
     # output must be W itself, with every byte value 0..255 in the packing.
+    from qlora.kernels.launch import interpreted_as
     from qlora.kernels.nf4.gemv import gemv_4bit
     from qlora.kernels.nf4.matmul import matmul_4bit_fused
 
@@ -134,14 +135,17 @@ def test_interp_row_tile_decode_is_bit_exact(kernel, quant_type, blocksize, doub
         else:
             out = gemv_4bit(eye, weight, transpose_weight)
         assert torch.equal(out, expected), (transpose_weight, (out - expected).abs().max())
-        # 16-bit decode-sized products take other loops (tiles fetched a trip ahead; on sm_90, which
-        # the interpreter stands for, W as the MMA's A operand): one-hot rows 16 at a time (fused) and
-        # one at a time (GEMV) must still give W rounded to fp16, bit for bit.
+        # 16-bit decode-sized products take other loops (tiles fetched a trip ahead, W the MMA's A
+        # operand as decoded, relabelled for sm_90's warpgroup MMA or sm_80's mma.sync, 8 input rows
+        # on sm_80 at M <= 8): one-hot rows 16 and 5 at a time (fused) and one at a time (GEMV) must
+        # still give W rounded to fp16, bit for bit.
         eye16, expected16 = eye.half(), expected.half()
         if kernel == "fused":
-            for first in range(0, eye16.shape[0], 16):
-                got = matmul_4bit_fused(eye16[first:first + 16], weight, transpose_weight)
-                assert torch.equal(got, expected16[first:first + 16]), (transpose_weight, first)
+            with interpreted_as(arch):
+                for rows in (16, 5):
+                    for first in range(0, eye16.shape[0], rows):
+                        got = matmul_4bit_fused(eye16[first:first + rows], weight, transpose_weight)
+                        assert torch.equal(got, expected16[first:first + rows]), (transpose_weight, first, rows)
         else:
             for row in (0, 17, eye16.shape[0] - 1):
                 got = gemv_4bit(eye16[row:row + 1], weight, transpose_weight)
@@ -161,17 +165,20 @@ def forward_and_grad_input(m, out_features, in_features, quant_type, blocksize, 
 
 @interpreter_only
 @pytest.mark.parametrize("m, out_features, in_features, quant_type, blocksize, double_quant", MATMUL_CASES)
-@pytest.mark.parametrize("kernel", ("fused", "gemv"))
+@pytest.mark.parametrize("kernel", ("fused", "fused_sm80", "gemv"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
 def test_interp_kernel_forward_and_grad_input(kernel, dtype, m, out_features, in_features, quant_type, blocksize, double_quant):
+    # fused_sm80: the fused kernel with sm_80's loop flags (launch.interpreted_as), the H100's otherwise.
+    from qlora.kernels.launch import interpreted_as
     from qlora.kernels.nf4.gemv import gemv_4bit, gemv_workspace_shape
     from qlora.kernels.nf4.matmul import matmul_4bit_fused
 
     weight, products = forward_and_grad_input(m, out_features, in_features, quant_type, blocksize, double_quant, dtype)
     for a, transpose_weight, b, expected in products:
         out = nan_like(tuple(expected.shape), dtype)
-        if kernel == "fused":
-            matmul_4bit_fused(a, weight, transpose_weight, bias=b, out=out)
+        if kernel.startswith("fused"):
+            with interpreted_as(80 if kernel == "fused_sm80" else 90):
+                matmul_4bit_fused(a, weight, transpose_weight, bias=b, out=out)
         else:
             workspace = nan_like(gemv_workspace_shape(m, weight.shape, weight.blocksize, transpose_weight, a.device),
                                  torch.float32)
@@ -565,6 +572,17 @@ def test_autocast_rule_in_eager_and_compiled(monkeypatch):
         assert eager(x).dtype == compiled(x).dtype == torch.bfloat16
         assert ops.matmul_4bit_op(x, *weight, None, True, "auto").dtype == torch.float32  # the op itself: a's dtype
     assert eager(x).dtype == compiled(x).dtype == torch.float32
+
+
+@pytest.mark.skipif(INTERPRETED, reason="checks the guard outside the interpreter")
+def test_interpreted_as_needs_the_interpreter():
+    # Choosing sm_80's tiles for launches that then run compiled on this machine's GPU (or fail on its
+    # CPU) would test nothing: the block refuses to open outside TRITON_INTERPRET=1.
+    from qlora.kernels.launch import interpreted_as
+
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 is not set"):
+        with interpreted_as(80):
+            pass
 
 
 def test_empty_batch_reference():

@@ -52,7 +52,7 @@ def _matmul_4bit_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr,
     DIRECT_STORE: tl.constexpr, PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr, SHUFFLE_BYTES: tl.constexpr,
-    REGISTER_A: tl.constexpr,
+    REGISTER_A: tl.constexpr, ROWS: tl.constexpr,
 ):
     # Grouped program order: GROUP_M row tiles share each W column tile while it is in L2.
     pid = tl.program_id(0)
@@ -66,19 +66,6 @@ def _matmul_4bit_kernel(
     pid_m = first_m + (pid % per_group) % group_size
     pid_n = (pid % per_group) // group_size
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < COLS
-    # int64 row offsets: M * stride passes 2**31 at M = 150K for a 14336-wide input (or any strided
-    # view of a larger buffer). W's own indices stay int32: check_triton_size bounds its numel.
-    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-    if DIRECT_STORE:  # one split: the loop as it compiled before split-K (its registers and stages are tuned)
-        r_start = 0
-        r_stop = R
-    else:
-        r_start = split * R_PER_SPLIT
-        r_stop = r_start + R_PER_SPLIT
     # Tiles read as words (decode_row_tile): forward at blocksize 64+, backward at 64-128 with 16-bit inputs.
     FORWARD_WORDS: tl.constexpr = WHOLE_BLOCKS and TRANSPOSED and BLOCKSIZE >= 64
     # Backward words only in 16-row tiles: 64-row ones (no double quant) spilled 16 B on sm_80/89 with
@@ -91,14 +78,29 @@ def _matmul_4bit_kernel(
     # spilled 8 B on sm_80 with them.
     AHEAD: tl.constexpr = PREFETCH and DOUBLE_QUANT and (FORWARD_WORDS or BACKWARD_WORDS)
     # W's tile, fetched ahead and decoded as words, is the MMA's A operand where it was decoded
-    # (mma_k_order: REGISTER_A is the operand's kWidth); the 16 rows of the input are its B. 64 rows:
+    # (mma_k_order: REGISTER_A is the operand's kWidth); the input's rows are its B. 64 rows:
     # mma_row_order's 4 warps of 16.
     A_FROM_DECODE: tl.constexpr = REGISTER_A > 0 and FORWARD_WORDS and AHEAD and BLOCK_N == 64
+    # The rows of the tile that exist: all BLOCK_M, or ROWS (8 where M <= 8: mma's n = 8) in that loop.
+    TILE_ROWS: tl.constexpr = ROWS if A_FROM_DECODE else BLOCK_M
     SWAPPED: tl.constexpr = SWAP_AB or A_FROM_DECODE
-    if SWAPPED:
-        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, TILE_ROWS)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < COLS
+    # int64 row offsets: M * stride passes 2**31 at M = 150K for a 14336-wide input (or any strided
+    # view of a larger buffer). W's own indices stay int32: check_triton_size bounds its numel.
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    if DIRECT_STORE:  # one split: the loop as it compiled before split-K (its registers and stages are tuned)
+        r_start = 0
+        r_stop = R
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        r_start = split * R_PER_SPLIT
+        r_stop = r_start + R_PER_SPLIT
+    if SWAPPED:
+        acc_t = tl.zeros((BLOCK_N, TILE_ROWS), dtype=tl.float32)
+    else:
+        acc = tl.zeros((TILE_ROWS, BLOCK_N), dtype=tl.float32)
     r_last = tl.minimum(r_stop, R)
     if AHEAD:
         if FORWARD_WORDS:
@@ -185,7 +187,7 @@ def _matmul_4bit_kernel(
         arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
         last = arrived == SPLIT_K - 1
         if last:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros((TILE_ROWS, BLOCK_N), dtype=tl.float32)
             for other in range(0, SPLIT_K):
                 acc += tl.load(partial_ptr + other * M * COLS + partial_offsets, mask=mask_out, other=0.0,
                                cache_modifier=".cg")
@@ -329,7 +331,7 @@ def fused_config(m: int, dtype: torch.dtype, shape: Sequence[int], blocksize: in
                 num_warps=4, num_stages=stages)
 
 
-def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int) -> dict:
+def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int, m: int) -> dict:
     """The dense fused kernel's own loop constexprs for a fused_config (the grouped MoE kernel shares
     the tiles, not these)."""
     decode_tile = config["BLOCK_M"] == 16
@@ -342,7 +344,10 @@ def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int) -> dict:
     # MMA) makes the forward's tile, fetched ahead and decoded as words, the A operand in the
     # registers it was decoded in (mma_k_order), on every arch: gate_proj at M = 1 went from 72.1 to
     # 51.6 us on the A100 (shared-memory traffic 10.5 -> 6.5 KB a warp a trip) and from 30.3 to 27.6
-    # on the H100 (264 -> 202 instructions a trip: no store and LDSM of the tile).
+    # on the H100 (264 -> 202 instructions a trip: no store and LDSM of the tile). At M <= 8 that loop
+    # multiplies 8 input rows (ROWS: mma.sync's n = 8) rather than 16: half the input's shared-memory
+    # traffic and MMAs, A100 gate_proj 51.6 -> 49.7 us. Not on sm_90: there ptxas issued the next
+    # tile's loads late in the trip (0.16 trips ahead against 0.68) and the H100's took 33.5 us.
     # Byte tiles (backward past the word decode's reach, blocksize 32 forward) take their codes by
     # shuffle where that compiles without spills: 16-row tiles anywhere, and every tile on sm_90. The
     # H100's gate_proj backward at M = 64 went from 102.4 to 48.6 us in the model; 64-row tiles spilled
@@ -350,6 +355,7 @@ def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int) -> dict:
     return dict(PREFETCH=decode_tile and config["num_stages"] == 1,
                 SWAP_AB=decode_tile and dtype.itemsize == 2 and arch >= 90,
                 REGISTER_A=(2 if arch >= 90 else 4) if decode_tile and dtype.itemsize == 2 else 0,
+                ROWS=8 if m <= 8 and decode_tile and dtype.itemsize == 2 and arch < 90 else config["BLOCK_M"],
                 SHUFFLE_BYTES=decode_tile or arch >= 90)
 
 
@@ -450,7 +456,7 @@ def matmul_4bit_fused(
         w_stride_r, w_stride_c,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
         GROUP_M=8, INPUT_PRECISION=input_precision(a.dtype), TRANSPOSED=transpose_weight, DIRECT_STORE=split_k == 1,
-        **config, **fused_loop_flags(config, a.dtype, arch),
+        **config, **fused_loop_flags(config, a.dtype, arch, m),
         # No contraction: W must decode to the same bits here as in the dequantize kernel (the
         # double-quant scale code * absmax + offset is a multiply, then an add). The products run
         # on tensor cores (tl.dot), which fp fusion does not touch.
