@@ -352,10 +352,11 @@ def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int, m: int) -> dic
     # shuffle where that compiles without spills: 16-row tiles anywhere, and every tile on sm_90. The
     # H100's gate_proj backward at M = 64 went from 102.4 to 48.6 us in the model; 64-row tiles spilled
     # 16 B on sm_80/89 (128 registers).
+    decode_mma = decode_tile and dtype.itemsize == 2  # decode-sized, on the 16-bit tensor-core path
     return dict(PREFETCH=decode_tile and config["num_stages"] == 1,
-                SWAP_AB=decode_tile and dtype.itemsize == 2 and arch >= 90,
-                REGISTER_A=(2 if arch >= 90 else 4) if decode_tile and dtype.itemsize == 2 else 0,
-                ROWS=8 if m <= 8 and decode_tile and dtype.itemsize == 2 and arch < 90 else config["BLOCK_M"],
+                SWAP_AB=decode_mma and arch >= 90,
+                REGISTER_A=(2 if arch >= 90 else 4) if decode_mma else 0,
+                ROWS=8 if decode_mma and m <= 8 and arch < 90 else config["BLOCK_M"],
                 SHUFFLE_BYTES=decode_tile or arch >= 90)
 
 
