@@ -20,8 +20,9 @@ The same rules for every kernel, ours and the peers', so a ratio between two est
      path: shared memory 128 B per clock (LDS/STS/LDSM bytes, a warp shuffle's 32 x 4 B; not what a
      warpgroup MMA reads of its operands from shared memory: charged at 128 B a clock, those reads put
      gemlite's H100 GEMM at M = 256 at 0.23x bf16 against 0.41x published), plus one clock per
-     128 B of a coalesced global load or store, plus each gather's clocks: the L1 looks up 4 line tags and moves 4 sectors a clock, so a warp's 32
-     lookups into a table cost max(distinct lines, distinct sectors) / 4 clocks, expected over
+     128 B of a coalesced global load or store, plus each gather's clocks: the L1 looks up 4 line
+     tags and moves 4 sectors a clock, so a warp's 32 lookups into a table cost max(distinct
+     lines, distinct sectors) / 4 clocks, expected over
      uniform indices (gather_wavefronts): 1 for the 16 fp32 NF4 codes (64 B), ~6.3 for a 2 KB
      table of 8-byte code pairs. What a gather reads is the caller's to say (gather_tables);
      an unknown table is charged 8 (every lane its own line);
