@@ -185,7 +185,8 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     `record(row)` receives each kernel launch's entry."""
     from qlora.kernels.nf4.dequantize import dequantize_elements
     from qlora.kernels.nf4.gemv import gemv_block_sizes, gemv_split
-    from qlora.kernels.nf4.matmul import fused_config, fused_may_split, fused_split, weight_strides
+    from qlora.kernels.nf4.matmul import (fused_config, fused_loop_flags, fused_may_split, fused_programs_per_sm, fused_split,
+                                          weight_strides)
 
     spec = gpu_model.card(card)
     arch = spec.arch
@@ -213,7 +214,9 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     # the last split of each tile in the same launch
     config = fused_config(m, torch.bfloat16, (n, k), blocksize, transpose_weight, arch)
     tiles_m, tiles_n = math.ceil(m / config["BLOCK_M"]), math.ceil(cols / config["BLOCK_N"])
-    split_k, r_per_split = fused_split(m, tiles_m * tiles_n, r, config["BLOCK_R"], _Device(spec.sms))
+    per_sm = fused_programs_per_sm(config, fused_loop_flags(config, torch.bfloat16, arch, m), transpose_weight, blocksize,
+                                   True, arch)
+    split_k, r_per_split = fused_split(m, tiles_m * tiles_n, r, config["BLOCK_R"], _Device(spec.sms), per_sm)
     if not fused_may_split(config, blocksize):
         split_k, r_per_split = 1, math.ceil(r / config["BLOCK_R"]) * config["BLOCK_R"]
     constexprs, code = machine_code_for(arch, "fused_split" if split_k > 1 else "fused", m, blocksize, transpose_weight)

@@ -13,6 +13,7 @@ import torch
 import qlora
 from qlora.kernels import launch
 from qlora.kernels.machine_code import MAX_SHARED_PER_BLOCK, TENSOR_CORE_MMAS, machine_code
+from qlora.kernels.nf4.matmul import FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A
 
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(triton.knobs.runtime.interpret, reason="compiles for a GPU: not under TRITON_INTERPRET=1")
@@ -84,6 +85,8 @@ def test_4bit_kernels_compile_without_spills(arch, dtype):
                 stored = sum(32 * store_bytes(mnemonic) for mnemonic, _ in code.loop_lines if mnemonic.startswith("STS"))
                 assert stored <= 16 * constexprs["BLOCK_R"] * dtype.itemsize // code.num_warps, (constexprs, stored)
                 register_a += 1
+                # fused_split aims at 6 programs an SM for this tile on sm_80/90: they must fit at once.
+                assert code.blocks_per_sm >= FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A, (constexprs, code.registers)
     assert register_a == (dtype.itemsize == 2)  # the 16-row forward, in 16 bits
 
 
@@ -123,7 +126,7 @@ def test_fused_split_k_compiles_without_spills(arch, dtype, double_quant):
     # the decode tile: 16-row tiles at 1 stage (decode) and 64-row tiles, both products, with and
     # without double quant (the pair decode and the two 4-byte gathers), and fp32's CUDA-core tiles.
     # The launchability sweep (benchmarks/kernels_static.py) covers every blocksize with double quant.
-    from qlora.kernels.nf4.matmul import matmul_4bit_fused
+    from qlora.kernels.nf4.matmul import fused_programs_per_sm, matmul_4bit_fused
 
     weight = quantized((256, 512), double_quant)
     with launch.compile_only(arch) as compiled:
@@ -134,7 +137,11 @@ def test_fused_split_k_compiles_without_spills(arch, dtype, double_quant):
     assert [launched.constexprs["DIRECT_STORE"] for launched in compiled] == [False] * 2 + [not double_quant] * 2
     for launched in compiled:
         if not launched.constexprs["DIRECT_STORE"]:  # the one-split code is checked above and by the sweeps
-            check_launchable(launched, arch)
+            code = check_launchable(launched, arch)
+            c = launched.constexprs
+            if c["BLOCK_M"] == 16 and dtype != torch.float32:  # as many split programs fit an SM as fused_split puts there
+                per_sm = fused_programs_per_sm(c, c, c["TRANSPOSED"], c["BLOCKSIZE"], c["DOUBLE_QUANT"], arch)
+                assert code.blocks_per_sm >= per_sm, (c, code.registers, code.blocks_per_sm)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -208,6 +215,19 @@ def test_committed_sweeps_are_launchable():
                    row["local_bytes"], row["shared_bytes"], row["blocks_per_sm"]) for row in rows + launches
                   if row["local_bytes"] or row["shared_bytes"] > row["shared_limit"] or row["blocks_per_sm"] < 1})
     assert not bad, bad
+    # Split-K never puts more decode-sized programs on an SM than fit at once where its rule says so:
+    # the tile decoded into the MMA's A operand, and the other 64 x 64 tiles of whole blocks.
+    from qlora.kernels.nf4.matmul import fused_programs_per_sm
+
+    checked, crowded = 0, []
+    for row in launches:
+        c = row.get("constexprs", {})
+        if row["kernel"].startswith("fused") and c["BLOCK_M"] == 16 and c["WHOLE_BLOCKS"] and c["BLOCK_N"] * c["BLOCK_R"] <= 4096:
+            checked += 1
+            if row["blocks_per_sm"] < fused_programs_per_sm(c, c, c["TRANSPOSED"], c["BLOCKSIZE"], c["DOUBLE_QUANT"], row["arch"]):
+                crowded.append((row["arch"], row["kernel"], row["blocksize"], row["transpose_weight"], row["M"],
+                                row["registers"], row["blocks_per_sm"]))
+    assert checked >= 4 * 2 * 2 * 2 and not crowded, crowded
 
 
 def test_dequantize_bounds_and_indices_are_int64_near_2_31(monkeypatch):

@@ -252,12 +252,22 @@ def matmul_block_sizes(m: int, dtype: torch.dtype, min_r: int = 0, min_n: int = 
 # whole Llama-3-8B layer's fused products at 1.05x bf16 for 2 programs an SM, 1.14x for 4, 0.80x
 # for 6 (q_proj's busiest SM then gets 7 programs where 6 fit at once: a second round), and the
 # A100 at 0.98x, 1.15x, 0.90x. Past 4 tiles an SM the tiles fill the SMs themselves.
+# 4 fit at once where 64 x 64 tiles of whole blocks compile to 95-128 registers (128 on sm_80 with
+# split-K: 4 x 128 threads x 128 fill an SM's 64K). Wider tiles (blocksize 128+), the per-element
+# decode and fp32's CUDA-core tiles take 144-254, so 2-3 fit and the busiest SM may run a second
+# round; aimed at 2 instead, the model's blocksize 128/256 cells at M <= 16 got 3-9% faster
+# (geometric mean) and blocksize 4096's 4-7% slower, up to 1.7x on some: kept at 4 until the fit
+# is read from the compiled kernel.
 FUSED_SPLIT_PROGRAMS_PER_SM = 4
+# The forward tile decoded into the MMA's A operand (REGISTER_A) compiles to 64-80 registers on
+# sm_80/86/89/90, split or not, so 6 fit (tests/test_kernels_compiled.py holds both counts). Split
+# towards 6 (fused_programs_per_sm), the model's Llama-3-8B layer at M = 1 went from 199.1 to
+# 166.5 us on the A100 (gate_proj 49.7 -> 36.1: 2 splits now fit where the busiest of its 108 SMs
+# ran 3 whole tiles) and from 133.1 to 129.7 on the H100. Not on sm_86/89, bound by GDDR: there the
+# extra splits' fp32 partial sums took the RTX 3090's layer at M = 16 from 230.5 to 244.2 us.
+FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A = 6
 FUSED_SPLIT_BELOW_TILES_PER_SM = 4
 FUSED_SPLIT_MIN_TRIPS = 2
-# Programs of a 16-row tile sure to fit an SM at once: with the next trip's loads in registers they
-# compile to 95-128 registers (128 on sm_80 with split-K), and 4 x 128 threads x 128 fill its 64K.
-FUSED_SPLIT_MAX_RESIDENT = 4
 # Tiles past 32 x 8192 products never split: the 64 x 256 x 32 tile (blocksize 256, backward) is at
 # 255 registers already, and the split epilogue beside it spilled 144 B on sm_80 and 16 B on sm_90.
 FUSED_SPLIT_MAX_PRODUCTS = 32 * 8192
@@ -360,31 +370,46 @@ def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int, m: int) -> dic
                 SHUFFLE_BYTES=decode_tile or arch >= 90)
 
 
-def fused_split(m: int, tiles: int, r: int, block_r: int, device) -> tuple[int, int]:
+def fused_programs_per_sm(config: dict, flags: dict, transpose_weight: bool, blocksize: int, double_quant: bool,
+                          arch: int) -> int:
+    """Programs an SM fused_split aims at, and at decode-sized M (16-row tiles) never puts past on the
+    busiest SM. The kernel's A_FROM_DECODE tile (forward, whole blocks of 64+ read as words a trip
+    ahead, 64 x 64) keeps W out of shared memory: 64-80 registers, 6 fit, and 6 are aimed at on the
+    HBM parts (sm_80, sm_90); on sm_86/89 the extra splits' fp32 partial sums cost more GDDR bytes
+    than the busiest SM's extra trips. The other tiles: FUSED_SPLIT_PROGRAMS_PER_SM.
+    tests/test_kernels_compiled.py holds the launchability sweep to these counts."""
+    register_a = (config["BLOCK_M"] == 16 and flags["REGISTER_A"] > 0 and flags["PREFETCH"] and transpose_weight
+                  and config["WHOLE_BLOCKS"] and blocksize >= 64 and double_quant and config["BLOCK_N"] == 64
+                  and config["BLOCK_R"] == 64)
+    return FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A if register_a and arch not in (86, 89) else FUSED_SPLIT_PROGRAMS_PER_SM
+
+
+def fused_split(m: int, tiles: int, r: int, block_r: int, device,
+                per_sm: int = FUSED_SPLIT_PROGRAMS_PER_SM) -> tuple[int, int]:
     """(SPLIT_K, R per split) of an m-row fused launch with `tiles` output tiles.
 
-    Decode-sized M (16-row tiles: 60-94 registers, 5-7 programs resident an SM) splits while the
+    Decode-sized M (16-row tiles: 64-247 registers, 2-8 programs resident an SM) splits while the
     tiles number fewer than FUSED_SPLIT_BELOW_TILES_PER_SM an SM; larger tiles (110+ registers and
     41 KB of shared memory at 64 rows: 2-4 resident) only while they leave SMs idle: split to 4
     programs an SM they ran in two rounds, and the model put the RTX 4090's Llama-3-8B layer at
-    M = 256 at 0.62x bf16 forward against 0.68x unsplit. Either way towards
-    FUSED_SPLIT_PROGRAMS_PER_SM programs an SM, at least FUSED_SPLIT_MIN_TRIPS tiles of R a split,
-    and the fp32 partial sums written and read back (8 x SPLIT_K x m bytes a column) within the
-    packed weight's R / 2 bytes a column. `device` may be anything with an `sms` attribute (the
-    machine-code model's GPUs)."""
+    M = 256 at 0.62x bf16 forward against 0.68x unsplit. Either way towards `per_sm` programs an
+    SM (fused_programs_per_sm), at decode-sized M never past it on the busiest SM, at least
+    FUSED_SPLIT_MIN_TRIPS tiles of R a split, and the fp32 partial sums written and read back
+    (8 x SPLIT_K x m bytes a column) within the packed weight's R / 2 bytes a column. `device` may
+    be anything with an `sms` attribute (the machine-code model's GPUs)."""
     from qlora.kernels.nf4.gemv import _multiprocessors
 
     sms = getattr(device, "sms", None) or _multiprocessors(device)
     trips = triton.cdiv(r, block_r)
     split_k = 1
     if tiles < (FUSED_SPLIT_BELOW_TILES_PER_SM if m <= 16 else 1) * sms:
-        split_k = max(1, min(triton.cdiv(FUSED_SPLIT_PROGRAMS_PER_SM * sms, tiles), trips // FUSED_SPLIT_MIN_TRIPS,
+        split_k = max(1, min(triton.cdiv(per_sm * sms, tiles), trips // FUSED_SPLIT_MIN_TRIPS,
                              r // (16 * max(m, 1))))
         # Never a second round on the busiest SM: gate_proj's 224 tiles split 3 ways put 6 programs
         # on some of the H100's 132 SMs, where 5 fit at 100 registers: 60.2 us in the model against
         # 40.1 us split 2 ways; on the A100 (128 registers, 4 fit) 2 ways put 5 on some: 85.0 us
         # against 72.1 unsplit.
-        while m <= 16 and split_k > 1 and triton.cdiv(tiles * split_k, sms) > FUSED_SPLIT_MAX_RESIDENT:
+        while m <= 16 and split_k > 1 and triton.cdiv(tiles * split_k, sms) > per_sm:
             split_k -= 1
     r_per_split = triton.cdiv(trips, split_k) * block_r
     return triton.cdiv(r, r_per_split), r_per_split
@@ -394,11 +419,14 @@ def fused_workspace_shape(m: int, shape: Sequence[int], blocksize: int, transpos
                           device: torch.device, double_quant: bool = True) -> tuple[int, int, int]:
     """fp32 partial sums of a fused launch: [SPLIT_K, M, cols] (SPLIT_K = 1: none are written)."""
     r, cols, _, _ = weight_strides(shape, transpose_weight)
-    config = fused_config(m, dtype, shape, blocksize, transpose_weight, target_arch(device))
+    arch = target_arch(device)
+    config = fused_config(m, dtype, shape, blocksize, transpose_weight, arch)
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
     if not fused_may_split(config, blocksize, double_quant):
         return 1, m, cols
-    split_k, _ = fused_split(m, tiles, r, config["BLOCK_R"], device)
+    per_sm = fused_programs_per_sm(config, fused_loop_flags(config, dtype, arch, m), transpose_weight, blocksize,
+                                   double_quant, arch)
+    split_k, _ = fused_split(m, tiles, r, config["BLOCK_R"], device, per_sm)
     return split_k, m, cols
 
 
@@ -429,11 +457,13 @@ def matmul_4bit_fused(
     packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(weight)
     arch = target_arch(a.device)
     config = fused_config(m, a.dtype, shape, blocksize, transpose_weight, arch)
+    flags = fused_loop_flags(config, a.dtype, arch, m)
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
     if not fused_may_split(config, blocksize, double_quant):
         split_k = 1
     if split_k is None:
-        split_k, r_per_split = fused_split(m, tiles, r, config["BLOCK_R"], a.device)
+        per_sm = fused_programs_per_sm(config, flags, transpose_weight, blocksize, double_quant, arch)
+        split_k, r_per_split = fused_split(m, tiles, r, config["BLOCK_R"], a.device, per_sm)
     else:
         r_per_split = triton.cdiv(triton.cdiv(r, config["BLOCK_R"]), max(1, split_k)) * config["BLOCK_R"]
         split_k = triton.cdiv(r, r_per_split)
@@ -457,7 +487,7 @@ def matmul_4bit_fused(
         w_stride_r, w_stride_c,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
         GROUP_M=8, INPUT_PRECISION=input_precision(a.dtype), TRANSPOSED=transpose_weight, DIRECT_STORE=split_k == 1,
-        **config, **fused_loop_flags(config, a.dtype, arch, m),
+        **config, **flags,
         # No contraction: W must decode to the same bits here as in the dequantize kernel (the
         # double-quant scale code * absmax + offset is a multiply, then an add). The products run
         # on tensor cores (tl.dot), which fp fusion does not touch.
