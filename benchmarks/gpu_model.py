@@ -130,6 +130,10 @@ SHARED_BYTES_PER_CLOCK = 128  # per SM: the L1/shared-memory data stage
 LINE_BYTES, SECTOR_BYTES, TAGS_PER_CLOCK = 128, 32, 4  # L1: 128-byte lines of 32-byte sectors, 4 tag lookups a clock
 BARRIER_CYCLES = 20  # a BAR.SYNC that every warp reaches together; more when they do not
 HMMA_SM90_FRACTION = 0.6  # mma.sync on Hopper reaches ~60% of the wgmma peak (Luo et al. 2024, fig. 12)
+# An L2 hit's latency over a DRAM load's: ~200 against ~470 cycles on the A100 ("Dissecting the Ampere
+# GPU architecture"); 222-339, mean ~279, on an AD102 (L40; Alpay and Basaran 2026, per-SM L2 probe)
+# against ~540. The upper part of that spread, so that it does not flatter.
+L2_LATENCY_FRACTION = 0.6
 
 DEFAULT_PARAMETERS = {"bandwidth_fraction": 0.85, "fixed_us": 2.5, "latency_scale": 1.0, "tensor_efficiency": 0.8,
                       "overlap": 0.0}

@@ -184,7 +184,7 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     """Estimated microseconds of each Triton path for C = A @ (W^T or W), W [n, k], on `card`;
     `record(row)` receives each kernel launch's entry."""
     from qlora.kernels.nf4.dequantize import dequantize_elements
-    from qlora.kernels.nf4.gemv import gemv_block_sizes, gemv_split
+    from qlora.kernels.nf4.gemv import gemv_block_sizes, gemv_split, split_sum_loads
     from qlora.kernels.nf4.matmul import (fused_config, fused_loop_flags, fused_may_split, fused_programs_per_sm, fused_split,
                                           weight_strides)
 
@@ -207,9 +207,16 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     elements = dequantize_elements(blocksize)
     bounds = kernel_bounds(spec, code, math.ceil(n * k / elements), 1, w4 + 2 * n * k, gather_tables(blocksize))
     out["dequant_matmul"] = entry("dequantize", code, bounds) + cublas_us(spec, m, cols, r)
-    # The last split waits on the counter's atomic and then on loading the partial sums: two DRAM
-    # latencies in series past the one the model charges every kernel's epilogue.
-    fixup_us = 2 * spec.dram_latency_cycles * gpu_model.PARAMETERS["latency_scale"] / (spec.clock_ghz * 1e3)
+    # The last split waits on the counter's atomic (a DRAM latency past the one the model charges
+    # every kernel's epilogue), then on the partial sums, just written and so in L2: a few splits'
+    # loads at a time (gemv.sum_split_partials), an L2 round trip each time.
+    latency_us = spec.dram_latency_cycles * gpu_model.PARAMETERS["latency_scale"] / (spec.clock_ghz * 1e3)
+
+    def fixup_us(split: int, rows: int, cols: int) -> float:
+        if split == 1:
+            return 0.0
+        return latency_us * (1 + math.ceil(split / split_sum_loads(rows, cols)) * gpu_model.L2_LATENCY_FRACTION)
+
     # fused: split-K (matmul.fused_split) where its tiles leave SMs idle, the partial sums summed by
     # the last split of each tile in the same launch
     config = fused_config(m, torch.bfloat16, (n, k), blocksize, transpose_weight, arch)
@@ -224,7 +231,8 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     bytes_moved = w4 * math.ceil(tiles_m / 8) + 2 * (m * r + m * cols) + partials
     bounds = kernel_bounds(spec, code, tiles_m * tiles_n * split_k, math.ceil(r_per_split / config["BLOCK_R"]),
                            bytes_moved, gather_tables(blocksize, constexprs["WHOLE_BLOCKS"]))
-    out["fused"] = entry("fused", code, {**bounds, "split_k": split_k}) + (fixup_us if split_k > 1 else 0.0)
+    out["fused"] = entry("fused", code, {**bounds, "split_k": split_k}) + fixup_us(split_k, config["BLOCK_M"],
+                                                                                  config["BLOCK_N"])
     # GEMV: split-K partial sums, added up by the last split of each tile in the same launch
     if m <= GEMV_MAX_ROWS:
         _, code = machine_code_for(arch, "gemv", m, blocksize, transpose_weight)
@@ -236,7 +244,7 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
         partials = 8 * split_k * m * cols if split_k > 1 else 0
         bounds = kernel_bounds(spec, code, programs, math.ceil(r_per_split / block_r),
                                w4 * math.ceil(m / block_m) + 2 * m * r + partials + 2 * m * cols, tables)
-        out["gemv"] = entry("gemv", code, {**bounds, "split_k": split_k}) + (fixup_us if split_k > 1 else 0.0)
+        out["gemv"] = entry("gemv", code, {**bounds, "split_k": split_k}) + fixup_us(split_k, block_m, block_n)
     return out
 
 

@@ -214,17 +214,32 @@ def test_interp_fused_split_k_forward_and_grad_input(dtype, m, out_features, in_
     # split order, adds the bias and zeroes its counter; per-element decode (in=321) and row tiles
     # that end mid-tile (50 rows, 37 rows), forward and dX, against fp64 products of the twin's W.
     from qlora.kernels.nf4 import gemv
-    from qlora.kernels.nf4.matmul import matmul_4bit_fused
+    from qlora.kernels.nf4.matmul import fused_config, fused_may_split, matmul_4bit_fused
 
     weight, products = forward_and_grad_input(m, out_features, in_features, quant_type, blocksize, double_quant, dtype)
     for a, transpose_weight, b, expected in products:
         whole = matmul_4bit_fused(a, weight, transpose_weight, bias=b, split_k=1)
-        for split_k in (2, 3):
+        r, cols = a.shape[1], expected.shape[1]
+        config = fused_config(m, dtype, weight.shape, blocksize, transpose_weight, 90)
+        for split_k in (2, 3, 5):  # 5: the last split's loads run past SPLIT_SUM_LOADS (4) a trip
+            # A split past R's tiles is reduced to one tile a split, as the launcher does.
+            block_r = config["BLOCK_R"]
+            splits = triton.cdiv(r, triton.cdiv(triton.cdiv(r, block_r), split_k) * block_r)
+            if not fused_may_split(config, blocksize, double_quant):
+                splits = 1
             out = nan_like(tuple(expected.shape), dtype)
-            matmul_4bit_fused(a, weight, transpose_weight, bias=b, out=out, split_k=split_k)
+            workspace = nan_like((splits, m, cols), torch.float32) if splits > 1 else None
+            matmul_4bit_fused(a, weight, transpose_weight, bias=b, out=out, workspace=workspace, split_k=split_k)
             assert not out.isnan().any()
             assert not gemv.split_counters(a.device, 1).any()  # every tile's counter is zero again
             assert rel_err(out, expected) < TOLERANCE[dtype], (transpose_weight, split_k, rel_err(out, expected))
+            if splits > 1:  # the last split adds the workspace's partial sums in split order, then the bias
+                ordered = torch.zeros(m, cols, dtype=torch.float32)
+                for partial in workspace:
+                    ordered = ordered + partial
+                if b is not None:
+                    ordered = ordered + b.float()
+                assert torch.equal(out, ordered.to(dtype)), (transpose_weight, split_k, splits)
             again = matmul_4bit_fused(a, weight, transpose_weight, bias=b, split_k=split_k)
             assert torch.equal(out, again)  # the same sum in the same order, whichever split came last
         assert rel_err(whole, expected) < TOLERANCE[dtype]

@@ -91,6 +91,47 @@ def gemv_num_warps(block_m: int, block_n: int, block_r: int, whole_blocks: bool,
     return 2 if per_tile and block_m == 8 and not transpose_weight else 4
 
 
+# Splits whose partial sums the last split loads at once (sum_split_partials), for tiles of up to
+# SPLIT_SUM_TILE elements (decode-sized: 8 fp32 a thread a load at 128 threads). ptxas had unrolled
+# the loop of one load and one add per split 4 times by itself; written out, the 4 loads are
+# independent by construction and the last split waits SPLIT_K / 4 L2 round trips (the
+# machine-code model charges them so: benchmarks/kernels_static.py). Larger tiles keep one load a
+# split: 4 of a 64 x 64 tile held 128 registers (96 before) and cost sm_90 a program an SM.
+SPLIT_SUM_LOADS = 4
+SPLIT_SUM_TILE: tl.constexpr = tl.constexpr(16 * 64)
+
+
+def split_sum_loads(rows: int, cols: int) -> int:
+    """Partial-sum loads sum_split_partials has in flight for a rows x cols tile."""
+    return SPLIT_SUM_LOADS if rows * cols <= SPLIT_SUM_TILE.value else 1
+
+
+@triton.jit
+def sum_split_partials(partial_ptr, offsets, mask, SPLIT_K, split_stride, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The fp32 partial sums of SPLIT_K splits (split s at partial_ptr + s * split_stride + offsets),
+    added in split order: the same sum whichever split arrives last. Decode-sized tiles load four
+    splits a trip (split_sum_loads); a split past SPLIT_K loads +0.0, which leaves the sum's bits as
+    they are (it never holds -0.0: it starts at +0.0). .cg reads them from L2, past a stale L1."""
+    acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    if ROWS * COLS <= SPLIT_SUM_TILE:
+        for first in range(0, SPLIT_K, 4):
+            base = partial_ptr + first * split_stride + offsets
+            # As a tensor the bound masks alike compiled and interpreted (a Python bool there is no mask).
+            left = tl.zeros_like(offsets) + (SPLIT_K - first)
+            p0 = tl.load(base, mask=mask, other=0.0, cache_modifier=".cg")
+            p1 = tl.load(base + split_stride, mask=mask & (left > 1), other=0.0, cache_modifier=".cg")
+            p2 = tl.load(base + 2 * split_stride, mask=mask & (left > 2), other=0.0, cache_modifier=".cg")
+            p3 = tl.load(base + 3 * split_stride, mask=mask & (left > 3), other=0.0, cache_modifier=".cg")
+            acc += p0
+            acc += p1
+            acc += p2
+            acc += p3
+    else:
+        for other in range(0, SPLIT_K):
+            acc += tl.load(partial_ptr + other * split_stride + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc
+
+
 @triton.jit
 def _gemv_4bit_kernel(
     a_ptr, partial_ptr, counter_ptr, out_ptr, bias_ptr,
@@ -194,7 +235,7 @@ def _gemv_4bit_kernel(
         # last), where a second kernel launch would cost the fixed per-kernel time (~6 us in the
         # calibrated model, more than a Llama-3-8B k_proj's whole decode). The barrier orders every
         # thread's partial stores before the counter's release; the counter's acquire orders the
-        # loads below after the other splits' releases; .cg reads them from L2, past a stale L1.
+        # loads below after the other splits' releases.
         partial_offsets = offs_m[:, None] * COLS + offs_n[None, :]
         tl.store(partial_ptr + split.to(tl.int64) * M * COLS + partial_offsets, acc, mask=mask_out)
         tl.debug_barrier()
@@ -202,10 +243,8 @@ def _gemv_4bit_kernel(
         arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
         last = arrived == SPLIT_K - 1
         if last:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for other in range(0, SPLIT_K):
-                acc += tl.load(partial_ptr + other * M * COLS + partial_offsets, mask=mask_out, other=0.0,
-                               cache_modifier=".cg")
+            acc = sum_split_partials(partial_ptr, partial_offsets, mask_out, SPLIT_K, M * COLS,
+                                     BLOCK_M, BLOCK_N)
             tl.atomic_xchg(counter_ptr + tile, 0)  # zero again for the next launch on this stream
     if last:
         if HAS_BIAS:

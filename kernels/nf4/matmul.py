@@ -39,6 +39,7 @@ from qlora.kernels.nf4.packed import Packed4bit, weight_strides
 from qlora.kernels.nf4.dequantize import (decode_fetched_row_tile, decode_row_tile, decode_row_tile_bytes,
                                           decode_stored_tile, fetch_row_tile, mma_k_order, mma_row_order,
                                           mma_row_order_inverse, weight_pointers, whole_block_tiles)
+from qlora.kernels.nf4.gemv import sum_split_partials
 from qlora.kernels.launch import launch, target_arch
 
 
@@ -179,18 +180,16 @@ def _matmul_4bit_kernel(
         # split of this output tile to arrive adds all of them in split order (the same sum whichever
         # finishes last), adds the bias and casts, in the same launch; it zeroes the tile's arrival
         # counter for the next launch, so a CUDA graph replays it as it is. The barrier orders every
-        # thread's partial stores before the counter's release; the acquire orders the loads below
-        # after the other splits' releases; .cg reads them from L2, past a stale L1.
+        # thread's partial stores before the counter's release; the acquire orders the loads of
+        # sum_split_partials after the other splits' releases.
         partial_offsets = offs_m.to(tl.int64)[:, None] * COLS + offs_n[None, :]
         tl.store(partial_ptr + split.to(tl.int64) * M * COLS + partial_offsets, acc, mask=mask_out)
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
         last = arrived == SPLIT_K - 1
         if last:
-            acc = tl.zeros((TILE_ROWS, BLOCK_N), dtype=tl.float32)
-            for other in range(0, SPLIT_K):
-                acc += tl.load(partial_ptr + other * M * COLS + partial_offsets, mask=mask_out, other=0.0,
-                               cache_modifier=".cg")
+            acc = sum_split_partials(partial_ptr, partial_offsets, mask_out, SPLIT_K, M * COLS,
+                                     TILE_ROWS, BLOCK_N)
             tl.atomic_xchg(counter_ptr + pid, 0)
     if last:
         if HAS_BIAS:
