@@ -223,7 +223,7 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     tiles_m, tiles_n = math.ceil(m / config["BLOCK_M"]), math.ceil(cols / config["BLOCK_N"])
     per_sm = fused_programs_per_sm(config, fused_loop_flags(config, torch.bfloat16, arch, m), transpose_weight, blocksize,
                                    True, arch)
-    split_k, r_per_split = fused_split(m, tiles_m * tiles_n, r, config["BLOCK_R"], _Device(spec.sms), per_sm)
+    split_k, r_per_split = fused_split(m, tiles_m * tiles_n, r, config, _Device(spec.sms), per_sm)
     if not fused_may_split(config, blocksize):
         split_k, r_per_split = 1, math.ceil(r / config["BLOCK_R"]) * config["BLOCK_R"]
     constexprs, code = machine_code_for(arch, "fused_split" if split_k > 1 else "fused", m, blocksize, transpose_weight)
@@ -238,7 +238,7 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
         _, code = machine_code_for(arch, "gemv", m, blocksize, transpose_weight)
         block_m, block_n, block_r, whole_blocks = gemv_block_sizes(m, (n, k), blocksize, transpose_weight)
         tables = gather_tables(blocksize, whole_blocks)
-        split_k, r_per_split = gemv_split(m, cols, r, block_n, block_r, _Device(spec.sms))
+        split_k, r_per_split = gemv_split(m, cols, r, block_m, block_n, block_r, _Device(spec.sms))
         programs = math.ceil(cols / block_n) * split_k * math.ceil(m / block_m)
         # fp32 partial sums written and read back once (split > 1), and the output stored once.
         partials = 8 * split_k * m * cols if split_k > 1 else 0

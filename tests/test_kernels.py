@@ -245,6 +245,23 @@ def test_interp_fused_split_k_forward_and_grad_input(dtype, m, out_features, in_
         assert rel_err(whole, expected) < TOLERANCE[dtype]
 
 
+def test_split_k_stops_where_the_sum_outgrows_the_split():
+    # A k_proj at M = 1 on an H100 (132 SMs): 16 column tiles of 64 trips of R. Towards 6 programs an
+    # SM it would split 32 ways: 2 trips a split, and the last split's sum 8 L2 round trips (4 splits'
+    # loads a trip). split_sum_bound stops at 16: 4 trips a split, 4 round trips.
+    from types import SimpleNamespace
+
+    from qlora.kernels.nf4.gemv import gemv_block_sizes, gemv_split, split_sum_bound
+    from qlora.kernels.nf4.matmul import fused_config, fused_split
+
+    h100 = SimpleNamespace(sms=132)
+    config = fused_config(1, torch.bfloat16, (1024, 4096), 64, True, 90)
+    assert fused_split(1, 16, 4096, config, h100, 6) == (16, 256) and split_sum_bound(64, 16, 64) == 16
+    block_m, block_n, block_r, _ = gemv_block_sizes(1, (1024, 4096), 64, True)
+    split, _ = gemv_split(1, 1024, 4096, block_m, block_n, block_r, h100)
+    assert split <= split_sum_bound(4096 // block_r, block_m, block_n)
+
+
 @interpreter_only
 def test_interp_fused_split_rule_splits_only_when_tiles_leave_sms_idle():
     # The interpreter's device counts as 4 SMs: a 16-row decode product with 2 column tiles splits

@@ -34,6 +34,7 @@ which removes the 10-20 us of Python launch overhead per layer that would otherw
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -104,6 +105,14 @@ SPLIT_SUM_TILE: tl.constexpr = tl.constexpr(16 * 64)
 def split_sum_loads(rows: int, cols: int) -> int:
     """Partial-sum loads sum_split_partials has in flight for a rows x cols tile."""
     return SPLIT_SUM_LOADS if rows * cols <= SPLIT_SUM_TILE.value else 1
+
+
+def split_sum_bound(trips: int, rows: int, cols: int) -> int:
+    """The most splits of `trips` trips of R whose last-split sum takes no more L2 round trips
+    (SPLIT_K / split_sum_loads) than each split has trips of its own (trips / SPLIT_K): past it the
+    fix-up outgrows the work it split off. A k_proj at M = 1 (64 trips, 16 column tiles) had been
+    split 32 ways on the H100: 2 trips a split and 8 round trips to sum them."""
+    return max(1, math.isqrt(split_sum_loads(rows, cols) * trips))
 
 
 @triton.jit
@@ -299,12 +308,15 @@ def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return counters
 
 
-def gemv_split(m: int, cols: int, r: int, block_n: int, block_r: int, device: torch.device) -> tuple[int, int]:
-    """(SPLIT_K, R per split): about two programs per SM, never a split smaller than one tile.
+def gemv_split(m: int, cols: int, r: int, block_m: int, block_n: int, block_r: int,
+               device: torch.device) -> tuple[int, int]:
+    """(SPLIT_K, R per split): about two programs per SM, never a split smaller than one tile, nor
+    more splits than split_sum_bound.
     `device` may be anything with an `sms` attribute (the machine-code model's GPUs)."""
     tiles_n = triton.cdiv(cols, block_n)
     sms = getattr(device, "sms", None) or _multiprocessors(device)
-    split_k = max(1, min(triton.cdiv(2 * sms, tiles_n), triton.cdiv(r, block_r)))
+    trips = triton.cdiv(r, block_r)
+    split_k = max(1, min(triton.cdiv(2 * sms, tiles_n), trips, split_sum_bound(trips, block_m, block_n)))
     r_per_split = triton.cdiv(triton.cdiv(r, split_k), block_r) * block_r
     return triton.cdiv(r, r_per_split), r_per_split
 
@@ -312,8 +324,8 @@ def gemv_split(m: int, cols: int, r: int, block_n: int, block_r: int, device: to
 def gemv_workspace_shape(m: int, shape: Sequence[int], blocksize: int, transpose_weight: bool,
                          device: torch.device) -> tuple[int, int, int]:
     r, cols, _, _ = weight_strides(shape, transpose_weight)
-    _, block_n, block_r, _ = gemv_block_sizes(m, shape, blocksize, transpose_weight)
-    split_k, _ = gemv_split(m, cols, r, block_n, block_r, device)
+    block_m, block_n, block_r, _ = gemv_block_sizes(m, shape, blocksize, transpose_weight)
+    split_k, _ = gemv_split(m, cols, r, block_m, block_n, block_r, device)
     return split_k, m, cols
 
 
@@ -339,7 +351,7 @@ def gemv_4bit(
         raise ValueError(f"gemv_4bit is for decode batches of at most 64 rows, got {m}; use matmul_4bit_fused")
     r, cols, w_stride_r, w_stride_c = weight_strides(shape, transpose_weight)
     block_m, block_n, block_r, whole_blocks = gemv_block_sizes(m, shape, blocksize, transpose_weight)
-    split_k, r_per_split = gemv_split(m, cols, r, block_n, block_r, a.device)
+    split_k, r_per_split = gemv_split(m, cols, r, block_m, block_n, block_r, a.device)
     if out is None:
         out = torch.empty((m, cols), dtype=a.dtype, device=a.device)
     elif tuple(out.shape) != (m, cols) or out.dtype != a.dtype or out.device != a.device:

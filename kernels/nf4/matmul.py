@@ -383,7 +383,7 @@ def fused_programs_per_sm(config: dict, flags: dict, transpose_weight: bool, blo
     return FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A if register_a and arch not in (86, 89) else FUSED_SPLIT_PROGRAMS_PER_SM
 
 
-def fused_split(m: int, tiles: int, r: int, block_r: int, device,
+def fused_split(m: int, tiles: int, r: int, config: dict, device,
                 per_sm: int = FUSED_SPLIT_PROGRAMS_PER_SM) -> tuple[int, int]:
     """(SPLIT_K, R per split) of an m-row fused launch with `tiles` output tiles.
 
@@ -394,16 +394,18 @@ def fused_split(m: int, tiles: int, r: int, block_r: int, device,
     M = 256 at 0.62x bf16 forward against 0.68x unsplit. Either way towards `per_sm` programs an
     SM (fused_programs_per_sm), at decode-sized M never past it on the busiest SM, at least
     FUSED_SPLIT_MIN_TRIPS tiles of R a split, and the fp32 partial sums written and read back
-    (8 x SPLIT_K x m bytes a column) within the packed weight's R / 2 bytes a column. `device` may
-    be anything with an `sms` attribute (the machine-code model's GPUs)."""
-    from qlora.kernels.nf4.gemv import _multiprocessors
+    (8 x SPLIT_K x m bytes a column) within the packed weight's R / 2 bytes a column, and no more
+    splits than gemv.split_sum_bound. `config`: the launch's fused_config. `device` may be anything
+    with an `sms` attribute (the machine-code model's GPUs)."""
+    from qlora.kernels.nf4.gemv import _multiprocessors, split_sum_bound
 
     sms = getattr(device, "sms", None) or _multiprocessors(device)
+    block_r = config["BLOCK_R"]
     trips = triton.cdiv(r, block_r)
     split_k = 1
     if tiles < (FUSED_SPLIT_BELOW_TILES_PER_SM if m <= 16 else 1) * sms:
         split_k = max(1, min(triton.cdiv(per_sm * sms, tiles), trips // FUSED_SPLIT_MIN_TRIPS,
-                             r // (16 * max(m, 1))))
+                             r // (16 * max(m, 1)), split_sum_bound(trips, config["BLOCK_M"], config["BLOCK_N"])))
         # Never a second round on the busiest SM: gate_proj's 224 tiles split 3 ways put 6 programs
         # on some of the H100's 132 SMs, where 5 fit at 100 registers: 60.2 us in the model against
         # 40.1 us split 2 ways; on the A100 (128 registers, 4 fit) 2 ways put 5 on some: 85.0 us
@@ -425,7 +427,7 @@ def fused_workspace_shape(m: int, shape: Sequence[int], blocksize: int, transpos
         return 1, m, cols
     per_sm = fused_programs_per_sm(config, fused_loop_flags(config, dtype, arch, m), transpose_weight, blocksize,
                                    double_quant, arch)
-    split_k, _ = fused_split(m, tiles, r, config["BLOCK_R"], device, per_sm)
+    split_k, _ = fused_split(m, tiles, r, config, device, per_sm)
     return split_k, m, cols
 
 
@@ -462,7 +464,7 @@ def matmul_4bit_fused(
         split_k = 1
     if split_k is None:
         per_sm = fused_programs_per_sm(config, flags, transpose_weight, blocksize, double_quant, arch)
-        split_k, r_per_split = fused_split(m, tiles, r, config["BLOCK_R"], a.device, per_sm)
+        split_k, r_per_split = fused_split(m, tiles, r, config, a.device, per_sm)
     else:
         r_per_split = triton.cdiv(triton.cdiv(r, config["BLOCK_R"]), max(1, split_k)) * config["BLOCK_R"]
         split_k = triton.cdiv(r, r_per_split)
