@@ -222,7 +222,7 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     config = fused_config(m, torch.bfloat16, (n, k), blocksize, transpose_weight, arch)
     tiles_m, tiles_n = math.ceil(m / config["BLOCK_M"]), math.ceil(cols / config["BLOCK_N"])
     per_sm = fused_programs_per_sm(config, fused_loop_flags(config, torch.bfloat16, arch, m), transpose_weight, blocksize,
-                                   True, arch)
+                                   True, arch, spec.sms)
     split_k, r_per_split = fused_split(m, tiles_m * tiles_n, r, config, _Device(spec.sms), per_sm)
     if not fused_may_split(config, blocksize):
         split_k, r_per_split = 1, math.ceil(r / config["BLOCK_R"]) * config["BLOCK_R"]

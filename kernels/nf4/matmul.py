@@ -39,7 +39,7 @@ from qlora.kernels.nf4.packed import Packed4bit, weight_strides
 from qlora.kernels.nf4.dequantize import (decode_fetched_row_tile, decode_row_tile, decode_row_tile_bytes,
                                           decode_stored_tile, fetch_row_tile, mma_k_order, mma_row_order,
                                           mma_row_order_inverse, weight_pointers, whole_block_tiles)
-from qlora.kernels.nf4.gemv import sum_split_partials
+from qlora.kernels.nf4.gemv import _multiprocessors, split_sum_bound, sum_split_partials
 from qlora.kernels.launch import launch, target_arch
 
 
@@ -265,6 +265,12 @@ FUSED_SPLIT_PROGRAMS_PER_SM = 4
 # ran 3 whole tiles) and from 133.1 to 129.7 on the H100. Not on sm_86/89, bound by GDDR: there the
 # extra splits' fp32 partial sums took the RTX 3090's layer at M = 16 from 230.5 to 244.2 us.
 FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A = 6
+# On the GDDR archs (sm_86/89) a decode-sized product is bound by DRAM, and each split adds fp32
+# partial sums to its bytes: what it needs is enough programs to keep the bytes in flight that the
+# card's bandwidth asks, and the RTX 3090 (936 GB/s) and 4090 (1008 GB/s) ask about the same. 4
+# programs an SM on the 3090's 82 SMs, 3 on the 4090's 128: the model's Llama-3-8B layer on the
+# 4090 at M = 1 / 4 / 16 went from 201.9 / 209.2 / 234.0 us (4 an SM) to 200.3 / 204.9 / 220.0.
+FUSED_SPLIT_GDDR_PROGRAMS = 320
 FUSED_SPLIT_BELOW_TILES_PER_SM = 4
 FUSED_SPLIT_MIN_TRIPS = 2
 # Tiles past 32 x 8192 products never split: the 64 x 256 x 32 tile (blocksize 256, backward) is at
@@ -370,17 +376,22 @@ def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int, m: int) -> dic
 
 
 def fused_programs_per_sm(config: dict, flags: dict, transpose_weight: bool, blocksize: int, double_quant: bool,
-                          arch: int) -> int:
+                          arch: int, sms: int = 0) -> int:
     """Programs an SM fused_split aims at, and at decode-sized M (16-row tiles) never puts past on the
     busiest SM. The kernel's A_FROM_DECODE tile (forward, whole blocks of 64+ read as words a trip
     ahead, 64 x 64) keeps W out of shared memory: 64-80 registers, 6 fit, and 6 are aimed at on the
     HBM parts (sm_80, sm_90); on sm_86/89 the extra splits' fp32 partial sums cost more GDDR bytes
-    than the busiest SM's extra trips. The other tiles: FUSED_SPLIT_PROGRAMS_PER_SM.
-    tests/test_kernels_compiled.py holds the launchability sweep to these counts."""
+    than the busiest SM's extra trips. The other tiles: FUSED_SPLIT_PROGRAMS_PER_SM. Given the SM
+    count, the GDDR archs' decode tiles aim at FUSED_SPLIT_GDDR_PROGRAMS programs in all, never
+    more than that. tests/test_kernels_compiled.py holds the launchability sweep to these counts."""
     register_a = (config["BLOCK_M"] == 16 and flags["REGISTER_A"] > 0 and flags["PREFETCH"] and transpose_weight
                   and config["WHOLE_BLOCKS"] and blocksize >= 64 and double_quant and config["BLOCK_N"] == 64
                   and config["BLOCK_R"] == 64)
-    return FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A if register_a and arch not in (86, 89) else FUSED_SPLIT_PROGRAMS_PER_SM
+    if register_a and arch not in (86, 89):
+        return FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A
+    if arch in (86, 89) and config["BLOCK_M"] == 16 and sms:
+        return min(FUSED_SPLIT_PROGRAMS_PER_SM, max(2, triton.cdiv(FUSED_SPLIT_GDDR_PROGRAMS, sms)))
+    return FUSED_SPLIT_PROGRAMS_PER_SM
 
 
 def fused_split(m: int, tiles: int, r: int, config: dict, device,
@@ -397,8 +408,6 @@ def fused_split(m: int, tiles: int, r: int, config: dict, device,
     (8 x SPLIT_K x m bytes a column) within the packed weight's R / 2 bytes a column, and no more
     splits than gemv.split_sum_bound. `config`: the launch's fused_config. `device` may be anything
     with an `sms` attribute (the machine-code model's GPUs)."""
-    from qlora.kernels.nf4.gemv import _multiprocessors, split_sum_bound
-
     sms = getattr(device, "sms", None) or _multiprocessors(device)
     block_r = config["BLOCK_R"]
     trips = triton.cdiv(r, block_r)
@@ -426,7 +435,7 @@ def fused_workspace_shape(m: int, shape: Sequence[int], blocksize: int, transpos
     if not fused_may_split(config, blocksize, double_quant):
         return 1, m, cols
     per_sm = fused_programs_per_sm(config, fused_loop_flags(config, dtype, arch, m), transpose_weight, blocksize,
-                                   double_quant, arch)
+                                   double_quant, arch, _multiprocessors(device))
     split_k, _ = fused_split(m, tiles, r, config, device, per_sm)
     return split_k, m, cols
 
@@ -463,7 +472,8 @@ def matmul_4bit_fused(
     if not fused_may_split(config, blocksize, double_quant):
         split_k = 1
     if split_k is None:
-        per_sm = fused_programs_per_sm(config, flags, transpose_weight, blocksize, double_quant, arch)
+        per_sm = fused_programs_per_sm(config, flags, transpose_weight, blocksize, double_quant, arch,
+                                       _multiprocessors(a.device))
         split_k, r_per_split = fused_split(m, tiles, r, config, a.device, per_sm)
     else:
         r_per_split = triton.cdiv(triton.cdiv(r, config["BLOCK_R"]), max(1, split_k)) * config["BLOCK_R"]
