@@ -30,9 +30,11 @@ the activations and the output once, the GEMV's and the fused kernel's fp32 spli
 written and read back. Paths: dequant_matmul = the dequantize kernel + cuBLAS on the bf16 weight;
 fused (split-K by matmul.fused_split where its tiles leave SMs idle: compiled as "fused_split", the
 partial sums added by the last split of each output tile in the same launch); gemv (M <= 64, one
-launch, the same last-split sum). The dispatch table is per arch, modelled on that arch's datacenter card (A100,
-A10, L4, H100), as the runtime knows the arch; the whole-layer rows (Llama-3-8B, Llama-3-70B) cover
-all six cards through that table, as a user's card would dispatch.
+launch, the same last-split sum). The dispatch table is per arch, as the runtime knows the arch,
+modelled on that arch's datacenter card (A100, A10, L4, H100): of the paths within 5% of that card's
+fastest, the one least far from each of the arch's cards' own fastest (arch_path: the RTX 3090 beside
+the A10, the RTX 4090 beside the L4). The whole-layer rows (Llama-3-8B, Llama-3-70B) cover all six
+cards through that table, as a user's card would dispatch.
 """
 from __future__ import annotations
 
@@ -285,16 +287,43 @@ def sweep(archs, shapes, blocksizes, ms, workers: int = 1) -> tuple[list, list]:
                 for blocksize in blocksizes:
                     for m in ms:
                         estimates = path_estimates(TABLE_CARDS[arch], m, n, k, blocksize, transpose_weight, record)
+                        others = [path_estimates(card, m, n, k, blocksize, transpose_weight, lambda row: None)
+                                  for card in arch_cards(arch) if card != TABLE_CARDS[arch]]
                         r, cols = (k, n) if transpose_weight else (n, k)
-                        best = min(estimates, key=estimates.get)
+                        best = arch_path([estimates, *others])
                         dispatch.append(dict(arch=arch, card=TABLE_CARDS[arch], shape=name, M=m, N=n, K=k, blocksize=blocksize,
                                              transpose_weight=transpose_weight,
                                              estimates={p: round(v, 3) for p, v in estimates.items()},
-                                             best_path=best, best_estimate_us=round(estimates[best], 3),
+                                             best_path=best, best_estimate_us=round(min(estimates.values()), 3),
                                              bf16_estimate_us=round(cublas_us(TABLE_CARDS[arch], m, cols, r), 3)))
         print(f"sm_{arch}: {len(_CODE)} configurations compiled so far, {time.perf_counter() - start:.0f} s",
               file=sys.stderr)
     return kernels, dispatch
+
+
+def arch_cards(arch: int) -> list:
+    """The modelled cards of one arch, the table card first: the runtime knows the arch, not the card."""
+    return sorted((name for name, spec in gpu_model.CARDS.items() if spec.arch == arch),
+                  key=lambda name: name != TABLE_CARDS[arch])
+
+
+# How much slower than its fastest path the table card may be dispatched, for its arch's other cards.
+ARCH_PATH_SLACK = 1.05
+
+
+def arch_path(estimates_per_card: list) -> str:
+    """The path for every card of an arch, the table card's estimates first: of the paths within
+    ARCH_PATH_SLACK of the table card's fastest, the least worst ratio to each card's own fastest.
+    An A10 (600 GB/s) and an RTX 3090 (936 GB/s) share sm_86's table: at M = 1 the A10 had the GEMV
+    and the fused kernel within 0.3% on q_proj and down_proj, where the 3090's fused kernel was 10%
+    and 7% faster than its GEMV. Ties go to the table card's order of paths."""
+    table = estimates_per_card[0]
+    near = [path for path in table if table[path] <= ARCH_PATH_SLACK * min(table.values())]
+
+    def regret(path):
+        return max(estimates[path] / min(estimates.values()) for estimates in estimates_per_card)
+
+    return min(near, key=regret)
 
 
 def card_rows(cards, ms, record) -> list:
@@ -370,8 +399,8 @@ def flagged(rows: list) -> list:
 
 def dispatch_table(dispatch: list, blocksize: int | None = None) -> dict:
     """arch -> direction -> (out_features, in_features, blocksize) -> ((largest M, path), ...): at
-    every M of the sweep the path with the lowest estimate for that weight, consecutive M with the
-    same path merged into one bucket. `blocksize` keeps one blocksize only."""
+    every M of the sweep the row's best path (arch_path: over the arch's cards), consecutive M with
+    the same path merged into one bucket. `blocksize` keeps one blocksize only."""
     table = {}
     for row in sorted(dispatch, key=lambda row: (row["arch"], not row["transpose_weight"], row["N"], row["K"],
                                                  row["blocksize"], row["M"])):
@@ -380,7 +409,7 @@ def dispatch_table(dispatch: list, blocksize: int | None = None) -> dict:
         direction = "forward" if row["transpose_weight"] else "backward"
         buckets = table.setdefault(row["arch"], {}).setdefault(direction, {}).setdefault(
             (row["N"], row["K"], row["blocksize"]), [])
-        best = min(row["estimates"], key=row["estimates"].get)
+        best = row["best_path"]
         if buckets and buckets[-1][1] == best:
             buckets[-1] = (row["M"], best)
         else:

@@ -203,3 +203,17 @@ def test_committed_results_carry_calibration_layers_and_flags():
     assert isinstance(result["flagged"], list)
     for flag in result["flagged"]:
         assert flag["model_speedup"] > flag["published_speedup"] and flag["path"] != "dequant_matmul"
+
+
+def test_an_arch_path_serves_every_card_of_the_arch():
+    import kernels_static  # noqa: E402
+
+    assert kernels_static.arch_cards(86) == ["A10", "RTX 3090"] and kernels_static.arch_cards(90) == ["H100"]
+    # A near-tie on the table card goes to the path its sibling runs fastest ...
+    a10 = {"gemv": 27.00, "fused": 27.07, "dequant_matmul": 173.9}
+    rtx3090 = {"gemv": 23.13, "fused": 20.81, "dequant_matmul": 117.2}
+    assert kernels_static.arch_path([a10, rtx3090]) == "fused"
+    # ... but never at more than ARCH_PATH_SLACK over the table card's fastest.
+    a10 = {"gemv": 27.00, "fused": 30.0}
+    assert kernels_static.arch_path([a10, rtx3090]) == "gemv"
+    assert kernels_static.arch_path([a10]) == "gemv"
