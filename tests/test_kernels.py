@@ -262,6 +262,20 @@ def test_split_k_stops_where_the_sum_outgrows_the_split():
     assert split <= split_sum_bound(4096 // block_r, block_m, block_n)
 
 
+def test_split_k_past_decode_keeps_the_product_compute_bound():
+    # A k_proj at M = 256 on an RTX 4090 (128 SMs): 64 tiles of 64 x 64 leave half the SMs idle.
+    # Split 2 ways the fp32 partial sums (8 B x 2 x 256 a column) outweigh the 4-bit weight (2 KB a
+    # column), yet the product stays at 2 x 256 x 4096 / 6144 = 341 FLOPs a byte, past every card's
+    # balance (FUSED_SPLIT_COMPUTE_BOUND): it splits. 3 ways would fall to 293.
+    from types import SimpleNamespace
+
+    from qlora.kernels.nf4.matmul import compute_bound_splits, fused_config, fused_split
+
+    assert compute_bound_splits(256, 4096) == 2 and compute_bound_splits(16, 4096) == 0
+    config = fused_config(256, torch.bfloat16, (1024, 4096), 64, True, 89)
+    assert fused_split(256, 64, 4096, config, SimpleNamespace(sms=128))[0] == 2
+
+
 def test_split_k_aims_at_the_programs_the_card_needs():
     # Decode tiles on the HBM archs aim at the 6 programs an SM that fit; on the GDDR archs, bound by
     # DRAM, at about 320 programs in all (each split adds fp32 partial sums to the bytes): 4 an SM

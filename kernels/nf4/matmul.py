@@ -272,6 +272,9 @@ FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A = 6
 # 4090 at M = 1 / 4 / 16 went from 201.9 / 209.2 / 234.0 us (4 an SM) to 200.3 / 204.9 / 220.0.
 FUSED_SPLIT_GDDR_PROGRAMS = 320
 FUSED_SPLIT_BELOW_TILES_PER_SM = 4
+# FLOPs a DRAM byte above which a product is bound by the tensor cores on every modelled card: the
+# H100's 989 TFLOP/s over 3.35 TB/s is 295, the most of them.
+FUSED_SPLIT_COMPUTE_BOUND = 300
 FUSED_SPLIT_MIN_TRIPS = 2
 # Tiles past 32 x 8192 products never split: the 64 x 256 x 32 tile (blocksize 256, backward) is at
 # 255 registers already, and the split epilogue beside it spilled 144 B on sm_80 and 16 B on sm_90.
@@ -394,6 +397,13 @@ def fused_programs_per_sm(config: dict, flags: dict, transpose_weight: bool, blo
     return FUSED_SPLIT_PROGRAMS_PER_SM
 
 
+def compute_bound_splits(m: int, r: int) -> int:
+    """The most splits whose fp32 partial sums (8 x SPLIT_K x m bytes a column, written and read
+    back) leave an m-row product over R at FUSED_SPLIT_COMPUTE_BOUND FLOPs a byte or more: still
+    bound by the tensor cores, not DRAM, on every modelled card."""
+    return max(0, int((2 * m * r / FUSED_SPLIT_COMPUTE_BOUND - r / 2) // (8 * max(m, 1))))
+
+
 def fused_split(m: int, tiles: int, r: int, config: dict, device,
                 per_sm: int = FUSED_SPLIT_PROGRAMS_PER_SM) -> tuple[int, int]:
     """(SPLIT_K, R per split) of an m-row fused launch with `tiles` output tiles.
@@ -414,7 +424,8 @@ def fused_split(m: int, tiles: int, r: int, config: dict, device,
     split_k = 1
     if tiles < (FUSED_SPLIT_BELOW_TILES_PER_SM if m <= 16 else 1) * sms:
         split_k = max(1, min(triton.cdiv(per_sm * sms, tiles), trips // FUSED_SPLIT_MIN_TRIPS,
-                             r // (16 * max(m, 1)), split_sum_bound(trips, config["BLOCK_M"], config["BLOCK_N"])))
+                             max(r // (16 * max(m, 1)), compute_bound_splits(m, r)),
+                             split_sum_bound(trips, config["BLOCK_M"], config["BLOCK_N"])))
         # Never a second round on the busiest SM: gate_proj's 224 tiles split 3 ways put 6 programs
         # on some of the H100's 132 SMs, where 5 fit at 100 registers: 60.2 us in the model against
         # 40.1 us split 2 ways; on the A100 (128 registers, 4 fit) 2 ways put 5 on some: 85.0 us
