@@ -88,10 +88,10 @@ def compile_key(arch: int, kernel: str, m: int, blocksize: int, transpose_weight
     """The representative problem keeps what selects a configuration and what Triton specialises on
     (M == 1; every other size a multiple of 16, like the Llama shapes): the GEMV's rows up to its 16-row
     tile, the fused kernel's BLOCK_M bucket (16, 32, 64) and, within the 16-row one, the 8 rows its
-    16-bit forward multiplies at M <= 8 (matmul.fused_loop_flags' ROWS)."""
+    16-bit forward multiplies at M <= 8 (matmul.fused_loop_flags' ROWS), and M = 1 apart (its SUM_ROWS)."""
     if kernel == "dequantize":
         return (arch, kernel, 1, blocksize, True, per_element)
-    rows = min(m, 16) if kernel == "gemv" else 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
+    rows = min(m, 16) if kernel == "gemv" else m if m == 1 else 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
     return (arch, kernel, rows, blocksize, transpose_weight, per_element)
 
 
@@ -223,8 +223,8 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     # the last split of each tile in the same launch
     config = fused_config(m, torch.bfloat16, (n, k), blocksize, transpose_weight, arch)
     tiles_m, tiles_n = math.ceil(m / config["BLOCK_M"]), math.ceil(cols / config["BLOCK_N"])
-    per_sm = fused_programs_per_sm(config, fused_loop_flags(config, torch.bfloat16, arch, m), transpose_weight, blocksize,
-                                   True, arch, spec.sms)
+    flags = fused_loop_flags(config, torch.bfloat16, arch, m, transpose_weight, blocksize, True)
+    per_sm = fused_programs_per_sm(config, flags, arch, spec.sms)
     split_k, r_per_split = fused_split(m, tiles_m * tiles_n, r, config, _Device(spec.sms), per_sm)
     if not fused_may_split(config, blocksize):
         split_k, r_per_split = 1, math.ceil(r / config["BLOCK_R"]) * config["BLOCK_R"]
@@ -233,7 +233,7 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     bytes_moved = w4 * math.ceil(tiles_m / 8) + 2 * (m * r + m * cols) + partials
     bounds = kernel_bounds(spec, code, tiles_m * tiles_n * split_k, math.ceil(r_per_split / config["BLOCK_R"]),
                            bytes_moved, gather_tables(blocksize, constexprs["WHOLE_BLOCKS"]))
-    out["fused"] = entry("fused", code, {**bounds, "split_k": split_k}) + fixup_us(split_k, config["BLOCK_M"],
+    out["fused"] = entry("fused", code, {**bounds, "split_k": split_k}) + fixup_us(split_k, flags["SUM_ROWS"],
                                                                                   config["BLOCK_N"])
     # GEMV: split-K partial sums, added up by the last split of each tile in the same launch
     if m <= GEMV_MAX_ROWS:
@@ -465,7 +465,7 @@ def goals(dispatch: list, kernels: list) -> dict:
 # BLOCK_M 16, 32, 64), both products, every arch. Past blocksize 256 both decodes are the same
 # per-element code (kernels.dequantize.MAX_TILE_BLOCKSIZE), compiled once and listed under both.
 LAUNCH_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-LAUNCH_ROWS = {"gemv": (1, 2, 4, 8, 16), "fused": (8, 16, 32, 64), "fused_split": (8, 16, 32, 64)}
+LAUNCH_ROWS = {"gemv": (1, 2, 4, 8, 16), "fused": (1, 8, 16, 32, 64), "fused_split": (1, 8, 16, 32, 64)}
 
 
 def launch_keys(archs, blocksizes=LAUNCH_BLOCKSIZES, kernels=None) -> list:

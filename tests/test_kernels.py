@@ -206,13 +206,15 @@ def test_interp_gemv_last_split_leaves_counters_zero_and_repeats_bit_for_bit():
 
 @interpreter_only
 @pytest.mark.parametrize("m, out_features, in_features, quant_type, blocksize, double_quant",
-                         [(5, 37, 321, "fp4", 128, False), (19, 50, 192, "nf4", 32, True), (3, 96, 320, "nf4", 64, True)])
+                         [(5, 37, 321, "fp4", 128, False), (19, 50, 192, "nf4", 32, True), (3, 96, 320, "nf4", 64, True),
+                          (1, 64, 1088, "nf4", 64, True)])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
 def test_interp_fused_split_k_forward_and_grad_input(dtype, m, out_features, in_features, quant_type, blocksize,
                                                      double_quant):
     # Split-K in the fused kernel: the last split of each output tile adds the fp32 partial sums in
     # split order, adds the bias and zeroes its counter; per-element decode (in=321) and row tiles
-    # that end mid-tile (50 rows, 37 rows), forward and dX, against fp64 products of the twin's W.
+    # that end mid-tile (50 rows, 37 rows), forward and dX, against fp64 products of the twin's W. At
+    # M = 1 the 16-bit forward sums one row, 8 splits at a time: 17 splits take three rounds.
     from qlora.kernels.nf4 import gemv
     from qlora.kernels.nf4.matmul import fused_config, fused_may_split, matmul_4bit_fused
 
@@ -221,7 +223,7 @@ def test_interp_fused_split_k_forward_and_grad_input(dtype, m, out_features, in_
         whole = matmul_4bit_fused(a, weight, transpose_weight, bias=b, split_k=1)
         r, cols = a.shape[1], expected.shape[1]
         config = fused_config(m, dtype, weight.shape, blocksize, transpose_weight, 90)
-        for split_k in (2, 3, 5):  # 5: the last split's loads run past SPLIT_SUM_LOADS (4) a trip
+        for split_k in (2, 3, 5) + ((17,) if m == 1 else ()):  # 5 (17 at M = 1): past one round of loads
             # A split past R's tiles is reduced to one tile a split, as the launcher does.
             block_r = config["BLOCK_R"]
             splits = triton.cdiv(r, triton.cdiv(triton.cdiv(r, block_r), split_k) * block_r)
@@ -284,7 +286,7 @@ def test_split_k_aims_at_the_programs_the_card_needs():
 
     def per_sm(arch, sms):
         config = fused_config(1, torch.bfloat16, (4096, 4096), 64, True, arch)
-        return fused_programs_per_sm(config, fused_loop_flags(config, torch.bfloat16, arch, 1), True, 64, True, arch, sms)
+        return fused_programs_per_sm(config, fused_loop_flags(config, torch.bfloat16, arch, 1, True, 64, True), arch, sms)
 
     assert (per_sm(80, 108), per_sm(90, 132), per_sm(86, 82), per_sm(89, 128), per_sm(89, 58)) == (6, 6, 4, 3, 4)
 

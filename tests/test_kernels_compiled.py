@@ -140,7 +140,7 @@ def test_fused_split_k_compiles_without_spills(arch, dtype, double_quant):
             code = check_launchable(launched, arch)
             c = launched.constexprs
             if c["BLOCK_M"] == 16 and dtype != torch.float32:  # as many split programs fit an SM as fused_split puts there
-                per_sm = fused_programs_per_sm(c, c, c["TRANSPOSED"], c["BLOCKSIZE"], c["DOUBLE_QUANT"], arch)
+                per_sm = fused_programs_per_sm(c, c, arch)
                 assert code.blocks_per_sm >= per_sm, (c, code.registers, code.blocks_per_sm)
 
 
@@ -224,7 +224,7 @@ def test_committed_sweeps_are_launchable():
         c = row.get("constexprs", {})
         if row["kernel"].startswith("fused") and c["BLOCK_M"] == 16 and c["WHOLE_BLOCKS"] and c["BLOCK_N"] * c["BLOCK_R"] <= 4096:
             checked += 1
-            if row["blocks_per_sm"] < fused_programs_per_sm(c, c, c["TRANSPOSED"], c["BLOCKSIZE"], c["DOUBLE_QUANT"], row["arch"]):
+            if row["blocks_per_sm"] < fused_programs_per_sm(c, c, row["arch"]):
                 crowded.append((row["arch"], row["kernel"], row["blocksize"], row["transpose_weight"], row["M"],
                                 row["registers"], row["blocks_per_sm"]))
     assert checked >= 4 * 2 * 2 * 2 and not crowded, crowded

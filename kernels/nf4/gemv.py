@@ -92,49 +92,54 @@ def gemv_num_warps(block_m: int, block_n: int, block_r: int, whole_blocks: bool,
     return 2 if per_tile and block_m == 8 and not transpose_weight else 4
 
 
-# Splits whose partial sums the last split loads at once (sum_split_partials), for tiles of up to
-# SPLIT_SUM_TILE elements (decode-sized: 8 fp32 a thread a load at 128 threads). ptxas had unrolled
-# the loop of one load and one add per split 4 times by itself; written out, the 4 loads are
-# independent by construction and the last split waits SPLIT_K / 4 L2 round trips (the
-# machine-code model charges them so: benchmarks/kernels_static.py). Larger tiles keep one load a
-# split: 4 of a 64 x 64 tile held 128 registers (96 before) and cost sm_90 a program an SM.
-SPLIT_SUM_LOADS = 4
+# Partial sums the last split has in flight at once (sum_split_partials): SPLIT_SUM_ELEMENTS fp32, 32 a
+# thread at 128 threads, in loads of one split's tile each, at most SPLIT_SUM_MAX_LOADS of them. ptxas
+# had unrolled the loop of one load and one add per split 4 times by itself; written out, the loads
+# are independent by construction and the last split waits SPLIT_K / loads L2 round trips (the
+# machine-code model charges them so: benchmarks/kernels_static.py). A 16 x 64 decode tile: 4 loads;
+# 8 x 64 and smaller (the GEMV's tiles, the one row of M = 1: matmul's SUM_ROWS): 8, so a 16-way
+# split sums in 2 round trips, not 4. At 16 loads the H100's decode loop compiled to 222
+# instructions a trip, not 213 (80 registers, not 72).
+# Tiles past 16 x 64 keep one load a split: 4 of a 64 x 64 tile held 128 registers (96 before) and
+# cost sm_90 a program an SM.
+SPLIT_SUM_ELEMENTS: tl.constexpr = tl.constexpr(4 * 16 * 64)
+SPLIT_SUM_MAX_LOADS: tl.constexpr = tl.constexpr(8)
 SPLIT_SUM_TILE: tl.constexpr = tl.constexpr(16 * 64)
 
 
 def split_sum_loads(rows: int, cols: int) -> int:
     """Partial-sum loads sum_split_partials has in flight for a rows x cols tile."""
-    return SPLIT_SUM_LOADS if rows * cols <= SPLIT_SUM_TILE.value else 1
+    if rows * cols > SPLIT_SUM_TILE.value:
+        return 1
+    return max(1, min(SPLIT_SUM_MAX_LOADS.value, SPLIT_SUM_ELEMENTS.value // (rows * cols)))
 
 
 def split_sum_bound(trips: int, rows: int, cols: int) -> int:
     """The most splits of `trips` trips of R whose last-split sum takes no more L2 round trips
     (SPLIT_K / split_sum_loads) than each split has trips of its own (trips / SPLIT_K): past it the
     fix-up outgrows the work it split off. A k_proj at M = 1 (64 trips, 16 column tiles) had been
-    split 32 ways on the H100: 2 trips a split and 8 round trips to sum them."""
+    split 32 ways on the H100 in 16-row tiles: 2 trips a split and 8 round trips to sum them."""
     return max(1, math.isqrt(split_sum_loads(rows, cols) * trips))
 
 
 @triton.jit
 def sum_split_partials(partial_ptr, offsets, mask, SPLIT_K, split_stride, ROWS: tl.constexpr, COLS: tl.constexpr):
     """The fp32 partial sums of SPLIT_K splits (split s at partial_ptr + s * split_stride + offsets),
-    added in split order: the same sum whichever split arrives last. Decode-sized tiles load four
-    splits a trip (split_sum_loads); a split past SPLIT_K loads +0.0, which leaves the sum's bits as
-    they are (it never holds -0.0: it starts at +0.0). .cg reads them from L2, past a stale L1."""
+    added in split order: the same sum whichever split arrives last. Small tiles load several splits
+    a trip (split_sum_loads, all loads before the adds); a split past SPLIT_K loads +0.0, which
+    leaves the sum's bits as they are (it never holds -0.0: it starts at +0.0). .cg reads them from
+    L2, past a stale L1."""
     acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
     if ROWS * COLS <= SPLIT_SUM_TILE:
-        for first in range(0, SPLIT_K, 4):
+        LOADS: tl.constexpr = min(SPLIT_SUM_MAX_LOADS, max(1, SPLIT_SUM_ELEMENTS // (ROWS * COLS)))
+        for first in range(0, SPLIT_K, LOADS):
             base = partial_ptr + first * split_stride + offsets
             # As a tensor the bound masks alike compiled and interpreted (a Python bool there is no mask).
             left = tl.zeros_like(offsets) + (SPLIT_K - first)
-            p0 = tl.load(base, mask=mask, other=0.0, cache_modifier=".cg")
-            p1 = tl.load(base + split_stride, mask=mask & (left > 1), other=0.0, cache_modifier=".cg")
-            p2 = tl.load(base + 2 * split_stride, mask=mask & (left > 2), other=0.0, cache_modifier=".cg")
-            p3 = tl.load(base + 3 * split_stride, mask=mask & (left > 3), other=0.0, cache_modifier=".cg")
-            acc += p0
-            acc += p1
-            acc += p2
-            acc += p3
+            sums = acc
+            for j in tl.static_range(LOADS):
+                sums += tl.load(base + j * split_stride, mask=mask & (left > j), other=0.0, cache_modifier=".cg")
+            acc = sums
     else:
         for other in range(0, SPLIT_K):
             acc += tl.load(partial_ptr + other * split_stride + offsets, mask=mask, other=0.0, cache_modifier=".cg")

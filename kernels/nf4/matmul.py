@@ -44,6 +44,15 @@ from qlora.kernels.launch import launch, target_arch
 
 
 @triton.jit
+def store_tile(out_ptr, bias_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_oc, HAS_BIAS: tl.constexpr):
+    """out[offs_m, offs_n] = acc (+ bias), cast to the output's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_oc,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _matmul_4bit_kernel(
     a_ptr, out_ptr, bias_ptr, partial_ptr, counter_ptr,
     packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
@@ -53,7 +62,7 @@ def _matmul_4bit_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr,
     DIRECT_STORE: tl.constexpr, PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr, SHUFFLE_BYTES: tl.constexpr,
-    REGISTER_A: tl.constexpr, ROWS: tl.constexpr,
+    REGISTER_A: tl.constexpr, ROWS: tl.constexpr, SUM_ROWS: tl.constexpr,
 ):
     # Grouped program order: GROUP_M row tiles share each W column tile while it is in L2.
     pid = tl.program_id(0)
@@ -80,10 +89,15 @@ def _matmul_4bit_kernel(
     AHEAD: tl.constexpr = PREFETCH and DOUBLE_QUANT and (FORWARD_WORDS or BACKWARD_WORDS)
     # W's tile, fetched ahead and decoded as words, is the MMA's A operand where it was decoded
     # (mma_k_order: REGISTER_A is the operand's kWidth); the input's rows are its B. 64 rows:
-    # mma_row_order's 4 warps of 16.
-    A_FROM_DECODE: tl.constexpr = REGISTER_A > 0 and FORWARD_WORDS and AHEAD and BLOCK_N == 64
+    # mma_row_order's 4 warps of 16. The host decides (fused_loop_flags, which fused_split's
+    # programs an SM follow); the kernel only holds it to a tile that loop can run.
+    A_FROM_DECODE: tl.constexpr = REGISTER_A > 0
+    tl.static_assert(not A_FROM_DECODE or (FORWARD_WORDS and AHEAD and BLOCK_N == 64),
+                     "REGISTER_A needs a forward tile of whole blocks, fetched ahead, 64 wide")
     # The rows of the tile that exist: all BLOCK_M, or ROWS (8 where M <= 8: mma's n = 8) in that loop.
-    TILE_ROWS: tl.constexpr = ROWS if A_FROM_DECODE else BLOCK_M
+    tl.static_assert(ROWS == BLOCK_M or A_FROM_DECODE, "ROWS below BLOCK_M only with REGISTER_A")
+    TILE_ROWS: tl.constexpr = ROWS
+    tl.static_assert(SUM_ROWS <= ROWS, "SUM_ROWS: the first rows of the tile")
     SWAPPED: tl.constexpr = SWAP_AB or A_FROM_DECODE
     offs_m = pid_m * BLOCK_M + tl.arange(0, TILE_ROWS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -173,29 +187,29 @@ def _matmul_4bit_kernel(
         acc = tl.trans(mma_row_order_inverse(acc_t))
     elif SWAP_AB:
         acc = tl.trans(acc_t)
-    mask_out = mask_m[:, None] & mask_n[None, :]
-    last = True
-    if not DIRECT_STORE:
+    if DIRECT_STORE:
+        store_tile(out_ptr, bias_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_oc, HAS_BIAS)
+    else:
         # Split K, as in the GEMV (gemv.py): each split stores its fp32 partial sums, and the last
         # split of this output tile to arrive adds all of them in split order (the same sum whichever
         # finishes last), adds the bias and casts, in the same launch; it zeroes the tile's arrival
         # counter for the next launch, so a CUDA graph replays it as it is. The barrier orders every
         # thread's partial stores before the counter's release; the acquire orders the loads of
         # sum_split_partials after the other splits' releases.
-        partial_offsets = offs_m.to(tl.int64)[:, None] * COLS + offs_n[None, :]
-        tl.store(partial_ptr + split.to(tl.int64) * M * COLS + partial_offsets, acc, mask=mask_out)
+        mask_out = mask_m[:, None] & mask_n[None, :]
+        tl.store(partial_ptr + split.to(tl.int64) * M * COLS + offs_m.to(tl.int64)[:, None] * COLS + offs_n[None, :],
+                 acc, mask=mask_out)
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
-        last = arrived == SPLIT_K - 1
-        if last:
-            acc = sum_split_partials(partial_ptr, partial_offsets, mask_out, SPLIT_K, M * COLS,
-                                     TILE_ROWS, BLOCK_N)
+        if arrived == SPLIT_K - 1:
+            # The tile's first SUM_ROWS rows: all of them, or the one row of M = 1, whose sum then
+            # loads 8 splits at a time, not the 4 of a 16-row tile (split_sum_loads).
+            sum_m = pid_m * BLOCK_M + tl.arange(0, SUM_ROWS)
+            sum_mask = sum_m < M
+            total = sum_split_partials(partial_ptr, sum_m.to(tl.int64)[:, None] * COLS + offs_n[None, :],
+                                       sum_mask[:, None] & mask_n[None, :], SPLIT_K, M * COLS, SUM_ROWS, BLOCK_N)
+            store_tile(out_ptr, bias_ptr, total, sum_m, sum_mask, offs_n, mask_n, stride_om, stride_oc, HAS_BIAS)
             tl.atomic_xchg(counter_ptr + pid, 0)
-    if last:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_oc,
-                 acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
 def tf32_allowed() -> bool:
@@ -349,10 +363,12 @@ def fused_config(m: int, dtype: torch.dtype, shape: Sequence[int], blocksize: in
                 num_warps=4, num_stages=stages)
 
 
-def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int, m: int) -> dict:
+def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int, m: int, transpose_weight: bool, blocksize: int,
+                     double_quant: bool) -> dict:
     """The dense fused kernel's own loop constexprs for a fused_config (the grouped MoE kernel shares
     the tiles, not these)."""
     decode_tile = config["BLOCK_M"] == 16
+    prefetch = decode_tile and config["num_stages"] == 1
     # Decode-sized 16-bit products on sm_90: W as the warpgroup MMA's A operand (64 rows of it, the 16
     # rows of the input as B). As B, the decoded tile went to shared memory and back into registers for
     # mma.sync (STS + LDS, 6.5 KB a warp a trip); as A it is stored once and read by LDSM, and the
@@ -370,26 +386,33 @@ def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int, m: int) -> dic
     # shuffle where that compiles without spills: 16-row tiles anywhere, and every tile on sm_90. The
     # H100's gate_proj backward at M = 64 went from 102.4 to 48.6 us in the model; 64-row tiles spilled
     # 16 B on sm_80/89 (128 registers).
+    # That tile is the kernel's forward word decode fetched ahead (FORWARD_WORDS and AHEAD: whole
+    # blocks of 64+, double quant), 64 columns wide (mma_row_order's 4 warps of 16 rows).
     decode_mma = decode_tile and dtype.itemsize == 2  # decode-sized, on the 16-bit tensor-core path
-    return dict(PREFETCH=decode_tile and config["num_stages"] == 1,
+    register_a = (decode_mma and prefetch and transpose_weight and config["WHOLE_BLOCKS"] and blocksize >= 64
+                  and double_quant and config["BLOCK_N"] == 64)
+    rows = 8 if register_a and m <= 8 and arch < 90 else config["BLOCK_M"]
+    return dict(PREFETCH=prefetch,
                 SWAP_AB=decode_mma and arch >= 90,
-                REGISTER_A=(2 if arch >= 90 else 4) if decode_mma else 0,
-                ROWS=8 if decode_mma and m <= 8 and arch < 90 else config["BLOCK_M"],
+                REGISTER_A=(2 if arch >= 90 else 4) if register_a else 0,
+                ROWS=rows,
+                # The last split sums the one row of M = 1 alone, 8 splits a round trip where 16 rows
+                # take 4 (gemv.split_sum_loads). Only for this tile: the backward's 16-row tile at
+                # M = 1 then compiled with its next trip's loads issued 0.22 trips ahead on sm_90, not 0.51.
+                SUM_ROWS=1 if m == 1 and register_a else rows,
                 SHUFFLE_BYTES=decode_tile or arch >= 90)
 
 
-def fused_programs_per_sm(config: dict, flags: dict, transpose_weight: bool, blocksize: int, double_quant: bool,
-                          arch: int, sms: int = 0) -> int:
+def fused_programs_per_sm(config: dict, flags: dict, arch: int, sms: int = 0) -> int:
     """Programs an SM fused_split aims at, and at decode-sized M (16-row tiles) never puts past on the
-    busiest SM. The kernel's A_FROM_DECODE tile (forward, whole blocks of 64+ read as words a trip
-    ahead, 64 x 64) keeps W out of shared memory: 64-80 registers, 6 fit, and 6 are aimed at on the
-    HBM parts (sm_80, sm_90); on sm_86/89 the extra splits' fp32 partial sums cost more GDDR bytes
-    than the busiest SM's extra trips. The other tiles: FUSED_SPLIT_PROGRAMS_PER_SM. Given the SM
-    count, the GDDR archs' decode tiles aim at FUSED_SPLIT_GDDR_PROGRAMS programs in all, never
-    more than that. tests/test_kernels_compiled.py holds the launchability sweep to these counts."""
-    register_a = (config["BLOCK_M"] == 16 and flags["REGISTER_A"] > 0 and flags["PREFETCH"] and transpose_weight
-                  and config["WHOLE_BLOCKS"] and blocksize >= 64 and double_quant and config["BLOCK_N"] == 64
-                  and config["BLOCK_R"] == 64)
+    busiest SM. The tile decoded into the MMA's A operand (fused_loop_flags' REGISTER_A), 64 x 64,
+    keeps W out of shared memory: 64-80 registers, 6 fit, and 6 are aimed at on the HBM parts
+    (sm_80, sm_90); on sm_86/89 the extra splits' fp32 partial sums cost more GDDR bytes than the
+    busiest SM's extra trips. The other tiles: FUSED_SPLIT_PROGRAMS_PER_SM. Given the SM count, the
+    GDDR archs' decode tiles aim at FUSED_SPLIT_GDDR_PROGRAMS programs in all, never more than
+    that. `config` and `flags` may be one dict (a launch's constexprs). tests/test_kernels_compiled.py
+    holds the launchability sweep to these counts."""
+    register_a = flags["REGISTER_A"] > 0 and config["BLOCK_R"] == 64  # wider R tiles take more registers
     if register_a and arch not in (86, 89):
         return FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A
     if arch in (86, 89) and config["BLOCK_M"] == 16 and sms:
@@ -416,8 +439,10 @@ def fused_split(m: int, tiles: int, r: int, config: dict, device,
     SM (fused_programs_per_sm), at decode-sized M never past it on the busiest SM, at least
     FUSED_SPLIT_MIN_TRIPS tiles of R a split, and the fp32 partial sums written and read back
     (8 x SPLIT_K x m bytes a column) within the packed weight's R / 2 bytes a column, and no more
-    splits than gemv.split_sum_bound. `config`: the launch's fused_config. `device` may be anything
-    with an `sms` attribute (the machine-code model's GPUs)."""
+    splits than gemv.split_sum_bound for the whole tile (at M = 1 the last split sums one row, 8
+    splits a round trip: bound by that, the H100's k_proj split 22 ways, 3 programs on the busiest
+    SM, 11.74 us in the model against 11.62 at 16). `config`: the launch's fused_config. `device` may
+    be anything with an `sms` attribute (the machine-code model's GPUs)."""
     sms = getattr(device, "sms", None) or _multiprocessors(device)
     block_r = config["BLOCK_R"]
     trips = triton.cdiv(r, block_r)
@@ -445,8 +470,8 @@ def fused_workspace_shape(m: int, shape: Sequence[int], blocksize: int, transpos
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
     if not fused_may_split(config, blocksize, double_quant):
         return 1, m, cols
-    per_sm = fused_programs_per_sm(config, fused_loop_flags(config, dtype, arch, m), transpose_weight, blocksize,
-                                   double_quant, arch, _multiprocessors(device))
+    flags = fused_loop_flags(config, dtype, arch, m, transpose_weight, blocksize, double_quant)
+    per_sm = fused_programs_per_sm(config, flags, arch, _multiprocessors(device))
     split_k, _ = fused_split(m, tiles, r, config, device, per_sm)
     return split_k, m, cols
 
@@ -478,13 +503,12 @@ def matmul_4bit_fused(
     packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(weight)
     arch = target_arch(a.device)
     config = fused_config(m, a.dtype, shape, blocksize, transpose_weight, arch)
-    flags = fused_loop_flags(config, a.dtype, arch, m)
+    flags = fused_loop_flags(config, a.dtype, arch, m, transpose_weight, blocksize, double_quant)
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
     if not fused_may_split(config, blocksize, double_quant):
         split_k = 1
     if split_k is None:
-        per_sm = fused_programs_per_sm(config, flags, transpose_weight, blocksize, double_quant, arch,
-                                       _multiprocessors(a.device))
+        per_sm = fused_programs_per_sm(config, flags, arch, _multiprocessors(a.device))
         split_k, r_per_split = fused_split(m, tiles, r, config, a.device, per_sm)
     else:
         r_per_split = triton.cdiv(triton.cdiv(r, config["BLOCK_R"]), max(1, split_k)) * config["BLOCK_R"]
