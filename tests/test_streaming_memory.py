@@ -23,12 +23,9 @@ def test_peak_rss_of_streaming_load(tmp_path, monkeypatch):
     def bound(result):
         return result["footprint"] + 2 * result["largest_tensor"] + (48 << 20)
 
+    # 101 MB over the baseline, load after load. Before the loader handed glibc's freed heap back after
+    # each layer (qlora.memory.release_freed_memory), 1 load in 4 at one thread peaked at 229-262 MB.
     result = bench.measure("qlora", tmp_path / "ckpt")
-    if over_baseline(result) >= bound(result):
-        # The same load's peak varies between runs: 106-151 MB over the baseline on most, 237-262 MB
-        # (anonymous memory, not file pages) on about 1 load in 4 with three busy processes beside it
-        # on 2 cores, and once in a full suite. The lower of two loads is the loader's own.
-        result = min(result, bench.measure("qlora", tmp_path / "ckpt"), key=over_baseline)
     checkpoint_bytes = sum(f.stat().st_size for f in (tmp_path / "ckpt").glob("*.safetensors"))
     assert over_baseline(result) < bound(result), result
     assert over_baseline(result) < 0.6 * checkpoint_bytes, (over_baseline(result), checkpoint_bytes)

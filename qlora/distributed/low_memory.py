@@ -22,7 +22,6 @@ broadcasts the scales.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import math
@@ -34,6 +33,7 @@ from torch import nn
 
 from qlora.distributed.world import World, _collective_device
 from qlora.errors import DamagedFileError
+from qlora.memory import release_freed_memory
 from qlora.models.conversion import check_expert_sources, load_converted
 from qlora.nn.experts import held_experts, held_state, logical_shape, quantize_into, quantized_stacks
 from qlora.nn.quantized import QuantizedLinear
@@ -95,10 +95,10 @@ class _Streamer:
                 raise DamagedFileError(f"model.name_or_path={self.source.directory}: {problem}")
             for name, layer in self.layers:
                 self._layer(name, layer)
-                _release_freed_memory()
+                release_freed_memory()
             for name in [*self.converted, *(n for n in self.stacks if n not in self.converted)]:
                 self._converted_or_stack(name)
-                _release_freed_memory()
+                release_freed_memory()
             seen: set[int] = set()
             for name, module, attr in self.dense:
                 param = module._parameters[attr]
@@ -110,7 +110,7 @@ class _Streamer:
                     full = self.reader.get(self._dense_key(name, attr)).to(self.device, param.dtype)
                 _scatter_rows(param, full, self.world)
                 del full
-                _release_freed_memory()
+                release_freed_memory()
         finally:
             if self.reader is not None:
                 self.reader.close()
@@ -261,24 +261,6 @@ class _PlainNames:
     def get_parameter(self, name: str) -> torch.Tensor:
         module_name, _, attr = name.rpartition(".")
         return getattr(self.get_submodule(module_name), attr)
-
-
-def _release_freed_memory() -> None:
-    """Hand the streaming tensor's freed memory back to the system. glibc serves buffers of a few MB
-    to 32 MB from its heap once one such block has been freed, and the quant-state buffers each
-    layer keeps, allocated between them, pin that heap: without this, rank 0's peak RSS over the
-    load of an 8-layer, hidden-1024 Llama was 196 MiB instead of 108 MiB (rank 1, which only receives: 74 MiB)."""
-    try:
-        _libc().malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    import ctypes
-
-    return ctypes.CDLL("libc.so.6")
 
 
 def _set_buffer(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

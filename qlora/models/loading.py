@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 
 from qlora.errors import UnsupportedError
+from qlora.memory import release_freed_memory
 from qlora.quant.config import quant_config_from_any
 from qlora.quant.gptq.config import read_quantize_config
 from qlora.models.checkpoint import ShardReader, resolve_checkpoint
@@ -319,6 +320,7 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
                                 lambda n, t, first=None: _place(model, n, t, device, target_set, target, first))
         filled.update(placed)
         used.update(key for _, key in target.sources)
+        release_freed_memory()
         bar.update(len(placed))
 
     for name, layer in entries:
@@ -347,6 +349,7 @@ def _load_tensors(model, reader: ShardReader, targets: list[str], device, prequa
         _check_shape(key, weight, (layer.out_features, layer.in_features))
         layer.set_weight(weight.to(device))
         del weight
+        release_freed_memory()  # the dense tensor and its quantization's scratch, before the next is read
         bar.update()
 
     for name, param in dense:
