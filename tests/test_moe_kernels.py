@@ -124,11 +124,14 @@ def test_twin_forward_and_backward_match_fp64(quant_type, blocksize, double_quan
 @parent_only
 def test_twin_rows_follow_their_expert():
     # Moving rows between experts changes the result: the twin multiplies each row by its own expert.
+    # The rows that keep their expert keep their products, to fp32 rounding: a BLAS may sum a 3-row
+    # product in another order than a 2-row one (bit-equal on one CPU, not on another).
     stack, _ = expert_stack(3, 16, 64)
     x = sorted_rows([2, 2, 2], 64, torch.float32)
     y = grouped_matmul_torch(x, stack, torch.tensor([2, 2, 2]), True)
     shifted = grouped_matmul_torch(x, stack, torch.tensor([3, 1, 2]), True)
-    assert torch.equal(y[:2], shifted[:2]) and torch.equal(y[4:], shifted[4:])
+    kept = product_tolerance(torch.float32, 64)
+    assert rel_err(shifted[:2], y[:2]) < kept and rel_err(shifted[4:], y[4:]) < kept
     assert rel_err(shifted[2], y[2]) > 0.1
 
 
