@@ -43,7 +43,9 @@ The same rules for every kernel, ours and the peers', so a ratio between two est
      the rest; d >= 1 trips ahead: trip >= latency / d (Little's law: bytes in flight per SM =
      resident programs x bytes per trip x d).
    The code outside the loop adds its issue time and one DRAM latency (prologue loads, epilogue
-   stores).
+   stores); the part of a split-K epilogue that only the last split runs (the partial sums' sum,
+   past the exit of the other splits: MachineCode.last_split_instructions) is issued once. The
+   latencies of that sum are the caller's to charge (kernels_static.py's fix-up).
 3. DRAM: bytes moved / (the card's bandwidth x BANDWIDTH_FRACTION).
 4. Estimate = max(rounds x round time, DRAM) + FIXED_US, for every kernel, cuBLAS included.
 
@@ -463,10 +465,13 @@ def kernel_time(code, card_name, programs: int, trips: float, dram_bytes: float,
         trip = max(execute, latency + (1 - d) * execute)
     else:
         trip = max(execute, latency / d)
-    outside = max(1, code.instructions - code.loop_instructions)
+    # A split-K epilogue's sum runs in the last split of each tile alone, after the others have left:
+    # its instructions are issued once, by one program, not by every program sharing a scheduler.
+    last_split = getattr(code, "last_split_instructions", 0)
+    outside = max(1, code.instructions - code.loop_instructions - last_split)
     outside_cycles = warps_per_scheduler * outside + latency
     round_cycles = trips * trip + outside_cycles
-    compute_us = rounds * round_cycles / clock
+    compute_us = (rounds * round_cycles + last_split) / clock
     dram_us = dram_bytes / (p["bandwidth_fraction"] * spec.bandwidth_gbs * 1e3)
     estimate = max(compute_us, dram_us) + p["fixed_us"]
     breakdown = dict(
@@ -477,7 +482,8 @@ def kernel_time(code, card_name, programs: int, trips: float, dram_bytes: float,
         latency_us=rounds * trips * (trip - execute) / clock if trip > execute else 0.0,
         stream_distance_trips=None if d is None else round(d, 3),
         bytes_in_flight_per_sm=None if d is None else round(resident * dram_bytes / max(1, programs) / max(trips, 1) * d),
-        outside_us=rounds * outside_cycles / clock, dram_us=dram_us, fixed_us=p["fixed_us"],
+        outside_us=rounds * outside_cycles / clock, last_split_us=last_split / clock, dram_us=dram_us,
+        fixed_us=p["fixed_us"],
         bound="dram" if dram_us >= compute_us else max(
             (("latency", trip - execute), ("issue", issue), ("shared", shared), ("tensor", tensor),
              ("chain", facts.chain_cycles)), key=lambda kv: kv[1])[0])

@@ -42,6 +42,9 @@ class MachineCode:
     # reads dependency chains and prefetch distances from (benchmarks/gpu_model.py).
     loop_lines: list = dataclasses.field(default_factory=list)
     num_stages: int = 1  # Triton's software-pipelining depth the kernel was compiled with
+    # Instructions only the last split of a split-K tile runs (last_split_instructions): past the
+    # exit of the splits that are not last. The model charges them once, not to every program.
+    last_split_instructions: int = 0
 
     @property
     def instructions(self) -> int:
@@ -89,6 +92,7 @@ def machine_code(compiled_kernel, arch: int) -> MachineCode:
         loop_opcodes=main_loop_opcodes(sass),
         loop_lines=main_loop_lines(sass),
         num_stages=int(getattr(compiled_kernel.metadata, "num_stages", 1) or 1),
+        last_split_instructions=last_split_instructions(sass),
         mma_shapes=dict(collections.Counter(m.split()[0] for m in re.findall(r"\b(H?G?MMA\.[A-Za-z0-9.]+)", sass))),
     )
 
@@ -119,6 +123,26 @@ def main_loop_lines(sass: str) -> list:
                 if len(lines) - start > best[1] - best[0]:
                     best = (start, len(lines))
     return lines[best[0]:best[1]]
+
+
+_SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9.]*)", re.MULTILINE)
+
+
+def last_split_instructions(sass: str) -> int:
+    """Instructions of a split-K epilogue that only the last split to arrive runs: those after the
+    first predicated EXIT that follows the arrival counter's atomic add (the splits that are not
+    last leave there), up to the kernel's last unconditional EXIT. 0 where there is no such exit
+    (one split, or a kernel that adds its partial sums atomically and leaves)."""
+    instructions = _SASS_INSTRUCTION.findall(sass)
+    counter = next((i for i, (_, op) in enumerate(instructions) if op.startswith("ATOM") and ".ADD" in op), None)
+    if counter is None:
+        return 0
+    leave = next((i for i in range(counter + 1, len(instructions))
+                  if instructions[i][1] == "EXIT" and instructions[i][0]), None)
+    end = max((i for i, (predicate, op) in enumerate(instructions) if op == "EXIT" and not predicate), default=None)
+    if leave is None or end is None or end <= leave:
+        return 0
+    return end - leave
 
 
 def _run(tool: str, *args: str) -> str:

@@ -23,10 +23,11 @@ class Code:
     num_stages: int = 1
     outside: int = 100
     opcodes: dict = field(default_factory=dict)
+    last_split_instructions: int = 0
 
     @property
     def instructions(self):
-        return self.outside + len(self.loop_lines)
+        return self.outside + self.last_split_instructions + len(self.loop_lines)
 
     @property
     def loop_instructions(self):
@@ -54,6 +55,44 @@ def test_busiest_sm_runs_the_extra_wave():
     assert over["breakdown"]["rounds"] == 2 and one["breakdown"]["rounds"] == 1
     compute = lambda t: t["estimate_us"] - PARAMETERS["fixed_us"]  # noqa: E731
     assert compute(over) == pytest.approx(2 * compute(one))
+
+
+def test_the_last_splits_sum_is_issued_once_not_by_every_program():
+    # 6 programs an SM, one warp each per scheduler: the 120 instructions only the last split runs
+    # add 120 cycles to the launch, not 6 x 120 as the code every program runs does.
+    sms, clock = gpu_model.CARDS["H100"].sms, gpu_model.CARDS["H100"].clock_ghz * 1e3
+    every = gpu_model.kernel_time(Code(stream_loop(True), blocks_per_sm=6, outside=220), "H100", 6 * sms, 4, 0, PARAMETERS)
+    last = gpu_model.kernel_time(Code(stream_loop(True), blocks_per_sm=6, outside=100, last_split_instructions=120),
+                                 "H100", 6 * sms, 4, 0, PARAMETERS)
+    rounded = 2e-3  # the breakdown is rounded to 3 decimals
+    assert every["breakdown"]["outside_us"] - last["breakdown"]["outside_us"] == pytest.approx(6 * 120 / clock, abs=rounded)
+    assert every["estimate_us"] - last["estimate_us"] == pytest.approx(5 * 120 / clock)
+    assert last["breakdown"]["last_split_us"] == pytest.approx(120 / clock, abs=rounded)
+
+
+SPLIT_EPILOGUE_SASS = """
+        /*1f80*/               @P0 ATOMG.E.ADD.STRONG.GPU PT, R9, desc[UR14][R4.64], R9 ;
+        /*1f90*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*2090*/               @P0 EXIT ;
+        /*20a0*/                   LDG.E.STRONG.GPU R31, desc[UR14][R6.64] ;
+        /*20b0*/                   FADD R2, R2, R31 ;
+        /*20c0*/              @!P1 BRA `(.L_x_5) ;
+        /*20d0*/                   ATOMG.E.EXCH.STRONG.GPU PT, RZ, desc[UR14][R4.64], RZ ;
+        /*2800*/                   EXIT ;
+.L_x_8:
+        /*2810*/                   BRA `(.L_x_8);
+        /*2820*/                   NOP;
+"""
+
+
+def test_last_split_instructions_are_read_past_the_exit_of_the_other_splits():
+    from qlora.kernels.machine_code import last_split_instructions
+
+    assert last_split_instructions(SPLIT_EPILOGUE_SASS) == 5  # the loads, adds and counter reset to EXIT
+    # Atomic adds into the output and a plain exit (gemlite's split-K): nothing runs in one split only.
+    no_counter = SPLIT_EPILOGUE_SASS.replace("ATOMG.E.ADD", "RED.E.ADD")
+    assert last_split_instructions(no_counter) == 0
+    assert last_split_instructions(SPLIT_EPILOGUE_SASS.replace("@P0 EXIT", "    EXIT")) == 0
 
 
 def test_prefetch_distance_read_from_the_loop_bounds_latency():
