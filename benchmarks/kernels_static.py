@@ -187,8 +187,7 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     `record(row)` receives each kernel launch's entry."""
     from qlora.kernels.nf4.dequantize import dequantize_elements
     from qlora.kernels.nf4.gemv import gemv_block_sizes, gemv_split, split_sum_loads
-    from qlora.kernels.nf4.matmul import (fused_config, fused_loop_flags, fused_may_split, fused_programs_per_sm, fused_split,
-                                          weight_strides)
+    from qlora.kernels.nf4.matmul import fused_plan, weight_strides
 
     spec = gpu_model.card(card)
     arch = spec.arch
@@ -221,17 +220,13 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
 
     # fused: split-K (matmul.fused_split) where its tiles leave SMs idle, the partial sums summed by
     # the last split of each tile in the same launch
-    config = fused_config(m, torch.bfloat16, (n, k), blocksize, transpose_weight, arch)
-    tiles_m, tiles_n = math.ceil(m / config["BLOCK_M"]), math.ceil(cols / config["BLOCK_N"])
-    flags = fused_loop_flags(config, torch.bfloat16, arch, m, transpose_weight, blocksize, True)
-    per_sm = fused_programs_per_sm(config, flags, arch, spec.sms)
-    split_k, r_per_split = fused_split(m, tiles_m * tiles_n, r, config, _Device(spec.sms), per_sm)
-    if not fused_may_split(config, blocksize):
-        split_k, r_per_split = 1, math.ceil(r / config["BLOCK_R"]) * config["BLOCK_R"]
+    config, flags, tiles, split_k, r_per_split = fused_plan(m, torch.bfloat16, (n, k), blocksize, transpose_weight, True,
+                                                           arch, _Device(spec.sms))
+    tiles_m = math.ceil(m / config["BLOCK_M"])
     constexprs, code = machine_code_for(arch, "fused_split" if split_k > 1 else "fused", m, blocksize, transpose_weight)
     partials = 8 * split_k * m * cols if split_k > 1 else 0
     bytes_moved = w4 * math.ceil(tiles_m / 8) + 2 * (m * r + m * cols) + partials
-    bounds = kernel_bounds(spec, code, tiles_m * tiles_n * split_k, math.ceil(r_per_split / config["BLOCK_R"]),
+    bounds = kernel_bounds(spec, code, tiles * split_k, math.ceil(r_per_split / config["BLOCK_R"]),
                            bytes_moved, gather_tables(blocksize, constexprs["WHOLE_BLOCKS"]))
     out["fused"] = entry("fused", code, {**bounds, "split_k": split_k}) + fixup_us(split_k, flags["SUM_ROWS"],
                                                                                   config["BLOCK_N"])

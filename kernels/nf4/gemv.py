@@ -126,9 +126,9 @@ def split_sum_bound(trips: int, rows: int, cols: int) -> int:
 def sum_split_partials(partial_ptr, offsets, mask, SPLIT_K, split_stride, ROWS: tl.constexpr, COLS: tl.constexpr):
     """The fp32 partial sums of SPLIT_K splits (split s at partial_ptr + s * split_stride + offsets),
     added in split order: the same sum whichever split arrives last. Small tiles load several splits
-    a trip (split_sum_loads, all loads before the adds); a split past SPLIT_K loads +0.0, which
-    leaves the sum's bits as they are (it never holds -0.0: it starts at +0.0). .cg reads them from
-    L2, past a stale L1."""
+    a trip (split_sum_loads; no load waits on the sum, so they issue together); a split past SPLIT_K
+    loads +0.0, which leaves the sum's bits as they are (it never holds -0.0: it starts at +0.0).
+    .cg reads them from L2, past a stale L1."""
     acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
     if ROWS * COLS <= SPLIT_SUM_TILE:
         LOADS: tl.constexpr = min(SPLIT_SUM_MAX_LOADS, max(1, SPLIT_SUM_ELEMENTS // (ROWS * COLS)))
@@ -136,10 +136,8 @@ def sum_split_partials(partial_ptr, offsets, mask, SPLIT_K, split_stride, ROWS: 
             base = partial_ptr + first * split_stride + offsets
             # As a tensor the bound masks alike compiled and interpreted (a Python bool there is no mask).
             left = tl.zeros_like(offsets) + (SPLIT_K - first)
-            sums = acc
             for j in tl.static_range(LOADS):
-                sums += tl.load(base + j * split_stride, mask=mask & (left > j), other=0.0, cache_modifier=".cg")
-            acc = sums
+                acc += tl.load(base + j * split_stride, mask=mask & (left > j), other=0.0, cache_modifier=".cg")
     else:
         for other in range(0, SPLIT_K):
             acc += tl.load(partial_ptr + other * split_stride + offsets, mask=mask, other=0.0, cache_modifier=".cg")

@@ -427,6 +427,11 @@ def compute_bound_splits(m: int, r: int) -> int:
     return max(0, int((2 * m * r / FUSED_SPLIT_COMPUTE_BOUND - r / 2) // (8 * max(m, 1))))
 
 
+def _sms(device) -> int:
+    """Multiprocessors of a torch device, or of anything with an `sms` attribute (the model's GPUs)."""
+    return getattr(device, "sms", None) or _multiprocessors(device)
+
+
 def fused_split(m: int, tiles: int, r: int, config: dict, device,
                 per_sm: int = FUSED_SPLIT_PROGRAMS_PER_SM) -> tuple[int, int]:
     """(SPLIT_K, R per split) of an m-row fused launch with `tiles` output tiles.
@@ -443,7 +448,7 @@ def fused_split(m: int, tiles: int, r: int, config: dict, device,
     splits a round trip: bound by that, the H100's k_proj split 22 ways, 3 programs on the busiest
     SM, 11.74 us in the model against 11.62 at 16). `config`: the launch's fused_config. `device` may
     be anything with an `sms` attribute (the machine-code model's GPUs)."""
-    sms = getattr(device, "sms", None) or _multiprocessors(device)
+    sms = _sms(device)
     block_r = config["BLOCK_R"]
     trips = triton.cdiv(r, block_r)
     split_k = 1
@@ -461,18 +466,33 @@ def fused_split(m: int, tiles: int, r: int, config: dict, device,
     return triton.cdiv(r, r_per_split), r_per_split
 
 
+def fused_plan(m: int, dtype: torch.dtype, shape: Sequence[int], blocksize: int, transpose_weight: bool,
+               double_quant: bool, arch: int, device, split_k: Optional[int] = None) -> tuple[dict, dict, int, int, int]:
+    """(tile config, loop flags, output tiles, SPLIT_K, R per split) of an m-row fused launch on
+    sm_<arch>: fused_split's rule, or `split_k` (a split larger than R's tiles is reduced to one tile
+    of R per split; tiles past FUSED_SPLIT_MAX_PRODUCTS never split: fused_may_split). The launch,
+    fused_workspace_shape and the machine-code model plan alike through here. `device`: a torch
+    device, or anything with an `sms` attribute (the model's GPUs)."""
+    r, cols, _, _ = weight_strides(shape, transpose_weight)
+    config = fused_config(m, dtype, shape, blocksize, transpose_weight, arch)
+    flags = fused_loop_flags(config, dtype, arch, m, transpose_weight, blocksize, double_quant)
+    tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
+    if not fused_may_split(config, blocksize, double_quant):
+        split_k = 1
+    if split_k is None:
+        per_sm = fused_programs_per_sm(config, flags, arch, _sms(device))
+        split_k, r_per_split = fused_split(m, tiles, r, config, device, per_sm)
+    else:
+        r_per_split = triton.cdiv(triton.cdiv(r, config["BLOCK_R"]), max(1, split_k)) * config["BLOCK_R"]
+        split_k = triton.cdiv(r, r_per_split)
+    return config, flags, tiles, split_k, r_per_split
+
+
 def fused_workspace_shape(m: int, shape: Sequence[int], blocksize: int, transpose_weight: bool, dtype: torch.dtype,
                           device: torch.device, double_quant: bool = True) -> tuple[int, int, int]:
     """fp32 partial sums of a fused launch: [SPLIT_K, M, cols] (SPLIT_K = 1: none are written)."""
-    r, cols, _, _ = weight_strides(shape, transpose_weight)
-    arch = target_arch(device)
-    config = fused_config(m, dtype, shape, blocksize, transpose_weight, arch)
-    tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
-    if not fused_may_split(config, blocksize, double_quant):
-        return 1, m, cols
-    flags = fused_loop_flags(config, dtype, arch, m, transpose_weight, blocksize, double_quant)
-    per_sm = fused_programs_per_sm(config, flags, arch, _multiprocessors(device))
-    split_k, _ = fused_split(m, tiles, r, config, device, per_sm)
+    _, cols, _, _ = weight_strides(shape, transpose_weight)
+    split_k = fused_plan(m, dtype, shape, blocksize, transpose_weight, double_quant, target_arch(device), device)[3]
     return split_k, m, cols
 
 
@@ -501,18 +521,8 @@ def matmul_4bit_fused(
     if m == 0:
         return out  # nothing to launch: a grid of 0 programs is an error on CUDA
     packed, absmax, nested_absmax, nested_code, offset, double_quant = weight_pointers(weight)
-    arch = target_arch(a.device)
-    config = fused_config(m, a.dtype, shape, blocksize, transpose_weight, arch)
-    flags = fused_loop_flags(config, a.dtype, arch, m, transpose_weight, blocksize, double_quant)
-    tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
-    if not fused_may_split(config, blocksize, double_quant):
-        split_k = 1
-    if split_k is None:
-        per_sm = fused_programs_per_sm(config, flags, arch, _multiprocessors(a.device))
-        split_k, r_per_split = fused_split(m, tiles, r, config, a.device, per_sm)
-    else:
-        r_per_split = triton.cdiv(triton.cdiv(r, config["BLOCK_R"]), max(1, split_k)) * config["BLOCK_R"]
-        split_k = triton.cdiv(r, r_per_split)
+    config, flags, tiles, split_k, r_per_split = fused_plan(m, a.dtype, shape, blocksize, transpose_weight, double_quant,
+                                                           target_arch(a.device), a.device, split_k)
     if split_k > 1:
         from qlora.kernels.nf4.gemv import split_counters
 
