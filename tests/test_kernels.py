@@ -254,11 +254,12 @@ def test_split_k_stops_where_the_sum_outgrows_the_split():
     from types import SimpleNamespace
 
     from qlora.kernels.nf4.gemv import gemv_block_sizes, gemv_split, split_sum_bound
-    from qlora.kernels.nf4.matmul import fused_config, fused_split
+    from qlora.kernels.nf4.matmul import fused_config, fused_loop_flags, fused_split
 
     h100 = SimpleNamespace(sms=132)
     config = fused_config(1, torch.bfloat16, (1024, 4096), 64, True, 90)
-    assert fused_split(1, 16, 4096, config, h100, 6) == (16, 256) and split_sum_bound(64, 16, 64) == 16
+    flags = fused_loop_flags(config, torch.bfloat16, 90, 1, True, 64, True)
+    assert fused_split(1, 16, 4096, config, flags, 90, h100) == (16, 256) and split_sum_bound(64, 16, 64) == 16
     block_m, block_n, block_r, _ = gemv_block_sizes(1, (1024, 4096), 64, True)
     split, _ = gemv_split(1, 1024, 4096, block_m, block_n, block_r, h100)
     assert split <= split_sum_bound(4096 // block_r, block_m, block_n)
@@ -271,11 +272,35 @@ def test_split_k_past_decode_keeps_the_product_compute_bound():
     # balance (FUSED_SPLIT_COMPUTE_BOUND): it splits. 3 ways would fall to 293.
     from types import SimpleNamespace
 
-    from qlora.kernels.nf4.matmul import compute_bound_splits, fused_config, fused_split
+    from qlora.kernels.nf4.matmul import compute_bound_splits, fused_config, fused_loop_flags, fused_split
 
     assert compute_bound_splits(256, 4096) == 2 and compute_bound_splits(16, 4096) == 0
     config = fused_config(256, torch.bfloat16, (1024, 4096), 64, True, 89)
-    assert fused_split(256, 64, 4096, config, SimpleNamespace(sms=128))[0] == 2
+    flags = fused_loop_flags(config, torch.bfloat16, 89, 256, True, 64, True)
+    assert fused_split(256, 64, 4096, config, flags, 89, SimpleNamespace(sms=128))[0] == 2
+
+
+def test_split_k_counts_the_busiest_sms_rounds():
+    # H100 (132 SMs), M = 1, 6 decode programs fit an SM. Llama-3-70B's gate_proj has 448 column
+    # tiles of 128 trips: unsplit, the busiest SM runs 4 programs of 128 trips, too few to hide a
+    # latency; split 7 ways (19 trips), 24 programs in 4 rounds of 6. A 4096 x 4096 product has 64
+    # tiles of 64 trips, each program's prologue and epilogue counted as 2 more: 11 ways put 6
+    # programs of 6 trips on the busiest SM ((6 + 2) x 6 program-trips), 10 ways 5 of 7 ((7 + 2) x
+    # 5), 8 ways 4 of 8, short of the 5 that hide a latency ((8 + 2) x 5); a latency (5) and 0.6 of
+    # one per 8 partial sums for the sum. The GDDR archs keep to their programs an SM.
+    from types import SimpleNamespace
+
+    from qlora.kernels.nf4.matmul import fused_plan, fused_split_cost
+
+    h100 = SimpleNamespace(sms=132)
+
+    def split(shape, arch=90, device=h100):
+        return fused_plan(1, torch.bfloat16, shape, 64, True, True, arch, device)[3]
+
+    assert split((28672, 8192)) == 7 and split((4096, 4096)) == 10
+    assert [fused_split_cost(64, 64, k, 132, 6, 8) for k in (8, 10, 11)] == [58.0, 56.0, 59.0]
+    rtx_4090 = SimpleNamespace(sms=128)
+    assert split((28672, 8192), 89, rtx_4090) == 1 and split((4096, 4096), 89, rtx_4090) == 6
 
 
 def test_split_k_aims_at_the_programs_the_card_needs():

@@ -39,7 +39,7 @@ from qlora.kernels.nf4.packed import Packed4bit, weight_strides
 from qlora.kernels.nf4.dequantize import (decode_fetched_row_tile, decode_row_tile, decode_row_tile_bytes,
                                           decode_stored_tile, fetch_row_tile, mma_k_order, mma_row_order,
                                           mma_row_order_inverse, weight_pointers, whole_block_tiles)
-from qlora.kernels.nf4.gemv import _multiprocessors, split_sum_bound, sum_split_partials
+from qlora.kernels.nf4.gemv import _multiprocessors, split_sum_bound, split_sum_loads, sum_split_partials
 from qlora.kernels.launch import launch, target_arch
 
 
@@ -286,6 +286,27 @@ FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A = 6
 # 4090 at M = 1 / 4 / 16 went from 201.9 / 209.2 / 234.0 us (4 an SM) to 200.3 / 204.9 / 220.0.
 FUSED_SPLIT_GDDR_PROGRAMS = 320
 FUSED_SPLIT_BELOW_TILES_PER_SM = 4
+# On the HBM archs (sm_80, sm_90) a decode-sized product is bound by issue and DRAM latency, not by
+# DRAM bandwidth, and what a split changes is the busiest SM's work: tiles x SPLIT_K programs land
+# ceil(tiles x SPLIT_K / SMs) to an SM, which runs them in rounds of the programs that fit, each
+# round as long as a program's trips. Aiming at programs an SM alone ignored that quantisation: the
+# model's H100 put the Llama-3-70B gate_proj at M = 1 (448 tiles) unsplit, 4 programs of 128 trips
+# on the busiest SM, 75.5 us, where 5 splits (17 programs, 3 rounds of 26 trips) take 67.5; and
+# split q_proj 11 ways (6 programs of 6 trips), 14.58 us, where 8 ways (4 of 8) take 14.15.
+# fused_split_cost counts a trip of a round as max(programs in it, FUSED_SPLIT_LATENCY_PROGRAMS)
+# program-trips: fewer programs than that wait on DRAM latency, so a trip costs a latency, as if
+# that many were there. A program's prologue and epilogue count FUSED_SPLIT_PROGRAM_TRIPS trips (the
+# H100's decode tile: 324 instructions outside the loop and a DRAM latency, against 213 a trip), the
+# last split's sum a latency (the counter's atomic) plus SPLIT_SUM_L2_LATENCY of one per round trip
+# to L2 (gemv.split_sum_loads). Fitted on the model's A100 and H100 over the decode-sized products of
+# Llama-3 8B/70B, Qwen2.5-7B/14B and Llama-3.2-1B (M = 1-16, forward and backward, every split),
+# the split it picks is 2.5% slower than the model's best (geometric mean; the old rule 5.0%), 23% at
+# worst (old 61%). Not on sm_86/89: there the extra splits' partial sums cost GDDR bytes, and this
+# cost took the RTX 3090's Llama-3-8B layer at M = 16 from 232 to 253 us.
+FUSED_SPLIT_LATENCY_PROGRAMS = 5
+FUSED_SPLIT_PROGRAM_TRIPS = 2
+SPLIT_SUM_L2_LATENCY = 0.6  # an L2 hit over a DRAM access, in latency (A100 0.43, AD102 0.41-0.63)
+GDDR_ARCHS = (86, 89)
 # FLOPs a DRAM byte above which a product is bound by the tensor cores on every modelled card: the
 # H100's 989 TFLOP/s over 3.35 TB/s is 295, the most of them.
 FUSED_SPLIT_COMPUTE_BOUND = 300
@@ -432,36 +453,56 @@ def _sms(device) -> int:
     return getattr(device, "sms", None) or _multiprocessors(device)
 
 
-def fused_split(m: int, tiles: int, r: int, config: dict, device,
-                per_sm: int = FUSED_SPLIT_PROGRAMS_PER_SM) -> tuple[int, int]:
-    """(SPLIT_K, R per split) of an m-row fused launch with `tiles` output tiles.
+def fused_split_cost(tiles: int, trips: int, split_k: int, sms: int, per_sm: int, sum_loads: int) -> float:
+    """Program-trips the busiest SM issues, or waits a latency for, when `tiles` output tiles of
+    `trips` trips of R split `split_k` ways (FUSED_SPLIT_LATENCY_PROGRAMS): rounds of up to `per_sm`
+    programs, each a split's trips plus FUSED_SPLIT_PROGRAM_TRIPS, then the last split's sum of
+    SPLIT_K partial sums, `sum_loads` splits' loads an L2 round trip."""
+    busiest = triton.cdiv(tiles * split_k, sms)
+    rounds = triton.cdiv(busiest, per_sm)
+    cost = rounds * (triton.cdiv(trips, split_k) + FUSED_SPLIT_PROGRAM_TRIPS) * max(min(busiest, per_sm),
+                                                                                  FUSED_SPLIT_LATENCY_PROGRAMS)
+    if split_k > 1:
+        cost += FUSED_SPLIT_LATENCY_PROGRAMS * (1 + SPLIT_SUM_L2_LATENCY * triton.cdiv(split_k, sum_loads))
+    return cost
+
+
+def fused_split(m: int, tiles: int, r: int, config: dict, flags: dict, arch: int, device) -> tuple[int, int]:
+    """(SPLIT_K, R per split) of an m-row fused launch with `tiles` output tiles on sm_<arch>.
 
     Decode-sized M (16-row tiles: 64-247 registers, 2-8 programs resident an SM) splits while the
     tiles number fewer than FUSED_SPLIT_BELOW_TILES_PER_SM an SM; larger tiles (110+ registers and
     41 KB of shared memory at 64 rows: 2-4 resident) only while they leave SMs idle: split to 4
     programs an SM they ran in two rounds, and the model put the RTX 4090's Llama-3-8B layer at
-    M = 256 at 0.62x bf16 forward against 0.68x unsplit. Either way towards `per_sm` programs an
-    SM (fused_programs_per_sm), at decode-sized M never past it on the busiest SM, at least
-    FUSED_SPLIT_MIN_TRIPS tiles of R a split, and the fp32 partial sums written and read back
-    (8 x SPLIT_K x m bytes a column) within the packed weight's R / 2 bytes a column, and no more
-    splits than gemv.split_sum_bound for the whole tile (at M = 1 the last split sums one row, 8
-    splits a round trip: bound by that, the H100's k_proj split 22 ways, 3 programs on the busiest
-    SM, 11.74 us in the model against 11.62 at 16). `config`: the launch's fused_config. `device` may
-    be anything with an `sms` attribute (the machine-code model's GPUs)."""
+    M = 256 at 0.62x bf16 forward against 0.68x unsplit. Every split keeps at least
+    FUSED_SPLIT_MIN_TRIPS tiles of R, the fp32 partial sums written and read back (8 x SPLIT_K x m
+    bytes a column) within the packed weight's R / 2 bytes a column, and no more splits than
+    gemv.split_sum_bound for the whole tile. Within that, a decode-sized M takes on the HBM archs the
+    split of least fused_split_cost (ties: the more splits), on the GDDR archs the most up to
+    fused_programs_per_sm programs an SM, never past them on the busiest SM; larger M the most up to
+    them. `config`, `flags`: the launch's fused_config and fused_loop_flags. `device` may be
+    anything with an `sms` attribute (the machine-code model's GPUs)."""
     sms = _sms(device)
+    per_sm = fused_programs_per_sm(config, flags, arch, sms)
     block_r = config["BLOCK_R"]
     trips = triton.cdiv(r, block_r)
     split_k = 1
     if tiles < (FUSED_SPLIT_BELOW_TILES_PER_SM if m <= 16 else 1) * sms:
-        split_k = max(1, min(triton.cdiv(per_sm * sms, tiles), trips // FUSED_SPLIT_MIN_TRIPS,
-                             max(r // (16 * max(m, 1)), compute_bound_splits(m, r)),
-                             split_sum_bound(trips, config["BLOCK_M"], config["BLOCK_N"])))
-        # Never a second round on the busiest SM: gate_proj's 224 tiles split 3 ways put 6 programs
-        # on some of the H100's 132 SMs, where 5 fit at 100 registers: 60.2 us in the model against
-        # 40.1 us split 2 ways; on the A100 (128 registers, 4 fit) 2 ways put 5 on some: 85.0 us
-        # against 72.1 unsplit.
-        while m <= 16 and split_k > 1 and triton.cdiv(tiles * split_k, sms) > per_sm:
-            split_k -= 1
+        most = max(1, min(trips // FUSED_SPLIT_MIN_TRIPS, max(r // (16 * max(m, 1)), compute_bound_splits(m, r)),
+                          split_sum_bound(trips, config["BLOCK_M"], config["BLOCK_N"])))
+        if m <= 16 and arch not in GDDR_ARCHS:
+            sum_loads = split_sum_loads(flags["SUM_ROWS"], config["BLOCK_N"])
+            splits = {triton.cdiv(trips, triton.cdiv(trips, split)) for split in range(1, most + 1)}
+            split_k = min(splits, key=lambda split: (fused_split_cost(tiles, trips, split, sms, per_sm, sum_loads),
+                                                     -split))
+        else:
+            split_k = min(most, triton.cdiv(per_sm * sms, tiles))
+            # Never a second round on the busiest SM: gate_proj's 224 tiles split 3 ways put 6
+            # programs on some of the H100's 132 SMs, where 5 fit at 100 registers: 60.2 us in the
+            # model against 40.1 us split 2 ways; on the A100 (128 registers, 4 fit) 2 ways put 5 on
+            # some: 85.0 us against 72.1 unsplit.
+            while m <= 16 and split_k > 1 and triton.cdiv(tiles * split_k, sms) > per_sm:
+                split_k -= 1
     r_per_split = triton.cdiv(trips, split_k) * block_r
     return triton.cdiv(r, r_per_split), r_per_split
 
@@ -480,8 +521,7 @@ def fused_plan(m: int, dtype: torch.dtype, shape: Sequence[int], blocksize: int,
     if not fused_may_split(config, blocksize, double_quant):
         split_k = 1
     if split_k is None:
-        per_sm = fused_programs_per_sm(config, flags, arch, _sms(device))
-        split_k, r_per_split = fused_split(m, tiles, r, config, device, per_sm)
+        split_k, r_per_split = fused_split(m, tiles, r, config, flags, arch, device)
     else:
         r_per_split = triton.cdiv(triton.cdiv(r, config["BLOCK_R"]), max(1, split_k)) * config["BLOCK_R"]
         split_k = triton.cdiv(r, r_per_split)
