@@ -207,14 +207,15 @@ def test_interp_gemv_last_split_leaves_counters_zero_and_repeats_bit_for_bit():
 @interpreter_only
 @pytest.mark.parametrize("m, out_features, in_features, quant_type, blocksize, double_quant",
                          [(5, 37, 321, "fp4", 128, False), (19, 50, 192, "nf4", 32, True), (3, 96, 320, "nf4", 64, True),
-                          (1, 64, 1088, "nf4", 64, True)])
+                          (1, 100, 1088, "nf4", 64, True)])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
 def test_interp_fused_split_k_forward_and_grad_input(dtype, m, out_features, in_features, quant_type, blocksize,
                                                      double_quant):
     # Split-K in the fused kernel: the last split of each output tile adds the fp32 partial sums in
     # split order, adds the bias and zeroes its counter; per-element decode (in=321) and row tiles
     # that end mid-tile (50 rows, 37 rows), forward and dX, against fp64 products of the twin's W. At
-    # M = 1 the 16-bit forward sums one row, 8 splits at a time: 17 splits take three rounds.
+    # M = 1 the 16-bit forward stores and sums one row, 8 splits at a time: 17 splits take three
+    # rounds; its 100 columns end mid-tile.
     from qlora.kernels.nf4 import gemv
     from qlora.kernels.nf4.matmul import fused_config, fused_may_split, matmul_4bit_fused
 

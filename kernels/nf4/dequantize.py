@@ -160,6 +160,13 @@ def mma_row_order(values):
 
 
 @triton.jit
+def mma_row_columns(rows):
+    """The rows' places in row order of a [64, cols] tile held in mma_row_order (row bits 1-4 stay;
+    8 -> 32, 16 -> 8, 32 -> 16): mma_row_order(arange(64)) as arithmetic, in any layout."""
+    return (rows & 7) | ((rows >> 3 & 1) << 5) | ((rows >> 4 & 1) << 3) | ((rows >> 5 & 1) << 4)
+
+
+@triton.jit
 def mma_row_order_inverse(values):
     """mma_row_order undone: [64, cols] back in row order."""
     bits = tl.reshape(values, (2, 2, 2, 8, values.shape[1]))  # as relabelled: rows 16, 8, 32 | 1-4

@@ -37,7 +37,7 @@ import triton.language as tl
 from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
 from qlora.kernels.nf4.packed import Packed4bit, weight_strides
 from qlora.kernels.nf4.dequantize import (decode_fetched_row_tile, decode_row_tile, decode_row_tile_bytes,
-                                          decode_stored_tile, fetch_row_tile, mma_k_order, mma_row_order,
+                                          decode_stored_tile, fetch_row_tile, mma_k_order, mma_row_columns, mma_row_order,
                                           mma_row_order_inverse, weight_pointers, whole_block_tiles)
 from qlora.kernels.nf4.gemv import _multiprocessors, split_sum_bound, split_sum_loads, sum_split_partials
 from qlora.kernels.launch import launch, target_arch
@@ -97,7 +97,7 @@ def _matmul_4bit_kernel(
     # The rows of the tile that exist: all BLOCK_M, or ROWS (8 where M <= 8: mma's n = 8) in that loop.
     tl.static_assert(ROWS == BLOCK_M or A_FROM_DECODE, "ROWS below BLOCK_M only with REGISTER_A")
     TILE_ROWS: tl.constexpr = ROWS
-    tl.static_assert(SUM_ROWS <= ROWS, "SUM_ROWS: the first rows of the tile")
+    tl.static_assert(SUM_ROWS == ROWS or (SUM_ROWS == 1 and A_FROM_DECODE), "SUM_ROWS: all rows, or M = 1's one of acc_t")
     SWAPPED: tl.constexpr = SWAP_AB or A_FROM_DECODE
     offs_m = pid_m * BLOCK_M + tl.arange(0, TILE_ROWS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,29 +183,45 @@ def _matmul_4bit_kernel(
             acc_t = tl.dot(tl.trans(w.to(a.dtype)), tl.trans(a), acc_t, input_precision=INPUT_PRECISION)
         else:
             acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
-    if A_FROM_DECODE:
-        acc = tl.trans(mma_row_order_inverse(acc_t))
-    elif SWAP_AB:
-        acc = tl.trans(acc_t)
-    if DIRECT_STORE:
-        store_tile(out_ptr, bias_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_oc, HAS_BIAS)
+    # The tile's first SUM_ROWS rows: all of them, or the one row of M = 1 (the rest are the zeros of
+    # the masked input rows).
+    sum_m = pid_m * BLOCK_M + tl.arange(0, SUM_ROWS)
+    sum_mask = sum_m < M
+    # M = 1: the row leaves the accumulator where the MMA left it, one column a row of acc_t
+    # (mma_row_order), not through shared memory to the tile's row-major layout: 40 instructions
+    # fewer on the H100's split decode tile. Not unsplit past 64 x 64: the 64 x 128 tile (blocksize
+    # 128) then compiled to 168 registers on sm_86/89, not 124 (3 programs an SM, not 4).
+    ROW_STORE: tl.constexpr = SUM_ROWS == 1 and (not DIRECT_STORE or BLOCK_R == 64)
+    if ROW_STORE:
+        row = tl.sum(tl.where(tl.arange(0, TILE_ROWS)[None, :] == 0, acc_t, 0.0), axis=1)
+        row_n = pid_n * BLOCK_N + mma_row_columns(tl.arange(0, BLOCK_N))
+        if DIRECT_STORE:
+            store_tile(out_ptr, bias_ptr, row[None, :], sum_m, sum_mask, row_n, row_n < COLS, stride_om, stride_oc,
+                       HAS_BIAS)
+        else:
+            tl.store(partial_ptr + split.to(tl.int64) * M * COLS + sum_m.to(tl.int64)[:, None] * COLS + row_n[None, :],
+                     row[None, :], mask=sum_mask[:, None] & (row_n < COLS)[None, :])
     else:
+        if A_FROM_DECODE:
+            acc = tl.trans(mma_row_order_inverse(acc_t))
+        elif SWAP_AB:
+            acc = tl.trans(acc_t)
+        if DIRECT_STORE:
+            store_tile(out_ptr, bias_ptr, acc, offs_m, mask_m, offs_n, mask_n, stride_om, stride_oc, HAS_BIAS)
+        else:
+            tl.store(partial_ptr + split.to(tl.int64) * M * COLS + offs_m.to(tl.int64)[:, None] * COLS + offs_n[None, :],
+                     acc, mask=mask_m[:, None] & mask_n[None, :])
+    if not DIRECT_STORE:
         # Split K, as in the GEMV (gemv.py): each split stores its fp32 partial sums, and the last
         # split of this output tile to arrive adds all of them in split order (the same sum whichever
         # finishes last), adds the bias and casts, in the same launch; it zeroes the tile's arrival
         # counter for the next launch, so a CUDA graph replays it as it is. The barrier orders every
         # thread's partial stores before the counter's release; the acquire orders the loads of
         # sum_split_partials after the other splits' releases.
-        mask_out = mask_m[:, None] & mask_n[None, :]
-        tl.store(partial_ptr + split.to(tl.int64) * M * COLS + offs_m.to(tl.int64)[:, None] * COLS + offs_n[None, :],
-                 acc, mask=mask_out)
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
-            # The tile's first SUM_ROWS rows: all of them, or the one row of M = 1, whose sum then
-            # loads 8 splits at a time, not the 4 of a 16-row tile (split_sum_loads).
-            sum_m = pid_m * BLOCK_M + tl.arange(0, SUM_ROWS)
-            sum_mask = sum_m < M
+            # The one row of M = 1 loads 8 splits at a time, not the 4 of a 16-row tile (split_sum_loads).
             total = sum_split_partials(partial_ptr, sum_m.to(tl.int64)[:, None] * COLS + offs_n[None, :],
                                        sum_mask[:, None] & mask_n[None, :], SPLIT_K, M * COLS, SUM_ROWS, BLOCK_N)
             store_tile(out_ptr, bias_ptr, total, sum_m, sum_mask, offs_n, mask_n, stride_om, stride_oc, HAS_BIAS)
