@@ -441,18 +441,19 @@ def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int, m: int, transp
 
 
 def fused_programs_per_sm(config: dict, flags: dict, arch: int, sms: int = 0) -> int:
-    """Programs an SM fused_split aims at, and at decode-sized M (16-row tiles) never puts past on the
+    """Programs of a decode-sized split launch an SM runs at once: on the HBM archs the rounds
+    fused_split_cost counts, on the GDDR archs what fused_split aims at and never puts past on the
     busiest SM. The tile decoded into the MMA's A operand (fused_loop_flags' REGISTER_A), 64 x 64,
-    keeps W out of shared memory: 64-80 registers, 6 fit, and 6 are aimed at on the HBM parts
-    (sm_80, sm_90); on sm_86/89 the extra splits' fp32 partial sums cost more GDDR bytes than the
-    busiest SM's extra trips. The other tiles: FUSED_SPLIT_PROGRAMS_PER_SM. Given the SM count, the
-    GDDR archs' decode tiles aim at FUSED_SPLIT_GDDR_PROGRAMS programs in all, never more than
-    that. `config` and `flags` may be one dict (a launch's constexprs). tests/test_kernels_compiled.py
+    keeps W out of shared memory: 64-80 registers, 6 fit (7 of sm_80's 8-row loop at M <= 8, 72
+    registers); on sm_86/89 the extra splits' fp32 partial sums cost more GDDR bytes than the
+    busiest SM's extra trips, and given the SM count their decode tiles aim at
+    FUSED_SPLIT_GDDR_PROGRAMS programs in all. The other tiles: FUSED_SPLIT_PROGRAMS_PER_SM.
+    `config` and `flags` may be one dict (a launch's constexprs). tests/test_kernels_compiled.py
     holds the launchability sweep to these counts."""
     register_a = flags["REGISTER_A"] > 0 and config["BLOCK_R"] == 64  # wider R tiles take more registers
-    if register_a and arch not in (86, 89):
-        return FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A
-    if arch in (86, 89) and config["BLOCK_M"] == 16 and sms:
+    if register_a and arch not in GDDR_ARCHS:
+        return FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A + (arch == 80 and flags["ROWS"] == 8)
+    if arch in GDDR_ARCHS and config["BLOCK_M"] == 16 and sms:
         return min(FUSED_SPLIT_PROGRAMS_PER_SM, max(2, triton.cdiv(FUSED_SPLIT_GDDR_PROGRAMS, sms)))
     return FUSED_SPLIT_PROGRAMS_PER_SM
 
