@@ -306,17 +306,19 @@ def test_split_k_counts_the_busiest_sms_rounds():
 
 def test_split_k_aims_at_the_programs_the_card_needs():
     # Decode tiles on the HBM archs run in rounds of the programs that fit: 6 (7 of sm_80's 8-row
-    # loop at M <= 8); on the GDDR archs, bound by DRAM, the split aims at about 320 programs in all
-    # (each split adds fp32 partial sums to the bytes): 4 an SM on an RTX 3090's 82 SMs, 3 on a
-    # 4090's 128, never past the 4 that fit other tiles.
+    # loop at M <= 8; backward, 5 on sm_90 and 4 on sm_80); on the GDDR archs, bound by DRAM, the
+    # split aims at about 320 programs in all (each split adds fp32 partial sums to the bytes): 4
+    # an SM on an RTX 3090's 82 SMs, 3 on a 4090's 128, never past the 4 that fit other tiles.
     from qlora.kernels.nf4.matmul import fused_config, fused_loop_flags, fused_programs_per_sm
 
-    def per_sm(arch, sms, m=1):
-        config = fused_config(m, torch.bfloat16, (4096, 4096), 64, True, arch)
-        return fused_programs_per_sm(config, fused_loop_flags(config, torch.bfloat16, arch, m, True, 64, True), arch, sms)
+    def per_sm(arch, sms, m=1, transpose_weight=True):
+        config = fused_config(m, torch.bfloat16, (4096, 4096), 64, transpose_weight, arch)
+        flags = fused_loop_flags(config, torch.bfloat16, arch, m, transpose_weight, 64, True)
+        return fused_programs_per_sm(config, flags, arch, sms)
 
     assert (per_sm(80, 108), per_sm(80, 108, 16), per_sm(90, 132), per_sm(86, 82), per_sm(89, 128),
             per_sm(89, 58)) == (7, 6, 6, 4, 3, 4)
+    assert (per_sm(90, 132, 1, False), per_sm(80, 108, 1, False)) == (5, 4)
 
 
 @interpreter_only

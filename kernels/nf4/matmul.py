@@ -295,6 +295,11 @@ FUSED_SPLIT_PROGRAMS_PER_SM = 4
 # ran 3 whole tiles) and from 133.1 to 129.7 on the H100. Not on sm_86/89, bound by GDDR: there the
 # extra splits' fp32 partial sums took the RTX 3090's layer at M = 16 from 230.5 to 244.2 us.
 FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A = 6
+# sm_90's other 16-row, 16-bit tiles of whole blocks up to 64 x 64 (W the warpgroup MMA's A operand
+# through shared memory: the backward, blocksize 32 forward) compile to 58-95 registers, split or
+# not: 5 fit. Counted as 4, the split cost's rounds put the H100's Llama-3-70B layer backward at
+# M = 1-16 at 358 us in the model, against 334 counted as 5.
+FUSED_SPLIT_PROGRAMS_PER_SM_SM90_TILE = 5
 # On the GDDR archs (sm_86/89) a decode-sized product is bound by DRAM, and each split adds fp32
 # partial sums to its bytes: what it needs is enough programs to keep the bytes in flight that the
 # card's bandwidth asks, and the RTX 3090 (936 GB/s) and 4090 (1008 GB/s) ask about the same. 4
@@ -445,14 +450,18 @@ def fused_programs_per_sm(config: dict, flags: dict, arch: int, sms: int = 0) ->
     fused_split_cost counts, on the GDDR archs what fused_split aims at and never puts past on the
     busiest SM. The tile decoded into the MMA's A operand (fused_loop_flags' REGISTER_A), 64 x 64,
     keeps W out of shared memory: 64-80 registers, 6 fit (7 of sm_80's 8-row loop at M <= 8, 72
-    registers); on sm_86/89 the extra splits' fp32 partial sums cost more GDDR bytes than the
-    busiest SM's extra trips, and given the SM count their decode tiles aim at
-    FUSED_SPLIT_GDDR_PROGRAMS programs in all. The other tiles: FUSED_SPLIT_PROGRAMS_PER_SM.
+    registers). sm_90's other 16-row tiles up to 64 x 64: FUSED_SPLIT_PROGRAMS_PER_SM_SM90_TILE. On
+    sm_86/89 the extra splits' fp32 partial sums cost more GDDR bytes than the busiest SM's extra
+    trips, and given the SM count their decode tiles aim at FUSED_SPLIT_GDDR_PROGRAMS programs in
+    all. The other tiles: FUSED_SPLIT_PROGRAMS_PER_SM.
     `config` and `flags` may be one dict (a launch's constexprs). tests/test_kernels_compiled.py
     holds the launchability sweep to these counts."""
     register_a = flags["REGISTER_A"] > 0 and config["BLOCK_R"] == 64  # wider R tiles take more registers
     if register_a and arch not in GDDR_ARCHS:
         return FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A + (arch == 80 and flags["ROWS"] == 8)
+    if (arch == 90 and flags["SWAP_AB"] and config["BLOCK_M"] == 16 and config["WHOLE_BLOCKS"]
+            and config["BLOCK_N"] * config["BLOCK_R"] <= 64 * 64):
+        return FUSED_SPLIT_PROGRAMS_PER_SM_SM90_TILE
     if arch in GDDR_ARCHS and config["BLOCK_M"] == 16 and sms:
         return min(FUSED_SPLIT_PROGRAMS_PER_SM, max(2, triton.cdiv(FUSED_SPLIT_GDDR_PROGRAMS, sms)))
     return FUSED_SPLIT_PROGRAMS_PER_SM
