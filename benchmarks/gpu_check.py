@@ -14,7 +14,11 @@ Steps, each with its own time limit so the whole run stays under 8 minutes:
 4. the model's prediction beside each measured row (benchmarks/results/kernels-static.json, this
    card's rows, or its arch's table card when the card is not modelled), and each row's error;
 5. the refit: the model's parameters fitted again on the measured rows (this card's kernels compiled
-   through the same path; coordinate descent over calibration.GRID), written beside the published fit.
+   through the same path; coordinate descent over calibration.GRID), written beside the published fit;
+6. the split sweep: the fused kernel at decode-sized M (SPLIT_MS) timed at every split it can run,
+   beside the split its rule picks (matmul.fused_split) and the model's estimate of each: how much
+   slower the rule's split is than the fastest measured one (`splits`: per case and its median and
+   worst), the check of a rule fitted to the model alone.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ ROOT = Path(__file__).parents[1]
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_proj": (14336, 4096), "down_proj": (4096, 14336)}
 MS = (1, 4, 16, 64, 256, 1024, 4096)
 PATHS = ("gemv", "fused", "dequant_matmul", "auto")
+SPLIT_MS = (1, 16)  # decode-sized M: where fused_split chooses among splits by its cost
+MAX_SPLIT = 64
 GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_optim_kernels.py", "tests/test_doctor.py",
                   "tests/test_reliability.py", "tests/test_memory_options.py", "tests/test_optim.py")
 TEST_SECONDS, DOCTOR_SECONDS = 240, 120
@@ -145,6 +151,75 @@ def measure(repeats: int) -> list[dict]:
     return rows
 
 
+def planned_split_rows(arch: int, sms: int) -> list[dict]:
+    """Every split the fused kernel can run at SPLIT_MS for SHAPES on sm_<arch> with `sms` SMs, each
+    row marked `rule` where it is the launcher's own split (one a case)."""
+    from types import SimpleNamespace
+
+    from qlora.kernels.nf4.matmul import fused_plan
+
+    device = SimpleNamespace(sms=sms)
+    rows = []
+    for (name, (n, k)), m, direction in __import__("itertools").product(SHAPES.items(), SPLIT_MS, ("forward", "backward")):
+        forward = direction == "forward"
+
+        def split_of(split_k=None):
+            return fused_plan(m, torch.bfloat16, (n, k), 64, forward, True, arch, device, split_k)[3]
+
+        rule = split_of()
+        for split_k in sorted({split_of(split) for split in range(1, MAX_SPLIT + 1)}):
+            rows.append(dict(shape=name, N=n, K=k, M=m, direction=direction, split_k=split_k, rule=split_k == rule))
+    return rows
+
+
+def measure_splits(rows: list[dict], repeats: int) -> None:
+    """measured_us of each planned split row, timed as measure() times its rows."""
+    from kernels_gpu import POOL, Timer, quantized_weight
+
+    from qlora.kernels.nf4.matmul import matmul_4bit_fused
+
+    timer = Timer(repeats)
+    for name, (n, k) in SHAPES.items():
+        _, packed, state = quantized_weight(n, k)
+        weight = state.packed_view(packed)
+        for row in (r for r in rows if r["shape"] == name):
+            forward = row["direction"] == "forward"
+            xs = [torch.randn(row["M"], k if forward else n, device="cuda", dtype=torch.bfloat16) for _ in range(POOL)]
+            with torch.no_grad():
+                ms = timer(lambda i: matmul_4bit_fused(xs[i], weight, forward, split_k=row["split_k"]))
+            row["measured_us"] = round(1e3 * ms, 2)
+    print("timed the splits", file=sys.stderr, flush=True)
+
+
+def attach_split_predictions(rows: list[dict], card: str) -> None:
+    """model_us of each split row: the fused path's estimate at that split (compiles this card's code)."""
+    import kernels_static
+
+    spec = gpu_model.card(card)
+    for row in rows:
+        estimates = kernels_static.path_estimates(spec, row["M"], row["N"], row["K"], 64, row["direction"] == "forward",
+                                                  lambda launch: None, row["split_k"])
+        row["model_us"] = round(estimates["fused"], 3)
+
+
+def split_summary(rows: list[dict]) -> dict:
+    """Per case (shape, M, direction): the rule's split and time against the fastest measured split
+    (`regret`: rule / fastest) and the model's fastest; the median and worst regret."""
+    cases = []
+    for key in sorted({(r["shape"], r["M"], r["direction"]) for r in rows}):
+        case = [r for r in rows if (r["shape"], r["M"], r["direction"]) == key]
+        rule = next(r for r in case if r["rule"])
+        fastest = min(case, key=lambda r: r["measured_us"])
+        entry = dict(shape=key[0], M=key[1], direction=key[2], rule_split=rule["split_k"], rule_us=rule["measured_us"],
+                     fastest_split=fastest["split_k"], fastest_us=fastest["measured_us"],
+                     regret=round(rule["measured_us"] / fastest["measured_us"], 3))
+        if all(r.get("model_us") for r in case):
+            entry["model_fastest_split"] = min(case, key=lambda r: r["model_us"])["split_k"]
+        cases.append(entry)
+    regrets = [c["regret"] for c in cases]
+    return {"cases": cases, "regret_median": statistics.median(regrets), "regret_worst": max(regrets), "rows": rows}
+
+
 def attach_predictions(rows: list[dict], predicted: dict) -> None:
     for row in rows:
         model = predicted.get((row["M"], row["N"], row["K"], row["direction"]), {}).get(row["path"])
@@ -206,7 +281,10 @@ def main() -> int:
         rows = planned_rows()
         attach_predictions(rows, predictions(card))
         missing = [r for r in rows if r["model_us"] is None and r["path"] != "bitsandbytes"]
-        print(json.dumps({"card": card, "rows": len(rows), "without_prediction": len(missing)}))
+        spec = gpu_model.card(card)
+        splits = planned_split_rows(spec.arch, spec.sms)
+        print(json.dumps({"card": card, "rows": len(rows), "without_prediction": len(missing),
+                          "split_rows": len(splits)}))
         return 1 if missing else 0
     start = time.perf_counter()
     name = torch.cuda.get_device_name()
@@ -223,8 +301,14 @@ def main() -> int:
     result = {"device": name, "card_modelled": card, "versions": versions("triton", "gemlite"), "steps": steps,
               "rows": rows, "model_median_abs_error": round(statistics.median(errors), 3) if errors else None,
               "model_worst_abs_error": round(max(errors), 3) if errors else None}
+    splits = planned_split_rows(10 * major + minor, torch.cuda.get_device_properties(0).multi_processor_count)
+    measure_splits(splits, args.repeats)
     if not args.no_refit:
         result["refit"] = refit(rows, card)
+        attach_split_predictions(splits, card)
+    result["splits"] = split_summary(splits)
+    print(f"split rule against the fastest split measured: median {result['splits']['regret_median']}x, "
+          f"worst {result['splits']['regret_worst']}x")
     result["seconds"] = round(time.perf_counter() - start, 1)
     path = write_results("gpu-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", card), result,
                          path=Path(args.out) if args.out else None)

@@ -182,9 +182,11 @@ def cublas_us(card, m: int, n: int, k: int) -> float:
     return gpu_model.cublas_time(card, m, n, k)["estimate_us"]
 
 
-def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weight: bool, record) -> dict:
+def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weight: bool, record,
+                   split_k: int | None = None) -> dict:
     """Estimated microseconds of each Triton path for C = A @ (W^T or W), W [n, k], on `card`;
-    `record(row)` receives each kernel launch's entry."""
+    `record(row)` receives each kernel launch's entry. `split_k`: the fused launch's split, as
+    matmul_4bit_fused takes it (default: the launcher's own rule)."""
     from qlora.kernels.nf4.dequantize import dequantize_elements
     from qlora.kernels.nf4.gemv import gemv_block_sizes, gemv_split, split_sum_loads
     from qlora.kernels.nf4.matmul import fused_plan, weight_strides
@@ -221,7 +223,7 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     # fused: split-K (matmul.fused_split) where its tiles leave SMs idle, the partial sums summed by
     # the last split of each tile in the same launch
     config, flags, tiles, split_k, r_per_split = fused_plan(m, torch.bfloat16, (n, k), blocksize, transpose_weight, True,
-                                                           arch, _Device(spec.sms))
+                                                           arch, _Device(spec.sms), split_k)
     tiles_m = math.ceil(m / config["BLOCK_M"])
     constexprs, code = machine_code_for(arch, "fused_split" if split_k > 1 else "fused", m, blocksize, transpose_weight)
     partials = 8 * split_k * m * cols if split_k > 1 else 0
