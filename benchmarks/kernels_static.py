@@ -215,10 +215,10 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     # loads at a time (gemv.sum_split_partials), an L2 round trip each time.
     latency_us = spec.dram_latency_cycles * gpu_model.PARAMETERS["latency_scale"] / (spec.clock_ghz * 1e3)
 
-    def fixup_us(split: int, rows: int, cols: int) -> float:
+    def fixup_us(split: int, loads: int) -> float:
         if split == 1:
             return 0.0
-        return latency_us * (1 + math.ceil(split / split_sum_loads(rows, cols)) * gpu_model.L2_LATENCY_FRACTION)
+        return latency_us * (1 + math.ceil(split / loads) * gpu_model.L2_LATENCY_FRACTION)
 
     # fused: split-K (matmul.fused_split) where its tiles leave SMs idle, the partial sums summed by
     # the last split of each tile in the same launch
@@ -230,8 +230,7 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
     bytes_moved = w4 * math.ceil(tiles_m / 8) + 2 * (m * r + m * cols) + partials
     bounds = kernel_bounds(spec, code, tiles * split_k, math.ceil(r_per_split / config["BLOCK_R"]),
                            bytes_moved, gather_tables(blocksize, constexprs["WHOLE_BLOCKS"]))
-    out["fused"] = entry("fused", code, {**bounds, "split_k": split_k}) + fixup_us(split_k, flags["SUM_ROWS"],
-                                                                                  config["BLOCK_N"])
+    out["fused"] = entry("fused", code, {**bounds, "split_k": split_k}) + fixup_us(split_k, flags["SUM_LOADS"])
     # GEMV: split-K partial sums, added up by the last split of each tile in the same launch
     if m <= GEMV_MAX_ROWS:
         _, code = machine_code_for(arch, "gemv", m, blocksize, transpose_weight)
@@ -243,7 +242,8 @@ def path_estimates(card, m: int, n: int, k: int, blocksize: int, transpose_weigh
         partials = 8 * split_k * m * cols if split_k > 1 else 0
         bounds = kernel_bounds(spec, code, programs, math.ceil(r_per_split / block_r),
                                w4 * math.ceil(m / block_m) + 2 * m * r + partials + 2 * m * cols, tables)
-        out["gemv"] = entry("gemv", code, {**bounds, "split_k": split_k}) + fixup_us(split_k, block_m, block_n)
+        out["gemv"] = entry("gemv", code, {**bounds, "split_k": split_k}) + fixup_us(
+            split_k, split_sum_loads(block_m, block_n))
     return out
 
 

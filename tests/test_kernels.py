@@ -205,25 +205,31 @@ def test_interp_gemv_last_split_leaves_counters_zero_and_repeats_bit_for_bit():
 
 
 @interpreter_only
-@pytest.mark.parametrize("m, out_features, in_features, quant_type, blocksize, double_quant",
-                         [(5, 37, 321, "fp4", 128, False), (19, 50, 192, "nf4", 32, True), (3, 96, 320, "nf4", 64, True),
-                          (1, 100, 1088, "nf4", 64, True)])
+@pytest.mark.parametrize("m, out_features, in_features, quant_type, blocksize, double_quant, arch",
+                         [(5, 37, 321, "fp4", 128, False, 90), (19, 50, 192, "nf4", 32, True, 90),
+                          (3, 96, 320, "nf4", 64, True, 90), (1, 100, 1088, "nf4", 64, True, 90),
+                          (1, 100, 1088, "nf4", 64, True, 80)])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
 def test_interp_fused_split_k_forward_and_grad_input(dtype, m, out_features, in_features, quant_type, blocksize,
-                                                     double_quant):
+                                                     double_quant, arch):
     # Split-K in the fused kernel: the last split of each output tile adds the fp32 partial sums in
     # split order, adds the bias and zeroes its counter; per-element decode (in=321) and row tiles
     # that end mid-tile (50 rows, 37 rows), forward and dX, against fp64 products of the twin's W. At
-    # M = 1 the 16-bit forward stores and sums one row, 8 splits at a time: 17 splits take three
-    # rounds; its 100 columns end mid-tile.
+    # M = 1 the 16-bit forward stores and sums one row, 8 splits at a time on sm_90 (17 splits take
+    # three rounds) and 16 on sm_80 (two); its 100 columns end mid-tile.
+    from qlora.kernels.launch import interpreted_as
     from qlora.kernels.nf4 import gemv
     from qlora.kernels.nf4.matmul import fused_config, fused_may_split, matmul_4bit_fused
 
+    def fused(*args, **kwargs):
+        with interpreted_as(arch):
+            return matmul_4bit_fused(*args, **kwargs)
+
     weight, products = forward_and_grad_input(m, out_features, in_features, quant_type, blocksize, double_quant, dtype)
     for a, transpose_weight, b, expected in products:
-        whole = matmul_4bit_fused(a, weight, transpose_weight, bias=b, split_k=1)
+        whole = fused(a, weight, transpose_weight, bias=b, split_k=1)
         r, cols = a.shape[1], expected.shape[1]
-        config = fused_config(m, dtype, weight.shape, blocksize, transpose_weight, 90)
+        config = fused_config(m, dtype, weight.shape, blocksize, transpose_weight, arch)
         for split_k in (2, 3, 5) + ((17,) if m == 1 else ()):  # 5 (17 at M = 1): past one round of loads
             # A split past R's tiles is reduced to one tile a split, as the launcher does.
             block_r = config["BLOCK_R"]
@@ -232,7 +238,7 @@ def test_interp_fused_split_k_forward_and_grad_input(dtype, m, out_features, in_
                 splits = 1
             out = nan_like(tuple(expected.shape), dtype)
             workspace = nan_like((splits, m, cols), torch.float32) if splits > 1 else None
-            matmul_4bit_fused(a, weight, transpose_weight, bias=b, out=out, workspace=workspace, split_k=split_k)
+            fused(a, weight, transpose_weight, bias=b, out=out, workspace=workspace, split_k=split_k)
             assert not out.isnan().any()
             assert not gemv.split_counters(a.device, 1).any()  # every tile's counter is zero again
             assert rel_err(out, expected) < TOLERANCE[dtype], (transpose_weight, split_k, rel_err(out, expected))
@@ -243,7 +249,7 @@ def test_interp_fused_split_k_forward_and_grad_input(dtype, m, out_features, in_
                 if b is not None:
                     ordered = ordered + b.float()
                 assert torch.equal(out, ordered.to(dtype)), (transpose_weight, split_k, splits)
-            again = matmul_4bit_fused(a, weight, transpose_weight, bias=b, split_k=split_k)
+            again = fused(a, weight, transpose_weight, bias=b, split_k=split_k)
             assert torch.equal(out, again)  # the same sum in the same order, whichever split came last
         assert rel_err(whole, expected) < TOLERANCE[dtype]
 

@@ -93,25 +93,27 @@ def gemv_num_warps(block_m: int, block_n: int, block_r: int, whole_blocks: bool,
 
 
 # Partial sums the last split has in flight at once (sum_split_partials): SPLIT_SUM_ELEMENTS fp32, 32 a
-# thread at 128 threads, in loads of one split's tile each, at most SPLIT_SUM_MAX_LOADS of them. ptxas
-# had unrolled the loop of one load and one add per split 4 times by itself; written out, the loads
-# are independent by construction and the last split waits SPLIT_K / loads L2 round trips (the
-# machine-code model charges them so: benchmarks/kernels_static.py). A 16 x 64 decode tile: 4 loads;
-# 8 x 64 and smaller (the GEMV's tiles, the one row of M = 1: matmul's SUM_ROWS): 8, so a 16-way
-# split sums in 2 round trips, not 4. At 16 loads the H100's decode loop compiled to 222
-# instructions a trip, not 213 (80 registers, not 72).
+# thread at 128 threads, in loads of one split's tile each, at most SPLIT_SUM_MAX_LOADS of them by
+# default. ptxas had unrolled the loop of one load and one add per split 4 times by itself; written
+# out, the loads are independent by construction and the last split waits SPLIT_K / loads L2 round
+# trips (the machine-code model charges them so: benchmarks/kernels_static.py). A 16 x 64 decode
+# tile: 4 loads; 8 x 64 and smaller (the GEMV's tiles, the one row of M = 1: matmul's SUM_ROWS): 8, so
+# a 16-way split sums in 2 round trips, not 4. The host decides (split_sum_loads) and hands the
+# kernels the count (SUM_LOADS); the fused kernel's one row takes more on sm_80-89
+# (matmul.ROW_SUM_MAX_LOADS).
 # Tiles past 16 x 64 keep one load a split: 4 of a 64 x 64 tile held 128 registers (96 before) and
 # cost sm_90 a program an SM.
-SPLIT_SUM_ELEMENTS: tl.constexpr = tl.constexpr(4 * 16 * 64)
-SPLIT_SUM_MAX_LOADS: tl.constexpr = tl.constexpr(8)
-SPLIT_SUM_TILE: tl.constexpr = tl.constexpr(16 * 64)
+SPLIT_SUM_ELEMENTS = 4 * 16 * 64
+SPLIT_SUM_MAX_LOADS = 8
+SPLIT_SUM_TILE = 16 * 64
 
 
-def split_sum_loads(rows: int, cols: int) -> int:
-    """Partial-sum loads sum_split_partials has in flight for a rows x cols tile."""
-    if rows * cols > SPLIT_SUM_TILE.value:
+def split_sum_loads(rows: int, cols: int, most: int = SPLIT_SUM_MAX_LOADS) -> int:
+    """Partial-sum loads sum_split_partials has in flight for a rows x cols tile, at most `most`: the
+    kernels' SUM_LOADS."""
+    if rows * cols > SPLIT_SUM_TILE:
         return 1
-    return max(1, min(SPLIT_SUM_MAX_LOADS.value, SPLIT_SUM_ELEMENTS.value // (rows * cols)))
+    return max(1, min(most, SPLIT_SUM_ELEMENTS // (rows * cols)))
 
 
 def split_sum_bound(trips: int, rows: int, cols: int) -> int:
@@ -123,15 +125,15 @@ def split_sum_bound(trips: int, rows: int, cols: int) -> int:
 
 
 @triton.jit
-def sum_split_partials(partial_ptr, offsets, mask, SPLIT_K, split_stride, ROWS: tl.constexpr, COLS: tl.constexpr):
+def sum_split_partials(partial_ptr, offsets, mask, SPLIT_K, split_stride, ROWS: tl.constexpr, COLS: tl.constexpr,
+                       LOADS: tl.constexpr):
     """The fp32 partial sums of SPLIT_K splits (split s at partial_ptr + s * split_stride + offsets),
-    added in split order: the same sum whichever split arrives last. Small tiles load several splits
-    a trip (split_sum_loads; no load waits on the sum, so they issue together); a split past SPLIT_K
+    added in split order: the same sum whichever split arrives last. LOADS splits' loads a trip
+    (split_sum_loads; no load waits on the sum, so they issue together); a split past SPLIT_K
     loads +0.0, which leaves the sum's bits as they are (it never holds -0.0: it starts at +0.0).
     .cg reads them from L2, past a stale L1."""
     acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
-    if ROWS * COLS <= SPLIT_SUM_TILE:
-        LOADS: tl.constexpr = min(SPLIT_SUM_MAX_LOADS, max(1, SPLIT_SUM_ELEMENTS // (ROWS * COLS)))
+    if LOADS > 1:
         for first in range(0, SPLIT_K, LOADS):
             base = partial_ptr + first * split_stride + offsets
             # As a tensor the bound masks alike compiled and interpreted (a Python bool there is no mask).
@@ -153,7 +155,7 @@ def _gemv_4bit_kernel(
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr, ACC_IN_REGISTERS: tl.constexpr,
-    DIRECT_STORE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DIRECT_STORE: tl.constexpr, HAS_BIAS: tl.constexpr, SUM_LOADS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -256,7 +258,7 @@ def _gemv_4bit_kernel(
         last = arrived == SPLIT_K - 1
         if last:
             acc = sum_split_partials(partial_ptr, partial_offsets, mask_out, SPLIT_K, M * COLS,
-                                     BLOCK_M, BLOCK_N)
+                                     BLOCK_M, BLOCK_N, SUM_LOADS)
             tl.atomic_xchg(counter_ptr + tile, 0)  # zero again for the next launch on this stream
     if last:
         if HAS_BIAS:
@@ -376,7 +378,7 @@ def gemv_4bit(
         out.stride(0), out.stride(1),
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, DOUBLE_QUANT=double_quant,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, WHOLE_BLOCKS=whole_blocks, TRANSPOSED=transpose_weight,
-        DIRECT_STORE=split_k == 1, HAS_BIAS=bias is not None,
+        DIRECT_STORE=split_k == 1, HAS_BIAS=bias is not None, SUM_LOADS=split_sum_loads(block_m, block_n),
         ACC_IN_REGISTERS=block_m * block_n * block_r <= gemv_register_products(whole_blocks, blocksize, transpose_weight),
         num_warps=gemv_num_warps(block_m, block_n, block_r, whole_blocks, transpose_weight, blocksize),
         # No contraction: W decodes to the same bits as in the dequantize kernel; the products are

@@ -39,7 +39,8 @@ from qlora.kernels.nf4.packed import Packed4bit, weight_strides
 from qlora.kernels.nf4.dequantize import (decode_fetched_row_tile, decode_row_tile, decode_row_tile_bytes,
                                           decode_stored_tile, fetch_row_tile, mma_k_order, mma_row_columns, mma_row_order,
                                           mma_row_order_inverse, weight_pointers, whole_block_tiles)
-from qlora.kernels.nf4.gemv import _multiprocessors, split_sum_bound, split_sum_loads, sum_split_partials
+from qlora.kernels.nf4.gemv import (SPLIT_SUM_MAX_LOADS, _multiprocessors, split_sum_bound, split_sum_loads,
+                                    sum_split_partials)
 from qlora.kernels.launch import launch, target_arch
 
 
@@ -62,7 +63,7 @@ def _matmul_4bit_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr,
     DIRECT_STORE: tl.constexpr, PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr, SHUFFLE_BYTES: tl.constexpr,
-    REGISTER_A: tl.constexpr, ROWS: tl.constexpr, SUM_ROWS: tl.constexpr,
+    REGISTER_A: tl.constexpr, ROWS: tl.constexpr, SUM_ROWS: tl.constexpr, SUM_LOADS: tl.constexpr,
 ):
     # Grouped program order: GROUP_M row tiles share each W column tile while it is in L2.
     pid = tl.program_id(0)
@@ -221,9 +222,10 @@ def _matmul_4bit_kernel(
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
-            # The one row of M = 1 loads 8 splits at a time, not the 4 of a 16-row tile (split_sum_loads).
+            # The one row of M = 1 loads 8-16 splits at a time, not the 4 of a 16-row tile (SUM_LOADS).
             total = sum_split_partials(partial_ptr, sum_m.to(tl.int64)[:, None] * COLS + offs_n[None, :],
-                                       sum_mask[:, None] & mask_n[None, :], SPLIT_K, M * COLS, SUM_ROWS, BLOCK_N)
+                                       sum_mask[:, None] & mask_n[None, :], SPLIT_K, M * COLS, SUM_ROWS, BLOCK_N,
+                                       SUM_LOADS)
             store_tile(out_ptr, bias_ptr, total, sum_m, sum_mask, offs_n, mask_n, stride_om, stride_oc, HAS_BIAS)
             tl.atomic_xchg(counter_ptr + pid, 0)
 
@@ -307,6 +309,12 @@ FUSED_SPLIT_PROGRAMS_PER_SM_SM90_TILE = 5
 # 4090 at M = 1 / 4 / 16 went from 201.9 / 209.2 / 234.0 us (4 an SM) to 200.3 / 204.9 / 220.0.
 FUSED_SPLIT_GDDR_PROGRAMS = 320
 FUSED_SPLIT_BELOW_TILES_PER_SM = 4
+# The one row of M = 1 (SUM_ROWS) sums 16 splits' partial sums a round trip on sm_80-89, so a 16-way
+# split waits one L2 round trip, not 2: A100 Llama-3-8B layer at M = 1 160.7 -> 160.4 us in the
+# model, RTX 3090 213.1 -> 212.8. Not on sm_90, whose decode loop then compiled to 219 instructions a
+# trip, not 214 (H100 125.8 -> 127.3); nor in the GEMV, whose 2- and 4-row loops on sm_86/89 lost
+# their fetch-ahead (A10 8192 x 8192 at M = 4: 150 -> 272 us).
+ROW_SUM_MAX_LOADS = 16
 # On the HBM archs (sm_80, sm_90) a decode-sized product is bound by issue and DRAM latency, not by
 # DRAM bandwidth, and what a split changes is the busiest SM's work: tiles x SPLIT_K programs land
 # ceil(tiles x SPLIT_K / SMs) to an SM, which runs them in rounds of the programs that fit, each
@@ -434,14 +442,17 @@ def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int, m: int, transp
     register_a = (decode_mma and prefetch and transpose_weight and config["WHOLE_BLOCKS"] and blocksize >= 64
                   and double_quant and config["BLOCK_N"] == 64)
     rows = 8 if register_a and m <= 8 and arch < 90 else config["BLOCK_M"]
+    sum_rows = 1 if m == 1 and register_a else rows
     return dict(PREFETCH=prefetch,
                 SWAP_AB=decode_mma and arch >= 90,
                 REGISTER_A=(2 if arch >= 90 else 4) if register_a else 0,
                 ROWS=rows,
-                # The last split sums the one row of M = 1 alone, 8 splits a round trip where 16 rows
-                # take 4 (gemv.split_sum_loads). Only for this tile: the backward's 16-row tile at
+                # The last split sums the one row of M = 1 alone, 8-16 splits a round trip where 16
+                # rows take 4 (gemv.split_sum_loads). Only for this tile: the backward's 16-row tile at
                 # M = 1 then compiled with its next trip's loads issued 0.22 trips ahead on sm_90, not 0.51.
-                SUM_ROWS=1 if m == 1 and register_a else rows,
+                SUM_ROWS=sum_rows,
+                SUM_LOADS=split_sum_loads(sum_rows, config["BLOCK_N"],
+                                          ROW_SUM_MAX_LOADS if sum_rows == 1 and arch < 90 else SPLIT_SUM_MAX_LOADS),
                 SHUFFLE_BYTES=decode_tile or arch >= 90)
 
 
@@ -517,10 +528,9 @@ def fused_split(m: int, tiles: int, r: int, config: dict, flags: dict, arch: int
         most = max(1, min(trips // FUSED_SPLIT_MIN_TRIPS, max(r // (16 * max(m, 1)), compute_bound_splits(m, r)),
                           split_sum_bound(trips, config["BLOCK_M"], config["BLOCK_N"])))
         if m <= 16 and arch not in GDDR_ARCHS:
-            sum_loads = split_sum_loads(flags["SUM_ROWS"], config["BLOCK_N"])
             splits = {triton.cdiv(trips, triton.cdiv(trips, split)) for split in range(1, most + 1)}
-            split_k = min(splits, key=lambda split: (fused_split_cost(tiles, trips, split, sms, per_sm, sum_loads),
-                                                     -split))
+            split_k = min(splits, key=lambda split: (fused_split_cost(tiles, trips, split, sms, per_sm,
+                                                                      flags["SUM_LOADS"]), -split))
         else:
             split_k = min(most, triton.cdiv(per_sm * sms, tiles))
             # Never a second round on the busiest SM: gate_proj's 224 tiles split 3 ways put 6
