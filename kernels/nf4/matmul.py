@@ -321,7 +321,7 @@ ROW_SUM_MAX_LOADS = 16
 # round as long as a program's trips. Aiming at programs an SM alone ignored that quantisation: the
 # model's H100 put the Llama-3-70B gate_proj at M = 1 (448 tiles) unsplit, 4 programs of 128 trips
 # on the busiest SM, 75.5 us, where 5 splits (17 programs, 3 rounds of 26 trips) take 67.5; and
-# split q_proj 11 ways (6 programs of 6 trips), 14.58 us, where 8 ways (4 of 8) take 14.15.
+# split q_proj 11 ways (6 programs of 6 trips), 14.58 us, where 8 or 10 ways take 14.15-14.28.
 # fused_split_cost counts a trip of a round as max(programs in it, FUSED_SPLIT_LATENCY_PROGRAMS)
 # program-trips: fewer programs than that wait on DRAM latency, so a trip costs a latency, as if
 # that many were there. A program's prologue and epilogue count FUSED_SPLIT_PROGRAM_TRIPS trips (the
@@ -329,8 +329,8 @@ ROW_SUM_MAX_LOADS = 16
 # last split's sum a latency (the counter's atomic) plus SPLIT_SUM_L2_LATENCY of one per round trip
 # to L2 (gemv.split_sum_loads). Fitted on the model's A100 and H100 over the decode-sized products of
 # Llama-3 8B/70B, Qwen2.5-7B/14B and Llama-3.2-1B (M = 1-16, forward and backward, every split),
-# the split it picks is 2.5% slower than the model's best (geometric mean; the old rule 5.0%), 23% at
-# worst (old 61%). Not on sm_86/89: there the extra splits' partial sums cost GDDR bytes, and this
+# the split it picks is 1.3% slower than the model's best (geometric mean; the old rule 5.0%), 10% at
+# worst (old 61%), with fused_programs_per_sm's counts. Not on sm_86/89: there the extra splits' partial sums cost GDDR bytes, and this
 # cost took the RTX 3090's Llama-3-8B layer at M = 16 from 232 to 253 us.
 FUSED_SPLIT_LATENCY_PROGRAMS = 5
 FUSED_SPLIT_PROGRAM_TRIPS = 2
