@@ -137,13 +137,14 @@ def test_interp_row_tile_decode_is_bit_exact(kernel, arch, quant_type, blocksize
         assert torch.equal(out, expected), (transpose_weight, (out - expected).abs().max())
         # 16-bit decode-sized products take other loops (tiles fetched a trip ahead, W the MMA's A
         # operand as decoded, relabelled for sm_90's warpgroup MMA or sm_80's mma.sync, 8 input rows
-        # on sm_80 at M <= 8): one-hot rows 16 and 5 at a time (fused) and one at a time (GEMV) must
-        # still give W rounded to fp16, bit for bit.
+        # on sm_80 at M <= 8, there at M = 1 the input the B operand as loaded): one-hot rows 16, 5
+        # and 1 at a time (fused) and one at a time (GEMV) must still give W rounded to fp16, bit for bit.
         eye16, expected16 = eye.half(), expected.half()
         if kernel == "fused":
+            last = eye16.shape[0] - 1
             with interpreted_as(arch):
-                for rows in (16, 5):
-                    for first in range(0, eye16.shape[0], rows):
+                for rows, firsts in ((16, range(0, last + 1, 16)), (5, range(0, last + 1, 5)), (1, (0, 17, last))):
+                    for first in firsts:
                         got = matmul_4bit_fused(eye16[first:first + rows], weight, transpose_weight)
                         assert torch.equal(got, expected16[first:first + rows]), (transpose_weight, first, rows)
         else:
@@ -346,12 +347,15 @@ def test_interp_fused_split_rule_splits_only_when_tiles_leave_sms_idle():
     assert rel_err(out, expected) < TOLERANCE[torch.float16]
 
 
-def run_shuffle_lookup(ptx: str, outputs: int, words: list[int], table: list[float]) -> list[list[float]]:
-    """The PTX of lookup_word's / lookup_byte's GPU path executed for one warp, by PTX's own semantics
-    of each instruction it uses (shfl.sync.idx: source lane (lane & ~segmask) | (b & ~segmask) within
-    the clamp, segmask = c[12:8]); `table` sits at address 0, 4 bytes an entry. Returns lane -> its
-    `outputs` results."""
-    regs = [{"%laneid": lane, f"${outputs}": words[lane], f"${outputs + 1}": 0} for lane in range(32)]
+def run_shuffle_lookup(ptx: str, outputs: int, words: list[int], table: list[float],
+                       lane_tables: list[float] | None = None) -> list[list[float]]:
+    """The PTX of lookup_word's / lookup_byte's / code_table's GPU path executed for one warp, by PTX's
+    own semantics of each instruction it uses (shfl.sync.idx: source lane (lane & ~segmask) |
+    (b & ~segmask) within the clamp, segmask = c[12:8]); `table` sits at address 0, 4 bytes an entry,
+    and the operand after the words is that address, or each lane's `lane_tables` value. Returns
+    lane -> its `outputs` results."""
+    regs = [{"%laneid": lane, f"${outputs}": words[lane], f"${outputs + 1}": lane_tables[lane] if lane_tables else 0}
+            for lane in range(32)]
     value = lambda r, token: r[token] if token in r else int(token, 0)  # noqa: E731
     for line in ptx.splitlines():
         op, _, rest = line.strip().rstrip(";").partition(" ")
@@ -391,17 +395,22 @@ def test_shuffled_lookups_give_each_nibble_its_code_in_element_order():
     """lookup_word's and lookup_byte's GPU path (PTX the interpreter cannot run), executed by PTX's
     semantics: every lane's outputs are the codes of its nibbles in element order (a byte's high
     nibble first, bitsandbytes' packing), as the interpreter's loads give them."""
-    from qlora.kernels.nf4.dequantize import _SHUFFLE_BYTE, _SHUFFLE_WORD, WORD_SHIFTS
+    from qlora.kernels.nf4.dequantize import (_CODE_TABLE, _SHUFFLE_BYTE, _SHUFFLE_WORD, _SHUFFLE_WORD_FROM_TABLE,
+                                              WORD_SHIFTS)
 
     g = torch.Generator().manual_seed(0)
     table = torch.randn(16, generator=g).tolist()
     words = torch.randint(-2**31, 2**31, (32,), generator=g, dtype=torch.int64).tolist()
-    got = run_shuffle_lookup(_SHUFFLE_WORD.value, 8, words, table)
-    for lane, word in enumerate(words):
-        packed = (word & 0xFFFFFFFF).to_bytes(4, "little")
-        nibbles = [n for byte in packed for n in (byte >> 4, byte & 15)]
-        assert got[lane] == [table[n] for n in nibbles]
-        assert got[lane] == [table[((word & 0xFFFFFFFF) >> s) & 15] for s in WORD_SHIFTS]
+    # The table loaded in the block, or once a program by code_table and handed in.
+    lane_tables = [t for (t,) in run_shuffle_lookup(_CODE_TABLE.value, 1, [0] * 32, table)]
+    assert lane_tables == [table[lane & 15] for lane in range(32)]
+    for got in (run_shuffle_lookup(_SHUFFLE_WORD.value, 8, words, table),
+                run_shuffle_lookup(_SHUFFLE_WORD_FROM_TABLE.value, 8, words, table, lane_tables)):
+        for lane, word in enumerate(words):
+            packed = (word & 0xFFFFFFFF).to_bytes(4, "little")
+            nibbles = [n for byte in packed for n in (byte >> 4, byte & 15)]
+            assert got[lane] == [table[n] for n in nibbles]
+            assert got[lane] == [table[((word & 0xFFFFFFFF) >> s) & 15] for s in WORD_SHIFTS]
     # lookup_byte: a byte (0..255, as the byte decode loads it) to its high then low nibble's code.
     bytes_ = torch.randint(0, 256, (32,), generator=g).tolist()
     got = run_shuffle_lookup(_SHUFFLE_BYTE.value, 2, bytes_, table)

@@ -144,6 +144,28 @@ def test_fused_split_k_compiles_without_spills(arch, dtype, double_quant):
                 assert code.blocks_per_sm >= per_sm, (c, code.registers, code.blocks_per_sm)
 
 
+@pytest.mark.parametrize("arch", (80, 86, 89))
+def test_m1_decode_takes_the_input_from_registers(arch):
+    # At M = 1 on mma.sync the input's rows are the MMA's B operand as loaded (REGISTER_B): the decode
+    # loop touches no shared memory, split or not, within the registers fused_max_registers caps it
+    # at, so the programs the split cost counts fit an SM, and without spilling.
+    from qlora.kernels.nf4.matmul import fused_programs_per_sm, matmul_4bit_fused
+
+    weight = quantized((256, 512))
+    with launch.compile_only(arch) as compiled:
+        for split_k in (1, 2):
+            matmul_4bit_fused(torch.randn(1, 512, dtype=torch.bfloat16), weight, True, split_k=split_k)
+    assert [launched.constexprs["DIRECT_STORE"] for launched in compiled] == [True, False]
+    for launched in compiled:
+        c = launched.constexprs
+        assert c["REGISTER_B"] and c["ROWS"] == 8, c
+        code = check_launchable(launched, arch)
+        shared = [mnemonic for mnemonic, _ in code.loop_lines if mnemonic.split(".")[0] in ("STS", "LDS", "LDSM", "BAR")]
+        assert not shared, (c, shared)
+        assert code.registers <= launched.kernel.metadata.maxnreg, (c, code.registers)
+        assert code.blocks_per_sm >= fused_programs_per_sm(c, c, arch), (c, code.registers)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_4bit_kernels_compile_without_double_quant(arch):
     for launched in compile_4bit_launches(arch, torch.bfloat16, double_quant=False):

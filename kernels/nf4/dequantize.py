@@ -63,43 +63,78 @@ def decode_4bit(packed_ptr, index, mask, absmax_ptr, code_ptr, nested_absmax_ptr
 
 # Nibble k of a word's 8 elements in element order: byte b holds element 2b in its high nibble.
 WORD_SHIFTS = (4, 0, 12, 8, 20, 16, 28, 24)
-# GPU: one warp shuffle per code. Lanes l and l + 16 hold code[l & 15] (one load per word's lookups,
-# which ptxas merges across a thread's words), and each lane reads the lane its nibble names within its
-# own 16-lane half: shfl.sync.idx with c = 0x101f is CUDA's __shfl_sync(mask, v, src, width=16), which
-# uses only the low 4 bits of src, so a nibble needs a shift and no mask. Everything here is uniform
-# across the warp (no divergence inside a tile's decode), as shfl.sync with a full mask requires.
-def shuffle_lookup_ptx(shifts) -> str:
+# GPU: one warp shuffle per code. Lanes l and l + 16 hold code[l & 15], and each lane reads the lane
+# its nibble names within its own 16-lane half: shfl.sync.idx with c = 0x101f is CUDA's
+# __shfl_sync(mask, v, src, width=16), which uses only the low 4 bits of src, so a nibble needs a
+# shift and no mask. Everything here is uniform across the warp (no divergence inside a tile's
+# decode), as shfl.sync with a full mask requires.
+_LOAD_TABLE = ["mov.u32 lane, %laneid;", "and.b32 lane, lane, 15;", "mul.wide.u32 address, lane, 4;"]
+
+
+def shuffle_lookup_ptx(shifts, table_loaded: bool) -> str:
     """PTX for one asm block: the codes of the nibbles at `shifts` of $n (n = len(shifts)) into $0..$n-1,
-    the table at address $n+1."""
+    from the lane's code_table value in $n+1 (`table_loaded`), or loaded here from the table at
+    address $n+1 (one load per block, which ptxas merges across a thread's blocks)."""
     n = len(shifts)
-    lines = ["{", ".reg .b32 lane, nibble;", ".reg .b64 address;", ".reg .f32 table;",
-             "mov.u32 lane, %laneid;", "and.b32 lane, lane, 15;", "mul.wide.u32 address, lane, 4;",
-             f"add.s64 address, address, ${n + 1};", "ld.global.nc.f32 table, [address];"]
+    lines = ["{", ".reg .b32 nibble;"]
+    table = f"${n + 1}"
+    if not table_loaded:
+        table = "table"
+        lines += [".reg .b32 lane;", ".reg .b64 address;", ".reg .f32 table;", *_LOAD_TABLE,
+                  f"add.s64 address, address, ${n + 1};", "ld.global.nc.f32 table, [address];"]
     for k, shift in enumerate(shifts):
         if shift == 0:
-            lines.append(f"shfl.sync.idx.b32 ${k}, table, ${n}, 0x101f, -1;")
+            lines.append(f"shfl.sync.idx.b32 ${k}, {table}, ${n}, 0x101f, -1;")
         else:
-            lines += [f"shr.u32 nibble, ${n}, {shift};", f"shfl.sync.idx.b32 ${k}, table, nibble, 0x101f, -1;"]
+            lines += [f"shr.u32 nibble, ${n}, {shift};", f"shfl.sync.idx.b32 ${k}, {table}, nibble, 0x101f, -1;"]
     return "\n".join(lines + ["}"])
 
 
-_SHUFFLE_WORD = tl.constexpr(shuffle_lookup_ptx(WORD_SHIFTS))
-_SHUFFLE_BYTE = tl.constexpr(shuffle_lookup_ptx((4, 0)))  # a byte's high nibble first
+_SHUFFLE_WORD = tl.constexpr(shuffle_lookup_ptx(WORD_SHIFTS, False))
+_SHUFFLE_WORD_FROM_TABLE = tl.constexpr(shuffle_lookup_ptx(WORD_SHIFTS, True))
+_SHUFFLE_BYTE = tl.constexpr(shuffle_lookup_ptx((4, 0), False))  # a byte's high nibble first
+_CODE_TABLE = tl.constexpr("\n".join(["{", ".reg .b32 lane;", ".reg .b64 address;", *_LOAD_TABLE,
+                                       "add.s64 address, address, $1;", "ld.global.nc.f32 $0, [address];", "}"]))
 # The interpreter cannot run PTX: there the same codes come from a load per nibble.
 SHUFFLE_LOOKUPS = tl.constexpr(not interpreter_enabled())
 
 
 @triton.jit
-def lookup_word(code_ptr, word):
-    """The 8 fp32 codes of int32 `word` of packed nibbles, in element order (WORD_SHIFTS).
+def code_table(code_ptr, like):
+    """The shuffles' source in `like`'s layout: code[lane & 15] in every element of a lane; zeros,
+    unused, where the lookups are loads (the interpreter). The loops that fetch a trip ahead take it
+    once, before the loop (lookup_word's `table`). Loaded in each trip's shuffle blocks, it cost a
+    lane id, a mask, an address and a load every trip: sm_80's split decode loop at M = 1 went from
+    205 to 200 instructions a trip without them, and sm_90's from 214 to 206, its tile from 80
+    registers to 64. Not in the other decodes, where it is one register an element of `like`
+    (ptxas did not merge them): the GEMV's 4-16 row tiles on sm_90 and the backward's byte tiles at
+    blocksize 256 on sm_86/89 spilled 8-16 B, and the H100's 32-row tiles took 8% longer."""
+    if SHUFFLE_LOOKUPS:
+        base = tl.zeros_like(like).to(tl.int64) + code_ptr.to(tl.int64, bitcast=True)
+        table = tl.inline_asm_elementwise(_CODE_TABLE, "=r,l", [base], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        table = tl.zeros_like(like).to(tl.float32)
+    return table
+
+
+@triton.jit
+def lookup_word(code_ptr, word, table=None):
+    """The 8 fp32 codes of int32 `word` of packed nibbles, in element order (WORD_SHIFTS); `table`:
+    code_table in word's layout, or None to load it with the shuffles.
 
     On a GPU one SHFL per code: a load from the 16-entry table cost a shift, a mask-and-OR into the
     table's address, a copy of the address's high word and the load itself, each lookup an L1
     wavefront besides (sm_90 fused decode loop: 340 instructions a trip against 264)."""
     if SHUFFLE_LOOKUPS:
-        base = tl.zeros_like(word).to(tl.int64) + code_ptr.to(tl.int64, bitcast=True)
-        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-            _SHUFFLE_WORD, "=r,=r,=r,=r,=r,=r,=r,=r,r,l", [word, base], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        if table is None:
+            base = tl.zeros_like(word).to(tl.int64) + code_ptr.to(tl.int64, bitcast=True)
+            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                _SHUFFLE_WORD, "=r,=r,=r,=r,=r,=r,=r,=r,r,l", [word, base], dtype=(tl.float32,) * 8, is_pure=True,
+                pack=1)
+        else:
+            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                _SHUFFLE_WORD_FROM_TABLE, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [word, table], dtype=(tl.float32,) * 8,
+                is_pure=True, pack=1)
     else:
         v0 = tl.load(code_ptr + ((word >> 4) & 15))
         v1 = tl.load(code_ptr + (word & 15))
@@ -149,6 +184,25 @@ def mma_k_order(values, COLS: tl.constexpr, K_WIDTH: tl.constexpr):
     else:  # K: element bit 1 | lanes | element bits 2, 4 | thread's words
         six = tl.permute(six, (0, 2, 3, 4, 1, 5))
     return tl.reshape(six, (values.shape[0], COLS))
+
+
+@triton.jit
+def fetch_operand_rows(row_ptrs, row_mask, col0, col_end, stride, COPIES: tl.constexpr):
+    """[COPIES, rows, 64] of row_ptrs[:, None] + (col0 + arange(64)) * stride, nothing read where
+    col0 >= col_end (a whole tile past the end: its values are never used) nor in rows off row_mask
+    (garbage there, in MMA output columns nobody reads). Each copy is held as decode_fetched_row_tile
+    holds W's words: 4 lanes along the columns, 16 neighbouring ones a thread (two 8-wide loads,
+    joined), the rows along the other 8 lanes; a copy a warp. After mma_k_order that is a batched
+    mma.sync's B operand in the registers it was loaded in. Every warp loads the same rows because
+    Triton gives a load no more elements a thread than it has over its threads (an 8 x 64 tile: 4
+    of 128 threads' 16); the copies let a thread load its 16 columns."""
+    lane_cols = col0 + tl.arange(0, 4)[None, None, :, None] * 16 + tl.arange(0, 8)[None, None, None, :]
+    copies = tl.arange(0, COPIES)[:, None, None, None] * 0
+    ptrs = row_ptrs[None, :, :, None] + (lane_cols + copies).to(tl.int64) * stride
+    mask = row_mask[None, :, :, None] & (tl.zeros_like(lane_cols) + col0 < col_end)
+    halves = tl.join(tl.load(ptrs, mask=mask), tl.load(ptrs + 8 * stride, mask=mask))
+    both = tl.permute(halves, (0, 1, 2, 4, 3))  # [copy, row, lane, half, 8]
+    return tl.reshape(both, (COPIES, both.shape[1], 64))
 
 
 @triton.jit
@@ -278,11 +332,12 @@ def fetch_row_tile(packed_ptr, rows, row_mask, col0, col_end, IN_FEATURES, absma
 
 @triton.jit
 def decode_fetched_row_tile(word, absmax, nested_scale, code_ptr, nested_code_ptr, offset_ptr, COLS: tl.constexpr,
-                            BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """fp32 values of a tile fetched by fetch_row_tile: codes (lookup_word) times scales. Masked-off
-    blocks decode to the offset (absmax code 0, nested scale 0) or 0, as load_scale's do."""
+                            BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, table=None):
+    """fp32 values of a tile fetched by fetch_row_tile: codes (lookup_word, `table` its code_table)
+    times scales. Masked-off blocks decode to the offset (absmax code 0, nested scale 0) or 0, as
+    load_scale's do."""
     BLOCKS: tl.constexpr = COLS // BLOCKSIZE
-    v0, v1, v2, v3, v4, v5, v6, v7 = lookup_word(code_ptr, word)
+    v0, v1, v2, v3, v4, v5, v6, v7 = lookup_word(code_ptr, word, table)
     # Each join's new dimension is a thread's lowest register bit, so joining the +4 pairs first and
     # the even/odd halves last gives [rows, WORDS, 2, 2, 2] in element order 8 w + 4 i + 2 j + k with
     # a thread's registers in that order too, which mma_k_order relabels for the MMA (no permute).

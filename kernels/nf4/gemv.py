@@ -43,8 +43,8 @@ import triton.language as tl
 
 from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
 from qlora.kernels.nf4.packed import Packed4bit, weight_strides
-from qlora.kernels.nf4.dequantize import (decode_fetched_row_tile, decode_row_tile, decode_stored_tile, fetch_row_tile,
-                                          weight_pointers, whole_block_tiles)
+from qlora.kernels.nf4.dequantize import (code_table, decode_fetched_row_tile, decode_row_tile, decode_stored_tile,
+                                          fetch_row_tile, weight_pointers, whole_block_tiles)
 from qlora.kernels.launch import launch
 
 GEMV_BLOCK_M = 16  # rows per program
@@ -188,6 +188,7 @@ def _gemv_4bit_kernel(
         word, absmax, nested_scale = fetch_row_tile(packed_ptr, offs_n, mask_n, r_start, r_end, IN_FEATURES,
                                                     absmax_ptr, nested_absmax_ptr, BLOCK_R, BLOCKSIZE,
                                                     NESTED_BLOCKSIZE, DOUBLE_QUANT)
+        table = code_table(code_ptr, word)
         next_r = r_start + tl.arange(0, BLOCK_R)
         a_next = tl.load(a_rows + next_r[None, :].to(tl.int64) * stride_ar,
                          mask=mask_m[:, None] & (next_r < r_end)[None, :], other=0.0).to(tl.float32)
@@ -208,7 +209,7 @@ def _gemv_4bit_kernel(
                 a_next = tl.load(a_rows + next_r[None, :].to(tl.int64) * stride_ar,
                                  mask=mask_m[:, None] & (next_r < r_end)[None, :], other=0.0).to(tl.float32)
                 w = decode_fetched_row_tile(word, absmax, nested_scale, code_ptr, nested_code_ptr, offset_ptr, BLOCK_R,
-                                            BLOCKSIZE, DOUBLE_QUANT)
+                                            BLOCKSIZE, DOUBLE_QUANT, table)
                 word, absmax, nested_scale = next_word, next_absmax, next_nested_scale
             else:
                 a = tl.load(a_rows + offs_r[None, :].to(tl.int64) * stride_ar, mask=mask_m[:, None] & mask_r[None, :],

@@ -15,7 +15,8 @@ row-tile decode takes 44 KB of shared memory (3 blocks per SM) where the per-ele
 3090/4090, A10 or L4), and 85 global-load instructions per tile instead of 493. Decode-sized tiles
 (16 rows) fetch the next tile's words and scales a trip ahead (PREFETCH) and run W as the MMA's A
 operand: in the forward straight from the registers it was decoded in (REGISTER_A, mma_k_order), on
-sm_90 elsewhere through shared memory (SWAP_AB); fused_loop_flags says where.
+sm_90 elsewhere through shared memory (SWAP_AB); at M = 1 on mma.sync the input too is its B operand
+straight from its loads (REGISTER_B); fused_loop_flags says where.
 
 Split-K (fused_split): where the output tiles leave SMs idle (decode-sized M: 64 column tiles for a
 4096-wide projection on 132 SMs), R is split and each split stores fp32 partial sums; the last
@@ -36,9 +37,10 @@ import triton.language as tl
 
 from qlora.kernels.nf4.checks import check_matmul_input, check_triton_size, check_weight
 from qlora.kernels.nf4.packed import Packed4bit, weight_strides
-from qlora.kernels.nf4.dequantize import (decode_fetched_row_tile, decode_row_tile, decode_row_tile_bytes,
-                                          decode_stored_tile, fetch_row_tile, mma_k_order, mma_row_columns, mma_row_order,
-                                          mma_row_order_inverse, weight_pointers, whole_block_tiles)
+from qlora.kernels.nf4.dequantize import (code_table, decode_fetched_row_tile, decode_row_tile, decode_row_tile_bytes,
+                                          decode_stored_tile, fetch_operand_rows, fetch_row_tile, mma_k_order,
+                                          mma_row_columns, mma_row_order, mma_row_order_inverse, weight_pointers,
+                                          whole_block_tiles)
 from qlora.kernels.nf4.gemv import (SPLIT_SUM_MAX_LOADS, _multiprocessors, split_sum_bound, split_sum_loads,
                                     sum_split_partials)
 from qlora.kernels.launch import launch, target_arch
@@ -63,7 +65,8 @@ def _matmul_4bit_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, TRANSPOSED: tl.constexpr,
     DIRECT_STORE: tl.constexpr, PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr, SHUFFLE_BYTES: tl.constexpr,
-    REGISTER_A: tl.constexpr, ROWS: tl.constexpr, SUM_ROWS: tl.constexpr, SUM_LOADS: tl.constexpr,
+    REGISTER_A: tl.constexpr, REGISTER_B: tl.constexpr, ROWS: tl.constexpr, SUM_ROWS: tl.constexpr,
+    SUM_LOADS: tl.constexpr,
 ):
     # Grouped program order: GROUP_M row tiles share each W column tile while it is in L2.
     pid = tl.program_id(0)
@@ -93,6 +96,11 @@ def _matmul_4bit_kernel(
     # mma_row_order's 4 warps of 16. The host decides (fused_loop_flags, which fused_split's
     # programs an SM follow); the kernel only holds it to a tile that loop can run.
     A_FROM_DECODE: tl.constexpr = REGISTER_A > 0
+    # REGISTER_B: the input's rows are mma.sync's B operand as loaded (fetch_operand_rows), each warp
+    # multiplying its 16 of the tile's 64 columns as one batch of a batched dot, not through shared
+    # memory (a store, two barriers and four loads a trip). The host decides (fused_loop_flags).
+    tl.static_assert(not REGISTER_B or (REGISTER_A == 4 and BLOCK_R == 64 and ROWS == 8),
+                     "REGISTER_B needs mma.sync's 8-row loop on a 64-deep REGISTER_A tile")
     tl.static_assert(not A_FROM_DECODE or (FORWARD_WORDS and AHEAD and BLOCK_N == 64),
                      "REGISTER_A needs a forward tile of whole blocks, fetched ahead, 64 wide")
     # The rows of the tile that exist: all BLOCK_M, or ROWS (8 where M <= 8: mma's n = 8) in that loop.
@@ -113,7 +121,9 @@ def _matmul_4bit_kernel(
     else:
         r_start = split * R_PER_SPLIT
         r_stop = r_start + R_PER_SPLIT
-    if SWAPPED:
+    if REGISTER_B:
+        acc_w = tl.zeros((4, 16, TILE_ROWS), dtype=tl.float32)
+    elif SWAPPED:
         acc_t = tl.zeros((BLOCK_N, TILE_ROWS), dtype=tl.float32)
     else:
         acc = tl.zeros((TILE_ROWS, BLOCK_N), dtype=tl.float32)
@@ -128,10 +138,21 @@ def _matmul_4bit_kernel(
             word, absmax, nested_scale = fetch_row_tile(packed_ptr, first_r, first_r < r_last, pid_n * BLOCK_N,
                                                         IN_FEATURES, IN_FEATURES, absmax_ptr, nested_absmax_ptr,
                                                         BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
-        next_r = r_start + tl.arange(0, BLOCK_R)
-        a_next = tl.load(a_rows + next_r[None, :].to(tl.int64) * stride_ar,
-                         mask=mask_m[:, None] & (next_r < r_last)[None, :], other=0.0)
-    for r0 in range(r_start, r_stop, BLOCK_R):
+        # The code table once a program (code_table) in the forward; the backward's 16-row loop
+        # issued 294 cycles a trip with it on sm_80, not 284, and keeps loading it in its trips.
+        table = code_table(code_ptr, word) if FORWARD_WORDS else None
+        if REGISTER_B:
+            a_next = fetch_operand_rows(a_rows, mask_m[:, None], r_start, r_last, stride_ar, 4)
+        else:
+            next_r = r_start + tl.arange(0, BLOCK_R)
+            a_next = tl.load(a_rows + next_r[None, :].to(tl.int64) * stride_ar,
+                             mask=mask_m[:, None] & (next_r < r_last)[None, :], other=0.0)
+    # REGISTER_B's loads leave a tile past R unwritten, not zero (fetch_operand_rows), so its loop
+    # ends at R's end: a trip past it would multiply those by W's masked words, decoded to the
+    # offset. The others end at the split's end, zeros and all: ending them at R's too moved sm_86's
+    # backward split loop's next-trip loads from 0.61 to 0.35 of a trip ahead (RTX 3090 Llama-3-8B
+    # layer backward at M = 1: 217.8 -> 234.2 us in the model).
+    for r0 in range(r_start, r_last if REGISTER_B else r_stop, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         if AHEAD:
@@ -146,11 +167,18 @@ def _matmul_4bit_kernel(
                 next_word, next_absmax, next_nested_scale = fetch_row_tile(
                     packed_ptr, next_r, next_mask, pid_n * BLOCK_N, IN_FEATURES, IN_FEATURES, absmax_ptr,
                     nested_absmax_ptr, BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
-            a_next = tl.load(a_rows + next_r[None, :].to(tl.int64) * stride_ar,
-                             mask=mask_m[:, None] & next_mask[None, :], other=0.0)
+            if REGISTER_B:
+                a_next = fetch_operand_rows(a_rows, mask_m[:, None], r0 + BLOCK_R, r_last, stride_ar, 4)
+            else:
+                a_next = tl.load(a_rows + next_r[None, :].to(tl.int64) * stride_ar,
+                                 mask=mask_m[:, None] & next_mask[None, :], other=0.0)
             w = decode_fetched_row_tile(word, absmax, nested_scale, code_ptr, nested_code_ptr, offset_ptr,
-                                        BLOCK_R if FORWARD_WORDS else BLOCK_N, BLOCKSIZE, DOUBLE_QUANT)
-            if A_FROM_DECODE:  # [N, R]
+                                        BLOCK_R if FORWARD_WORDS else BLOCK_N, BLOCKSIZE, DOUBLE_QUANT, table)
+            if REGISTER_B:  # [warp, N, R] and [warp, rows, R]
+                w = tl.reshape(mma_row_order(mma_k_order(w, BLOCK_R, REGISTER_A)), (4, 16, BLOCK_R))
+                a = mma_k_order(tl.reshape(a, (4 * TILE_ROWS, BLOCK_R)), BLOCK_R, REGISTER_A)
+                a = tl.reshape(a, (4, TILE_ROWS, BLOCK_R))
+            elif A_FROM_DECODE:  # [N, R]
                 w = mma_row_order(mma_k_order(w, BLOCK_R, REGISTER_A))
                 a = mma_k_order(a, BLOCK_R, REGISTER_A)
             elif FORWARD_WORDS:
@@ -178,12 +206,16 @@ def _matmul_4bit_kernel(
                                        IN_FEATURES, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                                        BLOCK_N, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, WHOLE_BLOCKS, SHUFFLE_BYTES)
         # W rounded to the input dtype once, as the dequantize-then-matmul path does; fp32 accumulate.
-        if A_FROM_DECODE:
+        if REGISTER_B:
+            acc_w = tl.dot(w.to(a.dtype), tl.permute(a, (0, 2, 1)), acc_w, input_precision=INPUT_PRECISION)
+        elif A_FROM_DECODE:
             acc_t = tl.dot(w.to(a.dtype), tl.trans(a), acc_t, input_precision=INPUT_PRECISION)
         elif SWAP_AB:
             acc_t = tl.dot(tl.trans(w.to(a.dtype)), tl.trans(a), acc_t, input_precision=INPUT_PRECISION)
         else:
             acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+    if REGISTER_B:
+        acc_t = tl.reshape(acc_w, (BLOCK_N, TILE_ROWS))
     # The tile's first SUM_ROWS rows: all of them, or the one row of M = 1 (the rest are the zeros of
     # the masked input rows).
     sum_m = pid_m * BLOCK_M + tl.arange(0, SUM_ROWS)
@@ -296,12 +328,19 @@ FUSED_SPLIT_PROGRAMS_PER_SM = 4
 # 166.5 us on the A100 (gate_proj 49.7 -> 36.1: 2 splits now fit where the busiest of its 108 SMs
 # ran 3 whole tiles) and from 133.1 to 129.7 on the H100. Not on sm_86/89, bound by GDDR: there the
 # extra splits' fp32 partial sums took the RTX 3090's layer at M = 16 from 230.5 to 244.2 us.
+# One more on sm_80's 8-row loop (72 registers) and on sm_90, whose tile takes 64-72 registers
+# since the code table is loaded once a program (dequantize.code_table): counted as 6 there, the
+# split cost planned rounds of 6 where 8 ran, and the H100's layer at M = 1 took 135.4 us in the
+# model, against 121.4 counted as 7 (125.8 before the table moved).
 FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A = 6
 # sm_90's other 16-row, 16-bit tiles of whole blocks up to 64 x 64 (W the warpgroup MMA's A operand
 # through shared memory: the backward, blocksize 32 forward) compile to 58-95 registers, split or
 # not: 5 fit. Counted as 4, the split cost's rounds put the H100's Llama-3-70B layer backward at
 # M = 1-16 at 358 us in the model, against 334 counted as 5.
 FUSED_SPLIT_PROGRAMS_PER_SM_SM90_TILE = 5
+# Registers a thread on an SM (every modelled arch) and a decode tile's threads (4 warps).
+SM_REGISTERS = 65536
+TILE_THREADS = 128
 # On the GDDR archs (sm_86/89) a decode-sized product is bound by DRAM, and each split adds fp32
 # partial sums to its bytes: what it needs is enough programs to keep the bytes in flight that the
 # card's bandwidth asks, and the RTX 3090 (936 GB/s) and 4090 (1008 GB/s) ask about the same. 4
@@ -443,9 +482,17 @@ def fused_loop_flags(config: dict, dtype: torch.dtype, arch: int, m: int, transp
                   and double_quant and config["BLOCK_N"] == 64)
     rows = 8 if register_a and m <= 8 and arch < 90 else config["BLOCK_M"]
     sum_rows = 1 if m == 1 and register_a else rows
+    # M = 1 on mma.sync (sm_80-89): the input rows as B straight from their loads (REGISTER_B), W's
+    # 64-deep tiles only. sm_80's loop lost its store, two barriers and four loads of shared memory a
+    # trip (4.1 against 5.4 KB a warp) for two 16-byte loads; A100 Llama-3-8B layer at M = 1
+    # 159.5 -> 156.0 us in the model, the RTX 3090's 213.1 -> 212.4. Not at M = 2-16: there the 8-row
+    # loop compiled, capped at 72 registers or not, with its next words 0.26-0.37 of a trip ahead
+    # (A100 layer at M = 4 159.7 -> 183.1), and 16 rows' B took 16 registers and 45 moves a trip.
+    register_b = register_a and arch < 90 and sum_rows == 1 and config["BLOCK_R"] == 64
     return dict(PREFETCH=prefetch,
                 SWAP_AB=decode_mma and arch >= 90,
                 REGISTER_A=(2 if arch >= 90 else 4) if register_a else 0,
+                REGISTER_B=register_b,
                 ROWS=rows,
                 # The last split sums the one row of M = 1 alone, 8-16 splits a round trip where 16
                 # rows take 4 (gemv.split_sum_loads). Only for this tile: the backward's 16-row tile at
@@ -469,13 +516,31 @@ def fused_programs_per_sm(config: dict, flags: dict, arch: int, sms: int = 0) ->
     holds the launchability sweep to these counts."""
     register_a = flags["REGISTER_A"] > 0 and config["BLOCK_R"] == 64  # wider R tiles take more registers
     if register_a and arch not in GDDR_ARCHS:
-        return FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A + (arch == 80 and flags["ROWS"] == 8)
+        return FUSED_SPLIT_PROGRAMS_PER_SM_REGISTER_A + (arch == 90 or (arch == 80 and flags["ROWS"] == 8))
     if (arch == 90 and flags["SWAP_AB"] and config["BLOCK_M"] == 16 and config["WHOLE_BLOCKS"]
             and config["BLOCK_N"] * config["BLOCK_R"] <= 64 * 64):
         return FUSED_SPLIT_PROGRAMS_PER_SM_SM90_TILE
     if arch in GDDR_ARCHS and config["BLOCK_M"] == 16 and sms:
         return min(FUSED_SPLIT_PROGRAMS_PER_SM, max(2, triton.cdiv(FUSED_SPLIT_GDDR_PROGRAMS, sms)))
     return FUSED_SPLIT_PROGRAMS_PER_SM
+
+
+def fused_max_registers(config: dict, flags: dict, arch: int, sms: int = 0) -> Optional[int]:
+    """The registers a thread the launch caps the tile at (ptxas' maxnreg), or None (ptxas decides):
+    what fused_programs_per_sm's programs leave a thread, for the mma.sync tiles that ptxas,
+    uncapped, compiled past that or with their next trip's loads late.
+    - REGISTER_B (M = 1, sm_80-89) holds its next input tile in 8 registers a thread, not 2, and
+      uncapped ptxas loaded the next trip's words into the registers being decoded, so late in the
+      trip: on sm_80 0.06-0.36 of a trip ahead, not 0.65-0.68 as capped at 72 (7 programs). On the
+      RTX 3090 (4 programs an SM, 128 registers) 0.57 -> 0.68 and 246 -> 222 issue cycles a trip.
+    - sm_80's other 64-deep REGISTER_A tiles: with the code table loaded once (dequantize.code_table) the
+      16-row loop took 96 registers, 5 programs where the split cost counts 6 (A100 Llama-3-70B
+      layer at M = 16: 491.2 -> 553.8 us in the model); capped at 80, 6 fit and it issues 221
+      cycles a trip, not 232 (485.0 us). The 8-row loop keeps its 72 so."""
+    if not (flags["REGISTER_B"] or (arch == 80 and flags["REGISTER_A"] and config["BLOCK_R"] == 64)):
+        return None  # (wider REGISTER_A tiles count 4 programs, and capped at 128 spilled 8 B)
+    programs = fused_programs_per_sm(config, flags, arch, sms)
+    return SM_REGISTERS // (programs * TILE_THREADS) // 8 * 8
 
 
 def compute_bound_splits(m: int, r: int) -> int:
@@ -553,6 +618,9 @@ def fused_plan(m: int, dtype: torch.dtype, shape: Sequence[int], blocksize: int,
     r, cols, _, _ = weight_strides(shape, transpose_weight)
     config = fused_config(m, dtype, shape, blocksize, transpose_weight, arch)
     flags = fused_loop_flags(config, dtype, arch, m, transpose_weight, blocksize, double_quant)
+    registers = fused_max_registers(config, flags, arch, _sms(device) if arch in GDDR_ARCHS else 0)
+    if registers:  # a launch option, carried with the tile's
+        config = {**config, "maxnreg": registers}
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"])
     if not fused_may_split(config, blocksize, double_quant):
         split_k = 1
