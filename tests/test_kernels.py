@@ -289,13 +289,14 @@ def test_split_k_past_decode_keeps_the_product_compute_bound():
 
 
 def test_split_k_counts_the_busiest_sms_rounds():
-    # H100 (132 SMs), M = 1, 6 decode programs fit an SM. Llama-3-70B's gate_proj has 448 column
+    # H100 (132 SMs), M = 1, 7 decode programs fit an SM. Llama-3-70B's gate_proj has 448 column
     # tiles of 128 trips: unsplit, the busiest SM runs 4 programs of 128 trips, too few to hide a
-    # latency; split 7 ways (19 trips), 24 programs in 4 rounds of 6. A 4096 x 4096 product has 64
-    # tiles of 64 trips, each program's prologue and epilogue counted as 2 more: 11 ways put 6
-    # programs of 6 trips on the busiest SM ((6 + 2) x 6 program-trips), 10 ways 5 of 7 ((7 + 2) x
-    # 5), 8 ways 4 of 8, short of the 5 that hide a latency ((8 + 2) x 5); a latency (5) and 0.6 of
-    # one per 8 partial sums for the sum. The GDDR archs keep to their programs an SM.
+    # latency ((128 + 2) x 5 program-trips); split 2 ways, 7 programs of 64 trips in one round
+    # ((64 + 2) x 7, and the sum); 7 ways, 24 programs in 4 rounds of 7 (19 trips each). A 4096 x
+    # 4096 product has 64 tiles of 64 trips, each program's prologue and epilogue counted as 2 more:
+    # 11 ways put 6 programs of 6 trips on the busiest SM ((6 + 2) x 6 program-trips), 10 ways 5 of
+    # 7 ((7 + 2) x 5), 8 ways 4 of 8, short of the 5 that hide a latency ((8 + 2) x 5); a latency (5)
+    # and 0.6 of one per 8 partial sums for the sum. The GDDR archs keep to their programs an SM.
     from types import SimpleNamespace
 
     from qlora.kernels.nf4.matmul import fused_plan, fused_split_cost
@@ -305,15 +306,17 @@ def test_split_k_counts_the_busiest_sms_rounds():
     def split(shape, arch=90, device=h100):
         return fused_plan(1, torch.bfloat16, shape, 64, True, True, arch, device)[3]
 
-    assert split((28672, 8192)) == 7 and split((4096, 4096)) == 10
-    assert [fused_split_cost(64, 64, k, 132, 6, 8) for k in (8, 10, 11)] == [58.0, 56.0, 59.0]
+    assert split((28672, 8192)) == 2 and split((4096, 4096)) == 10
+    assert [fused_split_cost(448, 128, k, 132, 7, 8) for k in (1, 2, 7)] == [650, 470.0, 596.0]
+    assert [fused_split_cost(64, 64, k, 132, 7, 8) for k in (8, 10, 11)] == [58.0, 56.0, 59.0]
     rtx_4090 = SimpleNamespace(sms=128)
     assert split((28672, 8192), 89, rtx_4090) == 1 and split((4096, 4096), 89, rtx_4090) == 6
 
 
 def test_split_k_aims_at_the_programs_the_card_needs():
     # Decode tiles on the HBM archs run in rounds of the programs that fit: 6 (7 of sm_80's 8-row
-    # loop at M <= 8; backward, 5 on sm_90 and 4 on sm_80); on the GDDR archs, bound by DRAM, the
+    # loop at M <= 8 and of sm_90's tile, 64-72 registers with the code table loaded once; backward,
+    # 5 on sm_90 and 4 on sm_80); on the GDDR archs, bound by DRAM, the
     # split aims at about 320 programs in all (each split adds fp32 partial sums to the bytes): 4
     # an SM on an RTX 3090's 82 SMs, 3 on a 4090's 128, never past the 4 that fit other tiles.
     from qlora.kernels.nf4.matmul import fused_config, fused_loop_flags, fused_programs_per_sm
@@ -324,7 +327,7 @@ def test_split_k_aims_at_the_programs_the_card_needs():
         return fused_programs_per_sm(config, flags, arch, sms)
 
     assert (per_sm(80, 108), per_sm(80, 108, 16), per_sm(90, 132), per_sm(86, 82), per_sm(89, 128),
-            per_sm(89, 58)) == (7, 6, 6, 4, 3, 4)
+            per_sm(89, 58)) == (7, 6, 7, 4, 3, 4)
     assert (per_sm(90, 132, 1, False), per_sm(80, 108, 1, False)) == (5, 4)
 
 
