@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import re
@@ -160,7 +161,7 @@ def planned_split_rows(arch: int, sms: int) -> list[dict]:
 
     device = SimpleNamespace(sms=sms)
     rows = []
-    for (name, (n, k)), m, direction in __import__("itertools").product(SHAPES.items(), SPLIT_MS, ("forward", "backward")):
+    for (name, (n, k)), m, direction in itertools.product(SHAPES.items(), SPLIT_MS, ("forward", "backward")):
         forward = direction == "forward"
 
         def split_of(split_k=None):
