@@ -509,9 +509,10 @@ def fused_programs_per_sm(config: dict, flags: dict, arch: int, sms: int = 0) ->
     busiest SM. The tile decoded into the MMA's A operand (fused_loop_flags' REGISTER_A), 64 x 64,
     keeps W out of shared memory: 64-80 registers, 6 fit (7 of sm_80's 8-row loop at M <= 8, 72
     registers, and of sm_90's, 64-72 with the code table loaded once). sm_90's other 16-row tiles
-    up to 64 x 64: FUSED_SPLIT_PROGRAMS_PER_SM_SM90_TILE. On sm_86/89 the extra splits' fp32 partial sums cost more GDDR bytes than the busiest SM's extra
-    trips, and given the SM count their decode tiles aim at FUSED_SPLIT_GDDR_PROGRAMS programs in
-    all. The other tiles: FUSED_SPLIT_PROGRAMS_PER_SM.
+    up to 64 x 64: FUSED_SPLIT_PROGRAMS_PER_SM_SM90_TILE. On sm_86/89 the extra splits' fp32
+    partial sums cost more GDDR bytes than the busiest SM's extra trips, and given the SM count
+    their decode tiles aim at FUSED_SPLIT_GDDR_PROGRAMS programs in all. The other tiles:
+    FUSED_SPLIT_PROGRAMS_PER_SM.
     `config` and `flags` may be one dict (a launch's constexprs). tests/test_kernels_compiled.py
     holds the launchability sweep to these counts."""
     register_a = flags["REGISTER_A"] > 0 and config["BLOCK_R"] == 64  # wider R tiles take more registers
